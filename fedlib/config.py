@@ -1,0 +1,233 @@
+"""The one typed description of a federation, validated once at the flow boundary.
+
+Every later stage trusts these objects, so every check that can be made before a model is
+loaded is made here, and an error names the file and the dotted field that is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BUILTIN_MODELS = ("smollm2-135m-instruct",)
+BUILTIN_CORPORA = ("shakespeare",)
+PROVIDERS = ("aws", "gcp", "azure", "local")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot describe a federation; the message names file and field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """`source` is a shipped model's name or a local Hugging Face model folder."""
+
+    source: str = "smollm2-135m-instruct"
+
+    @field_validator("source")
+    @classmethod
+    def _known_or_folder(cls, value: str) -> str:
+        if value in BUILTIN_MODELS:
+            return value
+        folder = Path(value).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ValueError(
+                f"{value!r} is neither a shipped model ({', '.join(BUILTIN_MODELS)}) "
+                "nor a local Hugging Face model folder with a config.json"
+            )
+        return str(folder.resolve())
+
+
+class DataConfig(_Strict):
+    """Text to train on: the shipped plays, or the user's own .txt/.jsonl files by fsspec URL."""
+
+    corpus: str | None = "shakespeare"
+    urls: tuple[str, ...] = ()
+    seq_len: int = Field(128, ge=8, le=4096)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.urls and self.corpus is not None:
+            raise ValueError("give either 'corpus' or 'urls', not both (set corpus: null)")
+        if not self.urls and self.corpus is None:
+            raise ValueError("no data: set 'corpus' or 'urls'")
+        if self.corpus is not None and self.corpus not in BUILTIN_CORPORA:
+            raise ValueError(f"unknown corpus {self.corpus!r}; shipped: {', '.join(BUILTIN_CORPORA)}")
+        return self
+
+
+class PartitionConfig(_Strict):
+    """How training blocks are split over clients; `by` picks the label Dirichlet skews over."""
+
+    kind: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = Field(0.5, gt=0)
+    by: Literal["group", "document"] = "group"
+
+
+class EvaluationConfig(_Strict):
+    """Held-out documents: never trained on by any client, scored after every round."""
+
+    documents: tuple[str, ...] = ("macbeth",)
+    max_blocks: int = Field(16, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+
+class LoraSettings(_Strict):
+    r: int = Field(8, ge=1, le=1024)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+class TrainingConfig(_Strict):
+    rounds: int = Field(3, ge=1)
+    local_steps: int = Field(10, ge=1)
+    batch_size: int = Field(4, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    torch_threads: int | None = Field(None, ge=1)
+
+
+class AggregationConfig(_Strict):
+    strategy: str = "fedavg"
+    min_clients: int = Field(1, ge=1)
+    max_update_bytes: int = Field(256 * 2**20, ge=1024)
+
+
+class CloudConfig(_Strict):
+    """One client: its data and GPUs live in one cloud, and it writes only to that cloud's bucket."""
+
+    name: str
+    provider: Literal["aws", "gcp", "azure", "local"] = "local"
+    storage: str | None = None
+    work_pool: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("must be lowercase letters, digits, '-' or '_' (it names storage keys)")
+        return value
+
+
+class TrackingConfig(_Strict):
+    """MLflow backend; the embedded default is SQLite and a local artifact folder in data_dir."""
+
+    uri: str | None = None
+    experiment: str | None = None
+    artifact_location: str | None = None
+
+
+class FederationSettings(_Strict):
+    id: str = "demo"
+    data_dir: str = ".fedlib/demo"
+    seed: int = 0
+
+    @field_validator("id")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("must be lowercase letters, digits, '-' or '_'")
+        return value
+
+
+class FederationConfig(_Strict):
+    federation: FederationSettings = FederationSettings()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    lora: LoraSettings = LoraSettings()
+    training: TrainingConfig = TrainingConfig()
+    aggregation: AggregationConfig = AggregationConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    clouds: tuple[CloudConfig, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FederationConfig:
+        names = [c.name for c in self.clouds]
+        if len(set(names)) != len(names):
+            raise ValueError(f"clouds: names must be unique, got {names}")
+        if self.aggregation.min_clients > len(self.clouds):
+            raise ValueError(
+                f"aggregation.min_clients={self.aggregation.min_clients} exceeds the "
+                f"{len(self.clouds)} configured clouds"
+            )
+        return self
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.federation.data_dir).expanduser().resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.tracking.uri or f"sqlite:///{self.data_path / 'mlflow.db'}"
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or f"fedlib-{self.federation.id}"
+
+    @property
+    def artifact_location(self) -> str:
+        return self.tracking.artifact_location or (self.data_path / "mlartifacts").as_uri()
+
+    @property
+    def checkpoint_url(self) -> str:
+        return (self.data_path / "checkpoints" / self.federation.id).as_uri()
+
+    def storage_url(self, cloud: CloudConfig) -> str:
+        """Where a cloud's client writes; the embedded default is a local folder per cloud."""
+        if cloud.storage:
+            return cloud.storage.rstrip("/")
+        return (self.data_path / "clouds" / cloud.name).as_uri()
+
+    def cloud(self, name: str) -> CloudConfig:
+        for cloud in self.clouds:
+            if cloud.name == name:
+                return cloud
+        raise KeyError(f"no cloud named {name!r} in the configuration")
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        parts.append(f"[{item}]" if isinstance(item, int) else ("." if parts else "") + str(item))
+    return "".join(parts)
+
+
+def _describe(source: str, loc: tuple[int | str, ...], msg: str) -> str:
+    msg = msg.removeprefix("Value error, ")
+    # Cross-field checks run on the whole model and start their message with the field they name.
+    return f"{source}: {msg}" if not loc else f"{source}: {_field_path(loc)}: {msg}"
+
+
+def parse_config(raw: object, source: str = "<config>") -> FederationConfig:
+    """Validate an already-parsed mapping; `source` names it in errors."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return FederationConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = [_describe(source, e["loc"], e["msg"]) for e in err.errors()]
+        raise ConfigError("invalid configuration\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path) -> FederationConfig:
+    """Read and validate a YAML config; every error message starts with the file's path."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read configuration ({err.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_config(raw, str(path))

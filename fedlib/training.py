@@ -1,0 +1,61 @@
+"""One client's local LoRA fine-tuning: a straight loop, read top to bottom."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    losses: tuple[float, ...]
+    examples_seen: int
+
+    @property
+    def mean_loss(self) -> float:
+        return sum(self.losses) / len(self.losses)
+
+
+def train_lora(
+    model: PeftModel,
+    blocks: torch.Tensor,  # [n, seq_len] token ids of this client's shard
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    generator: torch.Generator,
+) -> LocalTraining:
+    """Plain causal-LM loss (labels = inputs) on batches drawn with replacement from the shard.
+
+    Sampling uses the passed generator so that a client's batches are reproducible per round."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        index = torch.randint(len(blocks), (min(batch_size, len(blocks)),), generator=generator)
+        batch = blocks[index]  # [b, seq_len]
+        loss = model(input_ids=batch, labels=batch).loss
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"training loss became {loss.item()}; lower training.learning_rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return LocalTraining(losses=tuple(losses), examples_seen=steps * min(batch_size, len(blocks)))
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token loss over all blocks; every block has the same length, so batch means
+    weighted by batch size give the token mean. Perplexity is exp of this."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start : start + batch_size]
+        total += model(input_ids=batch, labels=batch).loss.item() * len(batch)
+        count += len(batch)
+    return total / count

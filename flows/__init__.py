@@ -1,0 +1,1 @@
+"""Prefect flows: the federation and its round DAG, composed from `tasks/`."""

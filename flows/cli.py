@@ -1,0 +1,125 @@
+"""`fedlib run CONFIG`: a federation from the terminal, with progress and a closing table."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+def _embedded_defaults(verbose: bool) -> None:
+    """Prefect's ephemeral API needs no server; these keep it quiet and patient on small machines.
+    Set before Prefect is imported, and never over a user's own settings."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not verbose:
+        import warnings
+
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-load weight bars, three clients at a time
+        hf_logging.set_verbosity_error()
+        warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+class _ProgressHandler(logging.Handler):
+    """Turns `fedlib.progress` records into lines above a rounds progress bar."""
+
+    def __init__(self, console: Console, bar: Progress) -> None:
+        super().__init__(logging.INFO)
+        self.console, self.bar, self.task = console, bar, None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        style = "yellow" if record.levelno >= logging.WARNING else None
+        self.bar.console.log(message, style=style)
+        if message.startswith("plan: rounds"):
+            first, last = (int(x) for x in message.split()[-1].split(".."))
+            self.task = self.bar.add_task("rounds", total=last - first + 1)
+        elif message.startswith("round") and " done:" in message and self.task is not None:
+            self.bar.advance(self.task)
+
+
+def _summary_table(manifests: list[dict[str, Any]]) -> Table:
+    clients = sorted({c for m in manifests for c in m.get("clients", {})})
+    table = Table(title="federation rounds")
+    table.add_column("round", justify="right")
+    table.add_column("perplexity", justify="right")
+    for client in clients:
+        table.add_column(f"{client} MB", justify="right")
+    table.add_column("rejected")
+    table.add_column("seconds", justify="right")
+    for m in manifests:
+        sizes = [f"{m['clients'][c]['bytes_uploaded'] / 1e6:.2f}" if c in m.get("clients", {}) else "-" for c in clients]
+        rejected = ", ".join(f"{c} ({r['reason']})" for c, r in m.get("rejected", {}).items()) or "-"
+        seconds = m.get("timings", {}).get("round_s", m.get("timings", {}).get("evaluate_s", 0.0))
+        label = f"{m['round']} (base)" if m["round"] == 0 else str(m["round"])
+        table.add_row(label, f"{m['perplexity']:.2f}", *sizes, rejected, f"{seconds:.1f}")
+    return table
+
+
+def _ui_hints(config) -> str:
+    prefect_home = os.environ.get("PREFECT_HOME", str(Path.home() / ".prefect"))
+    return (
+        "Look at the runs:\n"
+        f"  MLflow:  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {config.tracking_uri}"
+        " --host 127.0.0.1 --port 5000   → http://127.0.0.1:5000\n"
+        f"  Prefect: PREFECT_HOME={prefect_home} prefect server start --host 127.0.0.1 --port 4200"
+        "   → http://127.0.0.1:4200/runs"
+    )
+
+
+def run_command(args: argparse.Namespace) -> int:
+    _embedded_defaults(args.verbose)
+    from fedlib.config import ConfigError, load_config
+
+    console = Console()
+    try:
+        config = load_config(args.config)  # fail before Prefect or a model is started
+    except ConfigError as err:
+        console.print(f"[red]{err}[/red]")
+        return 2
+    from flows.federated_training import federated_training
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console)
+    handler = _ProgressHandler(console, bar)
+    progress_log = logging.getLogger("fedlib.progress")
+    progress_log.setLevel(logging.INFO)
+    progress_log.propagate = False  # the bar's console shows it; Prefect's handler would repeat it
+    progress_log.addHandler(handler)
+    try:
+        with bar:
+            manifests = federated_training(str(args.config))
+    finally:
+        progress_log.removeHandler(handler)
+    console.print(_summary_table(manifests))
+    base, final = manifests[0]["perplexity"], manifests[-1]["perplexity"]
+    console.print(f"held-out perplexity: base model {base:.2f} → round {manifests[-1]['round']} {final:.2f}")
+    console.print(f"MLflow run: {manifests[-1]['mlflow_run_id']} (experiment {config.experiment_name})")
+    console.print(_ui_hints(config))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedlib", description="Cross-cloud federated LoRA fine-tuning")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or continue) the federation a YAML config describes")
+    run.add_argument("config", type=Path)
+    run.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own logs too")
+    run.set_defaults(handler=run_command)
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

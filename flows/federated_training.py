@@ -1,0 +1,77 @@
+"""The federation: round 0 (base model and initial adapter), then rounds until the target.
+
+Re-running continues the lineage: an interrupted run is finished (same target round), a
+finished one is extended by `training.rounds` more rounds. State lives in the checkpoint store,
+so any process can pick it up.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import flow, get_run_logger
+
+from fedlib.checkpoint import plan_rounds
+from fedlib.config import FederationConfig, load_config
+from fedlib.federation import checkpoint_store, progress
+from flows.federated_round import federated_round
+from tasks.aggregate import commit_round, evaluate_global, make_initial_adapter
+from tasks.data import partition_data, prepare_data
+from tasks.tracking import finish_tracking, open_tracking, track_final_adapter, track_round
+
+
+@flow(name="federated-training", flow_run_name="{config_path}", log_prints=True)
+def federated_training(config_path: str) -> list[dict[str, Any]]:
+    """Validates the config at the boundary, then runs the planned rounds; returns every
+    committed manifest of the lineage (round 0 first)."""
+    config = load_config(config_path)
+    return run_federation(config, config_source=str(Path(config_path)))
+
+
+def run_federation(config: FederationConfig, config_source: str = "<config>") -> list[dict[str, Any]]:
+    logger = get_run_logger()
+    if config.training.torch_threads:
+        torch.set_num_threads(config.training.torch_threads)
+    store = checkpoint_store(config)
+    plan = plan_rounds(store, config.training.rounds)
+    latest = store.latest_round()
+    logger.info("%s: rounds %d..%d%s", config_source, plan.first, plan.last, " (resuming)" if plan.resumed else "")
+    progress.info("plan: rounds %d..%d", plan.first, plan.last)
+
+    started = time.perf_counter()
+    prepare_data(config)
+    partition_data(config)
+    partition_s = time.perf_counter() - started
+
+    run_id = open_tracking(config, store.manifest(latest)["mlflow_run_id"] if latest is not None else None)
+    manifests = store.manifests()
+    if latest is None:
+        eval_started = time.perf_counter()
+        base_loss = evaluate_global(config, 0, None)
+        manifest = {
+            "federation": config.federation.id,
+            "target_round": plan.last,
+            "mlflow_run_id": run_id,
+            "eval_loss": base_loss,
+            "perplexity": math.exp(base_loss),
+            "timings": {"partition_s": partition_s, "evaluate_s": time.perf_counter() - eval_started},
+        }
+        manifests = [commit_round(config, 0, make_initial_adapter(config), manifest)]
+        track_round(config, run_id, 0, manifests)
+        progress.info("round 0 (base model): perplexity %.2f", manifests[0]["perplexity"])
+
+    status = "FAILED"
+    try:
+        for round_number in range(plan.first, plan.last + 1):
+            manifests.append(federated_round(config, round_number, run_id, plan.last))
+            track_round(config, run_id, round_number, manifests)
+        final = store.latest_round()
+        track_final_adapter(config, run_id, store.adapter(final), final)
+        status = "FINISHED"
+    finally:
+        finish_tracking(config, run_id, status)
+    return manifests

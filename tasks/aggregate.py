@@ -1,0 +1,50 @@
+"""The aggregator's stages: combine updates, score the result, commit it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from fedlib.config import FederationConfig
+from fedlib.federation import (
+    AggregationReport,
+    Tensors,
+    aggregate_updates,
+    checkpoint_store,
+    evaluate_adapter,
+    federation_key,
+    initial_adapter,
+    load_data,
+)
+
+
+@task(name="aggregate", task_run_name="aggregate-round-{round_number}", cache_policy=NO_CACHE)
+def aggregate_round(
+    config: FederationConfig, round_number: int, clients: list[str], failed: dict[str, str]
+) -> tuple[Tensors, AggregationReport]:
+    global_adapter = checkpoint_store(config).adapter(round_number - 1)
+    adapter, report = aggregate_updates(config, round_number, global_adapter, clients, failed, federation_key(config))
+    logger = get_run_logger()
+    for client, why in report.rejected.items():
+        logger.warning("round %d: update from %s rejected (%s): %s", round_number, client, why["reason"], why["detail"])
+    logger.info("round %d: aggregated %s", round_number, report.accepted)
+    return adapter, report
+
+
+@task(name="evaluate", task_run_name="evaluate-round-{round_number}", cache_policy=NO_CACHE)
+def evaluate_global(config: FederationConfig, round_number: int, adapter: Tensors | None) -> float:
+    loss = evaluate_adapter(config, adapter, load_data(config).evaluation)
+    get_run_logger().info("round %d: held-out loss %.4f", round_number, loss)
+    return loss
+
+
+@task(name="initial-adapter", cache_policy=NO_CACHE)
+def make_initial_adapter(config: FederationConfig) -> Tensors:
+    return initial_adapter(config)
+
+
+@task(name="checkpoint", task_run_name="checkpoint-round-{round_number}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def commit_round(config: FederationConfig, round_number: int, adapter: Tensors, manifest: dict[str, Any]) -> dict[str, Any]:
+    return checkpoint_store(config).commit(round_number, adapter, manifest)

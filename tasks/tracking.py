@@ -1,0 +1,107 @@
+"""MLflow: one run per federation lineage, a step per round, artifacts people open first."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from fedlib.config import FederationConfig
+from fedlib.federation import Tensors, load_global_model
+from fedlib.plots import progress_figure
+
+
+def _client(config: FederationConfig) -> MlflowClient:
+    # An explicit client, not the fluent API: tasks run in worker threads with no active run.
+    return MlflowClient(tracking_uri=config.tracking_uri)
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else key, inner, out)
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value):
+        for i, inner in enumerate(value):
+            _flatten(f"{prefix}.{i}", inner, out)
+    else:
+        out[prefix] = str(value)[:6000]
+
+
+@task(name="open-tracking", cache_policy=NO_CACHE)
+def open_tracking(config: FederationConfig, run_id: str | None) -> str:
+    """Reopen the lineage's run if there is one, otherwise create the experiment and run."""
+    client = _client(config)
+    if run_id is not None:
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    experiment = client.get_experiment_by_name(config.experiment_name)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment is not None
+        else client.create_experiment(config.experiment_name, artifact_location=config.artifact_location)
+    )
+    run = client.create_run(experiment_id, run_name=config.federation.id, tags={"fedlib.federation": config.federation.id})
+    params: dict[str, str] = {}
+    _flatten("", config.model_dump(mode="json"), params)
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in sorted(params.items())])
+    return run.info.run_id
+
+
+def round_metrics(manifest: dict[str, Any]) -> dict[str, float]:
+    """The numbers of one committed round, named for MLflow's metric groups."""
+    metrics = {"eval/loss": manifest["eval_loss"], "eval/perplexity": manifest["perplexity"]}
+    for client, report in manifest.get("clients", {}).items():
+        for field in ("train_loss", "num_examples", "bytes_uploaded", "train_s", "encrypt_upload_s"):
+            metrics[f"client/{client}/{field}"] = report[field]
+    if manifest["round"] > 0:
+        metrics["round/bytes_uploaded"] = sum(r["bytes_uploaded"] for r in manifest["clients"].values())
+        metrics["round/accepted"] = len(manifest["accepted"])
+        metrics["round/rejected"] = len(manifest["rejected"])
+    for stage, seconds in manifest.get("timings", {}).items():
+        metrics[f"time/{stage}"] = seconds
+    return {k: float(v) for k, v in metrics.items()}
+
+
+@task(name="track-round", task_run_name="track-round-{round_number}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def track_round(config: FederationConfig, run_id: str, round_number: int, manifests: list[dict[str, Any]]) -> None:
+    """Metrics and manifest of `round_number`, and the progress plot redrawn over all rounds."""
+    client = _client(config)
+    manifest = manifests[-1]
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, round_number) for k, v in round_metrics(manifest).items() if math.isfinite(v)]
+    client.log_batch(run_id, metrics=metrics)
+    client.log_dict(run_id, manifest, f"manifests/round-{round_number:04d}.json")
+    rounds = [m["round"] for m in manifests]
+    names = sorted({c for m in manifests for c in m.get("clients", {})})
+    sizes = {c: [m["clients"].get(c, {}).get("bytes_uploaded", 0) for m in manifests if m["round"] > 0] for c in names}
+    figure = progress_figure(rounds, [m["perplexity"] for m in manifests], sizes)
+    client.log_figure(run_id, figure, "plots/progress.png")
+
+
+@task(name="track-final-adapter", cache_policy=NO_CACHE)
+def track_final_adapter(config: FederationConfig, run_id: str, adapter: Tensors, round_number: int) -> None:
+    """The global adapter in PEFT's own format, so `PeftModel.from_pretrained` loads it as is."""
+    model = load_global_model(config, adapter)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        client = _client(config)
+        client.log_artifacts(run_id, tmp, "adapter")
+        client.set_tag(run_id, "fedlib.final_round", str(round_number))
+
+
+def finish_tracking(config: FederationConfig, run_id: str, status: str) -> None:
+    _client(config).set_terminated(run_id, status=status)
+
+
+def tracking_artifact_dir(config: FederationConfig, run_id: str) -> Path:
+    """The local folder of a run's artifacts when the artifact store is a local path."""
+    uri = _client(config).get_run(run_id).info.artifact_uri
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))

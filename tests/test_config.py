@@ -1,0 +1,68 @@
+"""Config errors name the file and the field, before anything runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedlib.config import ConfigError, load_config, parse_config
+from tests.conftest import ROOT, tiny_config_dict, write_config
+
+
+def _error(tmp_path, corpus_dir, tiny_model_dir, mutate) -> str:
+    raw = tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir)
+    mutate(raw)
+    path = write_config(tmp_path, raw)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message
+    return message
+
+
+def test_demo_config_is_valid():
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    assert [c.name for c in config.clouds] == ["aws", "gcp", "azure"]
+    assert config.training.rounds >= 3
+    assert config.storage_url(config.clouds[0]).endswith("/clouds/aws")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field", "words"),
+    [
+        (lambda c: c["training"].update(local_steps=0), "training.local_steps", "greater than or equal to 1"),
+        (lambda c: c["training"].update(learning_rte=0.1), "training.learning_rte", "Extra inputs"),
+        (lambda c: c["lora"].update(r="eight"), "lora.r", "valid integer"),
+        (lambda c: c["partition"].update(kind="zipf"), "partition.kind", "'iid' or 'dirichlet'"),
+        (lambda c: c["clouds"].append({"name": "aws"}), "clouds", "unique"),
+        (lambda c: c["clouds"][1].update(name="GCP bucket"), "clouds[1].name", "lowercase"),
+        (lambda c: c["clouds"][0].update(provider="ibm"), "clouds[0].provider", "'aws'"),
+        (lambda c: c["model"].update(source="/nonexistent/model"), "model.source", "config.json"),
+        (lambda c: c["data"].update(corpus="shakespeare"), "data", "not both"),
+        (lambda c: c["aggregation"].update(min_clients=5), "aggregation", "exceeds"),
+        (lambda c: c.update(clouds=[]), "clouds", "at least 1"),
+    ],
+)
+def test_bad_field_is_named(tmp_path, corpus_dir, tiny_model_dir, mutate, field, words):
+    message = _error(tmp_path, corpus_dir, tiny_model_dir, mutate)
+    assert f": {field}" in message, message
+    assert words in message, message
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("clouds: [aws\n")
+    with pytest.raises(ConfigError, match=f"{bad}: not valid YAML"):
+        load_config(bad)
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(bad)
+
+
+def test_defaults_fill_in_embedded_storage(tmp_path, corpus_dir, tiny_model_dir):
+    config = parse_config(tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir))
+    assert config.storage_url(config.cloud("gcp")) == (tmp_path / "data" / "clouds" / "gcp").as_uri()
+    assert config.tracking_uri == f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}"
+    with pytest.raises(KeyError, match="no cloud named 'ibm'"):
+        config.cloud("ibm")
