@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -17,6 +17,9 @@ BUILTIN_MODELS = ("smollm2-135m-instruct",)
 BUILTIN_CORPORA = ("shakespeare",)
 PROVIDERS = ("aws", "gcp", "azure", "local")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# fsspec options that are credentials: they belong in a Prefect Secret block or the provider's
+# environment variables, never in a config file that is committed or shown in a UI.
+_SECRET_OPTIONS = re.compile(r"(secret|password|credential|account_key|sas_token|connection_string|^key$|token)", re.I)
 
 
 class ConfigError(ValueError):
@@ -107,7 +110,20 @@ class CloudConfig(_Strict):
     name: str
     provider: Literal["aws", "gcp", "azure", "local"] = "local"
     storage: str | None = None
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    secret_block: str | None = None
     work_pool: str | None = None
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_credentials(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key, option in _walk(value):
+            if _SECRET_OPTIONS.search(key) and not (key == "token" and option == "anon"):
+                raise ValueError(
+                    f"{key!r} looks like a credential: put it in a Prefect Secret block named by "
+                    "'secret_block', or in the provider's environment variables"
+                )
+        return value
 
     @field_validator("name")
     @classmethod
@@ -115,6 +131,25 @@ class CloudConfig(_Strict):
         if not _NAME.match(value):
             raise ValueError("must be lowercase letters, digits, '-' or '_' (it names storage keys)")
         return value
+
+
+def _walk(options: dict[str, Any]):
+    """Leaf (key, value) pairs of nested fsspec options (e.g. `client_kwargs.endpoint_url`)."""
+    for key, value in options.items():
+        if isinstance(value, dict):
+            yield from _walk(value)
+        else:
+            yield key, value
+
+
+class OrchestrationConfig(_Strict):
+    """Where client training runs. `local`: tasks in the federation's own process. `deployments`:
+    each cloud's `client-training/<cloud>` deployment on that cloud's work pool."""
+
+    dispatch: Literal["local", "deployments"] = "local"
+    client_deployment: str = "client-training/{cloud}"
+    client_timeout_s: float = Field(3600, gt=0)
+    upload_retries: int = Field(5, ge=0)
 
 
 class TrackingConfig(_Strict):
@@ -148,6 +183,7 @@ class FederationConfig(_Strict):
     training: TrainingConfig = TrainingConfig()
     aggregation: AggregationConfig = AggregationConfig()
     tracking: TrackingConfig = TrackingConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
     clouds: tuple[CloudConfig, ...] = Field(min_length=1)
 
     @model_validator(mode="after")

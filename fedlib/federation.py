@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from fedlib.model import adapter_state, attach_lora, load_adapter_state, load_ba
 from fedlib.partition import Assignment, partition
 from fedlib.rejection import QuorumNotMet, Reason, UpdateRejected
 from fedlib.serialization import bytes_to_tensors, read_metadata, tensors_to_bytes
+from fedlib.storage import Options
 from fedlib.strategies import ClientUpdate, make_strategy
 from fedlib.training import evaluate_loss, train_lora
 from fedlib.validation import check_update
@@ -128,10 +129,18 @@ def client_seed(config: FederationConfig, client: str, round_number: int) -> int
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def train_client_update(
+@dataclass(frozen=True)
+class SealedUpdate:
+    """A client's encrypted update, ready to upload; only ciphertext leaves the client."""
+
+    report: ClientReport
+    blob: bytes
+
+
+def train_and_seal(
     config: FederationConfig, client: str, round_number: int, global_adapter: Tensors, shard: torch.Tensor, key: bytes
-) -> ClientReport:
-    """Train from the global adapter, then seal the delta and write it to the client's own bucket.
+) -> SealedUpdate:
+    """Train from the global adapter, then seal the delta for the aggregator.
 
     The example count travels inside the authenticated payload so a storage provider cannot
     re-weight a client."""
@@ -145,20 +154,39 @@ def train_client_update(
     trained = time.perf_counter()
     payload = tensors_to_bytes(delta, metadata={"num_examples": str(len(shard)), "train_loss": repr(result.mean_loss)})
     blob = seal(payload, key, EnvelopeContext(config.federation.id, round_number, client))
-    url = update_url(config, client, round_number)
-    storage.write_atomic(url, blob)
-    done = time.perf_counter()
-    progress.info("client %s round %d trained: loss %.4f, %d bytes", client, round_number, result.mean_loss, len(blob))
-    return ClientReport(
+    progress.info("client %s round %d trained: loss %.4f", client, round_number, result.mean_loss)
+    report = ClientReport(
         client=client,
         round=round_number,
         num_examples=len(shard),
         train_loss=result.mean_loss,
         bytes_uploaded=len(blob),
-        object_url=url,
+        object_url=update_url(config, client, round_number),
         train_s=trained - started,
-        encrypt_upload_s=done - trained,
+        encrypt_upload_s=time.perf_counter() - trained,
     )
+    return SealedUpdate(report=report, blob=blob)
+
+
+def upload_sealed(sealed: SealedUpdate, options: Options | None = None) -> ClientReport:
+    """Write the ciphertext to the client's own bucket; the report gains the upload time."""
+    started = time.perf_counter()
+    storage.write_atomic(sealed.report.object_url, sealed.blob, options)
+    seconds = sealed.report.encrypt_upload_s + time.perf_counter() - started
+    return replace(sealed.report, encrypt_upload_s=seconds)
+
+
+def train_client_update(
+    config: FederationConfig,
+    client: str,
+    round_number: int,
+    global_adapter: Tensors,
+    shard: torch.Tensor,
+    key: bytes,
+    options: Options | None = None,
+) -> ClientReport:
+    """Both client stages in one call, for callers without an orchestrator."""
+    return upload_sealed(train_and_seal(config, client, round_number, global_adapter, shard, key), options)
 
 
 def open_client_update(
@@ -200,6 +228,7 @@ def aggregate_updates(
     clients: Sequence[str],
     failed: dict[str, str],
     key: bytes,
+    storage_options: Mapping[str, Options] | None = None,
 ) -> tuple[Tensors, AggregationReport]:
     """Stream each expected client's object through `open_client_update` into the strategy.
 
@@ -215,7 +244,9 @@ def aggregate_updates(
                 continue
             started = time.perf_counter()
             try:
-                blob = storage.read_limited(update_url(config, client, round_number), config.aggregation.max_update_bytes)
+                url = update_url(config, client, round_number)
+                options = (storage_options or {}).get(client)
+                blob = storage.read_limited(url, config.aggregation.max_update_bytes, options)
                 update = open_client_update(blob, key, EnvelopeContext(config.federation.id, round_number, client), global_adapter)
             except UpdateRejected as err:
                 report.reject(client, err.reason, err.detail)

@@ -1,24 +1,44 @@
-"""Object I/O through fsspec, so `file://`, `memory://`, `s3://`, `gs://` and `az://` are one code path."""
+"""Object I/O through fsspec, so `file://`, `memory://`, `s3://`, `gs://` and `az://` are one code path.
+
+`options` are the fsspec filesystem's keyword arguments for one cloud (endpoint, region, and the
+credentials that the caller resolved from a secret store); none of them are ever logged.
+"""
 
 from __future__ import annotations
 
+import os
 import posixpath
 import uuid
+from collections.abc import Mapping
+from typing import Any
 
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
+# gcsfs otherwise probes for hierarchical-namespace buckets over gRPC and waits out a 60 s
+# timeout per bucket call against anything but Google itself (checked with the GCS emulator).
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
-from fedlib.rejection import Reason, UpdateRejected
+import fsspec  # noqa: E402
+from fsspec.implementations.local import LocalFileSystem  # noqa: E402
+
+from fedlib.rejection import Reason, UpdateRejected  # noqa: E402
+
+Options = Mapping[str, Any]
 
 
 def join(url: str, *parts: str) -> str:
     return posixpath.join(url.rstrip("/"), *parts)
 
 
-def write_atomic(url: str, data: bytes) -> int:
+def filesystem(url: str, options: Options | None = None):
+    """The filesystem and in-filesystem path for a URL. Instances are cached by fsspec per
+    options, so repeated calls reuse connections."""
+    return fsspec.url_to_fs(url, **dict(options or {}))
+
+
+def write_atomic(url: str, data: bytes, options: Options | None = None) -> int:
     """Readers see the whole object or none of it. An object store's PUT already is atomic; a
-    local file is written beside its target and renamed over it."""
-    fs, path = fsspec.url_to_fs(url)
+    local file is written beside its target and renamed over it. Creating the parent also
+    creates a missing bucket."""
+    fs, path = filesystem(url, options)
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
@@ -28,12 +48,14 @@ def write_atomic(url: str, data: bytes) -> int:
         fs.mv(tmp, path)
     else:
         fs.pipe_file(path, data)
+        fs.invalidate_cache(parent)
     return len(data)
 
 
-def read_limited(url: str, max_bytes: int) -> bytes:
+def read_limited(url: str, max_bytes: int, options: Options | None = None) -> bytes:
     """Fetch an object, refusing one over `max_bytes` before downloading it."""
-    fs, path = fsspec.url_to_fs(url)
+    fs, path = filesystem(url, options)
+    fs.invalidate_cache(posixpath.dirname(path))  # another process wrote it since we last listed
     try:
         size = fs.size(path)
     except FileNotFoundError:
@@ -43,19 +65,21 @@ def read_limited(url: str, max_bytes: int) -> bytes:
     return fs.cat_file(path)
 
 
-def read_bytes(url: str) -> bytes:
-    fs, path = fsspec.url_to_fs(url)
+def read_bytes(url: str, options: Options | None = None) -> bytes:
+    fs, path = filesystem(url, options)
     return fs.cat_file(path)
 
 
-def exists(url: str) -> bool:
-    fs, path = fsspec.url_to_fs(url)
+def exists(url: str, options: Options | None = None) -> bool:
+    fs, path = filesystem(url, options)
+    fs.invalidate_cache(posixpath.dirname(path))
     return fs.exists(path)
 
 
-def list_prefix(url: str) -> list[str]:
+def list_prefix(url: str, options: Options | None = None) -> list[str]:
     """Every object under `url`, as full paths of its filesystem (for audits and scans)."""
-    fs, path = fsspec.url_to_fs(url)
+    fs, path = filesystem(url, options)
+    fs.invalidate_cache()
     if not fs.exists(path):
         return []
     return sorted(fs.find(path))

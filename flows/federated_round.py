@@ -13,8 +13,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from fedlib.config import FederationConfig
 from fedlib.federation import ClientReport, progress
 from tasks.aggregate import aggregate_round, commit_round, evaluate_global
-from tasks.client import train_client
+from tasks.client import submit_client_round
 from tasks.data import partition_data
+from tasks.dispatch import dispatch_client
 
 
 @flow(name="federated-round", flow_run_name="round-{round_number}", task_runner=ThreadPoolTaskRunner(max_workers=8))
@@ -23,6 +24,7 @@ def federated_round(
     round_number: int,
     run_id: str,
     target_round: int,
+    config_path: str | None = None,
 ) -> dict[str, Any]:
     """Returns the committed manifest. A client that fails after its retries is left out (and
     recorded); the round fails only if fewer than `aggregation.min_clients` updates survive."""
@@ -31,10 +33,12 @@ def federated_round(
     progress.info("round %d started", round_number)
     assignment = partition_data(config)  # cached: computed once per lineage, read back after
     partitioned = time.perf_counter()
-    futures = {
-        cloud.name: train_client.submit(config, cloud.name, round_number, assignment[cloud.name])
-        for cloud in config.clouds
-    }
+    if config.orchestration.dispatch == "deployments":
+        if config_path is None:
+            raise ValueError("orchestration.dispatch=deployments needs the config file's path for the client runs")
+        futures = {c.name: dispatch_client.submit(config, config_path, c.name, round_number) for c in config.clouds}
+    else:
+        futures = {c.name: submit_client_round(config, c.name, round_number, assignment[c.name]) for c in config.clouds}
     reports: dict[str, ClientReport] = {}
     failed: dict[str, str] = {}
     for client, future in futures.items():

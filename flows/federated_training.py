@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,17 +28,17 @@ def federated_training(config_path: str) -> list[dict[str, Any]]:
     """Validates the config at the boundary, then runs the planned rounds; returns every
     committed manifest of the lineage (round 0 first)."""
     config = load_config(config_path)
-    return run_federation(config, config_source=str(Path(config_path)))
+    return run_federation(config, config_path)
 
 
-def run_federation(config: FederationConfig, config_source: str = "<config>") -> list[dict[str, Any]]:
+def run_federation(config: FederationConfig, config_path: str | None = None) -> list[dict[str, Any]]:
     logger = get_run_logger()
     if config.training.torch_threads:
         torch.set_num_threads(config.training.torch_threads)
     store = checkpoint_store(config)
     plan = plan_rounds(store, config.training.rounds)
     latest = store.latest_round()
-    logger.info("%s: rounds %d..%d%s", config_source, plan.first, plan.last, " (resuming)" if plan.resumed else "")
+    logger.info("%s: rounds %d..%d%s", config_path or "<config>", plan.first, plan.last, " (resuming)" if plan.resumed else "")
     progress.info("plan: rounds %d..%d", plan.first, plan.last)
 
     started = time.perf_counter()
@@ -67,7 +66,7 @@ def run_federation(config: FederationConfig, config_source: str = "<config>") ->
     status = "FAILED"
     try:
         for round_number in range(plan.first, plan.last + 1):
-            manifests.append(federated_round(config, round_number, run_id, plan.last))
+            manifests.append(federated_round(config, round_number, run_id, plan.last, config_path))
             track_round(config, run_id, round_number, manifests)
         final = store.latest_round()
         track_final_adapter(config, run_id, store.adapter(final), final)

@@ -18,6 +18,7 @@ from fedlib.federation import (
     initial_adapter,
     load_data,
 )
+from tasks.storage import storage_options
 
 
 @task(name="aggregate", task_run_name="aggregate-round-{round_number}", cache_policy=NO_CACHE)
@@ -25,7 +26,8 @@ def aggregate_round(
     config: FederationConfig, round_number: int, clients: list[str], failed: dict[str, str]
 ) -> tuple[Tensors, AggregationReport]:
     global_adapter = checkpoint_store(config).adapter(round_number - 1)
-    adapter, report = aggregate_updates(config, round_number, global_adapter, clients, failed, federation_key(config))
+    options = storage_options(config, clients)
+    adapter, report = aggregate_updates(config, round_number, global_adapter, clients, failed, federation_key(config), options)
     logger = get_run_logger()
     for client, why in report.rejected.items():
         logger.warning("round %d: update from %s rejected (%s): %s", round_number, client, why["reason"], why["detail"])

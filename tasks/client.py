@@ -1,22 +1,49 @@
-"""A client's round: runs where the client's data lives, writes only to the client's bucket."""
+"""A client's round: runs where the client's data lives, writes only to the client's bucket.
+
+Training and upload are separate tasks so that a storage fault retries the upload with backoff,
+not the training.
+"""
 
 from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
+from prefect.tasks import exponential_backoff
 
 from fedlib.config import FederationConfig
-from fedlib.federation import ClientReport, checkpoint_store, federation_key, load_data, train_client_update
+from fedlib.federation import (
+    ClientReport,
+    SealedUpdate,
+    checkpoint_store,
+    federation_key,
+    load_data,
+    train_and_seal,
+    upload_sealed,
+)
+from tasks.storage import storage_options
+
+
+@task(name="train-client", task_run_name="train-{client}-round-{round_number}", cache_policy=NO_CACHE)
+def train_client(config: FederationConfig, client: str, round_number: int, blocks: list[int]) -> SealedUpdate:
+    global_adapter = checkpoint_store(config).adapter(round_number - 1)
+    shard = load_data(config).train.select(blocks)
+    return train_and_seal(config, client, round_number, global_adapter, shard, federation_key(config))
 
 
 @task(
-    name="train-client",
-    task_run_name="train-{client}-round-{round_number}",
-    retries=2,
-    retry_delay_seconds=[1, 4],
+    name="upload-update",
+    task_run_name="upload-{sealed.report.client}-round-{sealed.report.round}",
     cache_policy=NO_CACHE,
+    retry_delay_seconds=exponential_backoff(backoff_factor=1),
 )
-def train_client(config: FederationConfig, client: str, round_number: int, blocks: list[int]) -> ClientReport:
-    global_adapter = checkpoint_store(config).adapter(round_number - 1)
-    shard = load_data(config).train.select(blocks)
-    return train_client_update(config, client, round_number, global_adapter, shard, federation_key(config))
+def upload_update(config: FederationConfig, sealed: SealedUpdate) -> ClientReport:
+    options = storage_options(config, [sealed.report.client])[sealed.report.client]
+    return upload_sealed(sealed, options)
+
+
+def submit_client_round(config: FederationConfig, client: str, round_number: int, blocks: list[int]) -> PrefectFuture:
+    """train → upload, as two tasks; the returned future resolves to the ClientReport."""
+    sealed = train_client.submit(config, client, round_number, blocks)
+    upload = upload_update.with_options(retries=config.orchestration.upload_retries)
+    return upload.submit(config, sealed)
