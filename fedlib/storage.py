@@ -36,20 +36,30 @@ def filesystem(url: str, options: Options | None = None):
 
 def write_atomic(url: str, data: bytes, options: Options | None = None) -> int:
     """Readers see the whole object or none of it. An object store's PUT already is atomic; a
-    local file is written beside its target and renamed over it. Creating the parent also
-    creates a missing bucket."""
+    local file is written beside its target and renamed over it. A missing bucket (container)
+    is created, so a client's first upload needs no setup step."""
     fs, path = filesystem(url, options)
     parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
     if isinstance(fs, LocalFileSystem):
+        fs.makedirs(parent, exist_ok=True)
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
         fs.pipe_file(tmp, data)
         fs.mv(tmp, path)
     else:
+        _ensure_bucket(fs, path)
         fs.pipe_file(path, data)
         fs.invalidate_cache(parent)
     return len(data)
+
+
+def _ensure_bucket(fs, path: str) -> None:
+    bucket = path.split("/", 1)[0]
+    fs.invalidate_cache(bucket)
+    if not fs.exists(bucket):
+        try:
+            fs.mkdir(bucket)
+        except FileExistsError:
+            pass  # another client created it first
 
 
 def read_limited(url: str, max_bytes: int, options: Options | None = None) -> bytes:

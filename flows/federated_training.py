@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 
 from fedlib.checkpoint import plan_rounds
 from fedlib.config import FederationConfig, load_config
-from fedlib.federation import checkpoint_store, progress
+from fedlib.federation import checkpoint_store, federation_key, progress
 from flows.federated_round import federated_round
 from tasks.aggregate import commit_round, evaluate_global, make_initial_adapter
 from tasks.data import partition_data, prepare_data
@@ -35,6 +35,7 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
     logger = get_run_logger()
     if config.training.torch_threads:
         torch.set_num_threads(config.training.torch_threads)
+    federation_key(config)  # created once here, so concurrent clients never race to create it
     store = checkpoint_store(config)
     plan = plan_rounds(store, config.training.rounds)
     latest = store.latest_round()

@@ -6,6 +6,8 @@ not the training.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
@@ -42,8 +44,22 @@ def upload_update(config: FederationConfig, sealed: SealedUpdate) -> ClientRepor
     return upload_sealed(sealed, options)
 
 
-def submit_client_round(config: FederationConfig, client: str, round_number: int, blocks: list[int]) -> PrefectFuture:
-    """train → upload, as two tasks; the returned future resolves to the ClientReport."""
-    sealed = train_client.submit(config, client, round_number, blocks)
+@dataclass(frozen=True)
+class ClientRound:
+    """The two futures of one client's round."""
+
+    trained: PrefectFuture
+    uploaded: PrefectFuture
+
+    def result(self) -> ClientReport:
+        """The upload's report, or the error of the stage that failed first (an upload that never
+        started because training failed would only say that it is unfinished)."""
+        self.trained.result()
+        return self.uploaded.result()
+
+
+def submit_client_round(config: FederationConfig, client: str, round_number: int, blocks: list[int]) -> ClientRound:
+    """train → upload, as two tasks that run concurrently with other clients'."""
+    trained = train_client.submit(config, client, round_number, blocks)
     upload = upload_update.with_options(retries=config.orchestration.upload_retries)
-    return upload.submit(config, sealed)
+    return ClientRound(trained, upload.submit(config, trained))

@@ -1,0 +1,165 @@
+"""S3, GCS and Azure Blob emulators on 127.0.0.1, for tests and for trying fedlib locally.
+
+    .venv/bin/python scripts/emulators.py      # starts all three; prints the environment to use
+
+S3 is moto's server and GCS is gcp-storage-emulator, both in this process; Azure is Azurite
+from npm (`scripts/setup` installs it under .tools/), in a child process that persists to a
+folder. Each handle can be stopped and started again on the same port, for outage drills.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+AZURITE_ACCOUNT = "devstoreaccount1"
+# Azurite's published development key (the same for every Azurite install; not a secret).
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+@dataclass
+class S3Emulator:
+    port: int = field(default_factory=free_port)
+    _server: object | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> S3Emulator:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()  # moto keeps state in memory: a restart empties every bucket
+            self._server = None
+
+
+@dataclass
+class GCSEmulator:
+    port: int = field(default_factory=free_port)
+    _server: object | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> GCSEmulator:
+        from gcp_storage_emulator.server import create_server
+
+        self._server = create_server("127.0.0.1", self.port, in_memory=True)
+        self._server.start()
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+
+@dataclass
+class AzuriteEmulator:
+    port: int = field(default_factory=free_port)
+    location: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="azurite-")))
+    _process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/{AZURITE_ACCOUNT}"
+
+    @property
+    def connection_string(self) -> str:
+        return (
+            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+            f"BlobEndpoint={self.url};"
+        )
+
+    def start(self) -> AzuriteEmulator:
+        binary = ROOT / ".tools" / "node_modules" / ".bin" / "azurite-blob"
+        if not binary.exists():
+            raise FileNotFoundError(f"{binary} is missing: run scripts/setup (it installs azurite from npm)")
+        self._process = subprocess.Popen(
+            [str(binary), "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--location", str(self.location),
+             "--silent", "--disableTelemetry", "--skipApiVersionCheck", "--loose"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self._process is not None:
+            os.killpg(self._process.pid, signal.SIGTERM)
+            try:
+                self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._process.pid, signal.SIGKILL)
+                self._process.wait()
+            self._process = None
+
+
+def environment(s3: S3Emulator, gcs: GCSEmulator, azure: AzuriteEmulator) -> dict[str, str]:
+    """The providers' usual environment variables, pointed at the emulators."""
+    return {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_ENDPOINT_URL_S3": s3.url,
+        "STORAGE_EMULATOR_HOST": gcs.url,
+        "AZURE_STORAGE_CONNECTION_STRING": azure.connection_string,
+    }
+
+
+def main() -> int:
+    ports = [int(p) for p in os.environ.get("FEDLIB_EMULATOR_PORTS", "9100,9200,10000").split(",")]
+    location = ROOT / ".fedlib" / "azurite"
+    location.mkdir(parents=True, exist_ok=True)
+    s3, gcs = S3Emulator(ports[0]).start(), GCSEmulator(ports[1]).start()
+    azure = AzuriteEmulator(ports[2], location).start()
+    print("Emulators up: S3", s3.url, "| GCS", gcs.url, "| Azure", azure.url)
+    print("Export these, then run: .venv/bin/fedlib run configs/three-clouds-emulated.yaml")
+    for key, value in environment(s3, gcs, azure).items():
+        print(f"export {key}='{value}'")
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        for emulator in (azure, gcs, s3):
+            emulator.stop()
+        if os.environ.get("FEDLIB_EMULATOR_KEEP") != "1":
+            shutil.rmtree(location, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""One client per provider, each writing to its own real emulated object store on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fedlib import storage
+from fedlib.config import load_config
+from fedlib.federation import checkpoint_store, update_url
+from flows.federated_training import federated_training
+from tasks.storage import storage_options
+from tests.conftest import cloud_clouds, scan_ciphertext_only, tiny_config_dict, write_config
+
+CLOUDS = ("aws", "gcp", "azure")
+
+
+@pytest.fixture
+def cloud_credentials(emulators, monkeypatch):
+    """AWS keys in the provider's environment variables; Azure's connection string in a Prefect
+    Secret block on the (real, ephemeral) Prefect API; GCS anonymous."""
+    from prefect.blocks.system import Secret
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    Secret(value={"connection_string": emulators["azure"].connection_string}).save("azurite-connection", overwrite=True)
+
+
+def _config(folder: Path, corpus_dir, tiny_model_dir, clouds, **training):
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = tiny_config_dict(folder, corpus_dir, tiny_model_dir, clouds=CLOUDS)
+    if clouds is not None:
+        raw["clouds"] = clouds
+    raw["training"].update(training)
+    return write_config(folder, raw)
+
+
+def test_three_providers_match_a_local_run(tmp_path, corpus_dir, tiny_model_dir, emulators, cloud_credentials):
+    emulated = _config(tmp_path / "emulated", corpus_dir, tiny_model_dir, cloud_clouds(emulators, "match"))
+    local = _config(tmp_path / "local", corpus_dir, tiny_model_dir, None)
+    manifests = federated_training(str(emulated))
+    assert [m["accepted"] for m in manifests[1:]] == [list(CLOUDS)] * 2
+    federated_training(str(local))
+
+    config = load_config(emulated)
+    options = storage_options(config, CLOUDS)
+    for cloud in config.clouds:
+        bucket = config.storage_url(cloud).split("://", 1)[1].split("/", 1)[0]
+        found = storage.list_prefix(config.storage_url(cloud), options[cloud.name])
+        assert found == [f"{bucket}/updates/test/round-000{r}/{cloud.name}.update" for r in (1, 2)], found
+    assert scan_ciphertext_only(config, options) == 6
+
+    emulated_adapter = checkpoint_store(config).adapter(2)
+    local_adapter = checkpoint_store(load_config(local)).adapter(2)
+    assert emulated_adapter.keys() == local_adapter.keys()
+    for name in emulated_adapter:
+        torch.testing.assert_close(emulated_adapter[name], local_adapter[name], rtol=1e-4, atol=1e-6)
+
+
+def _upload_attempts(task_name: str) -> int:
+    """Attempts of the newest task run of that name (earlier tests reuse the names)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[task_name])),
+                sort=TaskRunSort.EXPECTED_START_TIME_DESC,
+                limit=1,
+            )
+        return runs[0].run_count
+
+    return asyncio.run(read())
+
+
+def test_s3_restart_during_a_round_is_retried(tmp_path, corpus_dir, tiny_model_dir, emulators, cloud_credentials):
+    """S3 goes down before the round and comes back once another client's upload has landed:
+    aws's upload fails, is retried with backoff, and the round completes with all three."""
+    clouds = cloud_clouds(emulators, "restart")
+    path = _config(tmp_path, corpus_dir, tiny_model_dir, clouds, rounds=1)
+    config = load_config(path)
+    gcp_object = update_url(config, "gcp", 1)
+    gcp_options = storage_options(config, ["gcp"])["gcp"]
+
+    def restart_when_others_uploaded():
+        deadline = time.monotonic() + 120
+        while not storage.exists(gcp_object, gcp_options) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(6.0)  # longer than s3fs's own retries (~2 s a call): aws's task attempt fails
+        emulators["s3"].start()
+
+    emulators["s3"].stop()
+    restarter = threading.Thread(target=restart_when_others_uploaded)
+    restarter.start()
+    try:
+        manifests = federated_training(str(path))
+    finally:
+        restarter.join()
+    assert manifests[-1]["accepted"] == list(CLOUDS)
+    assert _upload_attempts("upload-aws-round-1") > 1
+    assert _upload_attempts("upload-gcp-round-1") == 1
+
+
+def test_s3_outage_past_the_retries_is_a_clear_client_failure(tmp_path, corpus_dir, tiny_model_dir, emulators, cloud_credentials):
+    path = _config(tmp_path, corpus_dir, tiny_model_dir, cloud_clouds(emulators, "outage"), rounds=1)
+    raw = yaml.safe_load(path.read_text())
+    raw["orchestration"] = {"upload_retries": 1}
+    path.write_text(yaml.safe_dump(raw))
+    emulators["s3"].stop()
+    try:
+        manifests = federated_training(str(path))
+    finally:
+        emulators["s3"].start()
+    last = manifests[-1]
+    assert last["accepted"] == ["gcp", "azure"]
+    assert last["rejected"]["aws"]["reason"] == "client_failed"
+    assert emulators["s3"].url in last["rejected"]["aws"]["detail"]  # names the endpoint it could not reach
+    assert _upload_attempts("upload-aws-round-1") == 2
