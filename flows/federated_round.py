@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from fedlib.config import FederationConfig
-from fedlib.federation import ClientReport, progress
+from fedlib.federation import ClientReport, checkpoint_store, progress
 from tasks.aggregate import aggregate_round, commit_round, evaluate_global
 from tasks.client import submit_client_round
 from tasks.data import partition_data
@@ -58,6 +58,7 @@ def federated_round(
         "target_round": target_round,
         "mlflow_run_id": run_id,
         "strategy": config.aggregation.strategy,
+        "parent_adapter_sha256": checkpoint_store(config).manifest(round_number - 1)["adapter_sha256"],
         "clients": {c: asdict(r) for c, r in reports.items() if c in report.accepted},
         "accepted": report.accepted,
         "rejected": report.rejected,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from prefect import flow, get_run_logger
@@ -24,10 +24,13 @@ from tasks.tracking import finish_tracking, open_tracking, track_final_adapter, 
 
 
 @flow(name="federated-training", flow_run_name="{config_path}", log_prints=True)
-def federated_training(config_path: str) -> list[dict[str, Any]]:
+def federated_training(config_path: str, dispatch: Literal["local", "deployments"] | None = None) -> list[dict[str, Any]]:
     """Validates the config at the boundary, then runs the planned rounds; returns every
-    committed manifest of the lineage (round 0 first)."""
+    committed manifest of the lineage (round 0 first). `dispatch` overrides the config's
+    `orchestration.dispatch`, so one config runs locally or on the clouds' work pools."""
     config = load_config(config_path)
+    if dispatch is not None:
+        config = config.model_copy(update={"orchestration": config.orchestration.model_copy(update={"dispatch": dispatch})})
     return run_federation(config, config_path)
 
 
