@@ -11,7 +11,8 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from fedlib.config import FederationConfig
-from fedlib.federation import ClientReport, checkpoint_store, progress
+from fedlib.client import ClientReport
+from fedlib.federation import checkpoint_store, progress
 from tasks.aggregate import aggregate_round, commit_round, evaluate_global
 from tasks.client import submit_client_round
 from tasks.data import partition_data

@@ -1,6 +1,8 @@
 """S3, GCS and Azure Blob emulators on 127.0.0.1, for tests and for trying fedlib locally.
 
     .venv/bin/python scripts/emulators.py      # starts all three; prints the environment to use
+    .venv/bin/python scripts/emulators.py -- .venv/bin/fedlib run configs/three-clouds-emulated.yaml
+                                               # starts them, runs the command with that environment, stops them
 
 S3 is moto's server and GCS is gcp-storage-emulator, both in this process; Azure is Azurite
 from npm (`scripts/setup` installs it under .tools/), in a child process that persists to a
@@ -141,17 +143,25 @@ def environment(s3: S3Emulator, gcs: GCSEmulator, azure: AzuriteEmulator) -> dic
     }
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    """The ports match configs/three-clouds-emulated.yaml (override with FEDLIB_EMULATOR_PORTS)."""
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    command = argv[argv.index("--") + 1 :] if "--" in argv else []
     ports = [int(p) for p in os.environ.get("FEDLIB_EMULATOR_PORTS", "9100,9200,10000").split(",")]
     location = ROOT / ".fedlib" / "azurite"
     location.mkdir(parents=True, exist_ok=True)
     s3, gcs = S3Emulator(ports[0]).start(), GCSEmulator(ports[1]).start()
     azure = AzuriteEmulator(ports[2], location).start()
-    print("Emulators up: S3", s3.url, "| GCS", gcs.url, "| Azure", azure.url)
-    print("Export these, then run: .venv/bin/fedlib run configs/three-clouds-emulated.yaml")
-    for key, value in environment(s3, gcs, azure).items():
-        print(f"export {key}='{value}'")
+    env = environment(s3, gcs, azure)
+    print("Emulators up: S3", s3.url, "| GCS", gcs.url, "| Azure", azure.url, flush=True)
     try:
+        if command:
+            return subprocess.run(command, env={**os.environ, **env}).returncode
+        print("Export these, then run: .venv/bin/fedlib run configs/three-clouds-emulated.yaml")
+        for key, value in env.items():
+            print(f"export {key}='{value}'")
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:
         for emulator in (azure, gcs, s3):
@@ -162,4 +172,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -8,10 +8,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
+from fedlib.aggregator import AggregationReport, aggregate_updates
 from fedlib.federation import (
-    AggregationReport,
     Tensors,
-    aggregate_updates,
     checkpoint_store,
     evaluate_adapter,
     federation_key,

@@ -14,15 +14,8 @@ from prefect.futures import PrefectFuture
 from prefect.tasks import exponential_backoff
 
 from fedlib.config import FederationConfig
-from fedlib.federation import (
-    ClientReport,
-    SealedUpdate,
-    checkpoint_store,
-    federation_key,
-    load_data,
-    train_and_seal,
-    upload_sealed,
-)
+from fedlib.client import ClientReport, SealedUpdate, train_and_seal, upload_sealed
+from fedlib.federation import checkpoint_store, federation_key, load_data
 from tasks.storage import storage_options
 
 

@@ -7,7 +7,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 
 from fedlib.config import FederationConfig
-from fedlib.federation import ClientReport
+from fedlib.client import ClientReport
 
 
 class ClientRunFailed(RuntimeError):

@@ -11,13 +11,13 @@ import torch
 
 from fedlib import storage
 from fedlib.config import parse_config
+from fedlib.aggregator import aggregate_updates, open_client_update
+from fedlib.client import train_client_update
 from fedlib.federation import (
-    aggregate_updates,
     federation_key,
     initial_adapter,
     load_data,
     partition_clients,
-    train_client_update,
     update_url,
 )
 from fedlib.rejection import QuorumNotMet
@@ -48,7 +48,6 @@ def _path(url: str) -> Path:
 def _expected(config, key, global_adapter, clients):
     """The FedAvg of exactly these clients' authentic updates."""
     from fedlib.envelope import EnvelopeContext
-    from fedlib.federation import open_client_update
 
     updates = [
         open_client_update(storage.read_bytes(update_url(config, c, 1)), key, EnvelopeContext("test", 1, c), global_adapter)
@@ -146,7 +145,6 @@ def test_examples_travel_inside_the_authenticated_payload(trained_round):
     shards = {c: len(p) for c, p in partition_clients(config, load_data(config)).items()}
     assert {c: r.num_examples for c, r in reports.items()} == shards
     from fedlib.envelope import EnvelopeContext
-    from fedlib.federation import open_client_update
 
     blob = storage.read_bytes(update_url(config, "gcp", 1))
     update = open_client_update(blob, key, EnvelopeContext("test", 1, "gcp"), global_adapter)
