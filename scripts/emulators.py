@@ -82,6 +82,8 @@ class GCSEmulator:
         self._server = create_server("127.0.0.1", self.port, in_memory=True)
         self._server.start()
         wait_for_port(self.port)
+        # gcsfs closes HEAD responses early; the emulator would print a BrokenPipe traceback each time.
+        self._server._api._httpd.handle_error = lambda request, address: None
         return self
 
     def stop(self) -> None:
