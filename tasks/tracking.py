@@ -5,10 +5,8 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from prefect import task
@@ -100,8 +98,3 @@ def track_final_adapter(config: FederationConfig, run_id: str, adapter: Tensors,
 def finish_tracking(config: FederationConfig, run_id: str, status: str) -> None:
     _client(config).set_terminated(run_id, status=status)
 
-
-def tracking_artifact_dir(config: FederationConfig, run_id: str) -> Path:
-    """The local folder of a run's artifacts when the artifact store is a local path."""
-    uri = _client(config).get_run(run_id).info.artifact_uri
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
