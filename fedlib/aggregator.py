@@ -6,23 +6,27 @@ client while `aggregation.min_clients` still hold.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from fedlib import storage
 from fedlib.config import FederationConfig
-from fedlib.envelope import EnvelopeContext, open_sealed
+from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed
 from fedlib.federation import Tensors, progress, update_url
 from fedlib.rejection import QuorumNotMet, Reason, UpdateRejected
 from fedlib.serialization import bytes_to_tensors, read_metadata
 from fedlib.storage import Options
-from fedlib.strategies import ClientUpdate, make_strategy
+from fedlib.privacy.dp import DifferentialPrivacy
+from fedlib.strategies import ClientUpdate, Strategy, make_strategy
 from fedlib.validation import check_update
 
 
 def open_client_update(
-    blob: bytes, key: bytes, ctx: EnvelopeContext, template: Tensors
+    blob: bytes, key: UpdateKey, ctx: EnvelopeContext, template: Tensors
 ) -> ClientUpdate:
     """Authenticate, decrypt, parse and check one update; any failure is an `UpdateRejected`."""
     payload = open_sealed(blob, key, ctx)
@@ -53,13 +57,24 @@ class AggregationReport:
         return asdict(self)
 
 
+def build_strategy(config: FederationConfig, round_number: int) -> Strategy:
+    """The configured strategy, wrapped in DP-FedAvg when privacy is on. The noise is drawn from
+    the OS's randomness unless `privacy.noise_seed` pins it (tests)."""
+    strategy = make_strategy(config.aggregation.strategy)
+    p = config.privacy
+    if not p.enabled:
+        return strategy
+    seed = secrets.randbits(63) if p.noise_seed is None else p.noise_seed * 1_000_003 + round_number
+    return DifferentialPrivacy(strategy, p.clip_norm, p.noise_multiplier, torch.Generator().manual_seed(seed))
+
+
 def aggregate_updates(
     config: FederationConfig,
     round_number: int,
     global_adapter: Tensors,
     clients: Sequence[str],
     failed: dict[str, str],
-    key: bytes,
+    keys: Mapping[str, UpdateKey],
     storage_options: Mapping[str, Options] | None = None,
 ) -> tuple[Tensors, AggregationReport]:
     """Stream each expected client's object through `open_client_update` into the strategy.
@@ -79,7 +94,7 @@ def aggregate_updates(
                 url = update_url(config, client, round_number)
                 options = (storage_options or {}).get(client)
                 blob = storage.read_limited(url, config.aggregation.max_update_bytes, options)
-                update = open_client_update(blob, key, EnvelopeContext(config.federation.id, round_number, client), global_adapter)
+                update = open_client_update(blob, keys[client], EnvelopeContext(config.federation.id, round_number, client), global_adapter)
             except UpdateRejected as err:
                 report.reject(client, err.reason, err.detail)
                 continue
@@ -89,7 +104,7 @@ def aggregate_updates(
             yield update
 
     started = time.perf_counter()
-    strategy = make_strategy(config.aggregation.strategy)
+    strategy = build_strategy(config, round_number)
     try:
         new_adapter = strategy.aggregate(round_number, global_adapter, accepted_updates())
     except ValueError:

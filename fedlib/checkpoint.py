@@ -15,6 +15,8 @@ from typing import Any
 
 import fsspec
 import torch
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedlib import storage
 from fedlib.serialization import bytes_to_tensors, tensors_to_bytes
@@ -23,9 +25,15 @@ Tensors = dict[str, torch.Tensor]
 _ROUND_DIR = re.compile(r"round-(\d{4,})$")
 
 
+class ManifestSignatureError(ValueError):
+    """A manifest whose signature does not verify: someone other than the aggregator wrote it."""
+
+
 @dataclass(frozen=True)
 class CheckpointStore:
     root: str  # URL of this federation's checkpoint folder
+    signer: Ed25519PrivateKey | None = None  # the aggregator's; commits are signed with it
+    verifier: Ed25519PublicKey | None = None  # everyone's; reads are checked with it
 
     def round_url(self, round_number: int) -> str:
         return storage.join(self.root, f"round-{round_number:04d}")
@@ -36,12 +44,18 @@ class CheckpointStore:
     def manifest_url(self, round_number: int) -> str:
         return storage.join(self.round_url(round_number), "manifest.json")
 
+    def signature_url(self, round_number: int) -> str:
+        return storage.join(self.round_url(round_number), "manifest.sig")
+
     def commit(self, round_number: int, adapter: Tensors, manifest: dict[str, Any]) -> dict[str, Any]:
         """Adapter first, manifest last; the manifest records the adapter's digest."""
         data = tensors_to_bytes(adapter, metadata={"round": str(round_number)})
         storage.write_atomic(self.adapter_url(round_number), data)
         manifest = {**manifest, "round": round_number, "adapter_sha256": hashlib.sha256(data).hexdigest()}
-        storage.write_atomic(self.manifest_url(round_number), json.dumps(manifest, indent=2).encode())
+        body = json.dumps(manifest, indent=2).encode()
+        if self.signer is not None:  # the signature first: the manifest is the commit point
+            storage.write_atomic(self.signature_url(round_number), self.signer.sign(body))
+        storage.write_atomic(self.manifest_url(round_number), body)
         return manifest
 
     def latest_round(self) -> int | None:
@@ -56,7 +70,15 @@ class CheckpointStore:
         return max(rounds, default=None)
 
     def manifest(self, round_number: int) -> dict[str, Any]:
-        return json.loads(storage.read_bytes(self.manifest_url(round_number)))
+        body = storage.read_bytes(self.manifest_url(round_number))
+        if self.verifier is not None:
+            try:
+                self.verifier.verify(storage.read_bytes(self.signature_url(round_number)), body)
+            except (InvalidSignature, FileNotFoundError):
+                raise ManifestSignatureError(
+                    f"{self.manifest_url(round_number)}: signature missing or not the aggregator's"
+                ) from None
+        return json.loads(body)
 
     def adapter(self, round_number: int) -> Tensors:
         """A committed global adapter, checked against its manifest's digest."""

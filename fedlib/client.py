@@ -13,9 +13,10 @@ import torch
 
 from fedlib import storage
 from fedlib.config import FederationConfig
-from fedlib.envelope import EnvelopeContext, seal
+from fedlib.envelope import EnvelopeContext, UpdateKey, seal
 from fedlib.federation import Tensors, load_global_model, progress, update_url
 from fedlib.model import adapter_state
+from fedlib.privacy.dp import clip_update_inplace
 from fedlib.serialization import tensors_to_bytes
 from fedlib.storage import Options
 from fedlib.training import train_lora
@@ -47,7 +48,7 @@ class SealedUpdate:
 
 
 def train_and_seal(
-    config: FederationConfig, client: str, round_number: int, global_adapter: Tensors, shard: torch.Tensor, key: bytes
+    config: FederationConfig, client: str, round_number: int, global_adapter: Tensors, shard: torch.Tensor, key: UpdateKey
 ) -> SealedUpdate:
     """Train from the global adapter, then seal the delta for the aggregator.
 
@@ -60,6 +61,8 @@ def train_and_seal(
     result = train_lora(model, shard, t.local_steps, t.batch_size, t.learning_rate, generator)
     local = adapter_state(model)
     delta = {name: local[name] - global_adapter[name] for name in global_adapter}
+    if config.privacy.enabled:  # the unclipped update never leaves the client
+        clip_update_inplace(delta, config.privacy.clip_norm)
     trained = time.perf_counter()
     payload = tensors_to_bytes(delta, metadata={"num_examples": str(len(shard)), "train_loss": repr(result.mean_loss)})
     blob = seal(payload, key, EnvelopeContext(config.federation.id, round_number, client))
@@ -91,7 +94,7 @@ def train_client_update(
     round_number: int,
     global_adapter: Tensors,
     shard: torch.Tensor,
-    key: bytes,
+    key: UpdateKey,
     options: Options | None = None,
 ) -> ClientReport:
     """Both client stages in one call, for callers without an orchestrator."""

@@ -142,6 +142,18 @@ def _walk(options: dict[str, Any]):
             yield key, value
 
 
+class PrivacyConfig(_Strict):
+    """Client-level DP-FedAvg. `noise_seed` fixes the noise for tests only: noise that anyone can
+    regenerate can be subtracted again, so leave it unset for real runs."""
+
+    enabled: bool = False
+    clip_norm: float = Field(1.0, gt=0)
+    noise_multiplier: float = Field(1.0, ge=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    epsilon_budget: float | None = Field(None, gt=0)
+    noise_seed: int | None = None
+
+
 class OrchestrationConfig(_Strict):
     """Where client training runs. `local`: tasks in the federation's own process. `deployments`:
     each cloud's `client-training/<cloud>` deployment on that cloud's work pool."""
@@ -184,6 +196,7 @@ class FederationConfig(_Strict):
     aggregation: AggregationConfig = AggregationConfig()
     tracking: TrackingConfig = TrackingConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     clouds: tuple[CloudConfig, ...] = Field(min_length=1)
 
     @model_validator(mode="after")

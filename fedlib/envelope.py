@@ -1,9 +1,10 @@
 """Authenticated encryption of one client's update for one round.
 
 Layout: MAGIC | u32 header length | header JSON | ciphertext+tag. The header (federation,
-round, client, nonce, plaintext length) is the AES-GCM associated data, and the key itself is
-derived per (federation, round, client) by HKDF, so an object moved to another round's or
-client's key, or edited anywhere, fails to open. Checks run cheapest first and each failure
+round, client, key id, nonce, plaintext length) is the AES-GCM associated data, and the key
+itself is derived per (federation, round, client) by HKDF from the client–aggregator X25519
+shared secret, so an object moved to another round's or client's slot, sealed for another
+key, or edited anywhere, fails to open. Checks run cheapest first and each failure
 raises `UpdateRejected` with its own reason.
 """
 
@@ -29,6 +30,14 @@ _MAX_HEADER = 4096
 
 
 @dataclass(frozen=True)
+class UpdateKey:
+    """The X25519 shared secret of one client and the aggregator, and the client key's id."""
+
+    secret: bytes
+    kid: str
+
+
+@dataclass(frozen=True)
 class EnvelopeContext:
     """Who may have written an object: the aggregator checks every field against the header."""
 
@@ -37,14 +46,15 @@ class EnvelopeContext:
     client: str
 
 
-def derive_key(master_key: bytes, ctx: EnvelopeContext) -> bytes:
-    if len(master_key) != 32:
-        raise ValueError("the federation key must be 32 bytes")
+def derive_key(secret: bytes, ctx: EnvelopeContext) -> bytes:
+    """A fresh AES-256 key per (federation, round, client): one update's key opens nothing else."""
+    if len(secret) != 32:
+        raise ValueError("the shared secret must be 32 bytes")
     info = f"fedlib/update/v1/{ctx.federation}/{ctx.round}/{ctx.client}".encode()
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(master_key)
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
 
 
-def seal(plaintext: bytes, master_key: bytes, ctx: EnvelopeContext) -> bytes:
+def seal(plaintext: bytes, key: UpdateKey, ctx: EnvelopeContext) -> bytes:
     nonce = os.urandom(12)
     header = json.dumps(
         {
@@ -52,6 +62,7 @@ def seal(plaintext: bytes, master_key: bytes, ctx: EnvelopeContext) -> bytes:
             "federation": ctx.federation,
             "round": ctx.round,
             "client": ctx.client,
+            "kid": key.kid,
             "nonce": nonce.hex(),
             "length": len(plaintext),
         },
@@ -59,10 +70,10 @@ def seal(plaintext: bytes, master_key: bytes, ctx: EnvelopeContext) -> bytes:
         separators=(",", ":"),
     ).encode()
     prefix = MAGIC + _LEN.pack(len(header)) + header
-    return prefix + AESGCM(derive_key(master_key, ctx)).encrypt(nonce, plaintext, prefix)
+    return prefix + AESGCM(derive_key(key.secret, ctx)).encrypt(nonce, plaintext, prefix)
 
 
-def open_sealed(blob: bytes, master_key: bytes, expected: EnvelopeContext) -> bytes:
+def open_sealed(blob: bytes, key: UpdateKey, expected: EnvelopeContext) -> bytes:
     """Return the plaintext, or raise `UpdateRejected` naming what is wrong."""
     fixed = len(MAGIC) + _LEN.size
     if len(blob) < fixed:
@@ -77,23 +88,25 @@ def open_sealed(blob: bytes, master_key: bytes, expected: EnvelopeContext) -> by
     prefix = blob[: fixed + header_len]
     header = _parse_header(prefix[fixed:])
     _check_context(header, expected)
+    if header["kid"] != key.kid:
+        raise UpdateRejected(Reason.WRONG_KEY, f"sealed for key {header['kid']}, expected {key.kid}")
     body = blob[fixed + header_len :]
     if len(body) != header["length"] + _TAG:
         raise UpdateRejected(
             Reason.TRUNCATED, f"ciphertext is {len(body)} bytes, header promises {header['length'] + _TAG}"
         )
     try:
-        return AESGCM(derive_key(master_key, expected)).decrypt(bytes.fromhex(header["nonce"]), body, prefix)
+        return AESGCM(derive_key(key.secret, expected)).decrypt(bytes.fromhex(header["nonce"]), body, prefix)
     except InvalidTag:
         raise UpdateRejected(
-            Reason.AUTHENTICATION_FAILED, "authentication tag does not verify (tampered bytes or wrong key)"
+            Reason.AUTHENTICATION_FAILED, "authentication tag does not verify (tampered bytes)"
         ) from None
 
 
 def _parse_header(raw: bytes) -> dict:
     try:
         header = json.loads(raw)
-        fields = {"alg": str, "federation": str, "round": int, "client": str, "nonce": str, "length": int}
+        fields = {"alg": str, "federation": str, "round": int, "client": str, "kid": str, "nonce": str, "length": int}
         if not isinstance(header, dict) or any(not isinstance(header.get(k), t) for k, t in fields.items()):
             raise ValueError("missing or mistyped field")
         if header["alg"] != ALGORITHM or len(bytes.fromhex(header["nonce"])) != 12 or header["length"] < 0:

@@ -15,7 +15,8 @@ from fedlib import storage
 from fedlib.checkpoint import CheckpointStore
 from fedlib.config import FederationConfig
 from fedlib.data import BlockSet, cached_blocks, shakespeare_documents, tokenize_blocks, url_documents
-from fedlib.keys import load_or_create_key
+from fedlib.envelope import UpdateKey
+from fedlib.keys import KeyRing, fingerprint, init_keys, load_keyring
 from fedlib.model import adapter_state, attach_lora, load_adapter_state, load_base_model, load_tokenizer
 from fedlib.partition import Assignment, partition
 from fedlib.training import evaluate_loss
@@ -30,17 +31,32 @@ class FederationData:
     evaluation: torch.Tensor  # [n, seq_len] held-out blocks
 
 
-def checkpoint_store(config: FederationConfig) -> CheckpointStore:
-    return CheckpointStore(config.checkpoint_url)
-
-
-def key_file(config: FederationConfig) -> Path:
+def key_folder(config: FederationConfig) -> Path:
     """Beside the aggregator, never in a bucket."""
-    return config.data_path / "keys" / "federation.key"
+    return config.data_path / "keys"
 
 
-def federation_key(config: FederationConfig) -> bytes:
-    return load_or_create_key(key_file(config))
+def keyring(config: FederationConfig, create: bool = False) -> KeyRing:
+    """Every party's keys. `create` makes the missing ones: the embedded default, where one
+    machine plays every party; real deployments run `fedlib keys init` per party instead."""
+    names = [c.name for c in config.clouds]
+    if create:
+        init_keys(key_folder(config), names)
+    return load_keyring(key_folder(config), names)
+
+
+def client_update_key(ring: KeyRing, client: str) -> UpdateKey:
+    return UpdateKey(ring.client_shared_secret(client), fingerprint(ring.public_key(client)))
+
+
+def aggregator_update_key(ring: KeyRing, client: str) -> UpdateKey:
+    return UpdateKey(ring.aggregator_shared_secret(client), fingerprint(ring.public_key(client)))
+
+
+def checkpoint_store(config: FederationConfig, ring: KeyRing | None = None) -> CheckpointStore:
+    """Manifests are signed with the aggregator's Ed25519 key and verified on every read."""
+    ring = ring or keyring(config)
+    return CheckpointStore(config.checkpoint_url, signer=ring.signing_private, verifier=ring.signing_public)
 
 
 def update_url(config: FederationConfig, client: str, round_number: int) -> str:

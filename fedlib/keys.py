@@ -1,27 +1,127 @@
-"""The federation's symmetric key, kept beside the aggregator and never in a bucket."""
+"""Who can read and who can sign: X25519 key pairs for every party, Ed25519 for the aggregator.
+
+A client's update key is derived from the X25519 shared secret between that client and the
+aggregator, so only those two can open it, and a storage provider holding every object and
+every public key still cannot. The aggregator signs each round's manifest so that clients can
+check that the global adapter they start from is the one the aggregator committed.
+
+Private keys are PEM files with mode 0600 in one folder; in a real deployment each party keeps
+only its own private key (or loads it from a Prefect Secret block) and everyone's public keys.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-def load_or_create_key(path: Path) -> bytes:
-    """32 random bytes in a 0600 file; created once, atomically, so concurrent callers agree."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # unique per thread, not just per process
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(os.urandom(32))
+AGGREGATOR = "aggregator"
+
+
+def fingerprint(public_key: X25519PublicKey | Ed25519PublicKey) -> str:
+    """A short id for a public key; envelopes carry it so a wrong key is named, not guessed."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """The keys one process holds: every public key, and the private keys it is entitled to."""
+
+    aggregator_public: X25519PublicKey
+    signing_public: Ed25519PublicKey
+    client_public: dict[str, X25519PublicKey]
+    aggregator_private: X25519PrivateKey | None = None
+    signing_private: Ed25519PrivateKey | None = None
+    client_private: dict[str, X25519PrivateKey] = field(default_factory=dict)
+
+    def client_shared_secret(self, client: str) -> bytes:
+        """The client's side of the exchange (needs that client's private key)."""
         try:
-            os.link(tmp, path)  # fails if another process won the race; then use theirs
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-    key = path.read_bytes()
-    if len(key) != 32:
-        raise ValueError(f"{path}: a federation key must be exactly 32 bytes, found {len(key)}")
-    return key
+            private = self.client_private[client]
+        except KeyError:
+            raise KeyError(f"no private key for client {client!r} in this key ring") from None
+        return private.exchange(self.aggregator_public)
+
+    def aggregator_shared_secret(self, client: str) -> bytes:
+        """The aggregator's side of the exchange with `client` (needs the aggregator's key)."""
+        if self.aggregator_private is None:
+            raise KeyError("this key ring has no aggregator private key")
+        return self.aggregator_private.exchange(self.public_key(client))
+
+    def public_key(self, client: str) -> X25519PublicKey:
+        try:
+            return self.client_public[client]
+        except KeyError:
+            raise KeyError(f"no public key for client {client!r}") from None
+
+
+def _write_private(path: Path, pem: bytes) -> None:
+    """0600 from the first byte, written beside the target and linked into place, so a reader
+    never sees half a key and two writers never both win."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # created meanwhile by another process: keep theirs
+    finally:
+        tmp.unlink()
+
+
+def _pem(private: X25519PrivateKey | Ed25519PrivateKey) -> bytes:
+    return private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def init_keys(folder: Path, clients: Iterable[str]) -> list[Path]:
+    """Create every missing key (existing ones are kept); returns the files created."""
+    wanted: dict[Path, type] = {
+        folder / f"{AGGREGATOR}.x25519.pem": X25519PrivateKey,
+        folder / f"{AGGREGATOR}.ed25519.pem": Ed25519PrivateKey,
+    }
+    wanted.update({folder / "clients" / f"{c}.x25519.pem": X25519PrivateKey for c in clients})
+    created = []
+    for path, kind in wanted.items():
+        if not path.exists():
+            _write_private(path, _pem(kind.generate()))
+            created.append(path)
+    return created
+
+
+def _load_private(path: Path):
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise PermissionError(f"{path}: private key is readable by others (mode {mode:o}); chmod 600 it")
+    return serialization.load_pem_private_key(path.read_bytes(), password=None)
+
+
+def load_keyring(folder: Path, clients: Iterable[str]) -> KeyRing:
+    """Everything in `folder`; a missing key is an error that names its file."""
+    clients = list(clients)
+    paths = {c: folder / "clients" / f"{c}.x25519.pem" for c in clients}
+    for path in [folder / f"{AGGREGATOR}.x25519.pem", folder / f"{AGGREGATOR}.ed25519.pem", *paths.values()]:
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: missing key; run `fedlib keys init CONFIG`")
+    aggregator = _load_private(folder / f"{AGGREGATOR}.x25519.pem")
+    signing = _load_private(folder / f"{AGGREGATOR}.ed25519.pem")
+    client_private = {c: _load_private(p) for c, p in paths.items()}
+    return KeyRing(
+        aggregator_public=aggregator.public_key(),
+        signing_public=signing.public_key(),
+        client_public={c: k.public_key() for c, k in client_private.items()},
+        aggregator_private=aggregator,
+        signing_private=signing,
+        client_private=client_private,
+    )

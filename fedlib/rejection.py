@@ -13,6 +13,7 @@ class Reason(str, Enum):
     WRONG_FEDERATION = "wrong_federation"
     WRONG_ROUND = "wrong_round"
     WRONG_CLIENT = "wrong_client"
+    WRONG_KEY = "wrong_key"
     AUTHENTICATION_FAILED = "authentication_failed"
     UNEXPECTED_TENSORS = "unexpected_tensors"
     SHAPE_MISMATCH = "shape_mismatch"

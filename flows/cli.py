@@ -112,6 +112,24 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def keys_init_command(args: argparse.Namespace) -> int:
+    from fedlib.config import ConfigError, load_config
+    from fedlib.federation import key_folder
+    from fedlib.keys import init_keys
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:
+        Console().print(f"[red]{err}[/red]")
+        return 2
+    folder = key_folder(config)
+    created = init_keys(folder, [c.name for c in config.clouds])
+    for path in created:
+        print(f"created {path} (0600)")
+    print(f"{len(created)} key(s) created, the others kept, in {folder}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedlib", description="Cross-cloud federated LoRA fine-tuning")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("config", type=Path)
     run.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own logs too")
     run.set_defaults(handler=run_command)
+    keys = sub.add_parser("keys", help="key management").add_subparsers(dest="keys_command", required=True)
+    init = keys.add_parser("init", help="create the aggregator's and every client's missing key pairs (0600)")
+    init.add_argument("config", type=Path)
+    init.set_defaults(handler=keys_init_command)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -16,7 +16,8 @@ from prefect import flow, get_run_logger
 
 from fedlib.checkpoint import plan_rounds
 from fedlib.config import FederationConfig, load_config
-from fedlib.federation import checkpoint_store, federation_key, progress
+from fedlib.federation import checkpoint_store, keyring, progress
+from fedlib.privacy.accountant import epsilon_after
 from flows.federated_round import federated_round
 from tasks.aggregate import commit_round, evaluate_global, make_initial_adapter
 from tasks.data import partition_data, prepare_data
@@ -34,11 +35,25 @@ def federated_training(config_path: str, dispatch: Literal["local", "deployments
     return run_federation(config, config_path)
 
 
+def budget_spent(config: FederationConfig, round_number: int) -> bool:
+    """True if running `round_number` would take ε past `privacy.epsilon_budget`."""
+    p = config.privacy
+    if not (p.enabled and p.epsilon_budget):
+        return False
+    eps = epsilon_after(round_number, p.noise_multiplier, 1.0, p.delta)
+    if eps <= p.epsilon_budget:
+        return False
+    message = f"privacy budget: round {round_number} would reach ε={eps:.3f} > {p.epsilon_budget}; stopping"
+    get_run_logger().warning(message)
+    progress.warning(message)
+    return True
+
+
 def run_federation(config: FederationConfig, config_path: str | None = None) -> list[dict[str, Any]]:
     logger = get_run_logger()
     if config.training.torch_threads:
         torch.set_num_threads(config.training.torch_threads)
-    federation_key(config)  # created once here, so concurrent clients never race to create it
+    keyring(config, create=True)  # made once here, so concurrent clients never race to make keys
     store = checkpoint_store(config)
     plan = plan_rounds(store, config.training.rounds)
     latest = store.latest_round()
@@ -70,6 +85,8 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
     status = "FAILED"
     try:
         for round_number in range(plan.first, plan.last + 1):
+            if budget_spent(config, round_number):
+                break
             manifests.append(federated_round(config, round_number, run_id, plan.last, config_path))
             track_round(config, run_id, round_number, manifests)
         final = store.latest_round()

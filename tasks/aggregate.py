@@ -13,7 +13,8 @@ from fedlib.federation import (
     Tensors,
     checkpoint_store,
     evaluate_adapter,
-    federation_key,
+    aggregator_update_key,
+    keyring,
     initial_adapter,
     load_data,
 )
@@ -24,9 +25,11 @@ from tasks.storage import storage_options
 def aggregate_round(
     config: FederationConfig, round_number: int, clients: list[str], failed: dict[str, str]
 ) -> tuple[Tensors, AggregationReport]:
-    global_adapter = checkpoint_store(config).adapter(round_number - 1)
+    ring = keyring(config)
+    global_adapter = checkpoint_store(config, ring).adapter(round_number - 1)
     options = storage_options(config, clients)
-    adapter, report = aggregate_updates(config, round_number, global_adapter, clients, failed, federation_key(config), options)
+    keys = {client: aggregator_update_key(ring, client) for client in clients}
+    adapter, report = aggregate_updates(config, round_number, global_adapter, clients, failed, keys, options)
     logger = get_run_logger()
     for client, why in report.rejected.items():
         logger.warning("round %d: update from %s rejected (%s): %s", round_number, client, why["reason"], why["detail"])

@@ -15,15 +15,16 @@ from prefect.tasks import exponential_backoff
 
 from fedlib.config import FederationConfig
 from fedlib.client import ClientReport, SealedUpdate, train_and_seal, upload_sealed
-from fedlib.federation import checkpoint_store, federation_key, load_data
+from fedlib.federation import checkpoint_store, client_update_key, keyring, load_data
 from tasks.storage import storage_options
 
 
 @task(name="train-client", task_run_name="train-{client}-round-{round_number}", cache_policy=NO_CACHE)
 def train_client(config: FederationConfig, client: str, round_number: int, blocks: list[int]) -> SealedUpdate:
-    global_adapter = checkpoint_store(config).adapter(round_number - 1)
+    ring = keyring(config)
+    global_adapter = checkpoint_store(config, ring).adapter(round_number - 1)  # signature checked
     shard = load_data(config).train.select(blocks)
-    return train_and_seal(config, client, round_number, global_adapter, shard, federation_key(config))
+    return train_and_seal(config, client, round_number, global_adapter, shard, client_update_key(ring, client))
 
 
 @task(

@@ -63,6 +63,8 @@ def round_metrics(manifest: dict[str, Any]) -> dict[str, float]:
         metrics["round/bytes_uploaded"] = sum(r["bytes_uploaded"] for r in manifest["clients"].values())
         metrics["round/accepted"] = len(manifest["accepted"])
         metrics["round/rejected"] = len(manifest["rejected"])
+    if "epsilon" in manifest:
+        metrics["privacy/epsilon"] = manifest["epsilon"]
     for stage, seconds in manifest.get("timings", {}).items():
         metrics[f"time/{stage}"] = seconds
     return {k: float(v) for k, v in metrics.items()}

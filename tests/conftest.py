@@ -147,10 +147,10 @@ def scan_ciphertext_only(config, options_by_cloud) -> int:
 
     from fedlib import storage
     from fedlib.envelope import EnvelopeContext, open_sealed
-    from fedlib.federation import federation_key
+    from fedlib.federation import aggregator_update_key, keyring
     from fedlib.serialization import bytes_to_tensors
 
-    key = federation_key(config)
+    ring = keyring(config)
     scanned = 0
     for cloud in config.clouds:
         options = options_by_cloud.get(cloud.name, {})
@@ -162,7 +162,7 @@ def scan_ciphertext_only(config, options_by_cloud) -> int:
             for marker in (b"__metadata__", b'"dtype"', b"F32", b"lora_A", b"num_examples"):
                 assert marker not in blob, (path, marker)
             round_number = int(re.search(r"round-(\d+)", path).group(1))
-            plaintext = open_sealed(blob, key, EnvelopeContext(config.federation.id, round_number, cloud.name))
+            plaintext = open_sealed(blob, aggregator_update_key(ring, cloud.name), EnvelopeContext(config.federation.id, round_number, cloud.name))
             for name, tensor in bytes_to_tensors(plaintext).items():
                 raw = tensor.numpy().tobytes()
                 for start in range(0, max(1, len(raw) - 64), max(64, len(raw) // 8)):

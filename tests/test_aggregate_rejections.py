@@ -14,7 +14,9 @@ from fedlib.config import parse_config
 from fedlib.aggregator import aggregate_updates, open_client_update
 from fedlib.client import train_client_update
 from fedlib.federation import (
-    federation_key,
+    aggregator_update_key,
+    client_update_key,
+    keyring,
     initial_adapter,
     load_data,
     partition_clients,
@@ -33,12 +35,13 @@ def trained_round(tmp_path, corpus_dir, tiny_model_dir):
     config = parse_config(tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir, clouds=CLOUDS))
     data = load_data(config)
     assignment = partition_clients(config, data)
-    key = federation_key(config)
+    ring = keyring(config, create=True)
     global_adapter = initial_adapter(config)
     reports = {
-        c: train_client_update(config, c, 1, global_adapter, data.train.select(assignment[c]), key) for c in CLOUDS
+        c: train_client_update(config, c, 1, global_adapter, data.train.select(assignment[c]), client_update_key(ring, c))
+        for c in CLOUDS
     }
-    return config, key, global_adapter, reports
+    return config, {c: aggregator_update_key(ring, c) for c in CLOUDS}, global_adapter, reports
 
 
 def _path(url: str) -> Path:
@@ -50,7 +53,7 @@ def _expected(config, key, global_adapter, clients):
     from fedlib.envelope import EnvelopeContext
 
     updates = [
-        open_client_update(storage.read_bytes(update_url(config, c, 1)), key, EnvelopeContext("test", 1, c), global_adapter)
+        open_client_update(storage.read_bytes(update_url(config, c, 1)), key[c], EnvelopeContext("test", 1, c), global_adapter)
         for c in clients
     ]
     return make_strategy("fedavg").aggregate(1, global_adapter, updates)
@@ -112,7 +115,8 @@ def test_replayed_and_swapped_objects(trained_round):
     with pytest.raises(QuorumNotMet, match="0 of 3 updates accepted"):
         aggregate_updates(config, 2, global_adapter, list(CLOUDS), {}, key)
     _path(update_url(config, "aws", 2)).unlink()
-    train_client_update(config, "aws", 2, global_adapter, load_data(config).train.tokens[:8], key)
+    aws_key = client_update_key(keyring(config), "aws")
+    train_client_update(config, "aws", 2, global_adapter, load_data(config).train.tokens[:8], aws_key)
     _, report = aggregate_updates(config, 2, global_adapter, list(CLOUDS), {}, key)
     assert report.accepted == ["aws"]
     assert {c: r["reason"] for c, r in report.rejected.items()} == {"gcp": "wrong_round", "azure": "wrong_round"}
@@ -147,5 +151,5 @@ def test_examples_travel_inside_the_authenticated_payload(trained_round):
     from fedlib.envelope import EnvelopeContext
 
     blob = storage.read_bytes(update_url(config, "gcp", 1))
-    update = open_client_update(blob, key, EnvelopeContext("test", 1, "gcp"), global_adapter)
+    update = open_client_update(blob, key["gcp"], EnvelopeContext("test", 1, "gcp"), global_adapter)
     assert update.num_examples == shards["gcp"]

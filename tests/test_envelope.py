@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlib.envelope import MAGIC, EnvelopeContext, open_sealed, seal
+from fedlib.envelope import MAGIC, EnvelopeContext, UpdateKey, open_sealed, seal
 from fedlib.aggregator import open_client_update
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.serialization import bytes_to_tensors, read_metadata, tensors_to_bytes
 
-KEY = bytes(range(32))
+KEY = UpdateKey(bytes(range(32)), "aws-key-id")
 CTX = EnvelopeContext("fed", 3, "aws")
 TEMPLATE = {"layer.lora_A.weight": torch.zeros(4, 16), "layer.lora_B.weight": torch.zeros(16, 4)}
 
@@ -20,12 +20,12 @@ def _update(scale: float = 1.0) -> dict[str, torch.Tensor]:
     return {k: torch.randn(v.shape, generator=gen) * scale for k, v in TEMPLATE.items()}
 
 
-def _sealed(tensors=None, examples: str = "12", ctx: EnvelopeContext = CTX, key: bytes = KEY) -> bytes:
+def _sealed(tensors=None, examples: str = "12", ctx: EnvelopeContext = CTX, key: UpdateKey = KEY) -> bytes:
     payload = tensors_to_bytes(_update() if tensors is None else tensors, metadata={"num_examples": examples})
     return seal(payload, key, ctx)
 
 
-def _reason(blob: bytes, ctx: EnvelopeContext = CTX, key: bytes = KEY) -> Reason:
+def _reason(blob: bytes, ctx: EnvelopeContext = CTX, key: UpdateKey = KEY) -> Reason:
     with pytest.raises(UpdateRejected) as info:
         open_client_update(blob, key, ctx, TEMPLATE)
     assert info.value.reason.value in str(info.value)  # the message names the reason
@@ -72,7 +72,8 @@ def test_wrong_round_client_federation_and_key():
     assert _reason(blob, EnvelopeContext("fed", 4, "aws")) is Reason.WRONG_ROUND  # replay into a later round
     assert _reason(blob, EnvelopeContext("fed", 3, "gcp")) is Reason.WRONG_CLIENT  # moved to another client's slot
     assert _reason(blob, EnvelopeContext("other", 3, "aws")) is Reason.WRONG_FEDERATION
-    assert _reason(blob, key=bytes(32)) is Reason.AUTHENTICATION_FAILED
+    assert _reason(blob, key=UpdateKey(bytes(32), "gcp-key-id")) is Reason.WRONG_KEY  # sealed for another key
+    assert _reason(blob, key=UpdateKey(bytes(32), KEY.kid)) is Reason.AUTHENTICATION_FAILED  # a forged key id
 
 
 def test_bad_contents_after_authentication():

@@ -1,0 +1,1 @@
+"""Differential privacy: clipping and noise as a wrapper around any strategy, and its accountant."""

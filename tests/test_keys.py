@@ -1,0 +1,73 @@
+"""X25519 key pairs per party, update keys only the two parties can derive, signed manifests."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+import torch
+
+from fedlib.checkpoint import CheckpointStore, ManifestSignatureError
+from fedlib.envelope import EnvelopeContext, open_sealed, seal
+from fedlib.federation import aggregator_update_key, client_update_key
+from fedlib.keys import init_keys, load_keyring
+from fedlib.rejection import Reason, UpdateRejected
+
+CLIENTS = ["aws", "gcp"]
+
+
+def test_keys_are_private_files_and_kept_on_rerun(tmp_path):
+    created = init_keys(tmp_path, CLIENTS)
+    assert len(created) == 4
+    for path in created:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    before = {p: p.read_bytes() for p in created}
+    assert init_keys(tmp_path, CLIENTS) == []  # nothing replaced
+    assert all(p.read_bytes() == b for p, b in before.items())
+    (tmp_path / "clients" / "gcp.x25519.pem").chmod(0o644)
+    with pytest.raises(PermissionError, match="gcp.x25519.pem.*chmod 600"):
+        load_keyring(tmp_path, CLIENTS)
+    with pytest.raises(FileNotFoundError, match="azure.x25519.pem: missing key"):
+        load_keyring(tmp_path, ["aws", "azure"])
+
+
+def test_only_client_and_aggregator_share_an_update_key(tmp_path):
+    init_keys(tmp_path, CLIENTS)
+    ring = load_keyring(tmp_path, CLIENTS)
+    ctx = EnvelopeContext("fed", 1, "aws")
+    aws, aggregator_view = client_update_key(ring, "aws"), aggregator_update_key(ring, "aws")
+    assert aws == aggregator_view  # both ends of the exchange derive the same secret
+    assert aws.secret != client_update_key(ring, "gcp").secret
+    blob = seal(b"payload", aws, ctx)
+    assert open_sealed(blob, aggregator_view, ctx) == b"payload"
+    with pytest.raises(UpdateRejected) as info:
+        open_sealed(blob, aggregator_update_key(ring, "gcp"), ctx)  # gcp's key for aws's object
+    assert info.value.reason is Reason.WRONG_KEY
+    other = tmp_path / "other"
+    init_keys(other, CLIENTS)
+    stranger = load_keyring(other, CLIENTS)  # a different aggregator: same names, other keys
+    with pytest.raises(UpdateRejected) as info:
+        open_sealed(blob, aggregator_update_key(stranger, "aws"), ctx)
+    assert info.value.reason is Reason.WRONG_KEY
+
+
+def test_manifests_are_signed_and_checked(tmp_path):
+    init_keys(tmp_path / "keys", CLIENTS)
+    ring = load_keyring(tmp_path / "keys", CLIENTS)
+    root = (tmp_path / "ckpt").as_uri()
+    store = CheckpointStore(root, signer=ring.signing_private, verifier=ring.signing_public)
+    store.commit(1, {"w": torch.ones(2)}, {"eval_loss": 1.5})
+    reader = CheckpointStore(root, verifier=ring.signing_public)  # a client: public key only
+    assert reader.manifest(1)["eval_loss"] == 1.5
+    assert torch.equal(reader.adapter(1)["w"], torch.ones(2))
+
+    path = tmp_path / "ckpt" / "round-0001" / "manifest.json"
+    forged = json.loads(path.read_text())
+    forged["eval_loss"] = 0.1
+    path.write_text(json.dumps(forged, indent=2))
+    with pytest.raises(ManifestSignatureError, match="round-0001/manifest.json: signature"):
+        reader.manifest(1)
+    (tmp_path / "ckpt" / "round-0001" / "manifest.sig").unlink()
+    with pytest.raises(ManifestSignatureError):
+        reader.manifest(1)
