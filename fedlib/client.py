@@ -16,7 +16,7 @@ from fedlib.config import FederationConfig
 from fedlib.envelope import EnvelopeContext, UpdateKey, seal
 from fedlib.federation import Tensors, load_global_model, progress, update_url
 from fedlib.model import adapter_state
-from fedlib.privacy.dp import clip_update_inplace
+from fedlib.privacy.dp import clip_update_inplace, update_norm
 from fedlib.serialization import tensors_to_bytes
 from fedlib.storage import Options
 from fedlib.training import train_lora
@@ -32,6 +32,7 @@ class ClientReport:
     object_url: str
     train_s: float
     encrypt_upload_s: float
+    update_norm: float  # L2 norm of the delta before any clipping: what DP's clip_norm is tuned against
 
 
 def client_seed(config: FederationConfig, client: str, round_number: int) -> int:
@@ -61,6 +62,7 @@ def train_and_seal(
     result = train_lora(model, shard, t.local_steps, t.batch_size, t.learning_rate, generator)
     local = adapter_state(model)
     delta = {name: local[name] - global_adapter[name] for name in global_adapter}
+    norm = update_norm(delta)
     if config.privacy.enabled:  # the unclipped update never leaves the client
         clip_update_inplace(delta, config.privacy.clip_norm)
     trained = time.perf_counter()
@@ -76,6 +78,7 @@ def train_and_seal(
         object_url=update_url(config, client, round_number),
         train_s=trained - started,
         encrypt_upload_s=time.perf_counter() - trained,
+        update_norm=norm,
     )
     return SealedUpdate(report=report, blob=blob)
 

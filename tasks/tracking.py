@@ -57,7 +57,7 @@ def round_metrics(manifest: dict[str, Any]) -> dict[str, float]:
     """The numbers of one committed round, named for MLflow's metric groups."""
     metrics = {"eval/loss": manifest["eval_loss"], "eval/perplexity": manifest["perplexity"]}
     for client, report in manifest.get("clients", {}).items():
-        for field in ("train_loss", "num_examples", "bytes_uploaded", "train_s", "encrypt_upload_s"):
+        for field in ("train_loss", "num_examples", "bytes_uploaded", "train_s", "encrypt_upload_s", "update_norm"):
             metrics[f"client/{client}/{field}"] = report[field]
     if manifest["round"] > 0:
         metrics["round/bytes_uploaded"] = sum(r["bytes_uploaded"] for r in manifest["clients"].values())

@@ -71,3 +71,20 @@ def test_manifests_are_signed_and_checked(tmp_path):
     (tmp_path / "ckpt" / "round-0001" / "manifest.sig").unlink()
     with pytest.raises(ManifestSignatureError):
         reader.manifest(1)
+
+
+def test_keys_init_command(tmp_path, corpus_dir, tiny_model_dir, capsys):
+    from flows.cli import main
+    from tests.conftest import tiny_config_dict, write_config
+
+    path = write_config(tmp_path, tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir))
+    assert main(["keys", "init", str(path)]) == 0
+    assert "4 key(s) created" in capsys.readouterr().out
+    folder = tmp_path / "data" / "keys"
+    assert sorted(p.name for p in folder.rglob("*.pem")) == [
+        "aggregator.ed25519.pem", "aggregator.x25519.pem", "aws.x25519.pem", "gcp.x25519.pem",
+    ]
+    assert main(["keys", "init", str(path)]) == 0
+    assert "0 key(s) created" in capsys.readouterr().out
+    path.write_text("clouds: 3\n")
+    assert main(["keys", "init", str(path)]) == 2  # a bad config is refused before any key is made
