@@ -45,7 +45,7 @@ class SealedUpdate:
     """A client's encrypted update, ready to upload; only ciphertext leaves the client."""
 
     report: ClientReport
-    blob: bytes
+    blob: bytes | bytearray
 
 
 def train_and_seal(

@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 BUILTIN_MODELS = ("smollm2-135m-instruct",)
 BUILTIN_CORPORA = ("shakespeare",)
-PROVIDERS = ("aws", "gcp", "azure", "local")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 # fsspec options that are credentials: they belong in a Prefect Secret block or the provider's
 # environment variables, never in a config file that is committed or shown in a UI.

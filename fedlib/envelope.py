@@ -54,7 +54,7 @@ def derive_key(secret: bytes, ctx: EnvelopeContext) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
 
 
-def seal(plaintext: bytes, key: UpdateKey, ctx: EnvelopeContext) -> bytes:
+def seal(plaintext: bytes, key: UpdateKey, ctx: EnvelopeContext) -> bytearray:
     nonce = os.urandom(12)
     header = json.dumps(
         {
@@ -70,7 +70,11 @@ def seal(plaintext: bytes, key: UpdateKey, ctx: EnvelopeContext) -> bytes:
         separators=(",", ":"),
     ).encode()
     prefix = MAGIC + _LEN.pack(len(header)) + header
-    return prefix + AESGCM(derive_key(key.secret, ctx)).encrypt(nonce, plaintext, prefix)
+    # Encrypt straight into the output: concatenating prefix and ciphertext would copy the update again.
+    out = bytearray(len(prefix) + len(plaintext) + _TAG)
+    out[: len(prefix)] = prefix
+    AESGCM(derive_key(key.secret, ctx)).encrypt_into(nonce, plaintext, prefix, memoryview(out)[len(prefix) :])
+    return out
 
 
 def open_sealed(blob: bytes, key: UpdateKey, expected: EnvelopeContext) -> bytes:
@@ -90,7 +94,7 @@ def open_sealed(blob: bytes, key: UpdateKey, expected: EnvelopeContext) -> bytes
     _check_context(header, expected)
     if header["kid"] != key.kid:
         raise UpdateRejected(Reason.WRONG_KEY, f"sealed for key {header['kid']}, expected {key.kid}")
-    body = blob[fixed + header_len :]
+    body = memoryview(blob)[fixed + header_len :]  # a view, not a copy of the update
     if len(body) != header["length"] + _TAG:
         raise UpdateRejected(
             Reason.TRUNCATED, f"ciphertext is {len(body)} bytes, header promises {header['length'] + _TAG}"

@@ -34,7 +34,7 @@ def filesystem(url: str, options: Options | None = None):
     return fsspec.url_to_fs(url, **dict(options or {}))
 
 
-def write_atomic(url: str, data: bytes, options: Options | None = None) -> int:
+def write_atomic(url: str, data: bytes | bytearray, options: Options | None = None) -> int:
     """Readers see the whole object or none of it. An object store's PUT already is atomic; a
     local file is written beside its target and renamed over it. A missing bucket (container)
     is created, so a client's first upload needs no setup step."""
@@ -47,7 +47,7 @@ def write_atomic(url: str, data: bytes, options: Options | None = None) -> int:
         fs.mv(tmp, path)
     else:
         _ensure_bucket(fs, path)
-        fs.pipe_file(path, data)
+        fs.pipe_file(path, bytes(data))  # adlfs refuses a bytearray; one copy before a network upload
         fs.invalidate_cache(parent)
     return len(data)
 

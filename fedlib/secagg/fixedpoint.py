@@ -29,6 +29,3 @@ def decode(tensors: Tensors, frac_bits: int) -> Tensors:
         for name, value in tensors.items()
     }
 
-
-def add_mod(a: Tensors, b: Tensors, sign: int = 1) -> Tensors:
-    return {name: torch.remainder(a[name] + sign * b[name], MODULUS) for name in a}
