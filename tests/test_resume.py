@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from fedlib.checkpoint import plan_rounds
 from fedlib.config import load_config
-from fedlib.federation import checkpoint_store, update_url
+from fedlib.federation import checkpoint_store, keyring, update_url
 from flows.federated_training import federated_training
 from tests.conftest import ROOT, tiny_config_dict, write_config
 
@@ -22,7 +22,7 @@ def test_killed_federation_resumes_from_last_committed_round(tmp_path, corpus_di
     raw["training"].update(rounds=3, local_steps=60)  # a few seconds a round: time to kill inside round 2
     path = write_config(tmp_path, raw)
     config = load_config(path)
-    store = checkpoint_store(config)
+    store = checkpoint_store(config, keyring(config, create=True))  # as `fedlib keys init` would, first
 
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-killed")}
     process = subprocess.Popen(
