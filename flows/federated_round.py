@@ -1,4 +1,5 @@
-"""One round's DAG: train on every cloud concurrently → aggregate → evaluate → checkpoint."""
+"""One round's DAG: partition (cached) → train on every cloud at once (as tasks here, or as each
+cloud's `client-training` deployment on its own work pool) → aggregate → evaluate → checkpoint."""
 
 from __future__ import annotations
 
@@ -13,19 +14,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from fedlib.config import FederationConfig
 from fedlib.client import ClientReport
 from fedlib.federation import checkpoint_store, progress
-from fedlib.privacy.accountant import epsilon_after
+from fedlib.privacy.accountant import privacy_spent
 from tasks.aggregate import aggregate_round, commit_round, evaluate_global
 from tasks.client import submit_client_round
 from tasks.data import partition_data
 from tasks.dispatch import dispatch_client
-
-
-def privacy_spent(config: FederationConfig, round_number: int) -> dict[str, float]:
-    """ε after this round (every round so far was DP; every client takes part: rate 1)."""
-    p = config.privacy
-    if not p.enabled:
-        return {}
-    return {"epsilon": epsilon_after(round_number, p.noise_multiplier, 1.0, p.delta), "delta": p.delta}
 
 
 @flow(name="federated-round", flow_run_name="round-{round_number}", task_runner=ThreadPoolTaskRunner(max_workers=8))
@@ -74,7 +67,7 @@ def federated_round(
         "rejected": report.rejected,
         "eval_loss": eval_loss,
         "perplexity": math.exp(eval_loss),
-        **privacy_spent(config, round_number),
+        **privacy_spent(config.privacy, round_number),
         "timings": {
             "partition_s": partitioned - started,
             "train_s": max((r.train_s for r in reports.values()), default=0.0),

@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 from fedlib.checkpoint import plan_rounds
 from fedlib.config import FederationConfig, load_config
 from fedlib.federation import checkpoint_store, keyring, progress
-from fedlib.privacy.accountant import epsilon_after
+from fedlib.privacy.accountant import over_budget
 from flows.federated_round import federated_round
 from tasks.aggregate import commit_round, evaluate_global, make_initial_adapter
 from tasks.data import partition_data, prepare_data
@@ -33,20 +33,6 @@ def federated_training(config_path: str, dispatch: Literal["local", "deployments
     if dispatch is not None:
         config = config.model_copy(update={"orchestration": config.orchestration.model_copy(update={"dispatch": dispatch})})
     return run_federation(config, config_path)
-
-
-def budget_spent(config: FederationConfig, round_number: int) -> bool:
-    """True if running `round_number` would take ε past `privacy.epsilon_budget`."""
-    p = config.privacy
-    if not (p.enabled and p.epsilon_budget):
-        return False
-    eps = epsilon_after(round_number, p.noise_multiplier, 1.0, p.delta)
-    if eps <= p.epsilon_budget:
-        return False
-    message = f"privacy budget: round {round_number} would reach ε={eps:.3f} > {p.epsilon_budget}; stopping"
-    get_run_logger().warning(message)
-    progress.warning(message)
-    return True
 
 
 def run_federation(config: FederationConfig, config_path: str | None = None) -> list[dict[str, Any]]:
@@ -85,7 +71,11 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
     status = "FAILED"
     try:
         for round_number in range(plan.first, plan.last + 1):
-            if budget_spent(config, round_number):
+            epsilon = over_budget(config.privacy, round_number)
+            if epsilon is not None:
+                message = f"privacy budget: round {round_number} would reach ε={epsilon:.3f} > {config.privacy.epsilon_budget}; stopping"
+                logger.warning(message)
+                progress.warning(message)
                 break
             manifests.append(federated_round(config, round_number, run_id, plan.last, config_path))
             track_round(config, run_id, round_number, manifests)

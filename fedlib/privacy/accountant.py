@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from opacus.accountants import RDPAccountant
 
+from fedlib.config import PrivacyConfig
+
+# Every client takes part in every round for now; partial participation will lower this.
+CLIENT_SAMPLE_RATE = 1.0
+
 
 def epsilon_after(rounds: int, noise_multiplier: float, sample_rate: float, delta: float) -> float:
     if rounds <= 0:
@@ -15,6 +20,22 @@ def epsilon_after(rounds: int, noise_multiplier: float, sample_rate: float, delt
     accountant = RDPAccountant()
     accountant.history = [(noise_multiplier, sample_rate, rounds)]
     return float(accountant.get_epsilon(delta))
+
+
+def privacy_spent(privacy: PrivacyConfig, round_number: int) -> dict[str, float]:
+    """What a round's manifest records: ε and δ after `round_number` DP rounds (nothing when off)."""
+    if not privacy.enabled:
+        return {}
+    epsilon = epsilon_after(round_number, privacy.noise_multiplier, CLIENT_SAMPLE_RATE, privacy.delta)
+    return {"epsilon": epsilon, "delta": privacy.delta}
+
+
+def over_budget(privacy: PrivacyConfig, round_number: int) -> float | None:
+    """The ε that running `round_number` would reach, if that passes the budget; else None."""
+    if not (privacy.enabled and privacy.epsilon_budget):
+        return None
+    epsilon = epsilon_after(round_number, privacy.noise_multiplier, CLIENT_SAMPLE_RATE, privacy.delta)
+    return epsilon if epsilon > privacy.epsilon_budget else None
 
 
 def rounds_within_budget(budget: float, noise_multiplier: float, sample_rate: float, delta: float, limit: int = 10_000) -> int:
