@@ -56,6 +56,13 @@ class KeyRing:
             raise KeyError("this key ring has no aggregator private key")
         return self.aggregator_private.exchange(self.public_key(client))
 
+    def peer_shared_secret(self, me: str, peer: str) -> bytes:
+        """A client's secret with another client (for messages only those two can read)."""
+        try:
+            return self.client_private[me].exchange(self.public_key(peer))
+        except KeyError:
+            raise KeyError(f"no private key for client {me!r} in this key ring") from None
+
     def public_key(self, client: str) -> X25519PublicKey:
         try:
             return self.client_public[client]

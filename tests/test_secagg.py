@@ -104,3 +104,55 @@ def test_sum_is_recovered_when_a_client_drops_after_masking():
     expected = _fedavg(deltas, examples, survivors)
     for name in mean:
         torch.testing.assert_close(mean[name], expected[name], atol=1e-6, rtol=0)
+
+
+def test_protocol_messages_end_to_end_with_a_dropout(tmp_path):
+    """Setup messages sealed per client pair, masking with authenticated peer keys, a client that
+    drops after masking, survivors' reveals sealed for the aggregator, the FedAvg of survivors."""
+    from fedlib.envelope import EnvelopeContext
+    from fedlib.federation import aggregator_update_key, client_update_key
+    from fedlib.keys import init_keys, load_keyring
+    from fedlib.rejection import UpdateRejected
+    from fedlib.secagg.protocol import make_reveal, make_setup, open_setup, rebuild_mask_key
+
+    init_keys(tmp_path, CLIENTS)
+    ring = load_keyring(tmp_path, CLIENTS)
+    fed, rnd, threshold = "fed", 3, 3
+    context = f"{fed}/round-{rnd}".encode()
+    setups = {c: make_setup(ring, c, CLIENTS, threshold, fed, rnd) for c in CLIENTS}
+    board = {(sender, recipient): blob for sender, s in setups.items() for recipient, blob in s.messages.items()}
+    assert len(board) == len(CLIENTS) * (len(CLIENTS) - 1)
+
+    received = {
+        me: {sender: open_setup(ring, me, sender, board[(sender, me)], fed, rnd) for sender in CLIENTS if sender != me}
+        for me in CLIENTS
+    }
+    deltas, examples, _, _, _ = _round(seed=4)
+    masked = {}
+    for me in CLIENTS:
+        publics = {sender: public for sender, (public, _) in received[me].items()}
+        weighted = encode({k: v * examples[me] for k, v in deltas[me].items()}, FRAC)
+        masked[me] = apply_masks(weighted, me, setups[me].mask_private, publics, context)
+
+    dropped, survivors = "azure", [c for c in CLIENTS if c != "azure"]
+    reveals = {
+        s: make_reveal(ring, s, dropped, received[s][dropped][1], fed, rnd, client_update_key(ring, s)) for s in survivors
+    }
+    keys = {s: aggregator_update_key(ring, s) for s in survivors}
+    rebuilt = rebuild_mask_key(reveals, dropped, keys, threshold, fed, rnd)
+    survivor_publics = {s: setups[s].mask_private.public_key() for s in survivors}
+    clean = remove_dropped_masks(masked_sum(masked[s] for s in survivors), dropped, rebuilt, survivor_publics, context)
+    mean = {k: v / sum(examples[s] for s in survivors) for k, v in decode(clean, FRAC).items()}
+    expected = _fedavg(deltas, examples, survivors)
+    for name in mean:
+        torch.testing.assert_close(mean[name], expected[name], atol=1e-6, rtol=0)
+
+    # The relay (or a storage provider) cannot swap a mask public key or read a share.
+    forged = bytearray(board[("gcp", "aws")])
+    forged[-20] ^= 1
+    with pytest.raises(UpdateRejected, match="authentication_failed"):
+        open_setup(ring, "aws", "gcp", bytes(forged), fed, rnd)
+    with pytest.raises(UpdateRejected, match="wrong_client"):  # gcp's message to onprem replayed to aws
+        open_setup(ring, "aws", "gcp", board[("gcp", "onprem")], fed, rnd)
+    with pytest.raises(ValueError, match="threshold is 3"):
+        rebuild_mask_key({s: reveals[s] for s in survivors[:2]}, dropped, keys, threshold, fed, rnd)
