@@ -27,5 +27,7 @@ def progress_figure(
     right.set(xlabel="round", ylabel="MB uploaded", title="Encrypted update size per client")
     right.set_xticks(trained)
     if bytes_by_client:
-        right.legend()
+        tallest = max((max(v, default=0) for v in bytes_by_client.values()), default=0) / 1e6
+        right.set_ylim(0, max(tallest, 1e-9) * 1.3)  # headroom so the legend never covers a bar
+        right.legend(loc="upper center", ncol=len(bytes_by_client))
     return fig
