@@ -83,7 +83,9 @@ def test_each_masked_upload_is_indistinguishable_from_uniform():
     deltas, examples, _, _, masked = _round(seed=1)
     for client in CLIENTS:
         flat = torch.cat([v.flatten() for v in masked[client].values()])
-        assert _uniformity_p_value(flat) > 1e-3, client
+        # Mask keys are fresh each run, so p is uniform under H0: 1e-6 keeps chance failures
+        # negligible while the unmasked encoding below sits at p < 1e-12.
+        assert _uniformity_p_value(flat) > 1e-6, client
         plain = torch.cat([v.flatten() for v in encode(deltas[client], FRAC).values()])
         assert _uniformity_p_value(plain) < 1e-12  # the unmasked encoding is plainly not uniform
 
