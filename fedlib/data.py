@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -130,7 +131,7 @@ def cached_blocks(cache_dir: Path, key: str, build) -> BlockSet:
         )
     blocks: BlockSet = build()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.stem}.{uuid.uuid4().hex}.tmp")  # unique: concurrent builders must not share it
     save_file(
         {"tokens": blocks.tokens.contiguous(), "block_document": blocks.block_document.contiguous()},
         str(tmp),
