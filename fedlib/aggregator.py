@@ -6,10 +6,10 @@ client while `aggregation.min_clients` still hold.
 
 from __future__ import annotations
 
-import secrets
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -20,26 +20,31 @@ from fedlib.federation import Tensors, progress, update_url
 from fedlib.rejection import QuorumNotMet, Reason, UpdateRejected
 from fedlib.serialization import bytes_to_tensors, read_metadata
 from fedlib.storage import Options
-from fedlib.privacy.dp import DifferentialPrivacy
+from fedlib.privacy.dp import DifferentialPrivacy, noise_generator
 from fedlib.strategies import ClientUpdate, Strategy, make_strategy
 from fedlib.validation import check_update
 
+T = TypeVar("T")
 
-def open_client_update(
-    blob: bytes, key: UpdateKey, ctx: EnvelopeContext, template: Tensors
-) -> ClientUpdate:
+
+def positive_int(meta: Mapping[str, str], key: str) -> int:
+    """A count from an update's authenticated metadata."""
+    try:
+        value = int(meta[key])
+        if value <= 0:
+            raise ValueError
+    except (KeyError, ValueError):
+        raise UpdateRejected(Reason.MALFORMED, f"{key} missing or not a positive integer") from None
+    return value
+
+
+def open_client_update(blob: bytes, key: UpdateKey, ctx: EnvelopeContext, template: Tensors) -> ClientUpdate:
     """Authenticate, decrypt, parse and check one update; any failure is an `UpdateRejected`."""
     payload = open_sealed(blob, key, ctx)
     meta = read_metadata(payload)
     tensors = bytes_to_tensors(payload)
     check_update(tensors, template)
-    try:
-        examples = int(meta["num_examples"])
-        if examples <= 0:
-            raise ValueError
-    except (KeyError, ValueError):
-        raise UpdateRejected(Reason.MALFORMED, "num_examples missing or not a positive integer") from None
-    return ClientUpdate(client=ctx.client, num_examples=examples, delta=tensors)
+    return ClientUpdate(client=ctx.client, num_examples=positive_int(meta, "num_examples"), delta=tensors)
 
 
 @dataclass
@@ -64,8 +69,48 @@ def build_strategy(config: FederationConfig, round_number: int) -> Strategy:
     p = config.privacy
     if not p.enabled:
         return strategy
-    seed = secrets.randbits(63) if p.noise_seed is None else p.noise_seed * 1_000_003 + round_number
-    return DifferentialPrivacy(strategy, p.clip_norm, p.noise_multiplier, torch.Generator().manual_seed(seed))
+    return DifferentialPrivacy(strategy, p.clip_norm, p.noise_multiplier, noise_generator(p.noise_seed, round_number, "aggregator"))
+
+
+def read_updates(
+    config: FederationConfig,
+    round_number: int,
+    clients: Sequence[str],
+    failed: Mapping[str, str],
+    keys: Mapping[str, UpdateKey],
+    storage_options: Mapping[str, Options] | None,
+    report: AggregationReport,
+    opener: Callable[[bytes, UpdateKey, EnvelopeContext], T],
+) -> Iterator[T]:
+    """Download and open each expected client's object, one at a time; what fails to open is
+    recorded in `report` with its reason and skipped."""
+    for client, why in failed.items():
+        report.reject(client, Reason.CLIENT_FAILED, why)
+    for client in clients:
+        if client in failed:
+            continue
+        started = time.perf_counter()
+        try:
+            url = update_url(config, client, round_number)
+            options = (storage_options or {}).get(client)
+            blob = storage.read_limited(url, config.aggregation.max_update_bytes, options)
+            opened = opener(blob, keys[client], EnvelopeContext(config.federation.id, round_number, client))
+        except UpdateRejected as err:
+            report.reject(client, err.reason, err.detail)
+            continue
+        finally:
+            report.download_decrypt_s += time.perf_counter() - started
+        report.accepted.append(client)
+        yield opened
+
+
+def check_quorum(config: FederationConfig, round_number: int, clients: Sequence[str], report: AggregationReport, needed: int) -> None:
+    if len(report.accepted) < needed:
+        reasons = ", ".join(f"{c}: {r['reason']}" for c, r in report.rejected.items()) or "none"
+        raise QuorumNotMet(
+            f"round {round_number}: {len(report.accepted)} of {len(clients)} updates accepted, "
+            f"{needed} needed (aggregation.min_clients={config.aggregation.min_clients}; rejected: {reasons})"
+        )
 
 
 def aggregate_updates(
@@ -73,50 +118,29 @@ def aggregate_updates(
     round_number: int,
     global_adapter: Tensors,
     clients: Sequence[str],
-    failed: dict[str, str],
+    failed: Mapping[str, str],
     keys: Mapping[str, UpdateKey],
     storage_options: Mapping[str, Options] | None = None,
 ) -> tuple[Tensors, AggregationReport]:
-    """Stream each expected client's object through `open_client_update` into the strategy.
+    """Stream each expected client's update through `open_client_update` into the strategy.
 
     Rejected updates are recorded and skipped; the round fails only if fewer than
     `aggregation.min_clients` remain."""
     report = AggregationReport()
-    for client, why in failed.items():
-        report.reject(client, Reason.CLIENT_FAILED, why)
 
-    def accepted_updates() -> Iterator[ClientUpdate]:
-        for client in clients:
-            if client in failed:
-                continue
-            started = time.perf_counter()
-            try:
-                url = update_url(config, client, round_number)
-                options = (storage_options or {}).get(client)
-                blob = storage.read_limited(url, config.aggregation.max_update_bytes, options)
-                update = open_client_update(blob, keys[client], EnvelopeContext(config.federation.id, round_number, client), global_adapter)
-            except UpdateRejected as err:
-                report.reject(client, err.reason, err.detail)
-                continue
-            finally:
-                report.download_decrypt_s += time.perf_counter() - started
-            report.accepted.append(client)
-            yield update
+    def opener(blob: bytes, key: UpdateKey, ctx: EnvelopeContext) -> ClientUpdate:
+        return open_client_update(blob, key, ctx, global_adapter)
 
+    updates = read_updates(config, round_number, clients, failed, keys, storage_options, report, opener)
     started = time.perf_counter()
     strategy = build_strategy(config, round_number)
     try:
-        new_adapter = strategy.aggregate(round_number, global_adapter, accepted_updates())
+        new_adapter = strategy.aggregate(round_number, global_adapter, updates)
     except ValueError:
         if report.accepted:
             raise
         new_adapter = None  # no update survived; reported as a quorum failure below
     report.aggregate_s = time.perf_counter() - started - report.download_decrypt_s
-    if len(report.accepted) < config.aggregation.min_clients or new_adapter is None:
-        reasons = ", ".join(f"{c}: {r['reason']}" for c, r in report.rejected.items()) or "none"
-        raise QuorumNotMet(
-            f"round {round_number}: {len(report.accepted)} of {len(clients)} updates accepted, "
-            f"aggregation.min_clients={config.aggregation.min_clients} (rejected: {reasons})"
-        )
+    check_quorum(config, round_number, clients, report, config.aggregation.min_clients)
+    assert new_adapter is not None
     return new_adapter, report
-

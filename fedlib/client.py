@@ -17,6 +17,7 @@ from fedlib.envelope import EnvelopeContext, UpdateKey, seal
 from fedlib.federation import Tensors, load_global_model, progress, update_url
 from fedlib.model import adapter_state
 from fedlib.privacy.dp import clip_update_inplace, update_norm
+from fedlib.secagg.client import SecureRound, masked_update
 from fedlib.serialization import tensors_to_bytes
 from fedlib.storage import Options
 from fedlib.training import train_lora
@@ -49,9 +50,16 @@ class SealedUpdate:
 
 
 def train_and_seal(
-    config: FederationConfig, client: str, round_number: int, global_adapter: Tensors, shard: torch.Tensor, key: UpdateKey
+    config: FederationConfig,
+    client: str,
+    round_number: int,
+    global_adapter: Tensors,
+    shard: torch.Tensor,
+    key: UpdateKey,
+    secure: SecureRound | None = None,
 ) -> SealedUpdate:
-    """Train from the global adapter, then seal the delta for the aggregator.
+    """Train from the global adapter, then seal the delta (masked, with `secure`) for the
+    aggregator.
 
     The example count travels inside the authenticated payload so a storage provider cannot
     re-weight a client."""
@@ -66,7 +74,11 @@ def train_and_seal(
     if config.privacy.enabled:  # the unclipped update never leaves the client
         clip_update_inplace(delta, config.privacy.clip_norm)
     trained = time.perf_counter()
-    payload = tensors_to_bytes(delta, metadata={"num_examples": str(len(shard)), "train_loss": repr(result.mean_loss)})
+    metadata = {"num_examples": str(len(shard)), "train_loss": repr(result.mean_loss)}
+    if secure is not None:
+        delta, weight = masked_update(config, client, delta, len(shard), secure)
+        metadata["weight"] = str(weight)
+    payload = tensors_to_bytes(delta, metadata=metadata)
     blob = seal(payload, key, EnvelopeContext(config.federation.id, round_number, client))
     progress.info("client %s round %d trained: loss %.4f", client, round_number, result.mean_loss)
     report = ClientReport(

@@ -153,6 +153,20 @@ class PrivacyConfig(_Strict):
     noise_seed: int | None = None
 
 
+class SecureAggregationConfig(_Strict):
+    """Pairwise masking so that the aggregator learns only the sum of the updates. `threshold`
+    reveals are needed to remove the masks (default: a majority of the clients, at least 2);
+    `frac_bits` is the fixed-point precision (2^-frac_bits), traded against the largest entry a
+    client's update may hold: 2^(31 - frac_bits) / clients (at 24 bits and 3 clients, 42)."""
+
+    enabled: bool = False
+    threshold: int | None = Field(None, ge=2)
+    frac_bits: int = Field(24, ge=4, le=28)
+
+
+LINEAR_STRATEGIES = ("fedavg",)  # what can be computed from the sum alone
+
+
 class OrchestrationConfig(_Strict):
     """Where client training runs. `local`: tasks in the federation's own process. `deployments`:
     each cloud's `client-training/<cloud>` deployment on that cloud's work pool."""
@@ -196,6 +210,7 @@ class FederationConfig(_Strict):
     tracking: TrackingConfig = TrackingConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     clouds: tuple[CloudConfig, ...] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -208,7 +223,27 @@ class FederationConfig(_Strict):
                 f"aggregation.min_clients={self.aggregation.min_clients} exceeds the "
                 f"{len(self.clouds)} configured clouds"
             )
+        secure = self.secure_aggregation
+        if secure.enabled:
+            if len(self.clouds) < 2:
+                raise ValueError("secure_aggregation.enabled: needs at least 2 clouds (the sum of one is that one)")
+            if secure.threshold is not None and secure.threshold > len(self.clouds):
+                raise ValueError(f"secure_aggregation.threshold={secure.threshold} exceeds the {len(self.clouds)} configured clouds")
+            if self.aggregation.strategy not in LINEAR_STRATEGIES:
+                raise ValueError(
+                    f"aggregation.strategy={self.aggregation.strategy!r} needs each update, but secure aggregation "
+                    f"reveals only their sum; use one of {list(LINEAR_STRATEGIES)}"
+                )
         return self
+
+    @property
+    def secagg_threshold(self) -> int:
+        return self.secure_aggregation.threshold or max(2, len(self.clouds) // 2 + 1)
+
+    @property
+    def secagg_min_survivors(self) -> int:
+        """The fewest clients a secure round can complete with: its masks need `threshold` reveals."""
+        return max(self.aggregation.min_clients, self.secagg_threshold)
 
     @property
     def data_path(self) -> Path:

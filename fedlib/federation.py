@@ -19,6 +19,7 @@ from fedlib.envelope import UpdateKey
 from fedlib.keys import KeyRing, fingerprint, init_keys, load_keyring
 from fedlib.model import adapter_state, attach_lora, load_adapter_state, load_base_model, load_tokenizer
 from fedlib.partition import Assignment, partition
+from fedlib.secagg.protocol import Session
 from fedlib.training import evaluate_loss
 
 Tensors = dict[str, torch.Tensor]
@@ -57,6 +58,12 @@ def checkpoint_store(config: FederationConfig, ring: KeyRing | None = None) -> C
     """Manifests are signed with the aggregator's Ed25519 key and verified on every read."""
     ring = ring or keyring(config)
     return CheckpointStore(config.checkpoint_url, signer=ring.signing_private, verifier=ring.signing_public)
+
+
+def secagg_session(config: FederationConfig, round_number: int, session_id: str) -> Session:
+    """Everything but the id follows from the config, so only the id travels to the clients."""
+    names = tuple(sorted(c.name for c in config.clouds))
+    return Session(config.federation.id, round_number, session_id, names, config.secagg_threshold)
 
 
 def update_url(config: FederationConfig, client: str, round_number: int) -> str:

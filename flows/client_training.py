@@ -1,14 +1,16 @@
-"""One client's round as its own flow, so it can be deployed on its cloud's work pool.
+"""One client's step of a round as its own flow, so it can be deployed on its cloud's work pool.
 
-The federation's round flow starts it with `run_deployment`; it reads the same config file,
-trains on this client's shard and uploads the sealed update to this client's bucket. Its return
-value (metrics only, no tensors) is persisted as JSON for the round flow to read.
+The federation's round flow starts it with `run_deployment`; it reads the same config file and
+touches only this client's shard, keys and bucket. `step` is `train` (train, seal, upload), or,
+with secure aggregation, `setup` (mask-key shares for the peers, before training) and `reveal`
+(shares for the aggregator, after). Its return value (metrics and sealed messages, never
+tensors) is persisted as JSON for the round flow to read.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -16,6 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from fedlib.config import load_config
 from tasks.client import submit_client_round
 from tasks.data import partition_data
+from tasks.secagg import secagg_reveal, secagg_setup
 
 
 @flow(
@@ -25,7 +28,21 @@ from tasks.data import partition_data
     result_serializer="json",
     task_runner=ThreadPoolTaskRunner(max_workers=2),
 )
-def client_training(config_path: str, client: str, round_number: int) -> dict[str, Any]:
+def client_training(
+    config_path: str,
+    client: str,
+    round_number: int,
+    step: Literal["train", "setup", "reveal"] = "train",
+    secure: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """`secure` carries the secure-aggregation session id, this client's relayed inbox, and the
+    weight scale (`train`) or the survivors and the dropped clients (`reveal`)."""
     config = load_config(config_path)
+    secure = secure or {}
+    if step == "setup":
+        return secagg_setup(config, client, round_number, secure["session_id"])
+    if step == "reveal":
+        return {"reveal": secagg_reveal(config, client, round_number, **secure)}
     blocks = partition_data(config)[client]
-    return asdict(submit_client_round(config, client, round_number, blocks).result())
+    client_round = submit_client_round(config, client, round_number, blocks, secure or None)
+    return asdict(client_round.result())

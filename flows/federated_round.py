@@ -1,24 +1,75 @@
 """One round's DAG: partition (cached) → train on every cloud at once (as tasks here, or as each
-cloud's `client-training` deployment on its own work pool) → aggregate → evaluate → checkpoint."""
+cloud's `client-training` deployment on its own work pool) → aggregate → evaluate → checkpoint.
+With secure aggregation the clients exchange mask-key shares before training and reveal shares
+after it, so that the aggregator only ever sees the sum."""
 
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from dataclasses import asdict
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from fedlib.config import FederationConfig
+from fedlib.aggregator import AggregationReport
 from fedlib.client import ClientReport
-from fedlib.federation import checkpoint_store, progress
+from fedlib.config import FederationConfig
+from fedlib.federation import Tensors, checkpoint_store, progress
 from fedlib.privacy.accountant import privacy_spent
+from fedlib.rejection import QuorumNotMet
+from fedlib.secagg.protocol import relay_setups
+from flows.client_steps import ClientSteps
 from tasks.aggregate import aggregate_round, commit_round, evaluate_global
-from tasks.client import submit_client_round
 from tasks.data import partition_data
-from tasks.dispatch import dispatch_client
+from tasks.secagg import sum_masked_round, unmask_round
+
+
+def secure_round(
+    steps: ClientSteps, clients: list[str]
+) -> tuple[Tensors, AggregationReport, dict[str, ClientReport], dict[str, Any]]:
+    """setup → train and mask → masked sum → reveal → unmask. A client that fails its setup is
+    left out of everyone's masks; one that fails after it is unmasked from the survivors' reveals."""
+    config, round_number = steps.config, steps.round_number
+    session_id = secrets.token_hex(8)
+    started = time.perf_counter()
+    setups, failed = steps.run("setup", clients, lambda _: {"session_id": session_id})
+    if len(setups) < config.secagg_min_survivors:
+        raise QuorumNotMet(f"round {round_number}: {len(setups)} clients completed the secure-aggregation setup, "
+                           f"{config.secagg_min_survivors} needed ({failed})")
+    inboxes = relay_setups(setups)
+    # Every participant's weight over their sum: the unmasked sum is the mean if nobody drops.
+    scale = float(len(setups) if config.privacy.enabled else sum(len(steps.assignment[c]) for c in setups))
+    setup_s = time.perf_counter() - started
+    reports, train_failed = steps.run(
+        "train", sorted(setups), lambda c: {"session_id": session_id, "inbox": inboxes[c], "weight_scale": scale}
+    )
+    trained = time.perf_counter()
+    masked, report = sum_masked_round(config, round_number, clients, {**failed, **train_failed}, scale)
+    survivors = list(report.accepted)
+    dropped = [c for c in sorted(setups) if c not in survivors]
+    reveal_started = time.perf_counter()
+    reveals, reveal_failed = steps.run(
+        "reveal", survivors, lambda c: {"session_id": session_id, "inbox": inboxes[c], "survivors": survivors, "dropped": dropped}
+    )
+    publics = {c: s["mask_public"] for c, s in setups.items()}
+    adapter = unmask_round(config, round_number, session_id, masked, publics, survivors, dropped, reveals)
+    info = {
+        "session": session_id,
+        "threshold": config.secagg_threshold,
+        "setup_failed": sorted(failed),
+        "dropped_after_setup": dropped,
+        "revealed_by": sorted(reveals),
+        "reveal_failed": reveal_failed,
+        "timings": {
+            "secagg_setup_s": setup_s,
+            "clients_wall_s": trained - started - setup_s,
+            "secagg_reveal_unmask_s": time.perf_counter() - reveal_started,
+        },
+    }
+    return adapter, report, reports, info
 
 
 @flow(name="federated-round", flow_run_name="round-{round_number}", task_runner=ThreadPoolTaskRunner(max_workers=8))
@@ -31,28 +82,20 @@ def federated_round(
 ) -> dict[str, Any]:
     """Returns the committed manifest. A client that fails after its retries is left out (and
     recorded); the round fails only if fewer than `aggregation.min_clients` updates survive."""
-    logger = get_run_logger()
     started = time.perf_counter()
     progress.info("round %d started", round_number)
     assignment = partition_data(config)  # cached: computed once per lineage, read back after
     partitioned = time.perf_counter()
-    if config.orchestration.dispatch == "deployments":
-        if config_path is None:
-            raise ValueError("orchestration.dispatch=deployments needs the config file's path for the client runs")
-        futures = {c.name: dispatch_client.submit(config, config_path, c.name, round_number) for c in config.clouds}
+    steps = ClientSteps(config, config_path, round_number, assignment)
+    clients = [c.name for c in config.clouds]
+    secure: dict[str, Any] = {}
+    if config.secure_aggregation.enabled:
+        adapter, report, reports, secure = secure_round(steps, clients)
+        client_timings = secure.pop("timings")
     else:
-        futures = {c.name: submit_client_round(config, c.name, round_number, assignment[c.name]) for c in config.clouds}
-    reports: dict[str, ClientReport] = {}
-    failed: dict[str, str] = {}
-    for client, future in futures.items():
-        try:
-            reports[client] = future.result()
-        except Exception as err:  # noqa: BLE001 - a client's failure is data for the round, not a crash
-            failed[client] = f"{type(err).__name__}: {err}"
-            logger.warning("round %d: client %s failed: %s", round_number, client, failed[client])
-    trained = time.perf_counter()
-
-    adapter, report = aggregate_round(config, round_number, list(futures), failed)
+        reports, failed = steps.run("train", clients)
+        client_timings = {"clients_wall_s": time.perf_counter() - partitioned}
+        adapter, report = aggregate_round(config, round_number, clients, failed)
     eval_started = time.perf_counter()
     eval_loss = evaluate_global(config, round_number, adapter)
     evaluated = time.perf_counter()
@@ -68,11 +111,12 @@ def federated_round(
         "eval_loss": eval_loss,
         "perplexity": math.exp(eval_loss),
         **privacy_spent(config.privacy, round_number),
+        **({"secure_aggregation": secure} if secure else {}),
         "timings": {
             "partition_s": partitioned - started,
             "train_s": max((r.train_s for r in reports.values()), default=0.0),
             "encrypt_upload_s": max((r.encrypt_upload_s for r in reports.values()), default=0.0),
-            "clients_wall_s": trained - partitioned,
+            **client_timings,
             "download_decrypt_s": report.download_decrypt_s,
             "aggregate_s": report.aggregate_s,
             "evaluate_s": evaluated - eval_started,

@@ -7,6 +7,7 @@ not the training.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -15,16 +16,29 @@ from prefect.tasks import exponential_backoff
 
 from fedlib.config import FederationConfig
 from fedlib.client import ClientReport, SealedUpdate, train_and_seal, upload_sealed
-from fedlib.federation import checkpoint_store, client_update_key, keyring, load_data
+from fedlib.federation import checkpoint_store, client_update_key, keyring, load_data, secagg_session
+from fedlib.secagg.client import SecureRound
 from tasks.storage import storage_options
 
 
 @task(name="train-client", task_run_name="train-{client}-round-{round_number}", cache_policy=NO_CACHE)
-def train_client(config: FederationConfig, client: str, round_number: int, blocks: list[int]) -> SealedUpdate:
+def train_client(
+    config: FederationConfig,
+    client: str,
+    round_number: int,
+    blocks: list[int],
+    secure: dict[str, Any] | None = None,
+) -> SealedUpdate:
+    """With `secure` (the secure-aggregation session id, the peers' relayed setup messages in
+    `inbox`, and the `weight_scale`), the update is masked."""
     ring = keyring(config)
     global_adapter = checkpoint_store(config, ring).adapter(round_number - 1)  # signature checked
     shard = load_data(config).train.select(blocks)
-    return train_and_seal(config, client, round_number, global_adapter, shard, client_update_key(ring, client))
+    masking = None
+    if secure:
+        session = secagg_session(config, round_number, secure["session_id"])
+        masking = SecureRound(ring, session, secure["inbox"], float(secure["weight_scale"]))
+    return train_and_seal(config, client, round_number, global_adapter, shard, client_update_key(ring, client), masking)
 
 
 @task(
@@ -52,8 +66,14 @@ class ClientRound:
         return self.uploaded.result()
 
 
-def submit_client_round(config: FederationConfig, client: str, round_number: int, blocks: list[int]) -> ClientRound:
+def submit_client_round(
+    config: FederationConfig,
+    client: str,
+    round_number: int,
+    blocks: list[int],
+    secure: dict[str, Any] | None = None,
+) -> ClientRound:
     """train → upload, as two tasks that run concurrently with other clients'."""
-    trained = train_client.submit(config, client, round_number, blocks)
+    trained = train_client.submit(config, client, round_number, blocks, secure)
     upload = upload_update.with_options(retries=config.orchestration.upload_retries)
     return ClientRound(trained, upload.submit(config, trained))

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fedlib.checkpoint import CheckpointStore
 from fedlib.config import load_config
@@ -164,7 +165,11 @@ def test_each_client_runs_on_its_own_pool_and_schedules_continue(prefect_server,
     ]
     assert all(r.state.is_completed() for r in runs)
 
-    # A second run of the (scheduled) deployment continues the lineage from the first's adapter.
+    # A second run of the (scheduled) deployment continues the lineage from the first's adapter,
+    # now with secure aggregation: each client's setup, training and reveal run on its own pool.
+    raw = yaml.safe_load(deployed_config.read_text())
+    raw["secure_aggregation"] = {"enabled": True}
+    deployed_config.write_text(yaml.safe_dump(raw))
     _run_federation(prefect_server, deployed_config)
     config = load_config(deployed_config)
     store = CheckpointStore(config.checkpoint_url)
@@ -172,10 +177,15 @@ def test_each_client_runs_on_its_own_pool_and_schedules_continue(prefect_server,
     first_final, second = store.manifest(1), store.manifest(2)
     assert second["parent_adapter_sha256"] == first_final["adapter_sha256"]
     assert second["accepted"] == ["aws", "gcp", "azure"]
+    assert second["secure_aggregation"]["revealed_by"] == ["aws", "azure", "gcp"]
     assert {store.manifest(r)["mlflow_run_id"] for r in range(3)} == {first_final["mlflow_run_id"]}
-    assert sorted(r.name for r in _client_runs(prefect_server, first) if r.name.endswith("round-2")) == [
-        "aws-round-2", "azure-round-2", "gcp-round-2",
-    ]
+    second_runs = [r for r in _client_runs(prefect_server, first) if "round-2" in r.name]
+    assert sorted((r.name, r.work_pool_name) for r in second_runs) == sorted(
+        (f"{cloud}-round-2{step}", f"{cloud}-pool")
+        for cloud in ("aws", "gcp", "azure")
+        for step in ("", "-secagg-setup", "-secagg-reveal")
+    )
+    assert all(r.state.is_completed() for r in second_runs)
 
 
 def test_federation_deployment_carries_a_schedule(prefect_server):

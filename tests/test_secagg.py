@@ -109,52 +109,72 @@ def test_sum_is_recovered_when_a_client_drops_after_masking():
 
 
 def test_protocol_messages_end_to_end_with_a_dropout(tmp_path):
-    """Setup messages sealed per client pair, masking with authenticated peer keys, a client that
-    drops after masking, survivors' reveals sealed for the aggregator, the FedAvg of survivors."""
-    from fedlib.envelope import EnvelopeContext
+    """Setup messages sealed per client pair, double masking with authenticated peer keys, a
+    client that drops after masking, survivors' reveals sealed for the aggregator, and the
+    unmasked sum equal to the survivors' FedAvg."""
     from fedlib.federation import aggregator_update_key, client_update_key
     from fedlib.keys import init_keys, load_keyring
-    from fedlib.rejection import UpdateRejected
-    from fedlib.secagg.protocol import make_reveal, make_setup, open_setup, rebuild_mask_key
+    from fedlib.secagg.protocol import Session, make_reveal, make_setup, mask_update, open_inbox, relay_setups, unmask_sum
 
     init_keys(tmp_path, CLIENTS)
     ring = load_keyring(tmp_path, CLIENTS)
-    fed, rnd, threshold = "fed", 3, 3
-    context = f"{fed}/round-{rnd}".encode()
-    setups = {c: make_setup(ring, c, CLIENTS, threshold, fed, rnd) for c in CLIENTS}
-    board = {(sender, recipient): blob for sender, s in setups.items() for recipient, blob in s.messages.items()}
-    assert len(board) == len(CLIENTS) * (len(CLIENTS) - 1)
+    session = Session("fed", 3, "a1b2", tuple(sorted(CLIENTS)), threshold=3)
+    setups = {c: make_setup(ring, c, session) for c in CLIENTS}
+    assert make_setup(ring, "aws", session)["mask_public"] == setups["aws"]["mask_public"]  # derived, not stored
+    other = Session("fed", 3, "ffff", session.clients, 3)
+    assert make_setup(ring, "aws", other)["mask_public"] != setups["aws"]["mask_public"]  # fresh per session
+    inboxes = relay_setups(setups)
+    peers = {me: open_inbox(ring, me, session, inboxes[me]) for me in CLIENTS}
 
-    received = {
-        me: {sender: open_setup(ring, me, sender, board[(sender, me)], fed, rnd) for sender in CLIENTS if sender != me}
-        for me in CLIENTS
-    }
     deltas, examples, _, _, _ = _round(seed=4)
     masked = {}
     for me in CLIENTS:
-        publics = {sender: public for sender, (public, _) in received[me].items()}
         weighted = encode({k: v * examples[me] for k, v in deltas[me].items()}, FRAC)
-        masked[me] = apply_masks(weighted, me, setups[me].mask_private, publics, context)
+        masked[me] = mask_update(ring, me, session, peers[me], weighted)
+    # The self mask alone hides a lone update even from someone holding all pairwise seeds.
+    assert _uniformity_p_value(torch.cat([v.flatten() for v in masked["aws"].values()])) > 1e-6
 
-    dropped, survivors = "azure", [c for c in CLIENTS if c != "azure"]
+    dropped, survivors = ["azure"], [c for c in CLIENTS if c != "azure"]
     reveals = {
-        s: make_reveal(ring, s, dropped, received[s][dropped][1], fed, rnd, client_update_key(ring, s)) for s in survivors
+        s: make_reveal(ring, s, session, peers[s], survivors, dropped, client_update_key(ring, s)) for s in survivors
     }
     keys = {s: aggregator_update_key(ring, s) for s in survivors}
-    rebuilt = rebuild_mask_key(reveals, dropped, keys, threshold, fed, rnd)
-    survivor_publics = {s: setups[s].mask_private.public_key() for s in survivors}
-    clean = remove_dropped_masks(masked_sum(masked[s] for s in survivors), dropped, rebuilt, survivor_publics, context)
+    publics = {c: s["mask_public"] for c, s in setups.items()}
+    total = masked_sum(masked[s] for s in survivors)
+    clean = unmask_sum(total, session, publics, survivors, dropped, reveals, keys)
     mean = {k: v / sum(examples[s] for s in survivors) for k, v in decode(clean, FRAC).items()}
     expected = _fedavg(deltas, examples, survivors)
     for name in mean:
         torch.testing.assert_close(mean[name], expected[name], atol=1e-6, rtol=0)
 
-    # The relay (or a storage provider) cannot swap a mask public key or read a share.
-    forged = bytearray(board[("gcp", "aws")])
-    forged[-20] ^= 1
-    with pytest.raises(UpdateRejected, match="authentication_failed"):
-        open_setup(ring, "aws", "gcp", bytes(forged), fed, rnd)
-    with pytest.raises(UpdateRejected, match="wrong_client"):  # gcp's message to onprem replayed to aws
-        open_setup(ring, "aws", "gcp", board[("gcp", "onprem")], fed, rnd)
-    with pytest.raises(ValueError, match="threshold is 3"):
-        rebuild_mask_key({s: reveals[s] for s in survivors[:2]}, dropped, keys, threshold, fed, rnd)
+    # Any `threshold` reveals suffice; fewer cannot remove the masks.
+    three = dict(list(reveals.items())[:3])
+    torch.testing.assert_close(unmask_sum(total, session, publics, survivors, dropped, three, keys)["a"], clean["a"])
+    from fedlib.secagg.protocol import SecureAggregationFailed
+
+    with pytest.raises(SecureAggregationFailed, match="threshold is 3"):
+        unmask_sum(total, session, publics, survivors, dropped, dict(list(reveals.items())[:2]), keys)
+
+
+def test_a_client_never_reveals_both_secrets_of_one_peer(tmp_path):
+    from fedlib.federation import client_update_key
+    from fedlib.keys import init_keys, load_keyring
+    from fedlib.rejection import UpdateRejected
+    from fedlib.secagg.protocol import Session, make_reveal, make_setup, open_inbox, relay_setups
+
+    init_keys(tmp_path, CLIENTS)
+    ring = load_keyring(tmp_path, CLIENTS)
+    session = Session("fed", 1, "00", tuple(sorted(CLIENTS)), threshold=2)
+    inboxes = relay_setups({c: make_setup(ring, c, session) for c in CLIENTS})
+    peers = open_inbox(ring, "aws", session, inboxes["aws"])
+    key = client_update_key(ring, "aws")
+    with pytest.raises(ValueError, match="both surviving and dropped"):
+        make_reveal(ring, "aws", session, peers, ["aws", "gcp"], ["gcp"], key)
+    with pytest.raises(ValueError, match="not among the survivors"):
+        make_reveal(ring, "aws", session, peers, ["gcp"], ["azure"], key)
+    # A relayed message swapped to another recipient, or from another session, does not open.
+    swapped = {**inboxes["aws"], "gcp": inboxes["azure"]["gcp"]}
+    with pytest.raises(UpdateRejected):
+        open_inbox(ring, "aws", session, swapped)
+    with pytest.raises(UpdateRejected):
+        open_inbox(ring, "aws", Session("fed", 1, "01", session.clients, 2), inboxes["aws"])

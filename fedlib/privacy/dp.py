@@ -10,7 +10,9 @@ data move the mean by more than C/n.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import secrets
 from collections.abc import Iterable
 
 import torch
@@ -31,6 +33,24 @@ def clip_update_inplace(delta: Tensors, clip_norm: float) -> float:
         for tensor in delta.values():
             tensor.mul_(scale)
     return norm
+
+
+def noise_generator(noise_seed: int | None, round_number: int, party: str) -> torch.Generator:
+    """OS randomness, unless `privacy.noise_seed` pins it (tests only: noise that anyone can
+    regenerate can be subtracted again)."""
+    if noise_seed is None:
+        return torch.Generator().manual_seed(secrets.randbits(63))
+    digest = hashlib.sha256(f"{noise_seed}/{round_number}/{party}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def add_noise_share_inplace(delta: Tensors, std: float, shares: int, generator: torch.Generator) -> None:
+    """With secure aggregation nobody sees an update to add noise to, so each client adds
+    N(0, std²/shares): any `shares` clients' noise sums to N(0, std²). `shares` is the fewest
+    survivors a round may complete with, so the configured noise holds whoever drops."""
+    scale = std / math.sqrt(shares)
+    for tensor in delta.values():
+        tensor.add_(torch.randn(tensor.shape, generator=generator, dtype=torch.float64).to(tensor.dtype) * scale)
 
 
 class DifferentialPrivacy:

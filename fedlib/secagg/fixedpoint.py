@@ -10,14 +10,19 @@ _HALF = 1 << 31
 Tensors = dict[str, torch.Tensor]
 
 
-def encode(tensors: Tensors, frac_bits: int) -> Tensors:
-    """round(x·2^frac_bits) mod 2^32, as int64. Values whose sum could wrap are refused: the
-    caller bounds them (clipping, or pre-weighting with known totals)."""
+def encode(tensors: Tensors, frac_bits: int, parties: int = 1) -> Tensors:
+    """round(x·2^frac_bits) mod 2^32, as int64. A value is refused unless the sum of `parties`
+    values that large still fits, because the aggregator cannot see a wrapped sum."""
+    limit = _HALF // parties
     out = {}
     for name, value in tensors.items():
         scaled = torch.round(value.to(torch.float64) * (1 << frac_bits))
-        if scaled.abs().max() >= _HALF:
-            raise OverflowError(f"{name}: |value| ≥ 2^{31 - frac_bits} does not fit {frac_bits} fractional bits")
+        if scaled.numel() and scaled.abs().max() >= limit:
+            bound = limit / (1 << frac_bits)
+            raise OverflowError(
+                f"{name}: |value| {float(value.abs().max()):.4g} ≥ {bound:.4g}, the most that {parties} parties can "
+                f"sum with {frac_bits} fractional bits (lower secure_aggregation.frac_bits)"
+            )
         out[name] = torch.remainder(scaled.to(torch.int64), MODULUS)
     return out
 
@@ -29,3 +34,11 @@ def decode(tensors: Tensors, frac_bits: int) -> Tensors:
         for name, value in tensors.items()
     }
 
+
+def to_wire(residues: Tensors) -> Tensors:
+    """Residues as int32 (the same 32 bits), so a masked update is no bigger than an fp32 one."""
+    return {name: torch.where(value >= _HALF, value - MODULUS, value).to(torch.int32) for name, value in residues.items()}
+
+
+def from_wire(tensors: Tensors) -> Tensors:
+    return {name: torch.remainder(value.to(torch.int64), MODULUS) for name, value in tensors.items()}

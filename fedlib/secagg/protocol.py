@@ -1,12 +1,18 @@
-"""The messages of one secure-aggregation round, relayed by the aggregator.
+"""The messages of one secure-aggregation round (Bonawitz et al., CCS 2017, with double masking),
+relayed by the aggregator, which can open none of the clients' messages to each other.
 
-1. setup: every client draws a fresh X25519 mask key for the round and sends each peer, sealed
-   with their pairwise key, its mask public key and that peer's Shamir share of its mask private
-   key. The aggregator relays the messages but can open none of them.
-2. masking: each client derives a pairwise seed with every peer's mask public key (taken from
-   the authenticated setup messages it received) and masks its encoded update.
-3. reveal: for a client that dropped after masking, each survivor opens its share of that
-   client's mask key and seals it for the aggregator; `threshold` of them rebuild the key.
+1. setup: each client derives this round's secrets from its long-term X25519 key and the
+   aggregator's fresh session id: a mask key pair, a self-mask seed, and keys for its Shamir
+   polynomials. It publishes the mask public key and sends each peer, sealed with their pairwise
+   key, that public key and the peer's shares of both secrets.
+2. masking: y = encode(x) + PRG(self seed) + Σ_peers ±PRG(pairwise seed), all mod 2^32.
+3. reveal: once the aggregator says who survived, each survivor hands it, sealed, the shares of
+   every survivor's self seed and of every dropped client's mask key, and never both for one
+   client. `threshold` reveals let the aggregator take every mask out of the sum.
+
+The secrets are derived rather than stored so that the three steps can run as separate
+processes (a client's deployment on its own pool) without keeping state between them; a new
+session per attempt of a round keeps a re-run round from reusing a mask.
 """
 
 from __future__ import annotations
@@ -15,19 +21,70 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed, seal
 from fedlib.keys import KeyRing, fingerprint
 from fedlib.rejection import Reason, UpdateRejected
+from fedlib.secagg.fixedpoint import MODULUS, Tensors
+from fedlib.secagg.masking import apply_masks, mask_stream, remove_dropped_masks
 from fedlib.secagg.shamir import Share, combine_shares, split_secret
 
 
+class SecureAggregationFailed(RuntimeError):
+    """Too few reveals to take the masks out of the sum (or reveals that do not agree)."""
+
+
 @dataclass(frozen=True)
-class MaskSetup:
-    mask_private: X25519PrivateKey  # stays with the client for the round
-    messages: dict[str, bytes]  # recipient -> sealed (mask public key, recipient's share)
+class Session:
+    """One attempt of one round: every party must agree on all of it."""
+
+    federation: str
+    round: int
+    id: str  # fresh random hex per attempt, chosen by the aggregator
+    clients: tuple[str, ...]  # every configured client, sorted: share x = position + 1
+    threshold: int
+
+    def __post_init__(self) -> None:
+        if list(self.clients) != sorted(set(self.clients)):
+            raise ValueError("session clients must be sorted and distinct")
+        if not 2 <= self.threshold <= len(self.clients):
+            raise ValueError(f"threshold {self.threshold} must be between 2 and {len(self.clients)} clients")
+
+    @property
+    def mask_context(self) -> bytes:
+        return f"{self.federation}/round-{self.round}/{self.id}".encode()
+
+    def envelope(self, step: str, sender: str, recipient: str = "aggregator") -> EnvelopeContext:
+        return EnvelopeContext(f"{self.federation}/secagg-{step}/{self.id}", self.round, f"{sender}>{recipient}")
+
+    def index(self, client: str) -> int:
+        return self.clients.index(client)
+
+
+@dataclass(frozen=True)
+class RoundSecrets:
+    mask_private: X25519PrivateKey
+    self_seed: bytes
+    mask_coefficients: bytes
+    self_coefficients: bytes
+
+    def mask_shares(self, session: Session) -> list[Share]:
+        return split_secret(_raw(self.mask_private), len(session.clients), session.threshold, self.mask_coefficients)
+
+    def self_shares(self, session: Session) -> list[Share]:
+        return split_secret(self.self_seed, len(session.clients), session.threshold, self.self_coefficients)
+
+
+@dataclass(frozen=True)
+class PeerSetup:
+    """What a client learned from one peer's setup message."""
+
+    mask_public: X25519PublicKey
+    mask_share: Share  # my share of the peer's mask key
+    self_share: Share  # my share of the peer's self-mask seed
 
 
 def _raw(key: X25519PrivateKey | X25519PublicKey) -> bytes:
@@ -36,59 +93,156 @@ def _raw(key: X25519PrivateKey | X25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
+def round_secrets(ring: KeyRing, me: str, session: Session) -> RoundSecrets:
+    """HKDF of the client's long-term private key: unpredictable to anyone else, and the same
+    in every step of the session."""
+    try:
+        long_term = _raw(ring.client_private[me])
+    except KeyError:
+        raise KeyError(f"no private key for client {me!r} in this key ring") from None
+    info = b"fedlib/secagg/round/v1/" + session.mask_context
+    material = HKDF(hashes.SHA256(), 128, salt=None, info=info).derive(long_term)
+    return RoundSecrets(
+        X25519PrivateKey.from_private_bytes(material[:32]), material[32:64], material[64:96], material[96:128]
+    )
+
+
 def _pair_key(ring: KeyRing, me: str, peer: str, sender: str) -> UpdateKey:
     return UpdateKey(ring.peer_shared_secret(me, peer), fingerprint(ring.public_key(sender)))
 
 
-def _setup_context(federation: str, round_number: int, sender: str, recipient: str) -> EnvelopeContext:
-    return EnvelopeContext(f"{federation}/secagg-setup", round_number, f"{sender}>{recipient}")
+def _share_json(share: Share) -> list:
+    return [share[0], format(share[1], "x")]
 
 
-def _reveal_context(federation: str, round_number: int, survivor: str, dropped: str) -> EnvelopeContext:
-    return EnvelopeContext(f"{federation}/secagg-reveal", round_number, f"{survivor}>{dropped}")
+def _share(value: object) -> Share:
+    x, y = value  # type: ignore[misc]
+    return int(x), int(y, 16)
 
 
-def make_setup(ring: KeyRing, me: str, clients: Iterable[str], threshold: int, federation: str, round_number: int) -> MaskSetup:
-    """Share indices follow the sorted client list (x = position + 1), so every party agrees on them."""
-    everyone = sorted(clients)
-    mask_private = X25519PrivateKey.generate()
-    shares = dict(zip(everyone, split_secret(_raw(mask_private), len(everyone), threshold)))
-    public = _raw(mask_private.public_key()).hex()
-    messages = {}
-    for peer in everyone:
+def make_setup(ring: KeyRing, me: str, session: Session) -> dict:
+    """{"mask_public": hex, "sealed": {peer: hex}}: JSON, so it can be a flow run's result."""
+    secrets = round_secrets(ring, me, session)
+    mask_shares, self_shares = secrets.mask_shares(session), secrets.self_shares(session)
+    public = _raw(secrets.mask_private.public_key()).hex()
+    sealed = {}
+    for peer in session.clients:
         if peer == me:
             continue
-        x, y = shares[peer]
-        body = json.dumps({"mask_public": public, "x": x, "y": format(y, "x")}).encode()
-        messages[peer] = bytes(seal(body, _pair_key(ring, me, peer, me), _setup_context(federation, round_number, me, peer)))
-    return MaskSetup(mask_private, messages)
+        i = session.index(peer)
+        body = json.dumps({"mask_public": public, "mask_share": _share_json(mask_shares[i]), "self_share": _share_json(self_shares[i])})
+        sealed[peer] = bytes(seal(body.encode(), _pair_key(ring, me, peer, me), session.envelope("setup", me, peer))).hex()
+    return {"mask_public": public, "sealed": sealed}
 
 
-def open_setup(ring: KeyRing, me: str, sender: str, blob: bytes, federation: str, round_number: int) -> tuple[X25519PublicKey, Share]:
-    """The sender's mask public key and my share of its mask key; forged or swapped messages fail."""
-    body = open_sealed(blob, _pair_key(ring, me, sender, sender), _setup_context(federation, round_number, sender, me))
-    try:
-        data = json.loads(body)
-        return X25519PublicKey.from_public_bytes(bytes.fromhex(data["mask_public"])), (int(data["x"]), int(data["y"], 16))
-    except (ValueError, KeyError, TypeError) as err:
-        raise UpdateRejected(Reason.MALFORMED, f"setup message from {sender}: {err}", sender) from None
+def relay_setups(setups: Mapping[str, dict]) -> dict[str, dict[str, str]]:
+    """The aggregator's relay: each client's inbox, {sender: sealed message for that client}."""
+    return {me: {sender: s["sealed"][me] for sender, s in setups.items() if sender != me} for me in setups}
 
 
-def make_reveal(ring: KeyRing, survivor: str, dropped: str, share: Share, federation: str, round_number: int, aggregator_key: UpdateKey) -> bytes:
-    """A survivor hands the aggregator its share of a dropped client's mask key (and nothing of
-    a live client's: revealing both a mask key and that client's masked input would unmask it)."""
-    body = json.dumps({"x": share[0], "y": format(share[1], "x")}).encode()
-    return bytes(seal(body, aggregator_key, _reveal_context(federation, round_number, survivor, dropped)))
+def open_inbox(ring: KeyRing, me: str, session: Session, inbox: Mapping[str, str]) -> dict[str, PeerSetup]:
+    """Every peer's message must open, or this client refuses to mask: masking against a set of
+    peers the aggregator did not announce would leave masks nobody can remove."""
+    peers = {}
+    for sender, blob in sorted(inbox.items()):
+        if sender == me or sender not in session.clients:
+            raise UpdateRejected(Reason.WRONG_CLIENT, f"setup message from {sender!r}, not a peer in this session", sender)
+        try:
+            body = open_sealed(bytes.fromhex(blob), _pair_key(ring, me, sender, sender), session.envelope("setup", sender, me))
+        except ValueError:
+            raise UpdateRejected(Reason.MALFORMED, f"setup message from {sender} is not hex", sender) from None
+        try:
+            data = json.loads(body)
+            peers[sender] = PeerSetup(
+                X25519PublicKey.from_public_bytes(bytes.fromhex(data["mask_public"])),
+                _share(data["mask_share"]),
+                _share(data["self_share"]),
+            )
+        except (ValueError, KeyError, TypeError) as err:
+            raise UpdateRejected(Reason.MALFORMED, f"setup message from {sender}: {err}", sender) from None
+    if len(peers) + 1 < session.threshold:
+        raise SecureAggregationFailed(f"{len(peers) + 1} clients in the session, below the threshold {session.threshold}")
+    return peers
 
 
-def rebuild_mask_key(
-    reveals: Mapping[str, bytes], dropped: str, keys: Mapping[str, UpdateKey], threshold: int, federation: str, round_number: int
-) -> X25519PrivateKey:
-    """The aggregator opens each survivor's reveal and interpolates the dropped client's mask key."""
-    shares = []
-    for survivor, blob in sorted(reveals.items()):
-        body = json.loads(open_sealed(blob, keys[survivor], _reveal_context(federation, round_number, survivor, dropped)))
-        shares.append((int(body["x"]), int(body["y"], 16)))
+def mask_update(ring: KeyRing, me: str, session: Session, peers: Mapping[str, PeerSetup], encoded: Tensors) -> Tensors:
+    """encoded + PRG(self seed) + Σ_peers ±PRG(pairwise seed), mod 2^32."""
+    secrets = round_secrets(ring, me, session)
+    publics = {peer: setup.mask_public for peer, setup in peers.items()}
+    masked = apply_masks(encoded, me, secrets.mask_private, publics, session.mask_context)
+    self_mask = mask_stream(secrets.self_seed, encoded)
+    return {name: (value + self_mask[name]) % MODULUS for name, value in masked.items()}
+
+
+def make_reveal(
+    ring: KeyRing,
+    me: str,
+    session: Session,
+    peers: Mapping[str, PeerSetup],
+    survivors: Iterable[str],
+    dropped: Iterable[str],
+    key: UpdateKey,
+) -> str:
+    """My shares of the survivors' self seeds and the dropped clients' mask keys, sealed for
+    the aggregator. Revealing both of one client would unmask its input, so overlapping sets
+    are refused, as is a survivor list that leaves me out."""
+    survivors, dropped = sorted(set(survivors)), sorted(set(dropped))
+    if set(survivors) & set(dropped):
+        raise ValueError(f"clients both surviving and dropped: {sorted(set(survivors) & set(dropped))}")
+    if me not in survivors:
+        raise ValueError(f"{me} is asked to reveal but is not among the survivors")
+    unknown = (set(survivors) | set(dropped)) - set(peers) - {me}
+    if unknown:
+        raise ValueError(f"not peers of {me} in this session: {sorted(unknown)}")
+    own = round_secrets(ring, me, session).self_shares(session)[session.index(me)]
+    self_shares = {s: _share_json(own if s == me else peers[s].self_share) for s in survivors}
+    mask_shares = {d: _share_json(peers[d].mask_share) for d in dropped}
+    body = json.dumps({"survivors": survivors, "dropped": dropped, "self_shares": self_shares, "mask_shares": mask_shares})
+    return bytes(seal(body.encode(), key, session.envelope("reveal", me))).hex()
+
+
+def _rebuild(shares: list[Share], threshold: int, what: str) -> bytes:
     if len(shares) < threshold:
-        raise ValueError(f"{dropped}: {len(shares)} reveals, threshold is {threshold}")
-    return X25519PrivateKey.from_private_bytes(combine_shares(shares[:threshold]))
+        raise SecureAggregationFailed(f"{what}: {len(shares)} shares revealed, threshold is {threshold}")
+    return combine_shares(shares[:threshold])
+
+
+def unmask_sum(
+    masked_sum: Tensors,
+    session: Session,
+    mask_publics: Mapping[str, str],
+    survivors: Iterable[str],
+    dropped: Iterable[str],
+    reveals: Mapping[str, str],
+    keys: Mapping[str, UpdateKey],
+) -> Tensors:
+    """Σ_survivors encode(x) mod 2^32: the survivors' self masks and the masks the survivors
+    added towards dropped clients, taken out. A reveal that fails to open, or that was made for
+    other survivor/dropped sets, is not counted."""
+    survivors, dropped = sorted(set(survivors)), sorted(set(dropped))
+    self_shares: dict[str, list[Share]] = {s: [] for s in survivors}
+    mask_shares: dict[str, list[Share]] = {d: [] for d in dropped}
+    for revealer, blob in sorted(reveals.items()):
+        try:
+            body = json.loads(open_sealed(bytes.fromhex(blob), keys[revealer], session.envelope("reveal", revealer)))
+        except (UpdateRejected, ValueError, KeyError):
+            continue
+        if body.get("survivors") != survivors or body.get("dropped") != dropped:
+            continue
+        for s in survivors:
+            self_shares[s].append(_share(body["self_shares"][s]))
+        for d in dropped:
+            mask_shares[d].append(_share(body["mask_shares"][d]))
+
+    total = {name: value.clone() for name, value in masked_sum.items()}
+    for s in survivors:
+        seed = _rebuild(self_shares[s], session.threshold, f"self-mask seed of {s}")
+        self_mask = mask_stream(seed, total)
+        total = {name: (value - self_mask[name]) % MODULUS for name, value in total.items()}
+    survivor_publics = {s: X25519PublicKey.from_public_bytes(bytes.fromhex(mask_publics[s])) for s in survivors}
+    for d in dropped:
+        key = X25519PrivateKey.from_private_bytes(_rebuild(mask_shares[d], session.threshold, f"mask key of {d}"))
+        if _raw(key.public_key()).hex() != mask_publics[d]:
+            raise SecureAggregationFailed(f"the rebuilt mask key of {d} does not match its published public key")
+        total = remove_dropped_masks(total, d, key, survivor_publics, session.mask_context)
+    return total

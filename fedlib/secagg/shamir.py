@@ -1,25 +1,42 @@
 """Shamir t-of-n secret sharing over the prime field GF(2^521 − 1).
 
-Used to share a client's 32-byte per-round mask key: any `threshold` shares rebuild it, fewer
-reveal nothing about it. Coefficients come from `secrets`, never from a seeded generator.
+Used to share a client's 32-byte per-round secrets: any `threshold` shares rebuild one, fewer
+reveal nothing about it. Coefficients come from `secrets`, or from a keyed PRF when the dealer
+must be able to recompute its own share later (the key is secret too, so the polynomial stays
+unpredictable to everyone else); never from a seeded generator.
 """
 
 from __future__ import annotations
 
 import secrets
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 PRIME = (1 << 521) - 1  # a Mersenne prime, comfortably above any 32-byte secret
+_COEFFICIENT_BYTES = 80  # 640 bits reduced mod a 521-bit prime: bias below 2^-119
 
 Share = tuple[int, int]  # (x, f(x)), x in 1..n
 
 
-def split_secret(secret: bytes, n: int, threshold: int) -> list[Share]:
+def _coefficients(threshold: int, key: bytes | None) -> list[int]:
+    if key is None:
+        return [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    stream = HKDF(hashes.SHA512(), _COEFFICIENT_BYTES * (threshold - 1), salt=None, info=b"fedlib/shamir/v1").derive(key)
+    return [
+        int.from_bytes(stream[i : i + _COEFFICIENT_BYTES], "big") % PRIME
+        for i in range(0, len(stream), _COEFFICIENT_BYTES)
+    ]
+
+
+def split_secret(secret: bytes, n: int, threshold: int, coefficient_key: bytes | None = None) -> list[Share]:
+    """n shares, x = 1..n. With `coefficient_key` the same call gives the same shares."""
     if not 1 <= threshold <= n:
         raise ValueError(f"threshold {threshold} must be between 1 and n={n}")
     value = int.from_bytes(secret, "big")
     if value >= PRIME:
         raise ValueError("secret too large for the field")
-    coefficients = [value] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    coefficients = [value] + _coefficients(threshold, coefficient_key)
     return [(x, _evaluate(coefficients, x)) for x in range(1, n + 1)]
 
 

@@ -1,0 +1,93 @@
+"""The aggregator's side of a secure round: sum the masked updates it cannot read, then, with
+the survivors' reveals, take the masks out of the sum and apply it as one averaged update."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fedlib.aggregator import AggregationReport, check_quorum, positive_int, read_updates
+from fedlib.config import FederationConfig
+from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed
+from fedlib.secagg.fixedpoint import MODULUS, Tensors, decode, from_wire
+from fedlib.secagg.protocol import Session, unmask_sum
+from fedlib.serialization import bytes_to_tensors, read_metadata
+from fedlib.storage import Options
+from fedlib.strategies import ClientUpdate, make_strategy
+from fedlib.validation import check_update
+
+
+@dataclass(frozen=True)
+class MaskedSum:
+    residues: Tensors  # Σ masked weight/scale·update mod 2^32, as int64
+    weight: int  # Σ the survivors' weights (examples, or 1 each under DP)
+    weight_scale: float  # the scale every client divided its weight by
+
+
+def wire_template(global_adapter: Tensors) -> Tensors:
+    """What a masked update must look like: the adapter's names and shapes, as int32."""
+    return {name: torch.empty(value.shape, dtype=torch.int32) for name, value in global_adapter.items()}
+
+
+def open_masked_update(blob: bytes, key: UpdateKey, ctx: EnvelopeContext, template: Tensors) -> tuple[Tensors, int]:
+    payload = open_sealed(blob, key, ctx)
+    meta = read_metadata(payload)
+    tensors = bytes_to_tensors(payload)
+    check_update(tensors, template)
+    positive_int(meta, "num_examples")
+    return from_wire(tensors), positive_int(meta, "weight")
+
+
+def sum_masked_updates(
+    config: FederationConfig,
+    round_number: int,
+    global_adapter: Tensors,
+    clients: Sequence[str],
+    failed: Mapping[str, str],
+    keys: Mapping[str, UpdateKey],
+    weight_scale: float,
+    storage_options: Mapping[str, Options] | None = None,
+) -> tuple[MaskedSum, AggregationReport]:
+    """Streamed like plain aggregation: one update in memory at a time. Needs at least
+    `secagg_min_survivors` updates, or the masks could not be removed."""
+    report = AggregationReport()
+    template = wire_template(global_adapter)
+
+    def opener(blob: bytes, key: UpdateKey, ctx: EnvelopeContext) -> tuple[Tensors, int]:
+        return open_masked_update(blob, key, ctx, template)
+
+    total: Tensors = {name: torch.zeros(value.shape, dtype=torch.int64) for name, value in template.items()}
+    weight = 0
+    for residues, client_weight in read_updates(config, round_number, clients, failed, keys, storage_options, report, opener):
+        started = time.perf_counter()
+        for name, value in residues.items():
+            total[name].add_(value).remainder_(MODULUS)
+        weight += client_weight
+        report.aggregate_s += time.perf_counter() - started
+    check_quorum(config, round_number, clients, report, config.secagg_min_survivors)
+    return MaskedSum(total, weight, weight_scale), report
+
+
+def finish_secure_round(
+    config: FederationConfig,
+    global_adapter: Tensors,
+    masked: MaskedSum,
+    session: Session,
+    mask_publics: Mapping[str, str],
+    survivors: Sequence[str],
+    dropped: Sequence[str],
+    reveals: Mapping[str, str],
+    keys: Mapping[str, UpdateKey],
+) -> Tensors:
+    """The next global adapter from the unmasked sum. The clients already added any DP noise,
+    so the plain strategy applies the mean."""
+    total = unmask_sum(masked.residues, session, mask_publics, survivors, dropped, reveals, keys)
+    mean = {
+        name: (value * (masked.weight_scale / masked.weight)).to(global_adapter[name].dtype)
+        for name, value in decode(total, config.secure_aggregation.frac_bits).items()
+    }
+    strategy = make_strategy(config.aggregation.strategy)
+    return strategy.aggregate(session.round, global_adapter, [ClientUpdate("secure-sum", masked.weight, mean)])

@@ -1,0 +1,70 @@
+"""Secure aggregation's extra steps around a round: the clients' setup and reveal, and the
+aggregator's masked sum and unmasking. The clients' steps run where the clients run."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from fedlib.aggregator import AggregationReport
+from fedlib.config import FederationConfig
+from fedlib.federation import Tensors, aggregator_update_key, checkpoint_store, client_update_key, keyring, secagg_session
+from fedlib.secagg.aggregator import MaskedSum, finish_secure_round, sum_masked_updates
+from fedlib.secagg.protocol import make_reveal, make_setup, open_inbox
+from tasks.storage import storage_options
+
+
+@task(name="secagg-setup", task_run_name="secagg-setup-{client}-round-{round_number}", cache_policy=NO_CACHE)
+def secagg_setup(config: FederationConfig, client: str, round_number: int, session_id: str) -> dict:
+    return make_setup(keyring(config), client, secagg_session(config, round_number, session_id))
+
+
+@task(name="secagg-reveal", task_run_name="secagg-reveal-{client}-round-{round_number}", cache_policy=NO_CACHE)
+def secagg_reveal(
+    config: FederationConfig,
+    client: str,
+    round_number: int,
+    session_id: str,
+    inbox: dict[str, str],
+    survivors: list[str],
+    dropped: list[str],
+) -> str:
+    ring = keyring(config)
+    session = secagg_session(config, round_number, session_id)
+    peers = open_inbox(ring, client, session, inbox)
+    return make_reveal(ring, client, session, peers, survivors, dropped, client_update_key(ring, client))
+
+
+@task(name="sum-masked", task_run_name="sum-masked-round-{round_number}", cache_policy=NO_CACHE)
+def sum_masked_round(
+    config: FederationConfig, round_number: int, clients: list[str], failed: dict[str, str], weight_scale: float
+) -> tuple[MaskedSum, AggregationReport]:
+    ring = keyring(config)
+    global_adapter = checkpoint_store(config, ring).adapter(round_number - 1)
+    keys = {client: aggregator_update_key(ring, client) for client in clients}
+    options = storage_options(config, clients)
+    masked, report = sum_masked_updates(config, round_number, global_adapter, clients, failed, keys, weight_scale, options)
+    logger = get_run_logger()
+    for client, why in report.rejected.items():
+        logger.warning("round %d: %s left out of the secure sum (%s): %s", round_number, client, why["reason"], why["detail"])
+    return masked, report
+
+
+@task(name="unmask", task_run_name="unmask-round-{round_number}", cache_policy=NO_CACHE)
+def unmask_round(
+    config: FederationConfig,
+    round_number: int,
+    session_id: str,
+    masked: MaskedSum,
+    mask_publics: dict[str, str],
+    survivors: list[str],
+    dropped: list[str],
+    reveals: dict[str, str],
+) -> Tensors:
+    ring = keyring(config)
+    global_adapter = checkpoint_store(config, ring).adapter(round_number - 1)
+    keys = {client: aggregator_update_key(ring, client) for client in reveals}
+    session = secagg_session(config, round_number, session_id)
+    adapter = finish_secure_round(config, global_adapter, masked, session, mask_publics, survivors, dropped, reveals, keys)
+    get_run_logger().info("round %d: secure sum of %s unmasked (%d dropped after setup)", round_number, survivors, len(dropped))
+    return adapter
