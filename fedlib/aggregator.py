@@ -104,12 +104,12 @@ def read_updates(
         yield opened
 
 
-def check_quorum(config: FederationConfig, round_number: int, clients: Sequence[str], report: AggregationReport, needed: int) -> None:
+def check_quorum(round_number: int, clients: Sequence[str], report: AggregationReport, needed: int, rule: str) -> None:
+    """`rule` names the setting that asks for `needed` updates."""
     if len(report.accepted) < needed:
         reasons = ", ".join(f"{c}: {r['reason']}" for c, r in report.rejected.items()) or "none"
         raise QuorumNotMet(
-            f"round {round_number}: {len(report.accepted)} of {len(clients)} updates accepted, "
-            f"{needed} needed (aggregation.min_clients={config.aggregation.min_clients}; rejected: {reasons})"
+            f"round {round_number}: {len(report.accepted)} of {len(clients)} updates accepted, {rule} (rejected: {reasons})"
         )
 
 
@@ -141,6 +141,7 @@ def aggregate_updates(
             raise
         new_adapter = None  # no update survived; reported as a quorum failure below
     report.aggregate_s = time.perf_counter() - started - report.download_decrypt_s
-    check_quorum(config, round_number, clients, report, config.aggregation.min_clients)
+    min_clients = config.aggregation.min_clients
+    check_quorum(round_number, clients, report, min_clients, f"aggregation.min_clients={min_clients}")
     assert new_adapter is not None
     return new_adapter, report

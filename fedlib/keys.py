@@ -5,8 +5,10 @@ aggregator, so only those two can open it, and a storage provider holding every 
 every public key still cannot. The aggregator signs each round's manifest so that clients can
 check that the global adapter they start from is the one the aggregator committed.
 
-Private keys are PEM files with mode 0600 in one folder; in a real deployment each party keeps
-only its own private key (or loads it from a Prefect Secret block) and everyone's public keys.
+Private keys are PEM files with mode 0600, public keys `.pub` PEM files beside them. The
+embedded default keeps every party's keys in one folder; in a real deployment each party's
+folder holds everyone's `.pub` files and only its own private key, and the key ring loads what
+is there.
 """
 
 from __future__ import annotations
@@ -92,8 +94,20 @@ def _pem(private: X25519PrivateKey | Ed25519PrivateKey) -> bytes:
     )
 
 
+def _public_path(private_path: Path) -> Path:
+    return private_path.with_suffix(".pub")
+
+
+def _write_public(path: Path, private) -> None:
+    pem = private.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_bytes(pem)
+    tmp.replace(path)
+
+
 def init_keys(folder: Path, clients: Iterable[str]) -> list[Path]:
-    """Create every missing key (existing ones are kept); returns the files created."""
+    """Create every missing key pair (existing ones are kept) and its `.pub` file; returns the
+    private key files created."""
     wanted: dict[Path, type] = {
         folder / f"{AGGREGATOR}.x25519.pem": X25519PrivateKey,
         folder / f"{AGGREGATOR}.ed25519.pem": Ed25519PrivateKey,
@@ -101,9 +115,11 @@ def init_keys(folder: Path, clients: Iterable[str]) -> list[Path]:
     wanted.update({folder / "clients" / f"{c}.x25519.pem": X25519PrivateKey for c in clients})
     created = []
     for path, kind in wanted.items():
-        if not path.exists():
+        if not path.exists() and not _public_path(path).exists():
             _write_private(path, _pem(kind.generate()))
             created.append(path)
+        if path.exists() and not _public_path(path).exists():
+            _write_public(_public_path(path), _load_private(path))
     return created
 
 
@@ -114,21 +130,32 @@ def _load_private(path: Path):
     return serialization.load_pem_private_key(path.read_bytes(), password=None)
 
 
+def _load_pair(private_path: Path):
+    """(public key, private key or None): every public key must be there, private ones only
+    for the parties this process plays."""
+    private = _load_private(private_path) if private_path.exists() else None
+    public_path = _public_path(private_path)
+    if public_path.exists():
+        public = serialization.load_pem_public_key(public_path.read_bytes())
+        if private is not None and fingerprint(private.public_key()) != fingerprint(public):
+            raise ValueError(f"{public_path}: does not match the private key {private_path.name}")
+        return public, private
+    if private is None:
+        raise FileNotFoundError(f"{public_path}: missing key (and no {private_path.name}); run `fedlib keys init CONFIG`")
+    return private.public_key(), private
+
+
 def load_keyring(folder: Path, clients: Iterable[str]) -> KeyRing:
-    """Everything in `folder`; a missing key is an error that names its file."""
-    clients = list(clients)
-    paths = {c: folder / "clients" / f"{c}.x25519.pem" for c in clients}
-    for path in [folder / f"{AGGREGATOR}.x25519.pem", folder / f"{AGGREGATOR}.ed25519.pem", *paths.values()]:
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: missing key; run `fedlib keys init CONFIG`")
-    aggregator = _load_private(folder / f"{AGGREGATOR}.x25519.pem")
-    signing = _load_private(folder / f"{AGGREGATOR}.ed25519.pem")
-    client_private = {c: _load_private(p) for c, p in paths.items()}
+    """Every party's public key and whatever private keys `folder` holds; a missing public key
+    is an error that names its file."""
+    aggregator_public, aggregator_private = _load_pair(folder / f"{AGGREGATOR}.x25519.pem")
+    signing_public, signing_private = _load_pair(folder / f"{AGGREGATOR}.ed25519.pem")
+    pairs = {c: _load_pair(folder / "clients" / f"{c}.x25519.pem") for c in clients}
     return KeyRing(
-        aggregator_public=aggregator.public_key(),
-        signing_public=signing.public_key(),
-        client_public={c: k.public_key() for c, k in client_private.items()},
-        aggregator_private=aggregator,
-        signing_private=signing,
-        client_private=client_private,
+        aggregator_public=aggregator_public,
+        signing_public=signing_public,
+        client_public={c: public for c, (public, _) in pairs.items()},
+        aggregator_private=aggregator_private,
+        signing_private=signing_private,
+        client_private={c: private for c, (_, private) in pairs.items() if private is not None},
     )

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.figure import Figure
 
 
 def progress_figure(
@@ -16,7 +12,8 @@ def progress_figure(
 ) -> Figure:
     """Left: held-out perplexity (round 0 is the base model). Right: uploaded bytes per client
     for rounds 1..n."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    fig = Figure(figsize=(10, 4), layout="constrained")  # not pyplot: nothing global to leak or close
+    left, right = fig.subplots(1, 2)
     left.plot(rounds, perplexity, marker="o")
     left.set(xlabel="round", ylabel="held-out perplexity", title="Global adapter perplexity")
     left.set_xticks(list(rounds))

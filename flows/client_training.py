@@ -13,17 +13,25 @@ from dataclasses import asdict
 from typing import Any, Literal
 
 from prefect import flow
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from fedlib.config import load_config
 from tasks.client import submit_client_round
 from tasks.data import partition_data
+from tasks.dispatch import client_run_name
 from tasks.secagg import secagg_reveal, secagg_setup
+
+
+def _run_name() -> str:
+    """The engine renames every run of this flow by it, so it must name the step too."""
+    params = flow_run.parameters
+    return client_run_name(params["client"], params["round_number"], params.get("step", "train"))
 
 
 @flow(
     name="client-training",
-    flow_run_name="{client}-round-{round_number}",
+    flow_run_name=_run_name,
     persist_result=True,
     result_serializer="json",
     task_runner=ThreadPoolTaskRunner(max_workers=2),

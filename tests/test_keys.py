@@ -28,8 +28,31 @@ def test_keys_are_private_files_and_kept_on_rerun(tmp_path):
     (tmp_path / "clients" / "gcp.x25519.pem").chmod(0o644)
     with pytest.raises(PermissionError, match="gcp.x25519.pem.*chmod 600"):
         load_keyring(tmp_path, CLIENTS)
-    with pytest.raises(FileNotFoundError, match="azure.x25519.pem: missing key"):
+    with pytest.raises(FileNotFoundError, match="azure.x25519.pub: missing key"):
         load_keyring(tmp_path, ["aws", "azure"])
+
+
+def test_a_party_holding_only_its_own_private_key(tmp_path):
+    """A client's folder: every `.pub`, and its own private key only. It can seal for the
+    aggregator and check manifests, but not open another client's update or sign."""
+    import shutil
+
+    init_keys(tmp_path / "all", CLIENTS)
+    full = load_keyring(tmp_path / "all", CLIENTS)
+    mine = tmp_path / "aws-only"
+    shutil.copytree(tmp_path / "all", mine)
+    for private in [mine / "aggregator.x25519.pem", mine / "aggregator.ed25519.pem", mine / "clients" / "gcp.x25519.pem"]:
+        private.unlink()
+    ring = load_keyring(mine, CLIENTS)
+    assert set(ring.client_private) == {"aws"} and ring.aggregator_private is None and ring.signing_private is None
+    ctx = EnvelopeContext("fed", 1, "aws")
+    blob = seal(b"payload", client_update_key(ring, "aws"), ctx)
+    assert open_sealed(blob, aggregator_update_key(full, "aws"), ctx) == b"payload"
+    with pytest.raises(KeyError, match="no private key for client 'gcp'"):
+        client_update_key(ring, "gcp")
+    with pytest.raises(KeyError, match="no aggregator private key"):
+        aggregator_update_key(ring, "aws")
+    assert init_keys(mine, CLIENTS) == []  # a party's init never mints keys for the others
 
 
 def test_only_client_and_aggregator_share_an_update_key(tmp_path):

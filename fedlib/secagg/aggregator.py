@@ -67,7 +67,9 @@ def sum_masked_updates(
             total[name].add_(value).remainder_(MODULUS)
         weight += client_weight
         report.aggregate_s += time.perf_counter() - started
-    check_quorum(config, round_number, clients, report, config.secagg_min_survivors)
+    needed = config.secagg_min_survivors
+    rule = f"secure aggregation needs {needed} (aggregation.min_clients, secure_aggregation.threshold)"
+    check_quorum(round_number, clients, report, needed, rule)
     return MaskedSum(total, weight, weight_scale), report
 
 
