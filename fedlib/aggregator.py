@@ -13,6 +13,7 @@ from typing import TypeVar
 
 
 from fedlib import storage
+from fedlib.codecs import CodecChain
 from fedlib.config import FederationConfig
 from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed
 from fedlib.federation import Tensors, progress, update_url
@@ -21,6 +22,7 @@ from fedlib.serialization import bytes_to_tensors, read_metadata
 from fedlib.storage import Options
 from fedlib.privacy.dp import DifferentialPrivacy, noise_generator
 from fedlib.strategies import ClientUpdate, Strategy, make_strategy
+from fedlib.strategies.normalized import StepNormalized
 from fedlib.validation import check_update
 
 T = TypeVar("T")
@@ -37,13 +39,26 @@ def positive_int(meta: Mapping[str, str], key: str) -> int:
     return value
 
 
-def open_client_update(blob: bytes, key: UpdateKey, ctx: EnvelopeContext, template: Tensors) -> ClientUpdate:
-    """Authenticate, decrypt, parse and check one update; any failure is an `UpdateRejected`."""
-    payload = open_sealed(blob, key, ctx)
+def open_client_update(
+    blob: bytes,
+    key: UpdateKey,
+    ctx: EnvelopeContext,
+    template: Tensors,
+    chain: CodecChain = CodecChain(),
+    max_bytes: int = 1 << 30,
+) -> ClientUpdate:
+    """Authenticate, decrypt, decompress, decode and check one update; any failure is an
+    `UpdateRejected`."""
+    payload = chain.decompress(open_sealed(blob, key, ctx), max_bytes)
     meta = read_metadata(payload)
-    tensors = bytes_to_tensors(payload)
+    tensors = chain.decode(bytes_to_tensors(payload), meta.get("codecs"))
     check_update(tensors, template)
-    return ClientUpdate(client=ctx.client, num_examples=positive_int(meta, "num_examples"), delta=tensors)
+    return ClientUpdate(
+        client=ctx.client,
+        num_examples=positive_int(meta, "num_examples"),
+        delta=tensors,
+        local_steps=positive_int(meta, "local_steps") if "local_steps" in meta else 1,
+    )
 
 
 @dataclass
@@ -61,10 +76,17 @@ class AggregationReport:
         return asdict(self)
 
 
-def build_strategy(config: FederationConfig, round_number: int) -> Strategy:
-    """The configured strategy, wrapped in DP-FedAvg when privacy is on. The noise is drawn from
-    the OS's randomness unless `privacy.noise_seed` pins it (tests)."""
-    strategy = make_strategy(config.aggregation.strategy)
+def build_strategy(config: FederationConfig, round_number: int, state: Tensors | None = None, secure_sum: bool = False) -> Strategy:
+    """The configured strategy with its state from the previous round; step-normalised when
+    asked, and wrapped in DP-FedAvg when privacy is on. The noise is drawn from the OS's
+    randomness unless `privacy.noise_seed` pins it (tests). Under secure aggregation
+    (`secure_sum`) the clients have already normalised, clipped and noised what was summed."""
+    strategy: Strategy = make_strategy(config.aggregation.strategy, config.aggregation.options)
+    strategy.load_state_dict(state or {})
+    if secure_sum:
+        return strategy
+    if config.aggregation.normalize_steps:
+        strategy = StepNormalized(strategy)
     p = config.privacy
     if not p.enabled:
         return strategy
@@ -120,19 +142,23 @@ def aggregate_updates(
     failed: Mapping[str, str],
     keys: Mapping[str, UpdateKey],
     storage_options: Mapping[str, Options] | None = None,
+    strategy: Strategy | None = None,
 ) -> tuple[Tensors, AggregationReport]:
-    """Stream each expected client's update through `open_client_update` into the strategy.
+    """Stream each expected client's update through `open_client_update` into the strategy
+    (`build_strategy`'s unless given; pass one to carry its state to the next round).
 
     Rejected updates are recorded and skipped; the round fails only if fewer than
     `aggregation.min_clients` remain."""
     report = AggregationReport()
 
+    chain, max_bytes = config.compression.chain, config.aggregation.max_update_bytes
+
     def opener(blob: bytes, key: UpdateKey, ctx: EnvelopeContext) -> ClientUpdate:
-        return open_client_update(blob, key, ctx, global_adapter)
+        return open_client_update(blob, key, ctx, global_adapter, chain, max_bytes)
 
     updates = read_updates(config, round_number, clients, failed, keys, storage_options, report, opener)
     started = time.perf_counter()
-    strategy = build_strategy(config, round_number)
+    strategy = strategy or build_strategy(config, round_number)
     try:
         new_adapter = strategy.aggregate(round_number, global_adapter, updates)
     except ValueError:

@@ -47,11 +47,21 @@ class CheckpointStore:
     def signature_url(self, round_number: int) -> str:
         return storage.join(self.round_url(round_number), "manifest.sig")
 
-    def commit(self, round_number: int, adapter: Tensors, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Adapter first, manifest last; the manifest records the adapter's digest."""
+    def strategy_state_url(self, round_number: int) -> str:
+        return storage.join(self.round_url(round_number), "strategy-state.safetensors")
+
+    def commit(
+        self, round_number: int, adapter: Tensors, manifest: dict[str, Any], strategy_state: Tensors | None = None
+    ) -> dict[str, Any]:
+        """Adapter (and the strategy's state, if it keeps any) first, manifest last; the
+        manifest records their digests."""
         data = tensors_to_bytes(adapter, metadata={"round": str(round_number)})
         storage.write_atomic(self.adapter_url(round_number), data)
         manifest = {**manifest, "round": round_number, "adapter_sha256": hashlib.sha256(data).hexdigest()}
+        if strategy_state:
+            state = tensors_to_bytes(strategy_state, metadata={"round": str(round_number)})
+            storage.write_atomic(self.strategy_state_url(round_number), state)
+            manifest["strategy_state_sha256"] = hashlib.sha256(state).hexdigest()
         body = json.dumps(manifest, indent=2).encode()
         if self.signer is not None:  # the signature first: the manifest is the commit point
             storage.write_atomic(self.signature_url(round_number), self.signer.sign(body))
@@ -82,10 +92,24 @@ class CheckpointStore:
 
     def adapter(self, round_number: int) -> Tensors:
         """A committed global adapter, checked against its manifest's digest."""
+        return self.adapter_download(round_number)[0]
+
+    def adapter_download(self, round_number: int) -> tuple[Tensors, int]:
+        """The adapter and how many bytes were read for it (what a client downloads)."""
         data = storage.read_bytes(self.adapter_url(round_number))
         expected = self.manifest(round_number)["adapter_sha256"]
         if hashlib.sha256(data).hexdigest() != expected:
             raise ValueError(f"{self.adapter_url(round_number)}: digest does not match its manifest")
+        return bytes_to_tensors(data), len(data)
+
+    def strategy_state(self, round_number: int) -> Tensors:
+        """The server optimiser's state after `round_number` (empty for stateless strategies)."""
+        expected = self.manifest(round_number).get("strategy_state_sha256")
+        if expected is None:
+            return {}
+        data = storage.read_bytes(self.strategy_state_url(round_number))
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise ValueError(f"{self.strategy_state_url(round_number)}: digest does not match its manifest")
         return bytes_to_tensors(data)
 
     def manifests(self) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from fedlib import storage
+from fedlib.client_state import ResidualStore
 from fedlib.config import FederationConfig
 from fedlib.envelope import EnvelopeContext, UpdateKey, seal
 from fedlib.federation import Tensors, load_global_model, progress, update_url
@@ -20,7 +21,7 @@ from fedlib.privacy.dp import clip_update_inplace, update_norm
 from fedlib.secagg.client import SecureRound, masked_update
 from fedlib.serialization import tensors_to_bytes
 from fedlib.storage import Options
-from fedlib.training import train_lora
+from fedlib.training import LocalTraining, train_lora
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class ClientReport:
     train_s: float
     encrypt_upload_s: float
     update_norm: float  # L2 norm of the delta before any clipping: what DP's clip_norm is tuned against
+    local_steps: int = 0
+    bytes_downloaded: int = 0  # the global adapter this client read
 
 
 def client_seed(config: FederationConfig, client: str, round_number: int) -> int:
@@ -43,10 +46,25 @@ def client_seed(config: FederationConfig, client: str, round_number: int) -> int
 
 @dataclass(frozen=True)
 class SealedUpdate:
-    """A client's encrypted update, ready to upload; only ciphertext leaves the client."""
+    """A client's encrypted update, ready to upload; only ciphertext leaves the client. With
+    error feedback it carries the client's next residual too, sealed for the client alone and
+    saved only once the update is uploaded."""
 
     report: ClientReport
     blob: bytes | bytearray
+    residual_blob: bytes | None = None
+
+
+def train_delta(
+    config: FederationConfig, client: str, round_number: int, global_adapter: Tensors, shard: torch.Tensor
+) -> tuple[Tensors, LocalTraining]:
+    """Local training from the global adapter; returns trained minus global."""
+    model = load_global_model(config, global_adapter)
+    t = config.training
+    generator = torch.Generator().manual_seed(client_seed(config, client, round_number))
+    result = train_lora(model, shard, t.local_steps, t.batch_size, t.learning_rate, generator, config.proximal_mu)
+    local = adapter_state(model)
+    return {name: local[name] - global_adapter[name] for name in global_adapter}, result
 
 
 def train_and_seal(
@@ -57,28 +75,36 @@ def train_and_seal(
     shard: torch.Tensor,
     key: UpdateKey,
     secure: SecureRound | None = None,
+    residuals: ResidualStore | None = None,
 ) -> SealedUpdate:
-    """Train from the global adapter, then seal the delta (masked, with `secure`) for the
-    aggregator.
+    """Train, then seal the delta for the aggregator: masked (with `secure`), or through the
+    configured codecs, with last round's residual added back when `residuals` is given.
 
-    The example count travels inside the authenticated payload so a storage provider cannot
-    re-weight a client."""
+    The example and step counts travel inside the authenticated payload so a storage provider
+    cannot re-weight a client."""
     started = time.perf_counter()
-    model = load_global_model(config, global_adapter)
-    t = config.training
-    generator = torch.Generator().manual_seed(client_seed(config, client, round_number))
-    result = train_lora(model, shard, t.local_steps, t.batch_size, t.learning_rate, generator)
-    local = adapter_state(model)
-    delta = {name: local[name] - global_adapter[name] for name in global_adapter}
+    delta, result = train_delta(config, client, round_number, global_adapter, shard)
     norm = update_norm(delta)
+    chain = config.compression.chain
+    if residuals is not None and chain.lossy:
+        for name, value in residuals.load_before(round_number).items():
+            if name in delta and value.shape == delta[name].shape:
+                delta[name] = delta[name] + value
     if config.privacy.enabled:  # the unclipped update never leaves the client
         clip_update_inplace(delta, config.privacy.clip_norm)
     trained = time.perf_counter()
-    metadata = {"num_examples": str(len(shard)), "train_loss": repr(result.mean_loss)}
+    t = config.training
+    metadata = {"num_examples": str(len(shard)), "local_steps": str(t.local_steps), "train_loss": repr(result.mean_loss)}
+    residual_blob = None
     if secure is not None:
-        delta, weight = masked_update(config, client, delta, len(shard), secure)
+        tensors, weight = masked_update(config, client, delta, len(shard), t.local_steps, secure)
         metadata["weight"] = str(weight)
-    payload = tensors_to_bytes(delta, metadata=metadata)
+    else:
+        tensors, metadata["codecs"] = chain.encode(delta)
+        if residuals is not None and chain.lossy:
+            decoded = chain.decode(tensors, metadata["codecs"])
+            residual_blob = residuals.sealed(round_number, {n: delta[n] - decoded[n] for n in delta})
+    payload = chain.compress(tensors_to_bytes(tensors, metadata=metadata))
     blob = seal(payload, key, EnvelopeContext(config.federation.id, round_number, client))
     progress.info("client %s round %d trained: loss %.4f", client, round_number, result.mean_loss)
     report = ClientReport(
@@ -91,14 +117,18 @@ def train_and_seal(
         train_s=trained - started,
         encrypt_upload_s=time.perf_counter() - trained,
         update_norm=norm,
+        local_steps=t.local_steps,
     )
-    return SealedUpdate(report=report, blob=blob)
+    return SealedUpdate(report=report, blob=blob, residual_blob=residual_blob)
 
 
-def upload_sealed(sealed: SealedUpdate, options: Options | None = None) -> ClientReport:
-    """Write the ciphertext to the client's own bucket; the report gains the upload time."""
+def upload_sealed(sealed: SealedUpdate, options: Options | None = None, residuals: ResidualStore | None = None) -> ClientReport:
+    """Write the ciphertext to the client's own bucket (then the residual, so that a failed
+    upload leaves last round's residual in place); the report gains the upload time."""
     started = time.perf_counter()
     storage.write_atomic(sealed.report.object_url, sealed.blob, options)
+    if sealed.residual_blob is not None and residuals is not None:
+        residuals.save(sealed.residual_blob)
     seconds = sealed.report.encrypt_upload_s + time.perf_counter() - started
     return replace(sealed.report, encrypt_upload_s=seconds)
 

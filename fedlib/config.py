@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from fedlib.codecs import CodecChain
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedlib.strategies import make_strategy
 
 BUILTIN_MODELS = ("smollm2-135m-instruct",)
 BUILTIN_CORPORA = ("shakespeare",)
@@ -98,9 +101,31 @@ class TrainingConfig(_Strict):
 
 
 class AggregationConfig(_Strict):
+    """`strategy` names a registered strategy; `options` are its keyword arguments (e.g.
+    `server_lr` for fedadam, `mu` for fedprox, `byzantine` for krum). `normalize_steps` divides
+    each delta by its local steps before averaging (FedNova), for clouds that run unequal steps."""
+
     strategy: str = "fedavg"
+    options: dict[str, Any] = Field(default_factory=dict)
+    normalize_steps: bool = False
     min_clients: int = Field(1, ge=1)
     max_update_bytes: int = Field(256 * 2**20, ge=1024)
+
+    @model_validator(mode="after")
+    def _known(self) -> AggregationConfig:
+        try:
+            strategy = make_strategy(self.strategy, self.options)
+        except KeyError as err:
+            raise ValueError(f"strategy: {err.args[0]}") from None
+        except ValueError as err:
+            raise ValueError(f"options: {err}") from None
+        if self.normalize_steps and not strategy.from_mean_only:
+            raise ValueError(f"normalize_steps: {self.strategy!r} does not aggregate a mean")
+        return self
+
+    @property
+    def from_mean_only(self) -> bool:
+        return make_strategy(self.strategy, self.options).from_mean_only
 
 
 class CloudConfig(_Strict):
@@ -153,6 +178,26 @@ class PrivacyConfig(_Strict):
     noise_seed: int | None = None
 
 
+class CompressionConfig(_Strict):
+    """Codecs applied to every update inside the envelope, in order (see `fedlib.codecs`):
+    fp16 | bf16 | int8 | topk, then optionally zstd. `error_feedback` carries what a lossy chain
+    dropped into the client's next update."""
+
+    codecs: tuple[str, ...] = ()
+    topk_fraction: float = Field(0.01, gt=0, le=1)
+    zstd_level: int = Field(3, ge=1, le=22)
+    error_feedback: bool = True
+
+    @model_validator(mode="after")
+    def _valid_chain(self) -> CompressionConfig:
+        self.chain  # noqa: B018 - raises ValueError naming the problem
+        return self
+
+    @property
+    def chain(self) -> CodecChain:
+        return CodecChain(tuple(self.codecs), self.topk_fraction, self.zstd_level)
+
+
 class SecureAggregationConfig(_Strict):
     """Pairwise masking so that the aggregator learns only the sum of the updates. `threshold`
     reveals are needed to remove the masks (default: a majority of the clients, at least 2);
@@ -162,9 +207,6 @@ class SecureAggregationConfig(_Strict):
     enabled: bool = False
     threshold: int | None = Field(None, ge=2)
     frac_bits: int = Field(24, ge=4, le=28)
-
-
-LINEAR_STRATEGIES = ("fedavg",)  # what can be computed from the sum alone
 
 
 class OrchestrationConfig(_Strict):
@@ -211,6 +253,7 @@ class FederationConfig(_Strict):
     orchestration: OrchestrationConfig = OrchestrationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+    compression: CompressionConfig = CompressionConfig()
     clouds: tuple[CloudConfig, ...] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -229,12 +272,29 @@ class FederationConfig(_Strict):
                 raise ValueError("secure_aggregation.enabled: needs at least 2 clouds (the sum of one is that one)")
             if secure.threshold is not None and secure.threshold > len(self.clouds):
                 raise ValueError(f"secure_aggregation.threshold={secure.threshold} exceeds the {len(self.clouds)} configured clouds")
-            if self.aggregation.strategy not in LINEAR_STRATEGIES:
+            if self.compression.codecs:
+                raise ValueError("compression.codecs: masked updates are uniform noise, which no codec can shrink; "
+                                 "leave codecs empty with secure aggregation")
+            if not self.aggregation.from_mean_only:
                 raise ValueError(
                     f"aggregation.strategy={self.aggregation.strategy!r} needs each update, but secure aggregation "
-                    f"reveals only their sum; use one of {list(LINEAR_STRATEGIES)}"
+                    "reveals only their sum; use a mean-based strategy (fedavg, fedprox, fedavgm, fedadam, ...)"
                 )
+        if self.privacy.enabled and self.aggregation.normalize_steps:
+            raise ValueError("aggregation.normalize_steps: not with privacy.enabled (clipping already bounds every update)")
+        if self.privacy.enabled and not self.aggregation.from_mean_only:
+            raise ValueError(
+                f"privacy.enabled: DP-FedAvg adds noise to a mean, and {self.aggregation.strategy!r} does not aggregate one"
+            )
         return self
+
+    @property
+    def proximal_mu(self) -> float:
+        """FedProx's μ for the clients' training (0 for every other strategy)."""
+        from fedlib.strategies.fedavg import FedProx
+
+        strategy = make_strategy(self.aggregation.strategy, self.aggregation.options)
+        return strategy.mu if isinstance(strategy, FedProx) else 0.0
 
     @property
     def secagg_threshold(self) -> int:

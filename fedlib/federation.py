@@ -13,6 +13,7 @@ import torch
 
 from fedlib import storage
 from fedlib.checkpoint import CheckpointStore
+from fedlib.client_state import ResidualStore
 from fedlib.config import FederationConfig
 from fedlib.data import BlockSet, cached_blocks, shakespeare_documents, tokenize_blocks, url_documents
 from fedlib.envelope import UpdateKey
@@ -64,6 +65,13 @@ def secagg_session(config: FederationConfig, round_number: int, session_id: str)
     """Everything but the id follows from the config, so only the id travels to the clients."""
     names = tuple(sorted(c.name for c in config.clouds))
     return Session(config.federation.id, round_number, session_id, names, config.secagg_threshold)
+
+
+def residual_store(config: FederationConfig, ring: KeyRing, client: str, options: storage.Options | None) -> ResidualStore:
+    """The client's error-feedback residual: in its own bucket, under a key only it holds."""
+    url = storage.join(config.storage_url(config.cloud(client)), config.federation.id, "client-state", f"{client}.residual")
+    key = UpdateKey(ring.client_derived_secret(client, "client-state"), fingerprint(ring.public_key(client)))
+    return ResidualStore(url, key, config.federation.id, client, options)
 
 
 def update_url(config: FederationConfig, client: str, round_number: int) -> str:

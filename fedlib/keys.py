@@ -20,9 +20,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 AGGREGATOR = "aggregator"
 
@@ -64,6 +65,15 @@ class KeyRing:
             return self.client_private[me].exchange(self.public_key(peer))
         except KeyError:
             raise KeyError(f"no private key for client {me!r} in this key ring") from None
+
+    def client_derived_secret(self, client: str, purpose: str) -> bytes:
+        """A 32-byte secret only `client` can derive (for its own state, never shared)."""
+        try:
+            private = self.client_private[client]
+        except KeyError:
+            raise KeyError(f"no private key for client {client!r} in this key ring") from None
+        raw = private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+        return HKDF(hashes.SHA256(), 32, salt=None, info=f"fedlib/{purpose}/v1".encode()).derive(raw)
 
     def public_key(self, client: str) -> X25519PublicKey:
         try:

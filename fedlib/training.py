@@ -26,11 +26,14 @@ def train_lora(
     batch_size: int,
     learning_rate: float,
     generator: torch.Generator,
+    proximal_mu: float = 0.0,
 ) -> LocalTraining:
-    """Plain causal-LM loss (labels = inputs) on batches drawn with replacement from the shard.
+    """Plain causal-LM loss (labels = inputs) on batches drawn with replacement from the shard,
+    plus FedProx's μ/2·‖w − w_start‖² over the trainable weights when `proximal_mu` > 0.
 
     Sampling uses the passed generator so that a client's batches are reproducible per round."""
     params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     model.train()
     losses = []
@@ -40,8 +43,11 @@ def train_lora(
         loss = model(input_ids=batch, labels=batch).loss
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"training loss became {loss.item()}; lower training.learning_rate")
+        objective = loss
+        if start:
+            objective = loss + proximal_mu / 2 * sum(((p - s) ** 2).sum() for p, s in zip(params, start))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         optimizer.step()
         losses.append(loss.item())
     model.eval()

@@ -29,7 +29,7 @@ from tasks.secagg import sum_masked_round, unmask_round
 
 def secure_round(
     steps: ClientSteps, clients: list[str]
-) -> tuple[Tensors, AggregationReport, dict[str, ClientReport], dict[str, Any]]:
+) -> tuple[Tensors, Tensors, AggregationReport, dict[str, ClientReport], dict[str, Any]]:
     """setup → train and mask → masked sum → reveal → unmask. A client that fails its setup is
     left out of everyone's masks; one that fails after it is unmasked from the survivors' reveals."""
     config, round_number = steps.config, steps.round_number
@@ -55,7 +55,7 @@ def secure_round(
         "reveal", survivors, lambda c: {"session_id": session_id, "inbox": inboxes[c], "survivors": survivors, "dropped": dropped}
     )
     publics = {c: s["mask_public"] for c, s in setups.items()}
-    adapter = unmask_round(config, round_number, session_id, masked, publics, survivors, dropped, reveals)
+    adapter, state = unmask_round(config, round_number, session_id, masked, publics, survivors, dropped, reveals)
     info = {
         "session": session_id,
         "threshold": config.secagg_threshold,
@@ -69,7 +69,7 @@ def secure_round(
             "secagg_reveal_unmask_s": time.perf_counter() - reveal_started,
         },
     }
-    return adapter, report, reports, info
+    return adapter, state, report, reports, info
 
 
 @flow(name="federated-round", flow_run_name="round-{round_number}", task_runner=ThreadPoolTaskRunner(max_workers=8))
@@ -90,12 +90,12 @@ def federated_round(
     clients = [c.name for c in config.clouds]
     secure: dict[str, Any] = {}
     if config.secure_aggregation.enabled:
-        adapter, report, reports, secure = secure_round(steps, clients)
+        adapter, state, report, reports, secure = secure_round(steps, clients)
         client_timings = secure.pop("timings")
     else:
         reports, failed = steps.run("train", clients)
         client_timings = {"clients_wall_s": time.perf_counter() - partitioned}
-        adapter, report = aggregate_round(config, round_number, clients, failed)
+        adapter, report, state = aggregate_round(config, round_number, clients, failed)
     eval_started = time.perf_counter()
     eval_loss = evaluate_global(config, round_number, adapter)
     evaluated = time.perf_counter()
@@ -123,6 +123,6 @@ def federated_round(
             "round_s": evaluated - started,
         },
     }
-    committed = commit_round(config, round_number, adapter, manifest)
+    committed = commit_round(config, round_number, adapter, manifest, state)
     progress.info("round %d done: perplexity %.2f", round_number, committed["perplexity"])
     return committed

@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
-from fedlib.aggregator import AggregationReport, aggregate_updates
+from fedlib.aggregator import AggregationReport, aggregate_updates, build_strategy
 from fedlib.federation import (
     Tensors,
     checkpoint_store,
@@ -24,17 +24,20 @@ from tasks.storage import storage_options
 @task(name="aggregate", task_run_name="aggregate-round-{round_number}", cache_policy=NO_CACHE)
 def aggregate_round(
     config: FederationConfig, round_number: int, clients: list[str], failed: dict[str, str]
-) -> tuple[Tensors, AggregationReport]:
+) -> tuple[Tensors, AggregationReport, Tensors]:
+    """The next adapter, the report, and the strategy's state for the next round."""
     ring = keyring(config)
-    global_adapter = checkpoint_store(config, ring).adapter(round_number - 1)
+    store = checkpoint_store(config, ring)
+    global_adapter = store.adapter(round_number - 1)
+    strategy = build_strategy(config, round_number, store.strategy_state(round_number - 1))
     options = storage_options(config, clients)
     keys = {client: aggregator_update_key(ring, client) for client in clients}
-    adapter, report = aggregate_updates(config, round_number, global_adapter, clients, failed, keys, options)
+    adapter, report = aggregate_updates(config, round_number, global_adapter, clients, failed, keys, options, strategy)
     logger = get_run_logger()
     for client, why in report.rejected.items():
         logger.warning("round %d: update from %s rejected (%s): %s", round_number, client, why["reason"], why["detail"])
     logger.info("round %d: aggregated %s", round_number, report.accepted)
-    return adapter, report
+    return adapter, report, strategy.state_dict()
 
 
 @task(name="evaluate", task_run_name="evaluate-round-{round_number}", cache_policy=NO_CACHE)
@@ -50,5 +53,11 @@ def make_initial_adapter(config: FederationConfig) -> Tensors:
 
 
 @task(name="checkpoint", task_run_name="checkpoint-round-{round_number}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def commit_round(config: FederationConfig, round_number: int, adapter: Tensors, manifest: dict[str, Any]) -> dict[str, Any]:
-    return checkpoint_store(config).commit(round_number, adapter, manifest)
+def commit_round(
+    config: FederationConfig,
+    round_number: int,
+    adapter: Tensors,
+    manifest: dict[str, Any],
+    strategy_state: Tensors | None = None,
+) -> dict[str, Any]:
+    return checkpoint_store(config).commit(round_number, adapter, manifest, strategy_state)

@@ -6,7 +6,7 @@ not the training.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from prefect import task
@@ -16,7 +16,8 @@ from prefect.tasks import exponential_backoff
 
 from fedlib.config import FederationConfig
 from fedlib.client import ClientReport, SealedUpdate, train_and_seal, upload_sealed
-from fedlib.federation import checkpoint_store, client_update_key, keyring, load_data, secagg_session
+from fedlib.client_state import ResidualStore
+from fedlib.federation import checkpoint_store, client_update_key, keyring, load_data, residual_store, secagg_session
 from fedlib.secagg.client import SecureRound
 from tasks.storage import storage_options
 
@@ -32,13 +33,20 @@ def train_client(
     """With `secure` (the secure-aggregation session id, the peers' relayed setup messages in
     `inbox`, and the `weight_scale`), the update is masked."""
     ring = keyring(config)
-    global_adapter = checkpoint_store(config, ring).adapter(round_number - 1)  # signature checked
+    global_adapter, downloaded = checkpoint_store(config, ring).adapter_download(round_number - 1)  # signature checked
     shard = load_data(config).train.select(blocks)
     masking = None
     if secure:
         session = secagg_session(config, round_number, secure["session_id"])
         masking = SecureRound(ring, session, secure["inbox"], float(secure["weight_scale"]))
-    return train_and_seal(config, client, round_number, global_adapter, shard, client_update_key(ring, client), masking)
+    residuals = _residuals(config, client) if config.compression.error_feedback else None
+    key = client_update_key(ring, client)
+    sealed = train_and_seal(config, client, round_number, global_adapter, shard, key, masking, residuals)
+    return replace(sealed, report=replace(sealed.report, bytes_downloaded=downloaded))
+
+
+def _residuals(config: FederationConfig, client: str) -> ResidualStore:
+    return residual_store(config, keyring(config), client, storage_options(config, [client])[client])
 
 
 @task(
@@ -48,8 +56,9 @@ def train_client(
     retry_delay_seconds=exponential_backoff(backoff_factor=1),
 )
 def upload_update(config: FederationConfig, sealed: SealedUpdate) -> ClientReport:
-    options = storage_options(config, [sealed.report.client])[sealed.report.client]
-    return upload_sealed(sealed, options)
+    client = sealed.report.client
+    options = storage_options(config, [client])[client]
+    return upload_sealed(sealed, options, _residuals(config, client) if sealed.residual_blob else None)
 
 
 @dataclass(frozen=True)

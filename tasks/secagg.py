@@ -6,7 +6,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from fedlib.aggregator import AggregationReport
+from fedlib.aggregator import AggregationReport, build_strategy
 from fedlib.config import FederationConfig
 from fedlib.federation import Tensors, aggregator_update_key, checkpoint_store, client_update_key, keyring, secagg_session
 from fedlib.secagg.aggregator import MaskedSum, finish_secure_round, sum_masked_updates
@@ -60,11 +60,14 @@ def unmask_round(
     survivors: list[str],
     dropped: list[str],
     reveals: dict[str, str],
-) -> Tensors:
+) -> tuple[Tensors, Tensors]:
+    """The next adapter and the strategy's state for the next round."""
     ring = keyring(config)
-    global_adapter = checkpoint_store(config, ring).adapter(round_number - 1)
+    store = checkpoint_store(config, ring)
+    global_adapter = store.adapter(round_number - 1)
+    strategy = build_strategy(config, round_number, store.strategy_state(round_number - 1), secure_sum=True)
     keys = {client: aggregator_update_key(ring, client) for client in reveals}
     session = secagg_session(config, round_number, session_id)
-    adapter = finish_secure_round(config, global_adapter, masked, session, mask_publics, survivors, dropped, reveals, keys)
+    adapter = finish_secure_round(config, global_adapter, masked, session, mask_publics, survivors, dropped, reveals, keys, strategy)
     get_run_logger().info("round %d: secure sum of %s unmasked (%d dropped after setup)", round_number, survivors, len(dropped))
-    return adapter
+    return adapter, strategy.state_dict()

@@ -60,6 +60,7 @@ class DifferentialPrivacy:
         if clip_norm <= 0 or noise_multiplier < 0:
             raise ValueError("need clip_norm > 0 and noise_multiplier >= 0")
         self.inner = inner
+        self.from_mean_only = True
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
         self.generator = generator
@@ -83,3 +84,9 @@ class DifferentialPrivacy:
             for name, value in total.items()
         }
         return self.inner.aggregate(round_number, global_state, [ClientUpdate("dp-noisy-mean", 1, noisy_mean)])
+
+    def state_dict(self) -> Tensors:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: Tensors) -> None:
+        self.inner.load_state_dict(state)

@@ -16,7 +16,7 @@ from fedlib.secagg.fixedpoint import MODULUS, Tensors, decode, from_wire
 from fedlib.secagg.protocol import Session, unmask_sum
 from fedlib.serialization import bytes_to_tensors, read_metadata
 from fedlib.storage import Options
-from fedlib.strategies import ClientUpdate, make_strategy
+from fedlib.strategies import ClientUpdate, Strategy
 from fedlib.validation import check_update
 
 
@@ -24,7 +24,13 @@ from fedlib.validation import check_update
 class MaskedSum:
     residues: Tensors  # Σ masked weight/scale·update mod 2^32, as int64
     weight: int  # Σ the survivors' weights (examples, or 1 each under DP)
+    weighted_steps: int  # Σ weight × local steps, for step normalisation
     weight_scale: float  # the scale every client divided its weight by
+
+    def mean_factor(self, normalize_steps: bool) -> float:
+        """What turns the unmasked sum into the (step-normalised) weighted mean."""
+        factor = self.weight_scale / self.weight
+        return factor * self.weighted_steps / self.weight if normalize_steps else factor
 
 
 def wire_template(global_adapter: Tensors) -> Tensors:
@@ -32,13 +38,14 @@ def wire_template(global_adapter: Tensors) -> Tensors:
     return {name: torch.empty(value.shape, dtype=torch.int32) for name, value in global_adapter.items()}
 
 
-def open_masked_update(blob: bytes, key: UpdateKey, ctx: EnvelopeContext, template: Tensors) -> tuple[Tensors, int]:
+def open_masked_update(blob: bytes, key: UpdateKey, ctx: EnvelopeContext, template: Tensors) -> tuple[Tensors, int, int]:
+    """(residues, weight, local steps) of one masked update."""
     payload = open_sealed(blob, key, ctx)
     meta = read_metadata(payload)
     tensors = bytes_to_tensors(payload)
     check_update(tensors, template)
     positive_int(meta, "num_examples")
-    return from_wire(tensors), positive_int(meta, "weight")
+    return from_wire(tensors), positive_int(meta, "weight"), positive_int(meta, "local_steps")
 
 
 def sum_masked_updates(
@@ -56,21 +63,22 @@ def sum_masked_updates(
     report = AggregationReport()
     template = wire_template(global_adapter)
 
-    def opener(blob: bytes, key: UpdateKey, ctx: EnvelopeContext) -> tuple[Tensors, int]:
+    def opener(blob: bytes, key: UpdateKey, ctx: EnvelopeContext) -> tuple[Tensors, int, int]:
         return open_masked_update(blob, key, ctx, template)
 
     total: Tensors = {name: torch.zeros(value.shape, dtype=torch.int64) for name, value in template.items()}
-    weight = 0
-    for residues, client_weight in read_updates(config, round_number, clients, failed, keys, storage_options, report, opener):
+    weight = weighted_steps = 0
+    for residues, client_weight, steps in read_updates(config, round_number, clients, failed, keys, storage_options, report, opener):
         started = time.perf_counter()
         for name, value in residues.items():
             total[name].add_(value).remainder_(MODULUS)
         weight += client_weight
+        weighted_steps += client_weight * steps
         report.aggregate_s += time.perf_counter() - started
     needed = config.secagg_min_survivors
     rule = f"secure aggregation needs {needed} (aggregation.min_clients, secure_aggregation.threshold)"
     check_quorum(round_number, clients, report, needed, rule)
-    return MaskedSum(total, weight, weight_scale), report
+    return MaskedSum(total, weight, weighted_steps, weight_scale), report
 
 
 def finish_secure_round(
@@ -83,13 +91,14 @@ def finish_secure_round(
     dropped: Sequence[str],
     reveals: Mapping[str, str],
     keys: Mapping[str, UpdateKey],
+    strategy: Strategy,
 ) -> Tensors:
-    """The next global adapter from the unmasked sum. The clients already added any DP noise,
-    so the plain strategy applies the mean."""
+    """The next global adapter from the unmasked sum, by a strategy built with `secure_sum`:
+    the clients already normalised, clipped and noised what they masked."""
     total = unmask_sum(masked.residues, session, mask_publics, survivors, dropped, reveals, keys)
+    factor = masked.mean_factor(config.aggregation.normalize_steps)
     mean = {
-        name: (value * (masked.weight_scale / masked.weight)).to(global_adapter[name].dtype)
+        name: (value * factor).to(global_adapter[name].dtype)
         for name, value in decode(total, config.secure_aggregation.frac_bits).items()
     }
-    strategy = make_strategy(config.aggregation.strategy)
     return strategy.aggregate(session.round, global_adapter, [ClientUpdate("secure-sum", masked.weight, mean)])

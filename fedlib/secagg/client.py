@@ -25,7 +25,7 @@ class SecureRound:
 
 
 def masked_update(
-    config: FederationConfig, me: str, delta: Tensors, num_examples: int, secure: SecureRound
+    config: FederationConfig, me: str, delta: Tensors, num_examples: int, local_steps: int, secure: SecureRound
 ) -> tuple[Tensors, int]:
     """The masked, fixed-point update as int32 residues, and the weight it carries.
 
@@ -43,7 +43,8 @@ def masked_update(
         add_noise_share_inplace(weighted, p.noise_multiplier * p.clip_norm, config.secagg_min_survivors, generator)
     else:
         weight = num_examples
+    per_step = local_steps if config.aggregation.normalize_steps else 1  # FedNova: Δ/τ, rescaled by the aggregator
     for value in weighted.values():
-        value.mul_(weight / secure.weight_scale)
+        value.mul_(weight / secure.weight_scale / per_step)
     encoded = encode(weighted, config.secure_aggregation.frac_bits, parties=len(peers) + 1)
     return to_wire(mask_update(secure.ring, me, secure.session, peers, encoded)), weight

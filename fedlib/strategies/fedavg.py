@@ -1,12 +1,20 @@
-"""FedAvg (McMahan et al., 2017): the example-weighted mean of client deltas."""
+"""FedAvg (McMahan et al., 2017): the example-weighted mean of client deltas. FedProx (Li et al.,
+2020) aggregates the same way; its proximal term lives in the clients' training."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
-from fedlib.strategies.base import ClientUpdate, Tensors, strategies
+from fedlib.strategies.base import (
+    ClientUpdate,
+    Stateless,
+    Tensors,
+    add_delta,
+    strategies,
+)
 
 
 def weighted_delta_sum(updates: Iterable[ClientUpdate]) -> tuple[Tensors, int, int]:
@@ -25,13 +33,27 @@ def weighted_delta_sum(updates: Iterable[ClientUpdate]) -> tuple[Tensors, int, i
     return total, examples, count
 
 
+def weighted_mean_delta(round_number: int, updates: Iterable[ClientUpdate]) -> Tensors:
+    total, examples, count = weighted_delta_sum(updates)
+    if count == 0:
+        raise ValueError(f"round {round_number}: no updates to aggregate")
+    return {name: value / examples for name, value in total.items()}
+
+
 @strategies.register("fedavg")
-class FedAvg:
+class FedAvg(Stateless):
     def aggregate(self, round_number: int, global_state: Tensors, updates: Iterable[ClientUpdate]) -> Tensors:
-        total, examples, count = weighted_delta_sum(updates)
-        if count == 0:
-            raise ValueError(f"round {round_number}: no updates to aggregate")
-        return {
-            name: (value.to(torch.float64) + total[name] / examples).to(value.dtype)
-            for name, value in global_state.items()
-        }
+        return add_delta(global_state, weighted_mean_delta(round_number, updates))
+
+
+@strategies.register("fedprox")
+@dataclass
+class FedProx(FedAvg):
+    """`mu` weighs the clients' proximal term μ/2·‖w − w_global‖², which keeps non-IID clients
+    from drifting far from the global adapter in their local steps."""
+
+    mu: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.mu < 0:
+            raise ValueError(f"mu must be >= 0, got {self.mu}")

@@ -1,0 +1,227 @@
+"""Update codecs: what shrinks a client's delta before it is sealed, and grows it back after.
+
+Codecs stack in the configured order, inside the encrypted envelope. Tensor codecs turn named
+tensors into other named tensors and say how to undo it in a small JSON description; `zstd`
+works on the serialised bytes and must come last. The description travels in the
+authenticated payload, and the aggregator refuses any chain other than the configured one.
+Decoding trusts nothing else in the payload: every index, length and shape is checked, and a
+bad one is a `malformed` rejection rather than an exception deeper in.
+
+- `fp16`, `bf16`: half-precision floats (2× fewer bytes).
+- `int8`: per-row symmetric quantisation with one fp32 scale per row (about 4×). A 1-D tensor
+  is cut into rows of 256.
+- `topk`: the `topk_fraction` largest-magnitude entries of each tensor, with the gaps between
+  their sorted indices (small integers that zstd packs well).
+- `zstd`: lossless compression of the whole serialised payload.
+
+Error feedback (Seide et al., 2014; Karimireddy et al., 2019) is the client's business: what
+a lossy chain dropped this round is added back to the next round's delta (`fedlib.client`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import zstandard
+
+from fedlib.rejection import Reason, UpdateRejected
+
+Tensors = dict[str, torch.Tensor]
+TENSOR_CODECS = ("fp16", "bf16", "int8", "topk")
+CODECS = (*TENSOR_CODECS, "zstd")
+_INT8_ROW = 256
+
+
+def _bad(detail: str) -> UpdateRejected:
+    return UpdateRejected(Reason.MALFORMED, f"codec: {detail}")
+
+
+def _take(tensors: Tensors, name: str) -> torch.Tensor:
+    try:
+        return tensors.pop(name)
+    except KeyError:
+        raise _bad(f"missing tensor {name!r}") from None
+
+
+def _shape(value: Any, name: str) -> list[int]:
+    if not (isinstance(value, list) and all(isinstance(d, int) and d >= 0 for d in value) and len(value) <= 8):
+        raise _bad(f"{name}: bad shape {value!r}")
+    return value
+
+
+def _half(tensors: Tensors, dtype: torch.dtype) -> tuple[Tensors, dict]:
+    out, cast = {}, []
+    for name, value in tensors.items():
+        if value.is_floating_point():
+            out[name] = value.to(dtype)
+            cast.append(name)
+        else:
+            out[name] = value
+    return out, {"cast": cast}
+
+
+def _unhalf(tensors: Tensors, meta: dict, dtype: torch.dtype) -> Tensors:
+    for name in meta.get("cast", []):
+        if name not in tensors or tensors[name].dtype != dtype:
+            raise _bad(f"{name}: expected a {dtype} tensor")
+        tensors[name] = tensors[name].to(torch.float32)
+    return tensors
+
+
+def _int8(tensors: Tensors) -> tuple[Tensors, dict]:
+    out, shapes = {}, {}
+    for name, value in tensors.items():
+        if not value.is_floating_point():
+            out[name] = value
+            continue
+        flat = value.to(torch.float32)
+        rows = flat if flat.dim() == 2 else _rows_1d(flat.flatten())
+        scale = rows.abs().amax(dim=1).clamp_min(1e-30) / 127.0
+        out[f"{name}::q"] = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        out[f"{name}::scale"] = scale
+        shapes[name] = list(value.shape)
+    return out, {"shapes": shapes}
+
+
+def _rows_1d(flat: torch.Tensor) -> torch.Tensor:
+    pad = (-flat.numel()) % _INT8_ROW
+    return torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, _INT8_ROW)
+
+
+def _row_layout(shape: list[int]) -> tuple[int, int]:
+    """Rows × columns of the int8 matrix for a tensor of `shape`: its own rows if 2-D."""
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    return math.ceil(math.prod(shape) / _INT8_ROW), _INT8_ROW
+
+
+def _unint8(tensors: Tensors, meta: dict) -> Tensors:
+    for name, shape in meta.get("shapes", {}).items():
+        shape = _shape(shape, name)
+        q, scale = _take(tensors, f"{name}::q"), _take(tensors, f"{name}::scale")
+        rows, cols = _row_layout(shape)
+        if q.dtype != torch.int8 or q.shape != (rows, cols) or scale.dtype != torch.float32 or scale.shape != (rows,):
+            raise _bad(f"{name}: int8 rows and scales do not fit shape {shape}")
+        values = q.to(torch.float32) * scale[:, None]
+        tensors[name] = values.flatten()[: math.prod(shape)].reshape(shape)
+    return tensors
+
+
+def _topk(tensors: Tensors, fraction: float) -> tuple[Tensors, dict]:
+    out, shapes = {}, {}
+    for name, value in tensors.items():
+        if not value.is_floating_point():
+            out[name] = value
+            continue
+        flat = value.flatten()
+        k = max(1, math.ceil(fraction * flat.numel())) if flat.numel() else 0
+        index = torch.topk(flat.abs(), k, sorted=False).indices.sort().values if k else flat.new_zeros(0, dtype=torch.long)
+        gaps = torch.diff(index, prepend=index.new_zeros(1)) if k else index
+        out[f"{name}::gaps"] = gaps.to(torch.int32)
+        out[f"{name}::values"] = flat[index].to(torch.float32)
+        shapes[name] = list(value.shape)
+    return out, {"shapes": shapes}
+
+
+def _untopk(tensors: Tensors, meta: dict) -> Tensors:
+    for name, shape in meta.get("shapes", {}).items():
+        shape = _shape(shape, name)
+        gaps, values = _take(tensors, f"{name}::gaps"), _take(tensors, f"{name}::values")
+        numel = math.prod(shape)
+        if gaps.dtype != torch.int32 or gaps.dim() != 1 or values.shape != gaps.shape or values.numel() > numel:
+            raise _bad(f"{name}: top-k indices and values do not fit together")
+        if gaps.numel() and (int(gaps[0]) < 0 or (gaps.numel() > 1 and int(gaps[1:].min()) < 1)):
+            raise _bad(f"{name}: top-k indices not strictly increasing")
+        index = torch.cumsum(gaps.to(torch.int64), 0)
+        if index.numel() and int(index[-1]) >= numel:
+            raise _bad(f"{name}: top-k index beyond {numel} entries")
+        dense = torch.zeros(numel, dtype=torch.float32)
+        dense[index] = values.to(torch.float32)
+        tensors[name] = dense.reshape(shape)
+    return tensors
+
+
+@dataclass(frozen=True)
+class CodecChain:
+    """The configured codecs, in order; `zstd`, if present, last."""
+
+    names: tuple[str, ...] = ()
+    topk_fraction: float = 0.01
+    zstd_level: int = 3
+
+    def __post_init__(self) -> None:
+        unknown = [n for n in self.names if n not in CODECS]
+        if unknown:
+            raise ValueError(f"unknown codecs {unknown}; known: {list(CODECS)}")
+        if "zstd" in self.names[:-1]:
+            raise ValueError("zstd compresses bytes, so it must be the last codec")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"a codec appears twice in {list(self.names)}")
+        if not 0 < self.topk_fraction <= 1:
+            raise ValueError(f"topk_fraction must be in (0, 1], got {self.topk_fraction}")
+
+    @property
+    def tensor_codecs(self) -> tuple[str, ...]:
+        return tuple(n for n in self.names if n != "zstd")
+
+    @property
+    def lossy(self) -> bool:
+        return bool(self.tensor_codecs)
+
+    def encode(self, tensors: Tensors) -> tuple[Tensors, str]:
+        """The encoded tensors and the JSON that describes each step, for the payload metadata."""
+        steps: list[list[Any]] = []
+        for name in self.tensor_codecs:
+            if name == "fp16":
+                tensors, meta = _half(tensors, torch.float16)
+            elif name == "bf16":
+                tensors, meta = _half(tensors, torch.bfloat16)
+            elif name == "int8":
+                tensors, meta = _int8(tensors)
+            else:
+                tensors, meta = _topk(tensors, self.topk_fraction)
+            steps.append([name, meta])
+        return tensors, json.dumps(steps)
+
+    def decode(self, tensors: Tensors, description: str | None) -> Tensors:
+        """Undo `encode`, in reverse; the description must name exactly this chain."""
+        try:
+            steps = json.loads(description or "[]")
+            names = [step[0] for step in steps]
+        except (ValueError, TypeError, IndexError, KeyError):
+            raise _bad("unreadable codec description") from None
+        if names != list(self.tensor_codecs):
+            raise _bad(f"update encoded with {names}, this federation uses {list(self.tensor_codecs)}")
+        tensors = dict(tensors)
+        for name, meta in reversed(steps):
+            if not isinstance(meta, dict):
+                raise _bad(f"{name}: bad description")
+            if name == "fp16":
+                tensors = _unhalf(tensors, meta, torch.float16)
+            elif name == "bf16":
+                tensors = _unhalf(tensors, meta, torch.bfloat16)
+            elif name == "int8":
+                tensors = _unint8(tensors, meta)
+            else:
+                tensors = _untopk(tensors, meta)
+        return tensors
+
+    def compress(self, payload: bytes) -> bytes:
+        return zstandard.ZstdCompressor(level=self.zstd_level).compress(payload) if "zstd" in self.names else payload
+
+    def decompress(self, payload: bytes, max_bytes: int) -> bytes:
+        """Refuses to inflate past `max_bytes`, so a tiny object cannot become a huge one."""
+        if "zstd" not in self.names:
+            return payload
+        try:
+            reader = zstandard.ZstdDecompressor().stream_reader(payload)
+            data = reader.read(max_bytes + 1)
+        except zstandard.ZstdError as err:
+            raise _bad(f"zstd: {err}") from None
+        if len(data) > max_bytes:
+            raise UpdateRejected(Reason.TOO_LARGE, f"decompresses past {max_bytes} bytes")
+        return data

@@ -1,0 +1,183 @@
+"""Update codecs: round trips within each codec's error bound, stacking, refusal of anything
+but the configured chain, named rejections for malformed encodings, error feedback, and a real
+federation whose updates travel compressed."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from fedlib.codecs import CodecChain
+from fedlib.config import ConfigError, load_config, parse_config
+from fedlib.rejection import Reason, UpdateRejected
+from fedlib.serialization import bytes_to_tensors, tensors_to_bytes
+from flows.federated_training import federated_training
+from tests.conftest import tiny_config_dict, write_config
+
+
+def _delta(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "a.lora_A.weight": torch.randn(8, 300, generator=gen) * 0.01,
+        "a.lora_B.weight": torch.randn(96, 8, generator=gen) * 0.01,
+        "bias": torch.randn(1000, generator=gen) * 0.01,
+        "empty": torch.zeros(0, 4),
+    }
+
+
+def _round_trip(chain: CodecChain, tensors):
+    encoded, description = chain.encode(tensors)
+    payload = chain.compress(tensors_to_bytes(encoded, metadata={"codecs": description}))
+    decoded = chain.decode(bytes_to_tensors(chain.decompress(payload, 1 << 30)), description)
+    return decoded, len(payload)
+
+
+def test_no_codecs_is_the_identity():
+    delta = _delta()
+    decoded, size = _round_trip(CodecChain(), delta)
+    assert all(torch.equal(decoded[k], delta[k]) for k in delta)
+    assert size == len(tensors_to_bytes(delta, metadata={"codecs": "[]"}))
+
+
+@pytest.mark.parametrize(("codec", "relative_bound", "absolute_bound"), [("fp16", 2**-11, 2**-25), ("bf16", 2**-8, 0.0)])
+def test_half_precision_error_bound(codec, relative_bound, absolute_bound):
+    """Half a unit in the last place; fp16 also has a fixed step of 2^-24 below 2^-14 (subnormals)."""
+    delta = _delta()
+    decoded, _ = _round_trip(CodecChain((codec,)), delta)
+    for name, value in delta.items():
+        assert decoded[name].dtype == torch.float32 and decoded[name].shape == value.shape
+        assert torch.all((decoded[name] - value).abs() <= value.abs() * relative_bound + absolute_bound)
+
+
+def test_int8_error_is_at_most_half_a_step_per_row():
+    delta = _delta()
+    decoded, size = _round_trip(CodecChain(("int8",)), delta)
+    two_d = delta["a.lora_A.weight"]
+    step = two_d.abs().amax(dim=1, keepdim=True) / 127
+    assert torch.all((decoded["a.lora_A.weight"] - two_d).abs() <= step / 2 + 1e-9)
+    flat = delta["bias"]  # 1-D: rows of 256
+    rows = torch.cat([flat, flat.new_zeros(24)]).reshape(-1, 256)
+    bound = (rows.abs().amax(dim=1, keepdim=True) / 127 / 2).expand(-1, 256).flatten()[:1000]
+    assert torch.all((decoded["bias"] - flat).abs() <= bound + 1e-9)
+    assert size < len(tensors_to_bytes(delta)) / 3
+
+
+def test_topk_keeps_exactly_the_largest_entries():
+    delta = _delta()
+    decoded, _ = _round_trip(CodecChain(("topk",), topk_fraction=0.05), delta)
+    for name, value in delta.items():
+        kept = torch.count_nonzero(decoded[name]).item()
+        assert kept == (math.ceil(0.05 * value.numel()) if value.numel() else 0)
+        nonzero = decoded[name] != 0
+        assert torch.equal(decoded[name][nonzero], value[nonzero])  # kept values are exact
+        if kept:
+            assert value[~nonzero].abs().max() <= value[nonzero].abs().min()  # and they are the largest
+
+
+def test_stacked_chain_is_small_and_bounded():
+    delta = _delta()
+    chain = CodecChain(("topk", "int8", "zstd"), topk_fraction=0.02)
+    decoded, size = _round_trip(chain, delta)
+    fp32 = len(tensors_to_bytes(delta))
+    assert size * 20 < fp32
+    for name, value in delta.items():
+        nonzero = decoded[name] != 0
+        if value.numel():  # kept entries within int8's half step of their row (rows of 256 values)
+            assert (decoded[name][nonzero] - value[nonzero]).abs().max() <= value.abs().max() / 127
+
+
+def test_error_feedback_delivers_what_compression_held_back():
+    """Summed over rounds, what the aggregator decodes tracks what the client meant to send:
+    with feedback the gap stays one round's residual; without it, it grows every round."""
+    chain = CodecChain(("topk",), topk_fraction=0.1)
+    gen = torch.Generator().manual_seed(3)
+    residual = torch.zeros(2000)
+    sent_total, meant_total, lossy_total = torch.zeros(2000), torch.zeros(2000), torch.zeros(2000)
+    for _ in range(30):
+        update = torch.randn(2000, generator=gen) * 0.01 + 0.003  # a steady drift the small entries carry
+        meant_total += update
+        with_feedback = update + residual
+        encoded, description = chain.encode({"w": with_feedback})
+        decoded = chain.decode(encoded, description)["w"]
+        residual = with_feedback - decoded
+        sent_total += decoded
+        encoded, description = chain.encode({"w": update})
+        lossy_total += chain.decode(encoded, description)["w"]
+    assert torch.allclose(sent_total + residual, meant_total, atol=1e-5)  # nothing is lost, only delayed
+    assert (sent_total - meant_total).norm() < 0.5 * (lossy_total - meant_total).norm()
+
+
+def _encoded(chain: CodecChain):
+    encoded, description = chain.encode(_delta())
+    return dict(encoded), json.loads(description)
+
+
+@pytest.mark.parametrize(
+    ("chain", "mutate", "match"),
+    [
+        (CodecChain(("topk",)), lambda t, d: t["bias::gaps"].__setitem__(1, 0), "strictly increasing"),
+        (CodecChain(("topk",)), lambda t, d: t["bias::gaps"].__setitem__(-1, 10**6), "beyond 1000"),
+        (CodecChain(("topk",)), lambda t, d: t.pop("bias::values"), "missing tensor"),
+        (CodecChain(("int8",)), lambda t, d: t.__setitem__("bias::scale", torch.ones(3)), "do not fit"),
+        (CodecChain(("int8",)), lambda t, d: d[0][1]["shapes"].__setitem__("bias", [10**9]), "do not fit"),
+        (CodecChain(("int8",)), lambda t, d: d[0][1]["shapes"].__setitem__("bias", "x"), "bad shape"),
+        (CodecChain(("fp16",)), lambda t, d: t.__setitem__("bias", t["bias"].float()), "expected a torch.float16"),
+    ],
+)
+def test_malformed_encodings_are_named_rejections(chain, mutate, match):
+    tensors, description = _encoded(chain)
+    mutate(tensors, description)
+    with pytest.raises(UpdateRejected, match=match) as info:
+        chain.decode(tensors, json.dumps(description))
+    assert info.value.reason is Reason.MALFORMED
+
+
+def test_only_the_configured_chain_is_accepted_and_zstd_cannot_bomb():
+    encoded, description = CodecChain(("fp16",)).encode(_delta())
+    with pytest.raises(UpdateRejected, match=r"encoded with \['fp16'\], this federation uses \['int8'\]"):
+        CodecChain(("int8",)).decode(encoded, description)
+    bomb = CodecChain(("zstd",)).compress(b"\0" * 10_000_000)
+    assert len(bomb) < 10_000
+    with pytest.raises(UpdateRejected) as info:
+        CodecChain(("zstd",)).decompress(bomb, max_bytes=1_000_000)
+    assert info.value.reason is Reason.TOO_LARGE
+    with pytest.raises(UpdateRejected, match="zstd"):
+        CodecChain(("zstd",)).decompress(b"not zstd at all", 1000)
+
+
+def test_chain_rules_are_config_errors(tmp_path, corpus_dir, tiny_model_dir):
+    raw = tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir)
+    raw["compression"] = {"codecs": ["zstd", "topk"]}
+    with pytest.raises(ConfigError, match="fed.yaml: compression: zstd compresses bytes"):
+        parse_config(raw, "fed.yaml")
+    raw["compression"] = {"codecs": ["int8"]}
+    raw["secure_aggregation"] = {"enabled": True}
+    with pytest.raises(ConfigError, match="compression.codecs: masked updates are uniform noise"):
+        parse_config(raw, "fed.yaml")
+
+
+def test_a_federation_with_compressed_updates_and_error_feedback(tmp_path, corpus_dir, tiny_model_dir):
+    raw = tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir, clouds=("aws", "gcp"))
+    raw["compression"] = {"codecs": ["topk", "int8", "zstd"], "topk_fraction": 0.05}
+    path = write_config(tmp_path, raw)
+    manifests = federated_training(str(path))
+    config = load_config(path)
+    plain = [c["bytes_uploaded"] for m in manifests[1:] for c in m["clients"].values()]
+    adapter_bytes = manifests[1]["clients"]["aws"]["bytes_downloaded"]
+    assert adapter_bytes > 0 and all(b * 10 < adapter_bytes for b in plain)  # ≥10× smaller than the fp32 adapter
+    assert manifests[-1]["round"] == 2 and len(manifests[-1]["accepted"]) == 2
+    # Each client's residual sits in its own bucket, sealed: no safetensors header in the clear.
+    from fedlib import storage
+    from fedlib.federation import checkpoint_store, keyring, residual_store
+
+    for client in ("aws", "gcp"):
+        store = residual_store(config, keyring(config), client, None)
+        blob = storage.read_bytes(store.url)
+        assert b'"dtype"' not in blob and config.storage_url(config.cloud(client)) in store.url
+        residual = store.load_before(3)  # opens for its owner: what top-k held back, per tensor
+        assert set(residual) == set(checkpoint_store(config).adapter(2))
+        assert sum(float(t.abs().sum()) for t in residual.values()) > 0
+        assert store.load_before(2) == {}  # written in round 2: not a past round's residual there
