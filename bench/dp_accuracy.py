@@ -13,27 +13,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
-import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from flows.cli import _embedded_defaults  # noqa: E402
+from demo_runs import ROOT, demo_config, run_variant
 
 
 def run(raw: dict, privacy: dict | None) -> list[dict]:
-    from flows.federated_training import federated_training
-
-    with tempfile.TemporaryDirectory(prefix="fedlib-dp-") as tmp:
-        config = {**raw, "federation": {**raw.get("federation", {}), "data_dir": str(Path(tmp) / "data")}}
-        if privacy:
-            config["privacy"] = privacy
-        path = Path(tmp) / "dp.yaml"
-        path.write_text(yaml.safe_dump(config))
-        return federated_training(str(path))
+    return run_variant(raw, {"privacy": privacy} if privacy else {}, f"privacy {privacy}")[0]
 
 
 def main() -> int:
@@ -43,9 +29,7 @@ def main() -> int:
     parser.add_argument("--clip", type=float, default=0.5)
     parser.add_argument("--noise", type=float, nargs="+", default=[0.01, 0.1])
     args = parser.parse_args()
-    _embedded_defaults(verbose=False)
-    raw = yaml.safe_load(args.config.read_text())
-    raw.setdefault("training", {})["rounds"] = args.rounds
+    raw = demo_config(args.config, rounds=args.rounds)
 
     rows = [("no DP", run(raw, None))]
     for z in args.noise:

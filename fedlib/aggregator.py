@@ -102,13 +102,17 @@ def read_updates(
     storage_options: Mapping[str, Options] | None,
     report: AggregationReport,
     opener: Callable[[bytes, UpdateKey, EnvelopeContext], T],
+    late: Sequence[str] = (),
 ) -> Iterator[T]:
     """Download and open each expected client's object, one at a time; what fails to open is
-    recorded in `report` with its reason and skipped."""
+    recorded in `report` with its reason and skipped, as are the clients that failed and those
+    `late` past the round deadline (whose objects may land later and are never read)."""
     for client, why in failed.items():
         report.reject(client, Reason.CLIENT_FAILED, why)
+    for client in late:
+        report.reject(client, Reason.STRAGGLER, "not done by orchestration.round_deadline_s")
     for client in clients:
-        if client in failed:
+        if client in failed or client in late:
             continue
         started = time.perf_counter()
         try:
@@ -143,6 +147,7 @@ def aggregate_updates(
     keys: Mapping[str, UpdateKey],
     storage_options: Mapping[str, Options] | None = None,
     strategy: Strategy | None = None,
+    late: Sequence[str] = (),
 ) -> tuple[Tensors, AggregationReport]:
     """Stream each expected client's update through `open_client_update` into the strategy
     (`build_strategy`'s unless given; pass one to carry its state to the next round).
@@ -156,7 +161,7 @@ def aggregate_updates(
     def opener(blob: bytes, key: UpdateKey, ctx: EnvelopeContext) -> ClientUpdate:
         return open_client_update(blob, key, ctx, global_adapter, chain, max_bytes)
 
-    updates = read_updates(config, round_number, clients, failed, keys, storage_options, report, opener)
+    updates = read_updates(config, round_number, clients, failed, keys, storage_options, report, opener, late)
     started = time.perf_counter()
     strategy = strategy or build_strategy(config, round_number)
     try:

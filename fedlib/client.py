@@ -16,6 +16,7 @@ from fedlib.client_state import ResidualStore
 from fedlib.config import FederationConfig
 from fedlib.envelope import EnvelopeContext, UpdateKey, seal
 from fedlib.federation import Tensors, load_global_model, progress, update_url
+from fedlib.heterogeneity import emulated_slowdown
 from fedlib.model import adapter_state
 from fedlib.privacy.dp import clip_update_inplace, update_norm
 from fedlib.secagg.client import SecureRound, masked_update
@@ -56,13 +57,14 @@ class SealedUpdate:
 
 
 def train_delta(
-    config: FederationConfig, client: str, round_number: int, global_adapter: Tensors, shard: torch.Tensor
+    config: FederationConfig, client: str, round_number: int, global_adapter: Tensors, shard: torch.Tensor, steps: int
 ) -> tuple[Tensors, LocalTraining]:
     """Local training from the global adapter; returns trained minus global."""
     model = load_global_model(config, global_adapter)
     t = config.training
     generator = torch.Generator().manual_seed(client_seed(config, client, round_number))
-    result = train_lora(model, shard, t.local_steps, t.batch_size, t.learning_rate, generator, config.proximal_mu)
+    slowdown = emulated_slowdown(config, client)
+    result = train_lora(model, shard, steps, t.batch_size, t.learning_rate, generator, config.proximal_mu, slowdown)
     local = adapter_state(model)
     return {name: local[name] - global_adapter[name] for name in global_adapter}, result
 
@@ -76,6 +78,7 @@ def train_and_seal(
     key: UpdateKey,
     secure: SecureRound | None = None,
     residuals: ResidualStore | None = None,
+    local_steps: int | None = None,
 ) -> SealedUpdate:
     """Train, then seal the delta for the aggregator: masked (with `secure`), or through the
     configured codecs, with last round's residual added back when `residuals` is given.
@@ -83,7 +86,9 @@ def train_and_seal(
     The example and step counts travel inside the authenticated payload so a storage provider
     cannot re-weight a client."""
     started = time.perf_counter()
-    delta, result = train_delta(config, client, round_number, global_adapter, shard)
+    t = config.training
+    steps = local_steps or t.local_steps
+    delta, result = train_delta(config, client, round_number, global_adapter, shard, steps)
     norm = update_norm(delta)
     chain = config.compression.chain
     if residuals is not None and chain.lossy:
@@ -93,11 +98,10 @@ def train_and_seal(
     if config.privacy.enabled:  # the unclipped update never leaves the client
         clip_update_inplace(delta, config.privacy.clip_norm)
     trained = time.perf_counter()
-    t = config.training
-    metadata = {"num_examples": str(len(shard)), "local_steps": str(t.local_steps), "train_loss": repr(result.mean_loss)}
+    metadata = {"num_examples": str(len(shard)), "local_steps": str(steps), "train_loss": repr(result.mean_loss)}
     residual_blob = None
     if secure is not None:
-        tensors, weight = masked_update(config, client, delta, len(shard), t.local_steps, secure)
+        tensors, weight = masked_update(config, client, delta, len(shard), steps, secure)
         metadata["weight"] = str(weight)
     else:
         tensors, metadata["codecs"] = chain.encode(delta)
@@ -117,7 +121,7 @@ def train_and_seal(
         train_s=trained - started,
         encrypt_upload_s=time.perf_counter() - trained,
         update_norm=norm,
-        local_steps=t.local_steps,
+        local_steps=steps,
     )
     return SealedUpdate(report=report, blob=blob, residual_blob=residual_blob)
 

@@ -93,11 +93,19 @@ class LoraSettings(_Strict):
 
 
 class TrainingConfig(_Strict):
+    """`step_budget: deadline` gives each cloud as many local steps as its speed fits into
+    `orchestration.round_deadline_s` (capped by its `capacity_steps`), from `seconds_per_step`
+    at speed 1, or from what the last round measured. `emulate_speed` makes one machine play
+    clouds of different speeds by pausing slower clients after each step (benchmarks only)."""
+
     rounds: int = Field(3, ge=1)
     local_steps: int = Field(10, ge=1)
     batch_size: int = Field(4, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     torch_threads: int | None = Field(None, ge=1)
+    step_budget: Literal["equal", "deadline"] = "equal"
+    seconds_per_step: float | None = Field(None, gt=0)
+    emulate_speed: bool = False
 
 
 class AggregationConfig(_Strict):
@@ -128,6 +136,17 @@ class AggregationConfig(_Strict):
         return make_strategy(self.strategy, self.options).from_mean_only
 
 
+class CloudProfile(_Strict):
+    """How fast and how dear a cloud's GPUs are: `speed` relative to the other clouds, the
+    price of an hour of its compute, the price of a GB leaving it, and `capacity_steps`, the most
+    local steps its quota allows in one round."""
+
+    speed: float = Field(1.0, gt=0)
+    price_per_hour: float = Field(0.0, ge=0)
+    egress_per_gb: float = Field(0.0, ge=0)
+    capacity_steps: int | None = Field(None, ge=1)
+
+
 class CloudConfig(_Strict):
     """One client: its data and GPUs live in one cloud, and it writes only to that cloud's bucket."""
 
@@ -137,6 +156,7 @@ class CloudConfig(_Strict):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     secret_block: str | None = None
     work_pool: str | None = None
+    profile: CloudProfile = CloudProfile()
 
     @field_validator("storage_options")
     @classmethod
@@ -217,6 +237,7 @@ class OrchestrationConfig(_Strict):
     client_deployment: str = "client-training/{cloud}"
     client_timeout_s: float = Field(3600, gt=0)
     upload_retries: int = Field(5, ge=0)
+    round_deadline_s: float | None = Field(None, gt=0)  # clients not done by then are left out as stragglers
 
 
 class TrackingConfig(_Strict):
@@ -227,10 +248,21 @@ class TrackingConfig(_Strict):
     artifact_location: str | None = None
 
 
+class BudgetConfig(_Strict):
+    """Stop the federation before a round would spend past these (estimated from the last round)."""
+
+    bytes: int | None = Field(None, ge=1)  # bytes across cloud boundaries, all rounds
+    money: float | None = Field(None, gt=0)  # compute + egress, in the profiles' currency
+
+
 class FederationSettings(_Strict):
+    """`clients_per_round` samples that many clients each round (reproducibly from the seed);
+    unset, every client takes part every round."""
+
     id: str = "demo"
     data_dir: str = ".fedlib/demo"
     seed: int = 0
+    clients_per_round: int | None = Field(None, ge=1)
 
     @field_validator("id")
     @classmethod
@@ -254,6 +286,7 @@ class FederationConfig(_Strict):
     privacy: PrivacyConfig = PrivacyConfig()
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     compression: CompressionConfig = CompressionConfig()
+    budget: BudgetConfig = BudgetConfig()
     clouds: tuple[CloudConfig, ...] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -266,6 +299,14 @@ class FederationConfig(_Strict):
                 f"aggregation.min_clients={self.aggregation.min_clients} exceeds the "
                 f"{len(self.clouds)} configured clouds"
             )
+        per_round = self.federation.clients_per_round
+        if per_round is not None and not self.aggregation.min_clients <= per_round <= len(self.clouds):
+            raise ValueError(
+                f"federation.clients_per_round={per_round} must be between aggregation.min_clients="
+                f"{self.aggregation.min_clients} and the {len(self.clouds)} configured clouds"
+            )
+        if self.training.step_budget == "deadline" and self.orchestration.round_deadline_s is None:
+            raise ValueError("training.step_budget=deadline needs orchestration.round_deadline_s")
         secure = self.secure_aggregation
         if secure.enabled:
             if len(self.clouds) < 2:
@@ -287,6 +328,11 @@ class FederationConfig(_Strict):
                 f"privacy.enabled: DP-FedAvg adds noise to a mean, and {self.aggregation.strategy!r} does not aggregate one"
             )
         return self
+
+    @property
+    def client_sample_rate(self) -> float:
+        """The fraction of clients in each round: the DP accountant's sampling rate."""
+        return (self.federation.clients_per_round or len(self.clouds)) / len(self.clouds)
 
     @property
     def proximal_mu(self) -> float:

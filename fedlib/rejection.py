@@ -20,6 +20,7 @@ class Reason(str, Enum):
     DTYPE_MISMATCH = "dtype_mismatch"
     NON_FINITE = "non_finite"
     CLIENT_FAILED = "client_failed"
+    STRAGGLER = "straggler"  # not done by the round deadline
 
 
 class UpdateRejected(Exception):

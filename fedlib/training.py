@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -27,17 +28,21 @@ def train_lora(
     learning_rate: float,
     generator: torch.Generator,
     proximal_mu: float = 0.0,
+    slowdown: float = 1.0,
 ) -> LocalTraining:
     """Plain causal-LM loss (labels = inputs) on batches drawn with replacement from the shard,
     plus FedProx's μ/2·‖w − w_start‖² over the trainable weights when `proximal_mu` > 0.
 
-    Sampling uses the passed generator so that a client's batches are reproducible per round."""
+    Sampling uses the passed generator so that a client's batches are reproducible per round.
+    `slowdown` > 1 pauses after each step so that it takes that many times as long: how one
+    machine plays a slower cloud in benchmarks."""
     params = [p for p in model.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     model.train()
     losses = []
     for _ in range(steps):
+        step_started = time.perf_counter()
         index = torch.randint(len(blocks), (min(batch_size, len(blocks)),), generator=generator)
         batch = blocks[index]  # [b, seq_len]
         loss = model(input_ids=batch, labels=batch).loss
@@ -50,6 +55,8 @@ def train_lora(
         objective.backward()
         optimizer.step()
         losses.append(loss.item())
+        if slowdown > 1:
+            time.sleep((time.perf_counter() - step_started) * (slowdown - 1))
     model.eval()
     return LocalTraining(losses=tuple(losses), examples_seen=steps * min(batch_size, len(blocks)))
 

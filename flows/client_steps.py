@@ -1,11 +1,13 @@
 """Run one step on a set of clients, all at once, where the clients run: as tasks in this
 process (`orchestration.dispatch: local`) or as each cloud's `client-training` deployment on its
-own work pool. A client whose step fails is data for the round, not a crash."""
+own work pool. A client whose step fails is data for the round, not a crash; one that is not
+done by the deadline is a straggler, left out of the round (it may finish later, unread)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import get_run_logger
@@ -18,20 +20,29 @@ from tasks.secagg import secagg_reveal, secagg_setup
 
 
 @dataclass(frozen=True)
+class StepResults:
+    results: dict[str, Any] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # client -> what went wrong
+    late: list[str] = field(default_factory=list)  # not done by the deadline
+
+
+@dataclass(frozen=True)
 class ClientSteps:
     config: FederationConfig
     config_path: str | None
     round_number: int
     assignment: dict[str, list[int]]
+    local_steps: dict[str, int]
 
     def _submit(self, client: str, step: str, secure: dict[str, Any]) -> Any:
         c, r = self.config, self.round_number
+        steps = self.local_steps.get(client, c.training.local_steps)
         if c.orchestration.dispatch == "deployments":
             if self.config_path is None:
                 raise ValueError("orchestration.dispatch=deployments needs the config file's path for the client runs")
-            return dispatch_client.submit(c, self.config_path, client, r, step, secure or None)
+            return dispatch_client.submit(c, self.config_path, client, r, step, secure or None, steps)
         if step == "train":
-            return submit_client_round(c, client, r, self.assignment[client], secure or None)
+            return submit_client_round(c, client, r, self.assignment[client], secure or None, steps)
         if step == "setup":
             return secagg_setup.submit(c, client, r, secure["session_id"])
         return secagg_reveal.submit(c, client, r, **secure)
@@ -43,16 +54,24 @@ class ClientSteps:
         return ClientReport(**value) if step == "train" else value["reveal"] if step == "reveal" else value
 
     def run(
-        self, step: str, clients: Iterable[str], secure: Callable[[str], dict[str, Any]] = lambda _: {}
-    ) -> tuple[dict[str, Any], dict[str, str]]:
-        """(results, failures) by client; `secure(client)` gives that client's secagg inputs."""
+        self,
+        step: str,
+        clients: Iterable[str],
+        secure: Callable[[str], dict[str, Any]] = lambda _: {},
+        deadline_s: float | None = None,
+    ) -> StepResults:
+        """`secure(client)` gives that client's secagg inputs; `deadline_s` counts from now."""
+        started = time.monotonic()
         futures = {client: self._submit(client, step, secure(client)) for client in clients}
-        results: dict[str, Any] = {}
-        failed: dict[str, str] = {}
+        out = StepResults()
         for client, future in futures.items():
+            timeout = None if deadline_s is None else max(0.01, started + deadline_s - time.monotonic())
             try:
-                results[client] = self._result(step, future.result())
+                out.results[client] = self._result(step, future.result(timeout=timeout))
+            except TimeoutError:
+                out.late.append(client)
+                get_run_logger().warning("round %d: %s is a straggler: no %s within %.0f s", self.round_number, client, step, deadline_s)
             except Exception as err:  # noqa: BLE001 - recorded, and the round decides on quorum
-                failed[client] = f"{type(err).__name__}: {err}"
-                get_run_logger().warning("round %d: %s %s failed: %s", self.round_number, client, step, failed[client])
-        return results, failed
+                out.failed[client] = f"{type(err).__name__}: {err}"
+                get_run_logger().warning("round %d: %s %s failed: %s", self.round_number, client, step, out.failed[client])
+        return out

@@ -42,9 +42,11 @@ def client_training(
     round_number: int,
     step: Literal["train", "setup", "reveal"] = "train",
     secure: dict[str, Any] | None = None,
+    local_steps: int | None = None,
 ) -> dict[str, Any]:
     """`secure` carries the secure-aggregation session id, this client's relayed inbox, and the
-    weight scale (`train`) or the survivors and the dropped clients (`reveal`)."""
+    weight scale (`train`) or the survivors and the dropped clients (`reveal`). `local_steps`
+    is this cloud's step budget for the round when it differs from `training.local_steps`."""
     config = load_config(config_path)
     secure = secure or {}
     if step == "setup":
@@ -52,5 +54,5 @@ def client_training(
     if step == "reveal":
         return {"reveal": secagg_reveal(config, client, round_number, **secure)}
     blocks = partition_data(config)[client]
-    client_round = submit_client_round(config, client, round_number, blocks, secure or None)
+    client_round = submit_client_round(config, client, round_number, blocks, secure or None, local_steps)
     return asdict(client_round.result())

@@ -18,6 +18,7 @@ from fedlib.aggregator import AggregationReport
 from fedlib.client import ClientReport
 from fedlib.config import FederationConfig
 from fedlib.federation import Tensors, checkpoint_store, progress
+from fedlib.heterogeneity import round_cost, sample_clients, step_budgets
 from fedlib.privacy.accountant import privacy_spent
 from fedlib.rejection import QuorumNotMet
 from fedlib.secagg.protocol import relay_setups
@@ -35,7 +36,8 @@ def secure_round(
     config, round_number = steps.config, steps.round_number
     session_id = secrets.token_hex(8)
     started = time.perf_counter()
-    setups, failed = steps.run("setup", clients, lambda _: {"session_id": session_id})
+    setup = steps.run("setup", clients, lambda _: {"session_id": session_id})
+    setups, failed = setup.results, {**setup.failed, **{c: "secagg setup not done in time" for c in setup.late}}
     if len(setups) < config.secagg_min_survivors:
         raise QuorumNotMet(f"round {round_number}: {len(setups)} clients completed the secure-aggregation setup, "
                            f"{config.secagg_min_survivors} needed ({failed})")
@@ -43,17 +45,22 @@ def secure_round(
     # Every participant's weight over their sum: the unmasked sum is the mean if nobody drops.
     scale = float(len(setups) if config.privacy.enabled else sum(len(steps.assignment[c]) for c in setups))
     setup_s = time.perf_counter() - started
-    reports, train_failed = steps.run(
-        "train", sorted(setups), lambda c: {"session_id": session_id, "inbox": inboxes[c], "weight_scale": scale}
+    training = steps.run(
+        "train",
+        sorted(setups),
+        lambda c: {"session_id": session_id, "inbox": inboxes[c], "weight_scale": scale},
+        config.orchestration.round_deadline_s,
     )
+    reports = training.results
     trained = time.perf_counter()
-    masked, report = sum_masked_round(config, round_number, clients, {**failed, **train_failed}, scale)
+    masked, report = sum_masked_round(config, round_number, clients, {**failed, **training.failed}, training.late, scale)
     survivors = list(report.accepted)
     dropped = [c for c in sorted(setups) if c not in survivors]
     reveal_started = time.perf_counter()
-    reveals, reveal_failed = steps.run(
+    revealed = steps.run(
         "reveal", survivors, lambda c: {"session_id": session_id, "inbox": inboxes[c], "survivors": survivors, "dropped": dropped}
     )
+    reveals = revealed.results
     publics = {c: s["mask_public"] for c, s in setups.items()}
     adapter, state = unmask_round(config, round_number, session_id, masked, publics, survivors, dropped, reveals)
     info = {
@@ -62,7 +69,7 @@ def secure_round(
         "setup_failed": sorted(failed),
         "dropped_after_setup": dropped,
         "revealed_by": sorted(reveals),
-        "reveal_failed": reveal_failed,
+        "reveal_failed": {**revealed.failed, **{c: "not done" for c in revealed.late}},
         "timings": {
             "secagg_setup_s": setup_s,
             "clients_wall_s": trained - started - setup_s,
@@ -86,31 +93,43 @@ def federated_round(
     progress.info("round %d started", round_number)
     assignment = partition_data(config)  # cached: computed once per lineage, read back after
     partitioned = time.perf_counter()
-    steps = ClientSteps(config, config_path, round_number, assignment)
-    clients = [c.name for c in config.clouds]
+    store = checkpoint_store(config)
+    previous = store.manifest(round_number - 1)
+    clients = sample_clients(config, round_number)
+    budgets = step_budgets(config, clients, previous)
+    steps = ClientSteps(config, config_path, round_number, assignment, budgets)
     secure: dict[str, Any] = {}
     if config.secure_aggregation.enabled:
         adapter, state, report, reports, secure = secure_round(steps, clients)
         client_timings = secure.pop("timings")
     else:
-        reports, failed = steps.run("train", clients)
+        training = steps.run("train", clients, deadline_s=config.orchestration.round_deadline_s)
+        reports = training.results
         client_timings = {"clients_wall_s": time.perf_counter() - partitioned}
-        adapter, report, state = aggregate_round(config, round_number, clients, failed)
+        adapter, report, state = aggregate_round(config, round_number, clients, training.failed, training.late)
     eval_started = time.perf_counter()
     eval_loss = evaluate_global(config, round_number, adapter)
     evaluated = time.perf_counter()
+    all_reports = {c: asdict(r) for c, r in reports.items()}
+    stragglers = sorted(c for c, r in report.rejected.items() if r["reason"] == "straggler")
     manifest = {
         "federation": config.federation.id,
         "target_round": target_round,
         "mlflow_run_id": run_id,
         "strategy": config.aggregation.strategy,
-        "parent_adapter_sha256": checkpoint_store(config).manifest(round_number - 1)["adapter_sha256"],
-        "clients": {c: asdict(r) for c, r in reports.items() if c in report.accepted},
+        "aggregation": config.aggregation.model_dump(mode="json"),
+        "codecs": list(config.compression.codecs),
+        "parent_adapter_sha256": previous["adapter_sha256"],
+        "sampled": clients,
+        "step_budgets": budgets,
+        "stragglers": stragglers,
+        "clients": {c: r for c, r in all_reports.items() if c in report.accepted},
+        "cost": round_cost(config, all_reports, stragglers),
         "accepted": report.accepted,
         "rejected": report.rejected,
         "eval_loss": eval_loss,
         "perplexity": math.exp(eval_loss),
-        **privacy_spent(config.privacy, round_number),
+        **privacy_spent(config, round_number),
         **({"secure_aggregation": secure} if secure else {}),
         "timings": {
             "partition_s": partitioned - started,

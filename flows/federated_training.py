@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 from fedlib.checkpoint import plan_rounds
 from fedlib.config import FederationConfig, load_config
 from fedlib.federation import checkpoint_store, keyring, progress
+from fedlib.heterogeneity import budget_stop
 from fedlib.privacy.accountant import over_budget
 from flows.federated_round import federated_round
 from tasks.aggregate import commit_round, evaluate_global, make_initial_adapter
@@ -71,11 +72,13 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
     status = "FAILED"
     try:
         for round_number in range(plan.first, plan.last + 1):
-            epsilon = over_budget(config.privacy, round_number)
+            epsilon = over_budget(config, round_number)
+            stop = budget_stop(config, manifests)
             if epsilon is not None:
-                message = f"privacy budget: round {round_number} would reach ε={epsilon:.3f} > {config.privacy.epsilon_budget}; stopping"
-                logger.warning(message)
-                progress.warning(message)
+                stop = f"privacy budget: round {round_number} would reach ε={epsilon:.3f} > {config.privacy.epsilon_budget}"
+            if stop is not None:
+                logger.warning("%s; stopping before round %d", stop, round_number)
+                progress.warning("%s; stopping before round %d", stop, round_number)
                 break
             manifests.append(federated_round(config, round_number, run_id, plan.last, config_path))
             track_round(config, run_id, round_number, manifests)

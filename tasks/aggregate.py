@@ -23,7 +23,7 @@ from tasks.storage import storage_options
 
 @task(name="aggregate", task_run_name="aggregate-round-{round_number}", cache_policy=NO_CACHE)
 def aggregate_round(
-    config: FederationConfig, round_number: int, clients: list[str], failed: dict[str, str]
+    config: FederationConfig, round_number: int, clients: list[str], failed: dict[str, str], late: list[str]
 ) -> tuple[Tensors, AggregationReport, Tensors]:
     """The next adapter, the report, and the strategy's state for the next round."""
     ring = keyring(config)
@@ -32,7 +32,7 @@ def aggregate_round(
     strategy = build_strategy(config, round_number, store.strategy_state(round_number - 1))
     options = storage_options(config, clients)
     keys = {client: aggregator_update_key(ring, client) for client in clients}
-    adapter, report = aggregate_updates(config, round_number, global_adapter, clients, failed, keys, options, strategy)
+    adapter, report = aggregate_updates(config, round_number, global_adapter, clients, failed, keys, options, strategy, late)
     logger = get_run_logger()
     for client, why in report.rejected.items():
         logger.warning("round %d: update from %s rejected (%s): %s", round_number, client, why["reason"], why["detail"])

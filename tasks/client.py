@@ -6,6 +6,7 @@ not the training.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,6 +30,7 @@ def train_client(
     round_number: int,
     blocks: list[int],
     secure: dict[str, Any] | None = None,
+    local_steps: int | None = None,
 ) -> SealedUpdate:
     """With `secure` (the secure-aggregation session id, the peers' relayed setup messages in
     `inbox`, and the `weight_scale`), the update is masked."""
@@ -41,7 +43,7 @@ def train_client(
         masking = SecureRound(ring, session, secure["inbox"], float(secure["weight_scale"]))
     residuals = _residuals(config, client) if config.compression.error_feedback else None
     key = client_update_key(ring, client)
-    sealed = train_and_seal(config, client, round_number, global_adapter, shard, key, masking, residuals)
+    sealed = train_and_seal(config, client, round_number, global_adapter, shard, key, masking, residuals, local_steps)
     return replace(sealed, report=replace(sealed.report, bytes_downloaded=downloaded))
 
 
@@ -68,11 +70,14 @@ class ClientRound:
     trained: PrefectFuture
     uploaded: PrefectFuture
 
-    def result(self) -> ClientReport:
+    def result(self, timeout: float | None = None) -> ClientReport:
         """The upload's report, or the error of the stage that failed first (an upload that never
-        started because training failed would only say that it is unfinished)."""
-        self.trained.result()
-        return self.uploaded.result()
+        started because training failed would only say that it is unfinished). `timeout` covers
+        both stages."""
+        started = time.monotonic()
+        self.trained.result(timeout=timeout)
+        left = None if timeout is None else max(0.01, timeout - (time.monotonic() - started))
+        return self.uploaded.result(timeout=left)
 
 
 def submit_client_round(
@@ -81,8 +86,9 @@ def submit_client_round(
     round_number: int,
     blocks: list[int],
     secure: dict[str, Any] | None = None,
+    local_steps: int | None = None,
 ) -> ClientRound:
     """train → upload, as two tasks that run concurrently with other clients'."""
-    trained = train_client.submit(config, client, round_number, blocks, secure)
+    trained = train_client.submit(config, client, round_number, blocks, secure, local_steps)
     upload = upload_update.with_options(retries=config.orchestration.upload_retries)
     return ClientRound(trained, upload.submit(config, trained))

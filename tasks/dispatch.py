@@ -28,6 +28,7 @@ def dispatch_client(
     round_number: int,
     step: str = "train",
     secure: dict[str, Any] | None = None,
+    local_steps: int | None = None,
 ) -> Any:
     """The client flow's JSON result: a report for `train`, a message for the secagg steps."""
     deployment = config.orchestration.client_deployment.format(cloud=client)
@@ -35,6 +36,8 @@ def dispatch_client(
     parameters: dict[str, Any] = {"config_path": config_path, "client": client, "round_number": round_number}
     if step != "train" or secure:
         parameters.update(step=step, secure=secure)
+    if step == "train" and local_steps is not None and local_steps != config.training.local_steps:
+        parameters["local_steps"] = local_steps
     run = run_deployment(
         deployment, parameters=parameters, flow_run_name=client_run_name(client, round_number, step), timeout=timeout
     )

@@ -37,13 +37,18 @@ def secagg_reveal(
 
 @task(name="sum-masked", task_run_name="sum-masked-round-{round_number}", cache_policy=NO_CACHE)
 def sum_masked_round(
-    config: FederationConfig, round_number: int, clients: list[str], failed: dict[str, str], weight_scale: float
+    config: FederationConfig,
+    round_number: int,
+    clients: list[str],
+    failed: dict[str, str],
+    late: list[str],
+    weight_scale: float,
 ) -> tuple[MaskedSum, AggregationReport]:
     ring = keyring(config)
     global_adapter = checkpoint_store(config, ring).adapter(round_number - 1)
     keys = {client: aggregator_update_key(ring, client) for client in clients}
     options = storage_options(config, clients)
-    masked, report = sum_masked_updates(config, round_number, global_adapter, clients, failed, keys, weight_scale, options)
+    masked, report = sum_masked_updates(config, round_number, global_adapter, clients, failed, keys, weight_scale, options, late)
     logger = get_run_logger()
     for client, why in report.rejected.items():
         logger.warning("round %d: %s left out of the secure sum (%s): %s", round_number, client, why["reason"], why["detail"])

@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
 from fedlib.federation import Tensors, load_global_model
+from fedlib.heterogeneity import round_bytes
 from fedlib.plots import progress_figure
 
 
@@ -57,12 +58,18 @@ def round_metrics(manifest: dict[str, Any]) -> dict[str, float]:
     """The numbers of one committed round, named for MLflow's metric groups."""
     metrics = {"eval/loss": manifest["eval_loss"], "eval/perplexity": manifest["perplexity"]}
     for client, report in manifest.get("clients", {}).items():
-        for field in ("train_loss", "num_examples", "bytes_uploaded", "train_s", "encrypt_upload_s", "update_norm"):
-            metrics[f"client/{client}/{field}"] = report[field]
+        for field in ("train_loss", "num_examples", "bytes_uploaded", "bytes_downloaded", "train_s", "encrypt_upload_s", "update_norm", "local_steps"):
+            if field in report:
+                metrics[f"client/{client}/{field}"] = report[field]
+    for client, money in manifest.get("cost", {}).items():
+        metrics[f"cost/{client}"] = money
     if manifest["round"] > 0:
         metrics["round/bytes_uploaded"] = sum(r["bytes_uploaded"] for r in manifest["clients"].values())
+        metrics["round/bytes_crossing_clouds"] = round_bytes(manifest)
+        metrics["round/cost"] = sum(manifest.get("cost", {}).values())
         metrics["round/accepted"] = len(manifest["accepted"])
         metrics["round/rejected"] = len(manifest["rejected"])
+        metrics["round/stragglers"] = len(manifest.get("stragglers", []))
     if "epsilon" in manifest:
         metrics["privacy/epsilon"] = manifest["epsilon"]
     for stage, seconds in manifest.get("timings", {}).items():

@@ -1,17 +1,16 @@
 """ε for the rounds run so far, from opacus's RDP accountant (not a hand-written one).
 
 One federated round is one step of the subsampled Gaussian mechanism, with the sampling rate
-being the fraction of clients that take part (1.0 while every client trains every round).
+being the fraction of clients that take part (`federation.clients_per_round` over the clouds;
+1.0 when every client trains every round). opacus analyses Poisson sampling; sampling a fixed
+k of n, as the federation does, is the usual close approximation.
 """
 
 from __future__ import annotations
 
 from opacus.accountants import RDPAccountant
 
-from fedlib.config import PrivacyConfig
-
-# Every client takes part in every round for now; partial participation will lower this.
-CLIENT_SAMPLE_RATE = 1.0
+from fedlib.config import FederationConfig
 
 
 def epsilon_after(rounds: int, noise_multiplier: float, sample_rate: float, delta: float) -> float:
@@ -22,19 +21,21 @@ def epsilon_after(rounds: int, noise_multiplier: float, sample_rate: float, delt
     return float(accountant.get_epsilon(delta))
 
 
-def privacy_spent(privacy: PrivacyConfig, round_number: int) -> dict[str, float]:
+def privacy_spent(config: FederationConfig, round_number: int) -> dict[str, float]:
     """What a round's manifest records: ε and δ after `round_number` DP rounds (nothing when off)."""
+    privacy = config.privacy
     if not privacy.enabled:
         return {}
-    epsilon = epsilon_after(round_number, privacy.noise_multiplier, CLIENT_SAMPLE_RATE, privacy.delta)
+    epsilon = epsilon_after(round_number, privacy.noise_multiplier, config.client_sample_rate, privacy.delta)
     return {"epsilon": epsilon, "delta": privacy.delta}
 
 
-def over_budget(privacy: PrivacyConfig, round_number: int) -> float | None:
+def over_budget(config: FederationConfig, round_number: int) -> float | None:
     """The ε that running `round_number` would reach, if that passes the budget; else None."""
+    privacy = config.privacy
     if not (privacy.enabled and privacy.epsilon_budget):
         return None
-    epsilon = epsilon_after(round_number, privacy.noise_multiplier, CLIENT_SAMPLE_RATE, privacy.delta)
+    epsilon = epsilon_after(round_number, privacy.noise_multiplier, config.client_sample_rate, privacy.delta)
     return epsilon if epsilon > privacy.epsilon_budget else None
 
 

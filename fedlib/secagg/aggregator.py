@@ -57,6 +57,7 @@ def sum_masked_updates(
     keys: Mapping[str, UpdateKey],
     weight_scale: float,
     storage_options: Mapping[str, Options] | None = None,
+    late: Sequence[str] = (),
 ) -> tuple[MaskedSum, AggregationReport]:
     """Streamed like plain aggregation: one update in memory at a time. Needs at least
     `secagg_min_survivors` updates, or the masks could not be removed."""
@@ -68,7 +69,8 @@ def sum_masked_updates(
 
     total: Tensors = {name: torch.zeros(value.shape, dtype=torch.int64) for name, value in template.items()}
     weight = weighted_steps = 0
-    for residues, client_weight, steps in read_updates(config, round_number, clients, failed, keys, storage_options, report, opener):
+    updates = read_updates(config, round_number, clients, failed, keys, storage_options, report, opener, late)
+    for residues, client_weight, steps in updates:
         started = time.perf_counter()
         for name, value in residues.items():
             total[name].add_(value).remainder_(MODULUS)

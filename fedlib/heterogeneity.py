@@ -1,0 +1,102 @@
+"""Clouds that differ: who takes part in a round, how many local steps each runs, what a round
+costs, and whether the federation can afford the next one."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fedlib.config import FederationConfig
+
+
+def sample_clients(config: FederationConfig, round_number: int) -> list[str]:
+    """`clients_per_round` of the clouds, drawn from (seed, round): the same on every re-run."""
+    names = [c.name for c in config.clouds]
+    k = config.federation.clients_per_round
+    if k is None or k >= len(names):
+        return names
+    digest = hashlib.sha256(f"{config.federation.seed}/sample/{round_number}".encode()).digest()
+    chosen = set(random.Random(int.from_bytes(digest[:8], "little")).sample(names, k))
+    return [n for n in names if n in chosen]
+
+
+def seconds_per_step(config: FederationConfig, previous: Mapping[str, Any] | None) -> float | None:
+    """Seconds one local step takes at speed 1: the config's figure, else the median of what
+    the last round's clients measured (their training time × speed / steps)."""
+    if config.training.seconds_per_step is not None:
+        return config.training.seconds_per_step
+    measured = [
+        report["train_s"] * config.cloud(client).profile.speed / report["local_steps"]
+        for client, report in (previous or {}).get("clients", {}).items()
+        if report.get("local_steps")
+    ]
+    return statistics.median(measured) if measured else None
+
+
+def step_budgets(config: FederationConfig, clients: Sequence[str], previous: Mapping[str, Any] | None) -> dict[str, int]:
+    """Local steps per client this round. `equal`: training.local_steps for everyone (capped by
+    capacity). `deadline`: what each cloud's speed fits into 90% of the round deadline, leaving
+    the rest for upload and aggregation; until a step has been timed, local_steps."""
+    t = config.training
+    spent = seconds_per_step(config, previous) if t.step_budget == "deadline" else None
+    budgets = {}
+    for client in clients:
+        profile = config.cloud(client).profile
+        steps = t.local_steps
+        if spent is not None and config.orchestration.round_deadline_s is not None:
+            steps = max(1, math.floor(0.9 * config.orchestration.round_deadline_s * profile.speed / spent))
+        budgets[client] = min(steps, profile.capacity_steps or steps)
+    return budgets
+
+
+def emulated_slowdown(config: FederationConfig, client: str) -> float:
+    """How much longer than native each step of `client` should take when one machine plays
+    every cloud: the fastest cloud runs natively, one at half its speed takes twice as long."""
+    if not config.training.emulate_speed:
+        return 1.0
+    fastest = max(c.profile.speed for c in config.clouds)
+    return fastest / config.cloud(client).profile.speed
+
+
+def round_cost(
+    config: FederationConfig, clients: Mapping[str, Mapping[str, Any]], stragglers: Sequence[str] = ()
+) -> dict[str, float]:
+    """Estimated money per cloud for one round: its training time at its hourly price, plus
+    its update leaving the cloud at its egress price (the aggregator reads it from there). A
+    straggler is charged the round deadline's worth of compute, the least it used."""
+    cost = {}
+    for client, report in clients.items():
+        profile = config.cloud(client).profile
+        compute = report["train_s"] / 3600 * profile.price_per_hour
+        egress = report["bytes_uploaded"] / 1e9 * profile.egress_per_gb
+        cost[client] = compute + egress
+    for client in stragglers:
+        cost[client] = (config.orchestration.round_deadline_s or 0.0) / 3600 * config.cloud(client).profile.price_per_hour
+    return cost
+
+
+def round_bytes(manifest: Mapping[str, Any]) -> int:
+    """Bytes that crossed a cloud boundary in a round: updates up, global adapters down."""
+    return sum(r.get("bytes_uploaded", 0) + r.get("bytes_downloaded", 0) for r in manifest.get("clients", {}).values())
+
+
+def budget_stop(config: FederationConfig, manifests: Sequence[Mapping[str, Any]]) -> str | None:
+    """Why the next round must not start, if the bytes or money budget would be passed at the
+    last round's rate; None while both hold."""
+    trained = [m for m in manifests if m.get("round", 0) > 0]
+    if not trained:
+        return None
+    b = config.budget
+    if b.bytes is not None:
+        spent = sum(round_bytes(m) for m in trained)
+        if spent + round_bytes(trained[-1]) > b.bytes:
+            return f"byte budget: {spent:,} bytes moved, another round would pass budget.bytes={b.bytes:,}"
+    if b.money is not None:
+        spent_money = sum(sum(m.get("cost", {}).values()) for m in trained)
+        if spent_money + sum(trained[-1].get("cost", {}).values()) > b.money:
+            return f"money budget: {spent_money:.4f} spent, another round would pass budget.money={b.money}"
+    return None

@@ -1,0 +1,108 @@
+"""Heterogeneous clouds: reproducible client sampling, step budgets from speed and deadline,
+stragglers left out and counted, cost per cloud, and byte and money budgets that stop a
+federation."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedlib.config import ConfigError, parse_config
+from fedlib.heterogeneity import budget_stop, round_bytes, round_cost, sample_clients, step_budgets
+from fedlib.privacy.accountant import privacy_spent
+from flows.federated_training import federated_training
+from tests.conftest import tiny_config_dict, write_config
+
+CLOUDS = ("aws", "gcp", "azure")
+
+
+def _config(tmp_path, corpus_dir, model_dir, **sections):
+    raw = tiny_config_dict(tmp_path, corpus_dir, model_dir, clouds=CLOUDS)
+    for section, values in sections.items():
+        if section == "profiles":
+            for cloud in raw["clouds"]:
+                cloud["profile"] = values[cloud["name"]]
+        elif isinstance(values, dict):
+            raw[section] = {**raw.get(section, {}), **values}
+        else:
+            raw[section] = values
+    return raw
+
+
+def test_sampling_is_reproducible_and_drives_the_accountant(tmp_path, corpus_dir, tiny_model_dir):
+    raw = _config(tmp_path, corpus_dir, tiny_model_dir, federation={"clients_per_round": 2},
+                  privacy={"enabled": True, "clip_norm": 1.0, "noise_multiplier": 1.0})
+    config = parse_config(raw)
+    draws = [sample_clients(config, r) for r in range(1, 21)]
+    assert all(len(d) == 2 and set(d) <= set(CLOUDS) for d in draws)
+    assert draws == [sample_clients(parse_config(raw), r) for r in range(1, 21)]  # same seed, same draws
+    assert len({tuple(d) for d in draws}) > 1  # and they vary from round to round
+    assert config.client_sample_rate == pytest.approx(2 / 3)
+    full = parse_config({**raw, "federation": {**raw["federation"], "clients_per_round": None}})
+    assert privacy_spent(config, 5)["epsilon"] < privacy_spent(full, 5)["epsilon"]  # subsampling amplifies privacy
+    raw["federation"]["clients_per_round"] = 4
+    with pytest.raises(ConfigError, match="clients_per_round=4 must be between"):
+        parse_config(raw, "fed.yaml")
+
+
+def test_step_budgets_follow_speed_deadline_and_capacity(tmp_path, corpus_dir, tiny_model_dir):
+    profiles = {"aws": {"speed": 1.0}, "gcp": {"speed": 2.0}, "azure": {"speed": 4.0, "capacity_steps": 50}}
+    raw = _config(tmp_path, corpus_dir, tiny_model_dir, profiles=profiles,
+                  training={"step_budget": "deadline", "seconds_per_step": 0.5, "local_steps": 3},
+                  orchestration={"round_deadline_s": 20})
+    config = parse_config(raw)
+    # 90% of 20 s at 0.5 s per step (speed 1): 36 steps; ×2 and ×4, the last capped at 50.
+    assert step_budgets(config, list(CLOUDS), None) == {"aws": 36, "gcp": 72, "azure": 50}
+    equal = parse_config({**raw, "training": {**raw["training"], "step_budget": "equal"}})
+    assert step_budgets(equal, list(CLOUDS), None) == {"aws": 3, "gcp": 3, "azure": 3}
+    measured = {"clients": {"aws": {"train_s": 10.0, "local_steps": 10}, "gcp": {"train_s": 10.0, "local_steps": 20}}}
+    unset = parse_config({**raw, "training": {**raw["training"], "seconds_per_step": None}})
+    assert step_budgets(unset, ["aws"], None) == {"aws": 3}  # nothing timed yet: local_steps
+    assert step_budgets(unset, ["aws"], measured) == {"aws": 18}  # 1 s per step at speed 1
+    raw["orchestration"] = {}
+    with pytest.raises(ConfigError, match="step_budget=deadline needs orchestration.round_deadline_s"):
+        parse_config(raw, "fed.yaml")
+
+
+def test_cost_and_budgets_by_hand(tmp_path, corpus_dir, tiny_model_dir):
+    profiles = {"aws": {"price_per_hour": 3.6, "egress_per_gb": 0.09}, "gcp": {"price_per_hour": 7.2}, "azure": {}}
+    raw = _config(tmp_path, corpus_dir, tiny_model_dir, profiles=profiles, orchestration={"round_deadline_s": 100})
+    config = parse_config(raw)
+    reports = {"aws": {"train_s": 100.0, "bytes_uploaded": 2_000_000_000, "bytes_downloaded": 0}}
+    assert round_cost(config, reports, stragglers=["gcp"]) == pytest.approx({"aws": 0.1 + 0.18, "gcp": 0.2})
+
+    rounds = [{"round": 0}, {"round": 1, "clients": {"a": {"bytes_uploaded": 1_000, "bytes_downloaded": 1_500}}, "cost": {"a": 0.6}}]
+    assert round_bytes(rounds[1]) == 2_500
+    within = parse_config({**raw, "budget": {"bytes": 5_000, "money": 1.2}})
+    assert budget_stop(within, rounds) is None  # 2,500 + 2,500 and 0.6 + 0.6: exactly at both budgets
+    assert budget_stop(parse_config({**raw, "budget": {"bytes": 4_999}}), rounds).startswith("byte budget: 2,500 bytes moved")
+    assert budget_stop(parse_config({**raw, "budget": {"money": 1.1}}), rounds).startswith("money budget: 0.6000 spent")
+    assert budget_stop(parse_config({**raw, "budget": {"bytes": 1}}), rounds[:1]) is None  # nothing trained yet
+
+
+def test_a_straggler_is_left_out_and_counted(tmp_path, corpus_dir, tiny_model_dir):
+    """azure plays a cloud 60× slower than the others: with a 6 s deadline it cannot finish, so
+    the round goes on with aws and gcp, names azure a straggler, and charges it the deadline."""
+    profiles = {"aws": {"price_per_hour": 1.0}, "gcp": {"price_per_hour": 1.0}, "azure": {"speed": 1 / 60, "price_per_hour": 1.0}}
+    raw = _config(tmp_path, corpus_dir, tiny_model_dir, profiles=profiles,
+                  training={"rounds": 1, "emulate_speed": True}, orchestration={"round_deadline_s": 6})
+    manifests = federated_training(str(write_config(tmp_path, raw)))
+    last = manifests[-1]
+    assert last["stragglers"] == ["azure"]
+    assert last["rejected"]["azure"]["reason"] == "straggler"
+    assert sorted(last["accepted"]) == ["aws", "gcp"]
+    assert last["cost"]["azure"] == pytest.approx(6 / 3600)
+    assert all(last["cost"][c] > 0 for c in ("aws", "gcp"))
+
+
+def test_partial_participation_and_a_byte_budget_in_a_federation(tmp_path, corpus_dir, tiny_model_dir):
+    raw = _config(tmp_path, corpus_dir, tiny_model_dir, federation={"clients_per_round": 2}, training={"rounds": 4})
+    budget = 150_000  # a round moves about 60 kB here (2 clients × the tiny adapter up and down)
+    raw["budget"] = {"bytes": budget}
+    path = write_config(tmp_path, raw)
+    manifests = federated_training(str(path))
+    trained = manifests[1:]
+    assert all(len(m["sampled"]) == 2 and sorted(m["accepted"]) == sorted(m["sampled"]) for m in trained)
+    per_round = round_bytes(trained[0])
+    spent = sum(round_bytes(m) for m in trained)
+    assert spent <= budget < spent + per_round  # stopped before the round that would pass it
+    assert 1 <= len(trained) < 4
