@@ -17,6 +17,7 @@ from fedlib.config import FederationConfig
 from fedlib.envelope import EnvelopeContext, UpdateKey, seal
 from fedlib.federation import Tensors, load_global_model, progress, update_url
 from fedlib.heterogeneity import emulated_slowdown
+from fedlib.lora_ranks import pad_adapter, truncate_adapter
 from fedlib.model import adapter_state
 from fedlib.privacy.dp import clip_update_inplace, update_norm
 from fedlib.secagg.client import SecureRound, masked_update
@@ -59,13 +60,15 @@ class SealedUpdate:
 def train_delta(
     config: FederationConfig, client: str, round_number: int, global_adapter: Tensors, shard: torch.Tensor, steps: int
 ) -> tuple[Tensors, LocalTraining]:
-    """Local training from the global adapter; returns trained minus global."""
-    model = load_global_model(config, global_adapter)
+    """Local training from the global adapter (cut to this cloud's LoRA rank); returns trained,
+    padded back to the global rank, minus global."""
+    rank = config.cloud(client).lora_rank or config.lora.r
+    model = load_global_model(config, truncate_adapter(global_adapter, config.lora.r, rank), rank)
     t = config.training
     generator = torch.Generator().manual_seed(client_seed(config, client, round_number))
     slowdown = emulated_slowdown(config, client)
     result = train_lora(model, shard, steps, t.batch_size, t.learning_rate, generator, config.proximal_mu, slowdown)
-    local = adapter_state(model)
+    local = pad_adapter(adapter_state(model), global_adapter, config.lora.r, rank)
     return {name: local[name] - global_adapter[name] for name in global_adapter}, result
 
 

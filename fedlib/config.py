@@ -157,6 +157,7 @@ class CloudConfig(_Strict):
     secret_block: str | None = None
     work_pool: str | None = None
     profile: CloudProfile = CloudProfile()
+    lora_rank: int | None = Field(None, ge=1)  # a smaller LoRA rank for this cloud's clients (see fedlib.lora_ranks)
 
     @field_validator("storage_options")
     @classmethod
@@ -299,6 +300,9 @@ class FederationConfig(_Strict):
                 f"aggregation.min_clients={self.aggregation.min_clients} exceeds the "
                 f"{len(self.clouds)} configured clouds"
             )
+        for cloud in self.clouds:
+            if cloud.lora_rank is not None and cloud.lora_rank > self.lora.r:
+                raise ValueError(f"clouds[{cloud.name}].lora_rank={cloud.lora_rank} exceeds lora.r={self.lora.r}, the global rank")
         per_round = self.federation.clients_per_round
         if per_round is not None and not self.aggregation.min_clients <= per_round <= len(self.clouds):
             raise ValueError(

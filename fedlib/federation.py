@@ -118,9 +118,11 @@ def initial_adapter(config: FederationConfig) -> Tensors:
     return adapter_state(attach_lora(load_base_model(config.model.source), config.lora, config.federation.seed))
 
 
-def load_global_model(config: FederationConfig, adapter: Tensors | None):
-    """Base model with LoRA attached and, if given, the global adapter's weights loaded."""
-    model = attach_lora(load_base_model(config.model.source), config.lora, config.federation.seed)
+def load_global_model(config: FederationConfig, adapter: Tensors | None, rank: int | None = None):
+    """Base model with LoRA attached (of `rank`, the global rank unless given) and, if given,
+    the adapter's weights loaded."""
+    settings = config.lora if rank is None else config.lora.model_copy(update={"r": rank})
+    model = attach_lora(load_base_model(config.model.source), settings, config.federation.seed)
     if adapter is not None:
         load_adapter_state(model, adapter)
     return model

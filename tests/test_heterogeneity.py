@@ -106,3 +106,16 @@ def test_partial_participation_and_a_byte_budget_in_a_federation(tmp_path, corpu
     spent = sum(round_bytes(m) for m in trained)
     assert spent <= budget < spent + per_round  # stopped before the round that would pass it
     assert 1 <= len(trained) < 4
+
+
+def test_clients_of_different_lora_ranks_under_exact_aggregation(tmp_path, corpus_dir, tiny_model_dir):
+    raw = tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir, clouds=("aws", "gcp"))
+    raw["clouds"][0]["lora_rank"] = 2  # the global adapter has lora.r = 4
+    raw["aggregation"]["strategy"] = "lora_exact"
+    raw["training"]["rounds"] = 2
+    manifests = federated_training(str(write_config(tmp_path, raw)))
+    assert [sorted(m["accepted"]) for m in manifests[1:]] == [["aws", "gcp"], ["aws", "gcp"]]
+    assert manifests[-1]["perplexity"] < manifests[0]["perplexity"]
+    raw["clouds"][0]["lora_rank"] = 8
+    with pytest.raises(ConfigError, match=r"clouds\[aws\].lora_rank=8 exceeds lora.r=4"):
+        parse_config(raw, "fed.yaml")

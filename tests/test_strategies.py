@@ -173,3 +173,20 @@ def test_options_are_checked_by_name():
     with pytest.raises(ValueError, match="trim must be in"):
         make_strategy("trimmed_mean", {"trim": 0.5})
     assert math.isclose(make_strategy("fedprox", {"mu": 0.5}).mu, 0.5)
+
+
+def test_a_smaller_client_rank_keeps_the_applied_product():
+    """Cut to rank k and padded back, the adapter applies the global's first k components:
+    PEFT's alpha/r scaling is undone on both sides."""
+    from fedlib.lora_ranks import pad_adapter, truncate_adapter
+
+    glob = {A: torch.randn(4, 5, dtype=torch.float64), B: torch.randn(6, 4, dtype=torch.float64)}
+    cut = truncate_adapter(glob, global_rank=4, rank=2)
+    assert cut[A].shape == (2, 5) and cut[B].shape == (6, 2)
+    alpha = 8
+    torch.testing.assert_close(alpha / 2 * cut[B] @ cut[A], alpha / 4 * glob[B][:, :2] @ glob[A][:2])
+    padded = pad_adapter(cut, glob, global_rank=4, rank=2)
+    assert padded[A].shape == glob[A].shape and padded[B].shape == glob[B].shape
+    torch.testing.assert_close(padded[B] @ padded[A], glob[B][:, :2] @ glob[A][:2])
+    torch.testing.assert_close(padded[A][2:], glob[A][2:])  # untouched rows: zero delta on the wire
+    assert truncate_adapter(glob, 4, 4) is glob
