@@ -317,6 +317,11 @@ class FederationConfig(_Strict):
                 raise ValueError("secure_aggregation.enabled: needs at least 2 clouds (the sum of one is that one)")
             if secure.threshold is not None and secure.threshold > len(self.clouds):
                 raise ValueError(f"secure_aggregation.threshold={secure.threshold} exceeds the {len(self.clouds)} configured clouds")
+            if per_round is not None and per_round < self.secagg_min_survivors:
+                raise ValueError(
+                    f"federation.clients_per_round={per_round}: a secure round needs {self.secagg_min_survivors} survivors "
+                    "(aggregation.min_clients, secure_aggregation.threshold)"
+                )
             if self.compression.codecs:
                 raise ValueError("compression.codecs: masked updates are uniform noise, which no codec can shrink; "
                                  "leave codecs empty with secure aggregation")

@@ -1,0 +1,1 @@
+"""Split fine-tuning: the model sliced between a client and a server (see `slicing`)."""
