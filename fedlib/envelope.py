@@ -107,6 +107,21 @@ def open_sealed(blob: bytes, key: UpdateKey, expected: EnvelopeContext) -> bytes
         ) from None
 
 
+def peek_header(blob: bytes) -> dict:
+    """The header of an envelope, unauthenticated: for choosing how to report a rejection,
+    never for trusting anything (`open_sealed` checks it all again)."""
+    fixed = len(MAGIC) + _LEN.size
+    if len(blob) < fixed or blob[: len(MAGIC)] != MAGIC:
+        return {}
+    (header_len,) = _LEN.unpack_from(blob, len(MAGIC))
+    if header_len > _MAX_HEADER or len(blob) < fixed + header_len:
+        return {}
+    try:
+        return _parse_header(blob[fixed : fixed + header_len])
+    except UpdateRejected:
+        return {}
+
+
 def _parse_header(raw: bytes) -> dict:
     try:
         header = json.loads(raw)

@@ -21,6 +21,7 @@ class Reason(str, Enum):
     NON_FINITE = "non_finite"
     CLIENT_FAILED = "client_failed"
     STRAGGLER = "straggler"  # not done by the round deadline
+    REPLAYED = "replayed"  # a split-channel message whose sequence number was already used
 
 
 class UpdateRejected(Exception):
