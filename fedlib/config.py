@@ -219,6 +219,24 @@ class CompressionConfig(_Strict):
         return CodecChain(tuple(self.codecs), self.topk_fraction, self.zstd_level)
 
 
+class SplitConfig(_Strict):
+    """Split fine-tuning (`flows/split_finetune.py`): the client keeps the embeddings, the first
+    `cut` blocks and the LM head; a server process holds the other blocks. LoRA (`lora:`) goes
+    on both sides; SPF trains the top `spf_fraction` of `spf_modules`' weights by calibrated
+    gradient magnitude. `require_tee` refuses a server without a verified attestation."""
+
+    cut: int = Field(2, ge=0)
+    rounds: int = Field(1, ge=1)
+    steps: int = Field(20, ge=1)
+    batch_size: int = Field(4, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    spf_modules: tuple[str, ...] = ("down_proj",)
+    spf_fraction: float = Field(0.001, gt=0, le=1)
+    calibration_batches: int = Field(2, ge=1)
+    require_tee: bool = False
+    server_timeout_s: float = Field(300, gt=0)
+
+
 class SecureAggregationConfig(_Strict):
     """Pairwise masking so that the aggregator learns only the sum of the updates. `threshold`
     reveals are needed to remove the masks (default: a majority of the clients, at least 2);
@@ -288,6 +306,7 @@ class FederationConfig(_Strict):
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     compression: CompressionConfig = CompressionConfig()
     budget: BudgetConfig = BudgetConfig()
+    split: SplitConfig = SplitConfig()
     clouds: tuple[CloudConfig, ...] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -28,3 +28,12 @@ def progress_figure(
         right.set_ylim(0, max(tallest, 1e-9) * 1.3)  # headroom so the legend never covers a bar
         right.legend(loc="upper center", ncol=len(bytes_by_client))
     return fig
+
+
+def loss_figure(losses: Sequence[float]) -> Figure:
+    """Training loss by step (split fine-tuning)."""
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    axes = fig.subplots()
+    axes.plot(range(1, len(losses) + 1), losses)
+    axes.set(xlabel="step", ylabel="training loss", title="Split fine-tuning loss")
+    return fig

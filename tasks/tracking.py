@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from fedlib.config import FederationConfig
 from fedlib.federation import Tensors, load_global_model
 from fedlib.heterogeneity import round_bytes
-from fedlib.plots import progress_figure
+from fedlib.plots import loss_figure, progress_figure
 
 
 def _client(config: FederationConfig) -> MlflowClient:
@@ -35,8 +35,9 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
 
 
 @task(name="open-tracking", cache_policy=NO_CACHE)
-def open_tracking(config: FederationConfig, run_id: str | None) -> str:
-    """Reopen the lineage's run if there is one, otherwise create the experiment and run."""
+def open_tracking(config: FederationConfig, run_id: str | None, run_name: str | None = None) -> str:
+    """Reopen the lineage's run if there is one, otherwise create the experiment and a run
+    (named for the federation unless `run_name` is given)."""
     client = _client(config)
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
@@ -47,7 +48,7 @@ def open_tracking(config: FederationConfig, run_id: str | None) -> str:
         if experiment is not None
         else client.create_experiment(config.experiment_name, artifact_location=config.artifact_location)
     )
-    run = client.create_run(experiment_id, run_name=config.federation.id, tags={"fedlib.federation": config.federation.id})
+    run = client.create_run(experiment_id, run_name=run_name or config.federation.id, tags={"fedlib.federation": config.federation.id})
     params: dict[str, str] = {}
     _flatten("", config.model_dump(mode="json"), params)
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in sorted(params.items())])
@@ -106,4 +107,23 @@ def track_final_adapter(config: FederationConfig, run_id: str, adapter: Tensors,
 
 def finish_tracking(config: FederationConfig, run_id: str, status: str) -> None:
     _client(config).set_terminated(run_id, status=status)
+
+
+@task(name="track-metrics", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def track_metrics(config: FederationConfig, run_id: str, metrics: dict[str, float], step: int) -> None:
+    now = int(time.time() * 1000)
+    _client(config).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(v)])
+
+
+@task(name="track-split-artifacts", cache_policy=NO_CACHE)
+def track_split_artifacts(config: FederationConfig, run_id: str, losses: list[float], parts: dict[str, bytes]) -> None:
+    """The training-loss curve, and each side's trained part (LoRA and SPF) as safetensors."""
+    client = _client(config)
+    client.log_figure(run_id, loss_figure(losses), "plots/split-loss.png")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in parts.items():
+            path = f"{tmp}/{name}.safetensors"
+            with open(path, "wb") as handle:
+                handle.write(data)
+            client.log_artifact(run_id, path, "split")
 

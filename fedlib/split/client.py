@@ -1,0 +1,125 @@
+"""The client's side of split fine-tuning: embeddings, the first blocks and the LM head, with
+the text and the labels, talking to the server's middle over the sealed channel."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+import torch
+
+from fedlib.config import FederationConfig
+from fedlib.federation import load_global_model
+from fedlib.keys import KeyRing
+from fedlib.rejection import Reason, UpdateRejected
+from fedlib.split.attestation import NoTEE
+from fedlib.split.channel import client_hello
+from fedlib.split.slicing import causal_lm_loss, slice_model
+from fedlib.split.trainer import SliceTrainer, Tensors
+
+
+@dataclass
+class HttpTransport:
+    """POSTs to the server; keeps what crossed the wire so tests and benchmarks can inspect it."""
+
+    base_url: str
+    timeout_s: float
+    wire: list[bytes] = field(default_factory=list)
+    keep_wire: bool = False
+
+    def post(self, path: str, body: bytes, json_body: bool = False) -> bytes:
+        request = urllib.request.Request(self.base_url + path, data=body, method="POST")
+        request.add_header("Content-Type", "application/json" if json_body else "application/octet-stream")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                reply = response.read()
+        except urllib.error.HTTPError as err:
+            detail = json.loads(err.read() or b"{}")
+            reason = Reason(detail["reason"]) if detail.get("reason") in Reason._value2member_map_ else Reason.MALFORMED
+            raise UpdateRejected(reason, f"server refused {path}: {detail.get('detail', err.reason)}") from None
+        if self.keep_wire:
+            self.wire += [body, reply]
+        return reply
+
+    def get(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.base_url + path, timeout=self.timeout_s) as response:
+            return response.read()
+
+
+@dataclass(frozen=True)
+class StepStats:
+    loss: float
+    bytes: int  # sealed bytes both ways
+    seconds: float
+
+
+class SplitClient:
+    def __init__(self, config: FederationConfig, ring: KeyRing, client: str, transport: HttpTransport) -> None:
+        self.config = config
+        model = load_global_model(config, None)
+        slices = slice_model(model, config.split.cut)
+        self.front, self.head = slices.front, slices.head
+        self.trainer = SliceTrainer({"front": self.front, "head": self.head}, config.split)
+        self.transport = transport
+        hello, self.channel = client_hello(ring, client)
+        answer = json.loads(transport.post("/hello", json.dumps(hello).encode(), json_body=True))
+        NoTEE().verify(answer["attestation"], hello["session"], config.split.require_tee)  # before anything is sent
+
+    def _exchange(self, mode: str, ids: torch.Tensor) -> StepStats:
+        started, sent_before = time.perf_counter(), self.channel.bytes_sent
+        session = self.channel.session
+        with torch.set_grad_enabled(mode != "eval"):
+            hidden = self.front(ids)
+        reply = self.transport.post(f"/{session}/{mode}/forward", self.channel.seal(f"{mode}-activations", {"hidden": hidden.detach()}))
+        received = len(reply)
+        middle = self.channel.open(f"{mode}-output", reply)["hidden"]
+        if mode == "eval":
+            with torch.no_grad():
+                loss = causal_lm_loss(self.head(middle), ids)
+            return StepStats(loss.item(), self.channel.bytes_sent - sent_before + received, time.perf_counter() - started)
+        middle.requires_grad_()
+        loss = causal_lm_loss(self.head(middle), ids)
+        loss.backward()
+        reply = self.transport.post(f"/{session}/{mode}/backward", self.channel.seal(f"{mode}-gradient", {"grad": middle.grad}))
+        received += len(reply)
+        grad = self.channel.open(f"{mode}-input-gradient", reply)["grad"]
+        if hidden.requires_grad:
+            hidden.backward(grad)
+        if mode == "calibrate":
+            self.trainer.accumulate_scores()
+        else:
+            self.trainer.step()
+        return StepStats(loss.item(), self.channel.bytes_sent - sent_before + received, time.perf_counter() - started)
+
+    def calibrate(self, batches: list[torch.Tensor], shared_mask: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Score both sides' SPF candidates on `batches`, then fix the masks. With
+        `shared_mask` (another client's), this client's side reuses it."""
+        self.trainer.begin_calibration()
+        for batch in batches:
+            self._exchange("calibrate", batch)
+        self.transport.post(f"/{self.channel.session}/calibrated", b"")
+        if shared_mask is not None:
+            for layer in self.trainer.candidates.values():
+                layer.weight.requires_grad_(False)
+            self.trainer.use_mask(shared_mask)
+            return shared_mask
+        return self.trainer.end_calibration()
+
+    def train_step(self, batch: torch.Tensor) -> StepStats:
+        return self._exchange("train", batch)
+
+    def eval_loss(self, blocks: torch.Tensor, batch_size: int) -> float:
+        total = 0.0
+        for start in range(0, len(blocks), batch_size):
+            batch = blocks[start : start + batch_size]
+            total += self._exchange("eval", batch).loss * len(batch)
+        return total / len(blocks)
+
+    def state(self) -> Tensors:
+        return self.trainer.state()
+
+    def load_state(self, state: Tensors) -> None:
+        self.trainer.load_state(state)

@@ -1,0 +1,96 @@
+"""Split fine-tuning's stages: the server process, a client's training, the held-out score."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from fedlib.client import client_seed
+from fedlib.config import FederationConfig
+from fedlib.federation import keyring, load_data
+from fedlib.split.client import HttpTransport, SplitClient
+from fedlib.split.trainer import Tensors
+
+
+@dataclass
+class ServerProcess:
+    """The server's middle blocks in a process of their own, on 127.0.0.1."""
+
+    process: subprocess.Popen
+    url: str
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def start_server(config_path: str, timeout_s: float) -> ServerProcess:
+    ready = Path(tempfile.mkdtemp(prefix="fedlib-split-")) / "port"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fedlib.split.server", config_path, "--ready", str(ready)],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])},
+    )
+    deadline = time.monotonic() + timeout_s
+    while not ready.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"split server did not start (exit {process.poll()})")
+        time.sleep(0.2)
+    return ServerProcess(process, f"http://127.0.0.1:{ready.read_text()}")
+
+
+def _client(config: FederationConfig, client: str, url: str, keep_wire: bool = False) -> SplitClient:
+    return SplitClient(config, keyring(config), client, HttpTransport(url, config.split.server_timeout_s, keep_wire=keep_wire))
+
+
+@task(name="split-train", task_run_name="split-train-{client}-round-{round_number}", cache_policy=NO_CACHE)
+def split_train_client(
+    config: FederationConfig,
+    client: str,
+    round_number: int,
+    url: str,
+    blocks: list[int],
+    start: Tensors | None,
+    mask: dict | None,
+) -> dict[str, Any]:
+    """Calibrate (the first client of the first round fixes the SPF masks), then train; returns
+    this client's part, the mask, and each step's loss, bytes and seconds."""
+    split = config.split
+    shard = load_data(config).train.select(blocks)
+    generator = torch.Generator().manual_seed(client_seed(config, client, round_number))
+    worker = _client(config, client, url)
+    if start is None:
+        batches = [shard[_draw(len(shard), split.batch_size, generator)] for _ in range(split.calibration_batches)]
+        mask = worker.calibrate(batches, mask)
+    else:
+        worker.trainer.use_mask(mask)
+        worker.load_state(start)
+    stats = [worker.train_step(shard[_draw(len(shard), split.batch_size, generator)]) for _ in range(split.steps)]
+    get_run_logger().info("%s round %d: loss %.4f → %.4f", client, round_number, stats[0].loss, stats[-1].loss)
+    return {"state": worker.state(), "mask": mask, "examples": len(shard), "steps": [vars(s) for s in stats]}
+
+
+@task(name="split-evaluate", task_run_name="split-evaluate-round-{round_number}", cache_policy=NO_CACHE)
+def split_evaluate(config: FederationConfig, round_number: int, url: str, state: Tensors | None, mask: dict | None) -> float:
+    worker = _client(config, config.clouds[0].name, url)
+    if state is not None:
+        worker.trainer.use_mask(mask)
+        worker.load_state(state)
+    return worker.eval_loss(load_data(config).evaluation, config.evaluation.batch_size)
+
+
+def _draw(n: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(n, (min(batch_size, n),), generator=generator)
