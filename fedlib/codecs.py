@@ -8,8 +8,8 @@ Decoding trusts nothing else in the payload: every index, length and shape is ch
 bad one is a `malformed` rejection rather than an exception deeper in.
 
 - `fp16`, `bf16`: half-precision floats (2× fewer bytes).
-- `int8`: per-row symmetric quantisation with one fp32 scale per row (about 4×). A 1-D tensor
-  is cut into rows of 256.
+- `int8`: symmetric quantisation with one fp32 scale per row of a matrix, or per column when
+  the columns are longer (about 4×). A 1-D tensor is cut into rows of 256.
 - `topk`: the `topk_fraction` largest-magnitude entries of each tensor, with the gaps between
   their sorted indices (small integers that zstd packs well).
 - `zstd`: lossless compression of the whole serialised payload.
@@ -79,7 +79,7 @@ def _int8(tensors: Tensors) -> tuple[Tensors, dict]:
             out[name] = value
             continue
         flat = value.to(torch.float32)
-        rows = flat if flat.dim() == 2 else _rows_1d(flat.flatten())
+        rows = _as_rows(flat)
         scale = rows.abs().amax(dim=1).clamp_min(1e-30) / 127.0
         out[f"{name}::q"] = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8)
         out[f"{name}::scale"] = scale
@@ -92,10 +92,18 @@ def _rows_1d(flat: torch.Tensor) -> torch.Tensor:
     return torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, _INT8_ROW)
 
 
+def _as_rows(value: torch.Tensor) -> torch.Tensor:
+    """The matrix that gets one scale per row: a 2-D tensor's rows, or its columns when they
+    are the longer side (LoRA's B is out × r: r-long rows would spend a scale per r values)."""
+    if value.dim() == 2:
+        return value if value.shape[1] >= value.shape[0] else value.T
+    return _rows_1d(value.flatten())
+
+
 def _row_layout(shape: list[int]) -> tuple[int, int]:
-    """Rows × columns of the int8 matrix for a tensor of `shape`: its own rows if 2-D."""
+    """Rows × columns of the int8 matrix for a tensor of `shape` (see `_as_rows`)."""
     if len(shape) == 2:
-        return shape[0], shape[1]
+        return (shape[0], shape[1]) if shape[1] >= shape[0] else (shape[1], shape[0])
     return math.ceil(math.prod(shape) / _INT8_ROW), _INT8_ROW
 
 
@@ -107,6 +115,8 @@ def _unint8(tensors: Tensors, meta: dict) -> Tensors:
         if q.dtype != torch.int8 or q.shape != (rows, cols) or scale.dtype != torch.float32 or scale.shape != (rows,):
             raise _bad(f"{name}: int8 rows and scales do not fit shape {shape}")
         values = q.to(torch.float32) * scale[:, None]
+        if len(shape) == 2 and shape[1] < shape[0]:
+            values = values.T
         tensors[name] = values.flatten()[: math.prod(shape)].reshape(shape)
     return tensors
 

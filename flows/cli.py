@@ -112,6 +112,29 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def split_command(args: argparse.Namespace) -> int:
+    """Split fine-tuning: this process plays the clients, a child process the server."""
+    _embedded_defaults(args.verbose)
+    from fedlib.config import ConfigError, load_config
+    from flows.split_finetune import split_finetune
+
+    console = Console()
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:
+        console.print(f"[red]{err}[/red]")
+        return 2
+    result = split_finetune(str(args.config))
+    for r in result["rounds"]:
+        console.print(
+            f"round {r['round']}: held-out perplexity {r['perplexity']:.2f}, "
+            f"{r['bytes_per_step']:,.0f} bytes and {r['step_s']:.2f} s per step"
+        )
+    console.print(f"held-out perplexity: {result['perplexity_before']:.2f} before → {result['rounds'][-1]['perplexity']:.2f} after")
+    console.print(f"MLflow run: {result['run_id']} (experiment {config.experiment_name})")
+    return 0
+
+
 def keys_init_command(args: argparse.Namespace) -> int:
     from fedlib.config import ConfigError, load_config
     from fedlib.federation import key_folder
@@ -137,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("config", type=Path)
     run.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own logs too")
     run.set_defaults(handler=run_command)
+    split = sub.add_parser("split", help="split fine-tuning: the model cut between the clients and a server process")
+    split.add_argument("config", type=Path)
+    split.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own logs too")
+    split.set_defaults(handler=split_command)
     keys = sub.add_parser("keys", help="key management").add_subparsers(dest="keys_command", required=True)
     init = keys.add_parser("init", help="create the aggregator's and every client's missing key pairs (0600)")
     init.add_argument("config", type=Path)

@@ -55,14 +55,17 @@ def test_half_precision_error_bound(codec, relative_bound, absolute_bound):
 def test_int8_error_is_at_most_half_a_step_per_row():
     delta = _delta()
     decoded, size = _round_trip(CodecChain(("int8",)), delta)
-    two_d = delta["a.lora_A.weight"]
-    step = two_d.abs().amax(dim=1, keepdim=True) / 127
-    assert torch.all((decoded["a.lora_A.weight"] - two_d).abs() <= step / 2 + 1e-9)
+    wide = delta["a.lora_A.weight"]  # 8 × 300: a scale per row
+    step = wide.abs().amax(dim=1, keepdim=True) / 127
+    assert torch.all((decoded["a.lora_A.weight"] - wide).abs() <= step / 2 + 1e-9)
+    tall = delta["a.lora_B.weight"]  # 96 × 8: a scale per column, the longer side
+    step = tall.abs().amax(dim=0, keepdim=True) / 127
+    assert torch.all((decoded["a.lora_B.weight"] - tall).abs() <= step / 2 + 1e-9)
     flat = delta["bias"]  # 1-D: rows of 256
     rows = torch.cat([flat, flat.new_zeros(24)]).reshape(-1, 256)
     bound = (rows.abs().amax(dim=1, keepdim=True) / 127 / 2).expand(-1, 256).flatten()[:1000]
     assert torch.all((decoded["bias"] - flat).abs() <= bound + 1e-9)
-    assert size < len(tensors_to_bytes(delta)) / 3
+    assert size < len(tensors_to_bytes(delta)) / 3  # headers weigh on tensors this small
 
 
 def test_topk_keeps_exactly_the_largest_entries():
