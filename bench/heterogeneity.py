@@ -15,7 +15,10 @@ import argparse
 import statistics
 import sys
 
-from demo_runs import demo_config, run_variant
+from demo_runs import ROOT, demo_config, run_variant
+
+sys.path.insert(0, str(ROOT))
+from fedlib.heterogeneity import DEADLINE_SHARE  # noqa: E402
 
 PROFILES = {
     "aws": {"speed": 1.0, "price_per_hour": 1.20, "egress_per_gb": 0.09},
@@ -33,6 +36,7 @@ def main() -> int:
     base = demo_config(rounds=args.rounds, steps=args.steps)
     base["clouds"] = [{**cloud, "profile": PROFILES[cloud["name"]]} for cloud in base["clouds"]]
     base["training"]["emulate_speed"] = True
+    base["aggregation"]["min_clients"] = 1  # a round with stragglers still counts here
     manifests, wall = run_variant(base, {}, "equal steps")
     rows = [("equal steps", manifests[1:], wall)]
     # Seconds per step at speed 1, as the equal-steps run measured it; the deadline defaults to
@@ -40,7 +44,7 @@ def main() -> int:
     per_step = statistics.median(
         r["train_s"] * PROFILES[c]["speed"] / r["local_steps"] for m in manifests[1:] for c, r in m["clients"].items()
     )
-    deadline = args.deadline or round(per_step / 2 * args.steps / 0.9)
+    deadline = args.deadline or round(per_step / 2 * args.steps / DEADLINE_SHARE)
     budgeted = {
         "training": {"step_budget": "deadline", "seconds_per_step": per_step},
         "orchestration": {"round_deadline_s": deadline},

@@ -72,6 +72,7 @@ def main() -> int:
         base = demo_config()
         base["federation"]["data_dir"] = str(Path(tmp) / "data")
         base["clouds"] = base["clouds"][:1]
+        base["aggregation"]["min_clients"] = 1
         rows = []
         config = None
         for cut in args.cuts:

@@ -12,6 +12,8 @@ from typing import Any
 
 from fedlib.config import FederationConfig
 
+DEADLINE_SHARE = 0.75  # of the round deadline, for local steps
+
 
 def sample_clients(config: FederationConfig, round_number: int) -> list[str]:
     """`clients_per_round` of the clouds, drawn from (seed, round): the same on every re-run."""
@@ -39,8 +41,9 @@ def seconds_per_step(config: FederationConfig, previous: Mapping[str, Any] | Non
 
 def step_budgets(config: FederationConfig, clients: Sequence[str], previous: Mapping[str, Any] | None) -> dict[str, int]:
     """Local steps per client this round. `equal`: training.local_steps for everyone (capped by
-    capacity). `deadline`: what each cloud's speed fits into 90% of the round deadline, leaving
-    the rest for upload and aggregation; until a step has been timed, local_steps."""
+    capacity). `deadline`: what each cloud's speed fits into 75% of the round deadline, leaving
+    the rest for loading the model, uploading, and steps slower than the estimate; until a step
+    has been timed, local_steps."""
     t = config.training
     spent = seconds_per_step(config, previous) if t.step_budget == "deadline" else None
     budgets = {}
@@ -48,7 +51,7 @@ def step_budgets(config: FederationConfig, clients: Sequence[str], previous: Map
         profile = config.cloud(client).profile
         steps = t.local_steps
         if spent is not None and config.orchestration.round_deadline_s is not None:
-            steps = max(1, math.floor(0.9 * config.orchestration.round_deadline_s * profile.speed / spent))
+            steps = max(1, math.floor(DEADLINE_SHARE * config.orchestration.round_deadline_s * profile.speed / spent))
         budgets[client] = min(steps, profile.capacity_steps or steps)
     return budgets
 

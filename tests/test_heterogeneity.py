@@ -50,14 +50,14 @@ def test_step_budgets_follow_speed_deadline_and_capacity(tmp_path, corpus_dir, t
                   training={"step_budget": "deadline", "seconds_per_step": 0.5, "local_steps": 3},
                   orchestration={"round_deadline_s": 20})
     config = parse_config(raw)
-    # 90% of 20 s at 0.5 s per step (speed 1): 36 steps; ×2 and ×4, the last capped at 50.
-    assert step_budgets(config, list(CLOUDS), None) == {"aws": 36, "gcp": 72, "azure": 50}
+    # 75% of 20 s at 0.5 s per step (speed 1): 30 steps; ×2 and ×4, the last capped at 50.
+    assert step_budgets(config, list(CLOUDS), None) == {"aws": 30, "gcp": 60, "azure": 50}
     equal = parse_config({**raw, "training": {**raw["training"], "step_budget": "equal"}})
     assert step_budgets(equal, list(CLOUDS), None) == {"aws": 3, "gcp": 3, "azure": 3}
     measured = {"clients": {"aws": {"train_s": 10.0, "local_steps": 10}, "gcp": {"train_s": 10.0, "local_steps": 20}}}
     unset = parse_config({**raw, "training": {**raw["training"], "seconds_per_step": None}})
     assert step_budgets(unset, ["aws"], None) == {"aws": 3}  # nothing timed yet: local_steps
-    assert step_budgets(unset, ["aws"], measured) == {"aws": 18}  # 1 s per step at speed 1
+    assert step_budgets(unset, ["aws"], measured) == {"aws": 15}  # 1 s per step at speed 1
     raw["orchestration"] = {}
     with pytest.raises(ConfigError, match="step_budget=deadline needs orchestration.round_deadline_s"):
         parse_config(raw, "fed.yaml")
