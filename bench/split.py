@@ -45,12 +45,12 @@ def unsplit_steps(config, batches) -> list[float]:
 
 def split_steps(config, config_path: str, batches) -> tuple[list[float], list[int]]:
     from fedlib.federation import keyring
-    from tasks.split import _client, start_server
+    from tasks.split import connect_client, start_server
 
     keyring(config, create=True)
     server = start_server(config_path, 600)
     try:
-        worker = _client(config, config.clouds[0].name, server.url)
+        worker = connect_client(config, config.clouds[0].name, server.url)
         worker.calibrate(batches[:1])
         stats = [worker.train_step(b) for b in batches]
         return [s.seconds for s in stats], [s.bytes for s in stats]

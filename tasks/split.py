@@ -52,7 +52,9 @@ def start_server(config_path: str, timeout_s: float) -> ServerProcess:
     return ServerProcess(process, f"http://127.0.0.1:{ready.read_text()}")
 
 
-def _client(config: FederationConfig, client: str, url: str, keep_wire: bool = False) -> SplitClient:
+def connect_client(config: FederationConfig, client: str, url: str, keep_wire: bool = False) -> SplitClient:
+    """A new session with the server at `url`: the client's slices, a fresh handshake, the
+    server's attestation checked before anything else is sent."""
     return SplitClient(config, keyring(config), client, HttpTransport(url, config.split.server_timeout_s, keep_wire=keep_wire))
 
 
@@ -71,7 +73,7 @@ def split_train_client(
     split = config.split
     shard = load_data(config).train.select(blocks)
     generator = torch.Generator().manual_seed(client_seed(config, client, round_number))
-    worker = _client(config, client, url)
+    worker = connect_client(config, client, url)
     if start is None:
         batches = [shard[_draw(len(shard), split.batch_size, generator)] for _ in range(split.calibration_batches)]
         mask = worker.calibrate(batches, mask)
@@ -85,7 +87,7 @@ def split_train_client(
 
 @task(name="split-evaluate", task_run_name="split-evaluate-round-{round_number}", cache_policy=NO_CACHE)
 def split_evaluate(config: FederationConfig, round_number: int, url: str, state: Tensors | None, mask: dict | None) -> float:
-    worker = _client(config, config.clouds[0].name, url)
+    worker = connect_client(config, config.clouds[0].name, url)
     if state is not None:
         worker.trainer.use_mask(mask)
         worker.load_state(state)

@@ -11,7 +11,7 @@ from fedlib.federation import keyring, load_data
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.split.attestation import AttestationFailed, NoTEE
 from flows.split_finetune import split_finetune
-from tasks.split import _client, start_server
+from tasks.split import connect_client, start_server
 from tests.conftest import tiny_config_dict, write_config
 
 
@@ -46,7 +46,7 @@ def server(tmp_path, corpus_dir, tiny_model_dir):
 
 def test_no_plaintext_activation_crosses_the_channel(server):
     config, url = server
-    worker = _client(config, "aws", url, keep_wire=True)
+    worker = connect_client(config, "aws", url, keep_wire=True)
     batch = load_data(config).train.tokens[:2]
     worker.calibrate([batch])
     seen = []
@@ -63,7 +63,7 @@ def test_no_plaintext_activation_crosses_the_channel(server):
 
 def test_tampered_and_replayed_messages_are_refused_by_the_server(server):
     config, url = server
-    worker = _client(config, "aws", url, keep_wire=True)
+    worker = connect_client(config, "aws", url, keep_wire=True)
     batch = load_data(config).train.tokens[:2]
     worker.calibrate([batch])
     session = worker.channel.session

@@ -147,8 +147,8 @@ def serve(config: FederationConfig, port: int, ready: Path | None = None) -> Non
             except KeyError as err:
                 self._reply(404, json.dumps({"reason": "unknown_session", "detail": str(err)}).encode(), "application/json")
 
-        def log_message(self, *args) -> None:  # requests are not news; rejections are logged above
-            pass
+        def log_message(self, format: str, *args) -> None:  # noqa: A002 - http.server's signature
+            log.debug("%s " + format, self.address_string(), *args)  # requests at debug; rejections are warnings above
 
     httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     if ready is not None:
