@@ -16,7 +16,7 @@ from fedlib.client_state import ResidualStore
 from fedlib.config import FederationConfig
 from fedlib.envelope import EnvelopeContext, UpdateKey, seal
 from fedlib.federation import Tensors, load_global_model, progress, update_url
-from fedlib.heterogeneity import emulated_slowdown
+from fedlib.heterogeneity import emulated_pacing
 from fedlib.lora_ranks import pad_adapter, truncate_adapter
 from fedlib.model import adapter_state
 from fedlib.privacy.dp import clip_update_inplace, update_norm
@@ -66,8 +66,8 @@ def train_delta(
     model = load_global_model(config, truncate_adapter(global_adapter, config.lora.r, rank), rank)
     t = config.training
     generator = torch.Generator().manual_seed(client_seed(config, client, round_number))
-    slowdown = emulated_slowdown(config, client)
-    result = train_lora(model, shard, steps, t.batch_size, t.learning_rate, generator, config.proximal_mu, slowdown)
+    slowdown, min_step_s = emulated_pacing(config, client)
+    result = train_lora(model, shard, steps, t.batch_size, t.learning_rate, generator, config.proximal_mu, slowdown, min_step_s)
     local = pad_adapter(adapter_state(model), global_adapter, config.lora.r, rank)
     return {name: local[name] - global_adapter[name] for name in global_adapter}, result
 

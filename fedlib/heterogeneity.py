@@ -56,13 +56,17 @@ def step_budgets(config: FederationConfig, clients: Sequence[str], previous: Map
     return budgets
 
 
-def emulated_slowdown(config: FederationConfig, client: str) -> float:
-    """How much longer than native each step of `client` should take when one machine plays
-    every cloud: the fastest cloud runs natively, one at half its speed takes twice as long."""
+def emulated_pacing(config: FederationConfig, client: str) -> tuple[float, float]:
+    """(slowdown, minimum seconds per step) for `client` when one machine plays every cloud.
+    With `training.seconds_per_step` each step takes at least that ÷ speed, the same on any
+    machine; without it, the fastest cloud runs natively and one at half its speed takes twice
+    as long as it would."""
     if not config.training.emulate_speed:
-        return 1.0
-    fastest = max(c.profile.speed for c in config.clouds)
-    return fastest / config.cloud(client).profile.speed
+        return 1.0, 0.0
+    speed = config.cloud(client).profile.speed
+    if config.training.seconds_per_step is not None:
+        return 1.0, config.training.seconds_per_step / speed
+    return max(c.profile.speed for c in config.clouds) / speed, 0.0
 
 
 def round_cost(

@@ -29,13 +29,14 @@ def train_lora(
     generator: torch.Generator,
     proximal_mu: float = 0.0,
     slowdown: float = 1.0,
+    min_step_s: float = 0.0,
 ) -> LocalTraining:
     """Plain causal-LM loss (labels = inputs) on batches drawn with replacement from the shard,
     plus FedProx's μ/2·‖w − w_start‖² over the trainable weights when `proximal_mu` > 0.
 
     Sampling uses the passed generator so that a client's batches are reproducible per round.
-    `slowdown` > 1 pauses after each step so that it takes that many times as long: how one
-    machine plays a slower cloud in benchmarks."""
+    `slowdown` > 1 pauses after each step so that it takes that many times as long, and
+    `min_step_s` so that it takes at least that long: how one machine plays a slower cloud."""
     params = [p for p in model.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
@@ -55,8 +56,10 @@ def train_lora(
         objective.backward()
         optimizer.step()
         losses.append(loss.item())
-        if slowdown > 1:
-            time.sleep((time.perf_counter() - step_started) * (slowdown - 1))
+        elapsed = time.perf_counter() - step_started
+        pause = max(elapsed * (slowdown - 1), min_step_s - elapsed)
+        if pause > 0:
+            time.sleep(pause)
     model.eval()
     return LocalTraining(losses=tuple(losses), examples_seen=steps * min(batch_size, len(blocks)))
 
