@@ -265,6 +265,9 @@ class TrackingConfig(_Strict):
     uri: str | None = None
     experiment: str | None = None
     artifact_location: str | None = None
+    registered_model: str | None = None  # one version per round; default fedlib-<federation id>
+    champion_alias: str = Field("champion", pattern=r"^[a-z][a-z0-9_-]*$")  # on the lowest-perplexity version
+    ui_url: str = "http://127.0.0.1:5000"  # where links in Prefect artifacts point to the MLflow UI
 
 
 class BudgetConfig(_Strict):
@@ -390,6 +393,10 @@ class FederationConfig(_Strict):
     @property
     def experiment_name(self) -> str:
         return self.tracking.experiment or f"fedlib-{self.federation.id}"
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.tracking.registered_model or f"fedlib-{self.federation.id}"
 
     @property
     def artifact_location(self) -> str:

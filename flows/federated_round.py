@@ -12,6 +12,7 @@ from dataclasses import asdict
 from typing import Any
 
 from prefect import flow
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from fedlib.aggregator import AggregationReport
@@ -24,6 +25,7 @@ from fedlib.rejection import QuorumNotMet
 from fedlib.secagg.protocol import relay_setups
 from flows.client_steps import ClientSteps
 from tasks.aggregate import aggregate_round, commit_round, evaluate_global
+from tasks.artifacts import publish_round_table
 from tasks.data import partition_data
 from tasks.secagg import sum_masked_round, unmask_round
 
@@ -116,6 +118,7 @@ def federated_round(
         "federation": config.federation.id,
         "target_round": target_round,
         "mlflow_run_id": run_id,
+        "prefect_flow_run_id": flow_run.id,
         "strategy": config.aggregation.strategy,
         "aggregation": config.aggregation.model_dump(mode="json"),
         "codecs": list(config.compression.codecs),
@@ -143,5 +146,6 @@ def federated_round(
         },
     }
     committed = commit_round(config, round_number, adapter, manifest, state)
+    publish_round_table(config, round_number, clients, all_reports, report.rejected)
     progress.info("round %d done: perplexity %.2f", round_number, committed["perplexity"])
     return committed

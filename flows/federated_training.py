@@ -13,19 +13,31 @@ from typing import Any, Literal
 
 import torch
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
 from fedlib.checkpoint import plan_rounds
-from fedlib.config import FederationConfig, load_config
+from fedlib.config import ConfigError, FederationConfig, load_config
 from fedlib.federation import checkpoint_store, keyring, progress
 from fedlib.heterogeneity import budget_stop
 from fedlib.privacy.accountant import over_budget
 from flows.federated_round import federated_round
 from tasks.aggregate import commit_round, evaluate_global, make_initial_adapter
+from tasks.artifacts import publish_summary
 from tasks.data import partition_data, prepare_data
+from tasks.registry import register_round, registered_rounds
 from tasks.tracking import finish_tracking, open_tracking, track_final_adapter, track_round
 
 
-@flow(name="federated-training", flow_run_name="{config_path}", log_prints=True)
+def _run_name() -> str:
+    """`federation-<id>`, the name people look for in the Prefect UI (the path if unreadable)."""
+    path = flow_run.parameters.get("config_path", "")
+    try:
+        return f"federation-{load_config(path).federation.id}"
+    except ConfigError:
+        return str(path)
+
+
+@flow(name="federated-training", flow_run_name=_run_name, log_prints=True)
 def federated_training(config_path: str, dispatch: Literal["local", "deployments"] | None = None) -> list[dict[str, Any]]:
     """Validates the config at the boundary, then runs the planned rounds; returns every
     committed manifest of the lineage (round 0 first). `dispatch` overrides the config's
@@ -69,6 +81,9 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
         track_round(config, run_id, 0, manifests)
         progress.info("round 0 (base model): perplexity %.2f", manifests[0]["perplexity"])
 
+    for missed in [m for m in manifests[1:] if m["round"] not in registered_rounds(config)]:
+        register_round(config, run_id, missed["round"], missed, store.adapter(missed["round"]))  # a crash came between commit and registry
+
     status = "FAILED"
     try:
         for round_number in range(plan.first, plan.last + 1):
@@ -82,8 +97,10 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
                 break
             manifests.append(federated_round(config, round_number, run_id, plan.last, config_path))
             track_round(config, run_id, round_number, manifests)
+            register_round(config, run_id, round_number, manifests[-1], store.adapter(round_number))
         final = store.latest_round()
         track_final_adapter(config, run_id, store.adapter(final), final)
+        publish_summary(config, run_id, manifests)
         status = "FINISHED"
     finally:
         finish_tracking(config, run_id, status)

@@ -47,7 +47,7 @@ def evaluate_global(config: FederationConfig, round_number: int, adapter: Tensor
     return loss
 
 
-@task(name="initial-adapter", cache_policy=NO_CACHE)
+@task(name="initial-adapter", task_run_name="initial-adapter-round-0", cache_policy=NO_CACHE)
 def make_initial_adapter(config: FederationConfig) -> Tensors:
     return initial_adapter(config)
 

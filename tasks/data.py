@@ -27,7 +27,7 @@ def _partition_key(context, parameters) -> str:
     return "partition-" + hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-@task(name="partition", cache_key_fn=_partition_key, persist_result=True, result_serializer="json")
+@task(name="partition", task_run_name="partition", cache_key_fn=_partition_key, persist_result=True, result_serializer="json")
 def partition_data(config: FederationConfig) -> dict[str, list[int]]:
     data = load_data(config)
     assignment = partition_clients(config, data)
@@ -38,7 +38,7 @@ def partition_data(config: FederationConfig) -> dict[str, list[int]]:
     return assignment
 
 
-@task(name="prepare-data", cache_policy=NO_CACHE)
+@task(name="prepare-data", task_run_name="prepare-data", cache_policy=NO_CACHE)
 def prepare_data(config: FederationConfig) -> int:
     """Tokenise once (cached on disk) before clients start, so they do not race to do it."""
     return len(load_data(config).train)

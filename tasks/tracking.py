@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param
@@ -13,8 +14,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
-from fedlib.federation import Tensors, load_global_model
+from fedlib.federation import Tensors
 from fedlib.heterogeneity import round_bytes
+from fedlib.model import save_adapter_folder
 from fedlib.plots import loss_figure, progress_figure
 
 
@@ -34,7 +36,7 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
         out[prefix] = str(value)[:6000]
 
 
-@task(name="open-tracking", cache_policy=NO_CACHE)
+@task(name="open-tracking", task_run_name="open-tracking", cache_policy=NO_CACHE)
 def open_tracking(config: FederationConfig, run_id: str | None, run_name: str | None = None) -> str:
     """Reopen the lineage's run if there is one, otherwise create the experiment and a run
     (named for the federation unless `run_name` is given)."""
@@ -94,12 +96,11 @@ def track_round(config: FederationConfig, run_id: str, round_number: int, manife
     client.log_figure(run_id, figure, "plots/progress.png")
 
 
-@task(name="track-final-adapter", cache_policy=NO_CACHE)
+@task(name="track-final-adapter", task_run_name="track-final-adapter-round-{round_number}", cache_policy=NO_CACHE)
 def track_final_adapter(config: FederationConfig, run_id: str, adapter: Tensors, round_number: int) -> None:
     """The global adapter in PEFT's own format, so `PeftModel.from_pretrained` loads it as is."""
-    model = load_global_model(config, adapter)
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        save_adapter_folder(config.lora, config.model.source, adapter, Path(tmp))
         client = _client(config)
         client.log_artifacts(run_id, tmp, "adapter")
         client.set_tag(run_id, "fedlib.final_round", str(round_number))
@@ -109,13 +110,13 @@ def finish_tracking(config: FederationConfig, run_id: str, status: str) -> None:
     _client(config).set_terminated(run_id, status=status)
 
 
-@task(name="track-metrics", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+@task(name="track-metrics", task_run_name="track-metrics-step-{step}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def track_metrics(config: FederationConfig, run_id: str, metrics: dict[str, float], step: int) -> None:
     now = int(time.time() * 1000)
     _client(config).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(v)])
 
 
-@task(name="track-split-artifacts", cache_policy=NO_CACHE)
+@task(name="track-split-artifacts", task_run_name="track-split-artifacts", cache_policy=NO_CACHE)
 def track_split_artifacts(config: FederationConfig, run_id: str, losses: list[float], parts: dict[str, bytes]) -> None:
     """The training-loss curve, and each side's trained part (LoRA and SPF) as safetensors."""
     client = _client(config)

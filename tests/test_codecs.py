@@ -80,6 +80,17 @@ def test_topk_keeps_exactly_the_largest_entries():
             assert value[~nonzero].abs().max() <= value[nonzero].abs().min()  # and they are the largest
 
 
+def test_topk_index_tokens_carry_gaps_of_any_length():
+    value = torch.zeros(200_000)
+    where = torch.tensor([0, 1, 255, 510, 766, 70_000, 199_999])
+    value[where] = torch.arange(1, 8, dtype=torch.float32)
+    encoded, description = CodecChain(("topk",), topk_fraction=7 / 200_000).encode({"w": value})
+    assert encoded["w::gaps"].dtype == torch.uint8
+    assert encoded["w::gaps"].numel() < 800  # one byte per short gap, one per 255 of a long one
+    decoded = CodecChain(("topk",), topk_fraction=7 / 200_000).decode(encoded, description)["w"]
+    assert torch.equal(decoded, value)
+
+
 def test_stacked_chain_is_small_and_bounded():
     delta = _delta()
     chain = CodecChain(("topk", "int8", "zstd"), topk_fraction=0.02)
@@ -122,7 +133,9 @@ def _encoded(chain: CodecChain):
     ("chain", "mutate", "match"),
     [
         (CodecChain(("topk",)), lambda t, d: t["bias::gaps"].__setitem__(1, 0), "strictly increasing"),
-        (CodecChain(("topk",)), lambda t, d: t["bias::gaps"].__setitem__(-1, 10**6), "beyond 1000"),
+        (CodecChain(("topk",)), lambda t, d: t.__setitem__("bias::gaps", torch.cat([t["bias::gaps"][:-1], torch.full((9,), 255, dtype=torch.uint8), t["bias::gaps"][-1:]])), "beyond 1000"),
+        (CodecChain(("topk",)), lambda t, d: t["bias::gaps"].__setitem__(-1, 255), "end mid-gap"),
+        (CodecChain(("topk",)), lambda t, d: t.__setitem__("bias::gaps", t["bias::gaps"].to(torch.int32)), "do not fit"),
         (CodecChain(("topk",)), lambda t, d: t.pop("bias::values"), "missing tensor"),
         (CodecChain(("int8",)), lambda t, d: t.__setitem__("bias::scale", torch.ones(3)), "do not fit"),
         (CodecChain(("int8",)), lambda t, d: d[0][1]["shapes"].__setitem__("bias", [10**9]), "do not fit"),

@@ -1,0 +1,117 @@
+"""What people read about a federation, computed from its manifests: the round table, the
+summary, and the lineage a registered adapter version carries.
+
+Pure functions over committed manifests, so the Prefect artifact, the MLflow registry and a
+test all read the same facts from the same place.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+_SPARK = "▁▂▃▄▅▆▇█"
+
+
+def round_rows(sampled: Iterable[str], reports: Mapping[str, Mapping[str, Any]], rejected: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per client sampled for the round, accepted or not: a client left out still has a
+    row saying why, with whatever it reported before it was."""
+    rows = []
+    for client in sampled:
+        report = reports.get(client, {})
+        reason = rejected.get(client, {}).get("reason")
+        rows.append(
+            {
+                "client": client,
+                "status": "accepted" if reason is None else f"left out: {reason}",
+                "train_loss": _rounded(report.get("train_loss"), 4),
+                "examples": report.get("num_examples"),
+                "local_steps": report.get("local_steps"),
+                "bytes_uploaded": report.get("bytes_uploaded"),
+                "bytes_downloaded": report.get("bytes_downloaded"),
+                "train_s": _rounded(report.get("train_s"), 2),
+            }
+        )
+    return rows
+
+
+def _rounded(value: Any, digits: int) -> Any:
+    return round(float(value), digits) if isinstance(value, (int, float)) else value
+
+
+def sparkline(values: list[float]) -> str:
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    return "".join(_SPARK[round((v - low) / span * (len(_SPARK) - 1))] for v in values)
+
+
+def summary_markdown(federation: str, manifests: list[dict[str, Any]], mlflow_run_url: str, registered_model: str, champion: str | None) -> str:
+    """The federation's summary: the perplexity curve as a line and a table, and where to look next."""
+    curve = [m["perplexity"] for m in manifests]
+    lines = [
+        f"# Federation `{federation}`",
+        "",
+        f"Held-out perplexity, base model → round {manifests[-1]['round']}: "
+        f"**{curve[0]:.2f} → {curve[-1]:.2f}**  `{sparkline(curve)}`",
+        "",
+        "| round | perplexity | eval loss | clients accepted | left out | bytes uploaded |",
+        "|---:|---:|---:|---|---|---:|",
+    ]
+    for m in manifests:
+        left_out = ", ".join(f"{c} ({r})" for c, r in left_out_of(m).items()) or "-"
+        uploaded = sum(r.get("bytes_uploaded", 0) for r in m.get("clients", {}).values())
+        label = "0 (base)" if m["round"] == 0 else str(m["round"])
+        lines.append(
+            f"| {label} | {m['perplexity']:.2f} | {m['eval_loss']:.4f} | {', '.join(m.get('accepted', [])) or '-'} | {left_out} | {uploaded:,} |"
+        )
+    lines += ["", f"MLflow run, with the perplexity chart and every round's manifest: [{mlflow_run_url}]({mlflow_run_url})"]
+    if champion is not None:
+        lines.append(f"Registered model `{registered_model}`: version {champion} is the `champion` (lowest held-out perplexity).")
+    return "\n".join(lines) + "\n"
+
+
+def left_out_of(manifest: Mapping[str, Any]) -> dict[str, str]:
+    """Clients sampled for the round whose update is not in the aggregate, and why."""
+    return {client: str(report.get("reason", "rejected")) for client, report in manifest.get("rejected", {}).items()}
+
+
+def lineage_tags(manifest: Mapping[str, Any], base_model: str, base_revision: str) -> dict[str, str]:
+    """Tags of the registry version made from a round's adapter: where it came from, who made it,
+    what it cost to move, and what it may have leaked (ε)."""
+    clients = manifest.get("clients", {})
+    tags = {
+        "round": str(manifest["round"]),
+        "federation": str(manifest["federation"]),
+        "base_model": base_model,
+        "base_model_revision": base_revision,
+        "clients": ",".join(manifest.get("accepted", [])),
+        "examples": json.dumps({c: clients[c].get("num_examples") for c in manifest.get("accepted", []) if c in clients}),
+        "left_out": json.dumps(left_out_of(manifest)),
+        "bytes_uploaded": str(sum(r.get("bytes_uploaded", 0) for r in clients.values())),
+        "bytes_downloaded": str(sum(r.get("bytes_downloaded", 0) for r in clients.values())),
+        "strategy": str(manifest.get("strategy", "fedavg")),
+        "codecs": ",".join(manifest.get("codecs", [])) or "none",
+        "eval_loss": repr(float(manifest["eval_loss"])),
+        "perplexity": repr(float(manifest["perplexity"])),
+        "adapter_sha256": str(manifest.get("adapter_sha256", "")),
+        "mlflow_run_id": str(manifest.get("mlflow_run_id", "")),
+    }
+    if "epsilon" in manifest:
+        tags["epsilon"] = repr(float(manifest["epsilon"]))
+        tags["delta"] = repr(float(manifest.get("delta", 0.0)))
+    if manifest.get("prefect_flow_run_id"):
+        tags["prefect_flow_run_id"] = str(manifest["prefect_flow_run_id"])
+    return tags
+
+
+def champion_of(versions: Iterable[tuple[str, float]]) -> str | None:
+    """The version with the lowest perplexity; the earlier version wins a tie."""
+    best: tuple[float, int, str] | None = None
+    for version, perplexity in versions:
+        key = (perplexity, int(version), version)
+        if best is None or key < best:
+            best = key
+    return None if best is None else best[2]

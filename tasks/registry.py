@@ -1,0 +1,119 @@
+"""MLflow's model registry: every round's global adapter is a version of the federation's
+registered model, tagged with its lineage; the best one by held-out perplexity carries the
+champion alias. `export_version` turns a version back into a folder PEFT (or plain
+transformers, merged) loads."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from fedlib.config import FederationConfig
+from fedlib.federation import Tensors
+from fedlib.model import base_revision, load_base_model, load_tokenizer, save_adapter_folder
+from fedlib.reports import champion_of, lineage_tags
+
+
+def _client(config: FederationConfig) -> MlflowClient:
+    return MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
+
+
+def versions_by_round(client: MlflowClient, name: str) -> dict[int, ModelVersion]:
+    found = client.search_model_versions(f"name = '{name}'")
+    return {int(v.tags["round"]): v for v in found if "round" in v.tags}
+
+
+def registered_rounds(config: FederationConfig) -> set[int]:
+    try:
+        return set(versions_by_round(_client(config), config.registered_model_name))
+    except MlflowException:
+        return set()
+
+
+def champion_version(config: FederationConfig) -> str | None:
+    try:
+        return _client(config).get_model_version_by_alias(config.registered_model_name, config.tracking.champion_alias).version
+    except MlflowException:
+        return None
+
+
+@task(name="register-round", task_run_name="register-round-{round_number}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def register_round(config: FederationConfig, run_id: str, round_number: int, manifest: dict[str, Any], adapter: Tensors) -> str:
+    """Registers the round's adapter once (a resumed or retried round finds its version and
+    adds none) and moves the champion alias; returns the champion's version."""
+    client = _client(config)
+    name = config.registered_model_name
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(
+            name, tags={"federation": config.federation.id}, description=f"Global LoRA adapters of federation {config.federation.id}, one version per round."
+        )
+    versions = versions_by_round(client, name)
+    if round_number not in versions:
+        path = f"adapters/round-{round_number:04d}"
+        with tempfile.TemporaryDirectory() as tmp:
+            save_adapter_folder(config.lora, config.model.source, adapter, Path(tmp))
+            client.log_artifacts(run_id, tmp, path)
+        tags = lineage_tags(manifest, config.model.source, base_revision(config.model.source))
+        versions[round_number] = client.create_model_version(
+            name,
+            f"runs:/{run_id}/{path}",
+            run_id=run_id,
+            tags=tags,
+            description=f"Round {round_number}: held-out perplexity {manifest['perplexity']:.2f}, from {tags['clients'] or 'no clients'}.",
+        )
+    champion = champion_of((v.version, float(v.tags["perplexity"])) for v in versions.values())
+    assert champion is not None  # the round just registered is there
+    client.set_registered_model_alias(name, config.tracking.champion_alias, champion)
+    return champion
+
+
+def resolve_version(config: FederationConfig, version: str | None) -> ModelVersion:
+    """A version number, an alias, or (None) the champion."""
+    client = _client(config)
+    name = config.registered_model_name
+    wanted = version or config.tracking.champion_alias
+    try:
+        if wanted.isdigit():
+            return client.get_model_version(name, wanted)
+        return client.get_model_version_by_alias(name, wanted)
+    except MlflowException as err:
+        raise LookupError(f"registered model {name!r} has no version or alias {wanted!r} (in {config.tracking_uri})") from err
+
+
+def export_version(config: FederationConfig, version: str | None, out: Path, merge: bool) -> ModelVersion:
+    """Writes the version's PEFT adapter folder to `out`, or with `merge` the base model with
+    the adapter folded in, plus its tokenizer, as a plain transformers folder."""
+    chosen = resolve_version(config, version)
+    out.mkdir(parents=True, exist_ok=True)
+    if not merge:
+        mlflow.artifacts.download_artifacts(artifact_uri=chosen.source, dst_path=str(out), tracking_uri=config.tracking_uri)
+        _flatten_download(out, chosen.source)
+        return chosen
+    from peft import PeftModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = Path(mlflow.artifacts.download_artifacts(artifact_uri=chosen.source, dst_path=tmp, tracking_uri=config.tracking_uri))
+        merged = PeftModel.from_pretrained(load_base_model(config.model.source), str(adapter)).merge_and_unload()
+    merged.config.use_cache = True  # the merged model is for generation as much as scoring
+    merged.save_pretrained(str(out))
+    load_tokenizer(config.model.source).save_pretrained(str(out))
+    return chosen
+
+
+def _flatten_download(out: Path, source: str) -> None:
+    """`download_artifacts` nests the folder under its own name; the export is the folder itself."""
+    nested = out / source.rstrip("/").rsplit("/", 1)[-1]
+    if nested.is_dir():
+        for item in nested.iterdir():
+            item.replace(out / item.name)
+        nested.rmdir()

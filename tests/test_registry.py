@@ -1,0 +1,144 @@
+"""What users see after a federation: one registry version per round with its lineage, the
+champion alias on the best one, `fedlib export` of it (PEFT folder and merged model), and the
+Prefect table and summary artifacts. A real 3-round federation with one cloud failing and DP on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from fedlib.config import load_config
+from fedlib.federation import load_data
+from fedlib.model import base_revision, load_base_model
+from fedlib.training import evaluate_loss
+from flows.cli import main as fedlib_cli
+from flows.federated_training import federated_training
+from tasks.artifacts import round_table_key, summary_key
+from tests.conftest import tiny_config_dict, write_config
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory, corpus_dir, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("registry")
+    raw = tiny_config_dict(tmp, corpus_dir, tiny_model_dir, clouds=("aws", "gcp", "azure"))
+    raw["federation"]["id"] = "lineage"
+    raw["training"]["rounds"] = 3
+    raw["clouds"][2]["storage"] = "file:///proc/fedlib-cannot-write-here"  # azure fails every round
+    raw["privacy"] = {"enabled": True, "clip_norm": 50.0, "noise_multiplier": 0.01, "delta": 1e-5}
+    path = write_config(tmp, raw)
+    manifests = federated_training(str(path))
+    return path, load_config(path), manifests
+
+
+def _versions(config) -> dict[int, object]:
+    client = MlflowClient(config.tracking_uri, registry_uri=config.tracking_uri)
+    return {int(v.tags["round"]): v for v in client.search_model_versions(f"name = '{config.registered_model_name}'")}
+
+
+def test_one_version_per_round_with_its_lineage(federation):
+    _, config, manifests = federation
+    versions = _versions(config)
+    assert sorted(versions) == [1, 2, 3]
+    run_id = manifests[0]["mlflow_run_id"]
+    for manifest in manifests[1:]:
+        tags = versions[manifest["round"]].tags
+        assert versions[manifest["round"]].run_id == run_id
+        assert tags["clients"] == "aws,gcp"
+        assert json.loads(tags["examples"]) == {c: manifest["clients"][c]["num_examples"] for c in ("aws", "gcp")}
+        assert json.loads(tags["left_out"]) == {"azure": "client_failed"}
+        assert int(tags["bytes_uploaded"]) == sum(r["bytes_uploaded"] for r in manifest["clients"].values()) > 0
+        assert int(tags["bytes_downloaded"]) > 0
+        assert tags["strategy"] == "fedavg" and tags["codecs"] == "none"
+        assert float(tags["epsilon"]) == pytest.approx(manifest["epsilon"]) and manifest["epsilon"] > 0
+        assert float(tags["eval_loss"]) == manifest["eval_loss"]
+        assert tags["base_model"] == config.model.source and tags["base_model_revision"] == base_revision(config.model.source)
+        assert tags["prefect_flow_run_id"] == manifest["prefect_flow_run_id"]
+    epsilons = [float(versions[r].tags["epsilon"]) for r in (1, 2, 3)]
+    assert epsilons == sorted(epsilons) and epsilons[0] < epsilons[-1]  # ε spent so far grows
+
+
+def test_flow_run_ids_are_the_rounds_prefect_runs(federation):
+    from prefect.client.orchestration import get_client
+
+    _, config, manifests = federation
+
+    async def names():
+        async with get_client() as client:
+            return [(await client.read_flow_run(m["prefect_flow_run_id"])).name for m in manifests[1:]]
+
+    assert asyncio.run(names()) == ["round-1", "round-2", "round-3"]
+
+
+def test_champion_alias_is_the_lowest_perplexity_version(federation):
+    _, config, manifests = federation
+    client = MlflowClient(config.tracking_uri, registry_uri=config.tracking_uri)
+    champion = client.get_model_version_by_alias(config.registered_model_name, "champion")
+    best = min(manifests[1:], key=lambda m: m["perplexity"])
+    assert int(champion.tags["round"]) == best["round"]
+    assert _versions(config)[best["round"]].version == champion.version
+
+
+def test_export_of_the_champion_reproduces_its_eval_loss(federation, tmp_path):
+    path, config, manifests = federation
+    champion = min(manifests[1:], key=lambda m: m["perplexity"])
+    evaluation = load_data(config).evaluation
+
+    assert fedlib_cli(["export", str(path), "--out", str(tmp_path / "adapter")]) == 0
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    peft_model = PeftModel.from_pretrained(load_base_model(config.model.source), str(tmp_path / "adapter"))
+    assert evaluate_loss(peft_model, evaluation, config.evaluation.batch_size) == pytest.approx(champion["eval_loss"], abs=1e-5)
+
+    assert fedlib_cli(["export", str(path), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    merged.config.use_cache = False
+    assert evaluate_loss(merged, evaluation, config.evaluation.batch_size) == pytest.approx(champion["eval_loss"], abs=1e-4)
+
+    assert fedlib_cli(["export", str(path), "--out", str(tmp_path / "nothing"), "--version", "99"]) == 2
+
+
+def test_prefect_artifacts_round_tables_and_summary(federation):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    _, config, manifests = federation
+
+    async def latest(key):
+        async with get_client() as client:
+            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        return max(found, key=lambda a: a.created)
+
+    for manifest in manifests[1:]:
+        table = asyncio.run(latest(round_table_key("lineage", manifest["round"])))
+        assert table.type == "table"
+        rows = {row["client"]: row for row in (json.loads(table.data) if isinstance(table.data, str) else table.data)}
+        assert rows["aws"]["status"] == "accepted" and rows["aws"]["examples"] == manifest["clients"]["aws"]["num_examples"]
+        assert rows["aws"]["bytes_uploaded"] == manifest["clients"]["aws"]["bytes_uploaded"]
+        assert rows["azure"]["status"] == "left out: client_failed"
+    summary = asyncio.run(latest(summary_key("lineage")))
+    assert summary.type == "markdown"
+    assert f"/runs/{manifests[0]['mlflow_run_id']}" in summary.data
+    assert f"{manifests[-1]['perplexity']:.2f}" in summary.data and "champion" in summary.data
+
+
+def test_a_rerun_registers_only_what_is_missing(federation):
+    """A crash between a round's commit and its registration: the next run registers it."""
+    path, config, manifests = federation
+    client = MlflowClient(config.tracking_uri, registry_uri=config.tracking_uri)
+    client.delete_model_version(config.registered_model_name, _versions(config)[3].version)
+    raw = yaml.safe_load(path.read_text())
+    raw["training"]["rounds"] = 1
+    path.write_text(yaml.safe_dump(raw))
+    more = federated_training(str(path))
+    versions = _versions(config)
+    assert sorted(versions) == [1, 2, 3, 4]
+    assert float(versions[3].tags["eval_loss"]) == manifests[3]["eval_loss"]
+    best = min(more[1:], key=lambda m: m["perplexity"])
+    alias = client.get_model_version_by_alias(config.registered_model_name, "champion")
+    assert int(alias.tags["round"]) == best["round"] and math.isfinite(float(alias.tags["perplexity"]))
