@@ -41,17 +41,28 @@ def seconds_per_step(config: FederationConfig, previous: Mapping[str, Any] | Non
 
 def step_budgets(config: FederationConfig, clients: Sequence[str], previous: Mapping[str, Any] | None) -> dict[str, int]:
     """Local steps per client this round. `equal`: training.local_steps for everyone (capped by
-    capacity). `deadline`: what each cloud's speed fits into 75% of the round deadline, leaving
-    the rest for loading the model, uploading, and steps slower than the estimate; until a step
-    has been timed, local_steps."""
+    capacity). `deadline`: what each cloud fits into 75% of the round deadline, leaving the rest
+    for loading the model, uploading, and steps slower than the estimate; until a step has been
+    timed, local_steps.
+
+    A cloud's speed is only what its profile claims: one that timed itself last round is held to
+    the slower of the two, and one that straggled last round gets half the steps it had then."""
     t = config.training
+    deadline = config.orchestration.round_deadline_s
     spent = seconds_per_step(config, previous) if t.step_budget == "deadline" else None
+    last = previous or {}
     budgets = {}
     for client in clients:
         profile = config.cloud(client).profile
         steps = t.local_steps
-        if spent is not None and config.orchestration.round_deadline_s is not None:
-            steps = max(1, math.floor(DEADLINE_SHARE * config.orchestration.round_deadline_s * profile.speed / spent))
+        if spent is not None and deadline is not None:
+            rate = spent / profile.speed
+            report = last.get("clients", {}).get(client)
+            if report and report.get("local_steps"):
+                rate = max(rate, report["train_s"] / report["local_steps"])
+            steps = max(1, math.floor(DEADLINE_SHARE * deadline / rate))
+            if client in last.get("stragglers", ()) and client in last.get("step_budgets", {}):
+                steps = min(steps, max(1, last["step_budgets"][client] // 2))
         budgets[client] = min(steps, profile.capacity_steps or steps)
     return budgets
 

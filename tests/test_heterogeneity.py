@@ -58,6 +58,9 @@ def test_step_budgets_follow_speed_deadline_and_capacity(tmp_path, corpus_dir, t
     unset = parse_config({**raw, "training": {**raw["training"], "seconds_per_step": None}})
     assert step_budgets(unset, ["aws"], None) == {"aws": 3}  # nothing timed yet: local_steps
     assert step_budgets(unset, ["aws"], measured) == {"aws": 15}  # 1 s per step at speed 1
+    # A cloud slower than its profile is held to its own timing; one that straggled gets half its steps.
+    slow = {"clients": {"gcp": {"train_s": 30.0, "local_steps": 10}}, "stragglers": ["azure"], "step_budgets": {"azure": 50, "gcp": 60}}
+    assert step_budgets(config, list(CLOUDS), slow) == {"aws": 30, "gcp": 5, "azure": 25}
     raw["orchestration"] = {}
     with pytest.raises(ConfigError, match="step_budget=deadline needs orchestration.round_deadline_s"):
         parse_config(raw, "fed.yaml")

