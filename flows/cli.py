@@ -52,6 +52,18 @@ class _ProgressHandler(logging.Handler):
             self.bar.advance(self.task)
 
 
+def config_or_report(path: Path, console: Console):
+    """The validated config, or None after printing why not (callers exit with 2): a bad config
+    fails before Prefect or a model is started."""
+    from fedlib.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        console.print(f"[red]{err}[/red]")
+        return None
+
+
 def _summary_table(manifests: list[dict[str, Any]]) -> Table:
     clients = sorted({c for m in manifests for c in m.get("clients", {})})
     table = Table(title="federation rounds")
@@ -80,13 +92,9 @@ def _ui_hint(config_path: Path) -> str:
 
 def run_command(args: argparse.Namespace) -> int:
     _embedded_defaults(args.verbose)
-    from fedlib.config import ConfigError, load_config
-
     console = Console()
-    try:
-        config = load_config(args.config)  # fail before Prefect or a model is started
-    except ConfigError as err:
-        console.print(f"[red]{err}[/red]")
+    config = config_or_report(args.config, console)
+    if config is None:
         return 2
     from flows.federated_training import federated_training
 
@@ -112,15 +120,12 @@ def run_command(args: argparse.Namespace) -> int:
 def split_command(args: argparse.Namespace) -> int:
     """Split fine-tuning: this process plays the clients, a child process the server."""
     _embedded_defaults(args.verbose)
-    from fedlib.config import ConfigError, load_config
+    console = Console()
+    config = config_or_report(args.config, console)
+    if config is None:
+        return 2
     from flows.split_finetune import split_finetune
 
-    console = Console()
-    try:
-        config = load_config(args.config)
-    except ConfigError as err:
-        console.print(f"[red]{err}[/red]")
-        return 2
     result = split_finetune(str(args.config))
     for r in result["rounds"]:
         console.print(
@@ -135,14 +140,15 @@ def split_command(args: argparse.Namespace) -> int:
 def export_command(args: argparse.Namespace) -> int:
     """A registered adapter version to a folder: PEFT's adapter folder, or merged into the base."""
     _embedded_defaults(args.verbose)
-    from fedlib.config import ConfigError, load_config
+    console = Console()
+    config = config_or_report(args.config, console)
+    if config is None:
+        return 2
     from tasks.registry import export_version
 
-    console = Console()
     try:
-        config = load_config(args.config)
         chosen = export_version(config, args.version, args.out, merge=args.merge)
-    except (ConfigError, LookupError) as err:
+    except LookupError as err:
         console.print(f"[red]{err}[/red]")
         return 2
     what = "base model with the adapter merged in" if args.merge else "PEFT adapter folder"
@@ -154,14 +160,11 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def keys_init_command(args: argparse.Namespace) -> int:
-    from fedlib.config import ConfigError, load_config
     from fedlib.federation import key_folder
     from fedlib.keys import init_keys
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as err:
-        Console().print(f"[red]{err}[/red]")
+    config = config_or_report(args.config, Console())
+    if config is None:
         return 2
     folder = key_folder(config)
     created = init_keys(folder, [c.name for c in config.clouds])

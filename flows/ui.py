@@ -74,13 +74,11 @@ def stop(processes: dict[str, subprocess.Popen]) -> None:
 
 
 def ui_command(args: argparse.Namespace) -> int:
-    from fedlib.config import ConfigError, load_config
+    from flows.cli import config_or_report  # here, not at the top: the CLI imports this module
 
     console = Console()
-    try:
-        config = load_config(args.config)
-    except ConfigError as err:
-        console.print(f"[red]{err}[/red]")
+    config = config_or_report(args.config, console)
+    if config is None:
         return 2
     env = _environment(args.prefect_port)
     processes = {

@@ -66,3 +66,18 @@ def test_defaults_fill_in_embedded_storage(tmp_path, corpus_dir, tiny_model_dir)
     assert config.tracking_uri == f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}"
     with pytest.raises(KeyError, match="no cloud named 'ibm'"):
         config.cloud("ibm")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["run"], ["split"], ["export", "--out", "unused"], ["ui"], ["keys", "init"]],
+    ids=lambda argv: argv[0],
+)
+def test_every_command_refuses_a_bad_config_by_its_path(tmp_path, capsys, argv):
+    from flows.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("clouds: [aws\n")
+    command = argv[:2] if argv[0] == "keys" else argv[:1]
+    assert main([*command, str(bad), *argv[len(command):]]) == 2
+    assert f"{bad}: not valid YAML" in " ".join(capsys.readouterr().out.split())  # rich wraps long lines

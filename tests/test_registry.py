@@ -85,21 +85,24 @@ def test_champion_alias_is_the_lowest_perplexity_version(federation):
     assert _versions(config)[best["round"]].version == champion.version
 
 
-def test_export_of_the_champion_reproduces_its_eval_loss(federation, tmp_path):
-    path, config, manifests = federation
-    champion = min(manifests[1:], key=lambda m: m["perplexity"])
+def _assert_exports_reproduce(path, config, eval_loss: float, tmp_path) -> None:
+    """`fedlib export` of the champion: the PEFT folder and the merged model both score the
+    held-out text as the version's logged eval loss says."""
     evaluation = load_data(config).evaluation
-
     assert fedlib_cli(["export", str(path), "--out", str(tmp_path / "adapter")]) == 0
     assert {p.name for p in (tmp_path / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
     peft_model = PeftModel.from_pretrained(load_base_model(config.model.source), str(tmp_path / "adapter"))
-    assert evaluate_loss(peft_model, evaluation, config.evaluation.batch_size) == pytest.approx(champion["eval_loss"], abs=1e-5)
-
+    assert evaluate_loss(peft_model, evaluation, config.evaluation.batch_size) == pytest.approx(eval_loss, abs=1e-5)
     assert fedlib_cli(["export", str(path), "--out", str(tmp_path / "merged"), "--merge"]) == 0
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
     merged.config.use_cache = False
-    assert evaluate_loss(merged, evaluation, config.evaluation.batch_size) == pytest.approx(champion["eval_loss"], abs=1e-4)
+    assert evaluate_loss(merged, evaluation, config.evaluation.batch_size) == pytest.approx(eval_loss, abs=1e-4)
 
+
+def test_export_of_the_champion_reproduces_its_eval_loss(federation, tmp_path):
+    path, config, manifests = federation
+    champion = min(manifests[1:], key=lambda m: m["perplexity"])
+    _assert_exports_reproduce(path, config, champion["eval_loss"], tmp_path)
     assert fedlib_cli(["export", str(path), "--out", str(tmp_path / "nothing"), "--version", "99"]) == 2
 
 
@@ -165,11 +168,4 @@ def test_the_demo_registers_each_round_and_its_champion_exports(tmp_path):
     client = MlflowClient(config.tracking_uri, registry_uri=config.tracking_uri)
     assert int(client.get_model_version_by_alias(config.registered_model_name, "champion").tags["round"]) == best["round"]
 
-    evaluation = load_data(config).evaluation
-    assert fedlib_cli(["export", str(path), "--out", str(tmp_path / "adapter")]) == 0
-    peft_model = PeftModel.from_pretrained(load_base_model(config.model.source), str(tmp_path / "adapter"))
-    assert evaluate_loss(peft_model, evaluation, config.evaluation.batch_size) == pytest.approx(best["eval_loss"], abs=1e-5)
-    assert fedlib_cli(["export", str(path), "--out", str(tmp_path / "merged"), "--merge"]) == 0
-    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
-    merged.config.use_cache = False
-    assert evaluate_loss(merged, evaluation, config.evaluation.batch_size) == pytest.approx(best["eval_loss"], abs=1e-4)
+    _assert_exports_reproduce(path, config, best["eval_loss"], tmp_path)
