@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from fedlib.codecs import CodecChain
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedlib.codecs import CodecChain
 from fedlib.strategies import make_strategy
 
 BUILTIN_MODELS = ("smollm2-135m-instruct",)
