@@ -81,7 +81,8 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
         track_round(config, run_id, 0, manifests)
         progress.info("round 0 (base model): perplexity %.2f", manifests[0]["perplexity"])
 
-    for missed in [m for m in manifests[1:] if m["round"] not in registered_rounds(config)]:
+    registered = registered_rounds(config)
+    for missed in [m for m in manifests[1:] if m["round"] not in registered]:
         register_round(config, run_id, missed["round"], missed, store.adapter(missed["round"]))  # a crash came between commit and registry
 
     status = "FAILED"
