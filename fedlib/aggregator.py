@@ -13,12 +13,12 @@ from typing import TypeVar
 
 
 from fedlib import storage
-from fedlib.codecs import CodecChain
+from fedlib.codecs import CodecChain, SizeBound
 from fedlib.config import FederationConfig
+from fedlib.decode import bounded_int, load_tensors
 from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed
 from fedlib.federation import Tensors, progress, update_url
 from fedlib.rejection import QuorumNotMet, Reason, UpdateRejected
-from fedlib.serialization import bytes_to_tensors, read_metadata
 from fedlib.storage import Options
 from fedlib.privacy.dp import DifferentialPrivacy, noise_generator
 from fedlib.strategies import ClientUpdate, Strategy, make_strategy
@@ -28,15 +28,31 @@ from fedlib.validation import check_update
 T = TypeVar("T")
 
 
-def positive_int(meta: Mapping[str, str], key: str) -> int:
-    """A count from an update's authenticated metadata."""
-    try:
-        value = int(meta[key])
-        if value <= 0:
-            raise ValueError
-    except (KeyError, ValueError):
-        raise UpdateRejected(Reason.MALFORMED, f"{key} missing or not a positive integer") from None
-    return value
+@dataclass(frozen=True)
+class Expected:
+    """What the round asked of one client. Counts in an update are the client's own word, so
+    they are held to this: a FedAvg weight of 10**400 examples, or more local steps than the
+    budget, is a named rejection, not an overflow or a client that outweighs everyone."""
+
+    max_examples: int
+    max_local_steps: int
+
+    def counts(self, meta: Mapping[str, str]) -> tuple[int, int]:
+        """(num_examples, local_steps) from an update's authenticated metadata."""
+        return (
+            bounded_int(meta, "num_examples", 1, self.max_examples, "update"),
+            bounded_int(meta, "local_steps", 1, self.max_local_steps, "update"),
+        )
+
+
+def expected_of(config: FederationConfig, shard_sizes: Mapping[str, int], budgets: Mapping[str, int]) -> dict[str, Expected]:
+    """Each sampled client's limits: its shard (when the aggregator knows it) under the configured
+    cap, and its step budget for the round."""
+    cap = config.aggregation.max_examples
+    return {
+        client: Expected(min(cap, shard_sizes.get(client, cap)), budgets.get(client, config.training.local_steps))
+        for client in budgets
+    }
 
 
 def open_client_update(
@@ -44,21 +60,20 @@ def open_client_update(
     key: UpdateKey,
     ctx: EnvelopeContext,
     template: Tensors,
+    expected: Expected,
     chain: CodecChain = CodecChain(),
     max_bytes: int = 1 << 30,
 ) -> ClientUpdate:
     """Authenticate, decrypt, decompress, decode and check one update; any failure is an
-    `UpdateRejected`."""
+    `UpdateRejected`. Declared sizes are checked against `template` before tensors are built."""
     payload = chain.decompress(open_sealed(blob, key, ctx), max_bytes)
-    meta = read_metadata(payload)
-    tensors = chain.decode(bytes_to_tensors(payload), meta.get("codecs"))
+    bound = SizeBound.of(template)
+    tensors, meta = load_tensors(payload, "update", bound.why_not)
+    del payload
+    num_examples, local_steps = expected.counts(meta)
+    tensors = chain.decode(tensors, meta.get("codecs"), template)
     check_update(tensors, template)
-    return ClientUpdate(
-        client=ctx.client,
-        num_examples=positive_int(meta, "num_examples"),
-        delta=tensors,
-        local_steps=positive_int(meta, "local_steps") if "local_steps" in meta else 1,
-    )
+    return ClientUpdate(client=ctx.client, num_examples=num_examples, delta=tensors, local_steps=local_steps)
 
 
 @dataclass
@@ -103,10 +118,14 @@ def read_updates(
     report: AggregationReport,
     opener: Callable[[bytes, UpdateKey, EnvelopeContext], T],
     late: Sequence[str] = (),
+    parent: str = "",
+    session: str = "",
 ) -> Iterator[T]:
     """Download and open each expected client's object, one at a time; what fails to open is
     recorded in `report` with its reason and skipped, as are the clients that failed and those
-    `late` past the round deadline (whose objects may land later and are never read)."""
+    `late` past the round deadline (whose objects may land later and are never read). Every
+    object must have been sealed for this round, trained from `parent` (the global adapter's
+    digest) and, under secure aggregation, in this `session`."""
     for client, why in failed.items():
         report.reject(client, Reason.CLIENT_FAILED, why)
     for client in late:
@@ -119,7 +138,9 @@ def read_updates(
             url = update_url(config, client, round_number)
             options = (storage_options or {}).get(client)
             blob = storage.read_limited(url, config.aggregation.max_update_bytes, options)
-            opened = opener(blob, keys[client], EnvelopeContext(config.federation.id, round_number, client))
+            ctx = EnvelopeContext(config.federation.id, round_number, client, session, parent)
+            opened = opener(blob, keys[client], ctx)
+            del blob  # one client's bytes in memory at a time
         except UpdateRejected as err:
             report.reject(client, err.reason, err.detail)
             continue
@@ -148,20 +169,25 @@ def aggregate_updates(
     storage_options: Mapping[str, Options] | None = None,
     strategy: Strategy | None = None,
     late: Sequence[str] = (),
+    expected: Mapping[str, Expected] | None = None,
+    parent: str = "",
 ) -> tuple[Tensors, AggregationReport]:
     """Stream each expected client's update through `open_client_update` into the strategy
     (`build_strategy`'s unless given; pass one to carry its state to the next round).
+    `expected` holds each client's limits (default: the configured caps and local steps);
+    `parent` is the digest of `global_adapter`, which every update must have been trained from.
 
     Rejected updates are recorded and skipped; the round fails only if fewer than
     `aggregation.min_clients` remain."""
     report = AggregationReport()
 
     chain, max_bytes = config.compression.chain, config.aggregation.max_update_bytes
+    limits = expected or expected_of(config, {}, {c: config.training.local_steps for c in clients})
 
     def opener(blob: bytes, key: UpdateKey, ctx: EnvelopeContext) -> ClientUpdate:
-        return open_client_update(blob, key, ctx, global_adapter, chain, max_bytes)
+        return open_client_update(blob, key, ctx, global_adapter, limits[ctx.client], chain, max_bytes)
 
-    updates = read_updates(config, round_number, clients, failed, keys, storage_options, report, opener, late)
+    updates = read_updates(config, round_number, clients, failed, keys, storage_options, report, opener, late, parent)
     started = time.perf_counter()
     strategy = strategy or build_strategy(config, round_number)
     try:

@@ -3,12 +3,20 @@
 A round is committed when its manifest exists; the adapter is written first, so a crash between
 the two leaves an uncommitted round that the next run simply redoes. `round-0000` is the initial
 adapter drawn from the seed, with the base model's evaluation.
+
+Whoever holds the bucket can copy, delete or restore objects, so a signature alone proves only
+that the aggregator wrote a manifest *once*, not that it belongs here. Every read therefore checks
+that the signed body names this federation and this round, and the lineage is a chain: round r's
+manifest names the digest of round r−1's adapter (`parent_adapter_sha256`), and the latest round
+is the end of the longest chain from round 0 that verifies link by link. Round 1's files copied
+into round 97's slot, or another federation's manifests signed with a shared key, are refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -19,19 +27,28 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedlib import storage
+from fedlib.decode import parse_json
+from fedlib.rejection import Reason, UpdateRejected
 from fedlib.serialization import bytes_to_tensors, tensors_to_bytes
 
 Tensors = dict[str, torch.Tensor]
 _ROUND_DIR = re.compile(r"round-(\d{4,})$")
+_MAX_MANIFEST = 16 << 20
+log = logging.getLogger("fedlib.checkpoint")
 
 
-class ManifestSignatureError(ValueError):
+class ManifestRejected(ValueError):
+    """A manifest that is not this federation's commit of this round."""
+
+
+class ManifestSignatureError(ManifestRejected):
     """A manifest whose signature does not verify: someone other than the aggregator wrote it."""
 
 
 @dataclass(frozen=True)
 class CheckpointStore:
     root: str  # URL of this federation's checkpoint folder
+    federation: str  # every manifest read must name it
     signer: Ed25519PrivateKey | None = None  # the aggregator's; commits are signed with it
     verifier: Ed25519PublicKey | None = None  # everyone's; reads are checked with it
 
@@ -54,10 +71,20 @@ class CheckpointStore:
         self, round_number: int, adapter: Tensors, manifest: dict[str, Any], strategy_state: Tensors | None = None
     ) -> dict[str, Any]:
         """Adapter (and the strategy's state, if it keeps any) first, manifest last; the
-        manifest records their digests."""
+        manifest records their digests, its federation and round, and (after round 0) the
+        digest of the adapter it was aggregated from, which must be the committed one."""
+        parent = manifest.get("parent_adapter_sha256", "") if round_number > 0 else ""
+        if round_number > 0 and parent != self.manifest(round_number - 1)["adapter_sha256"]:
+            raise ManifestRejected(f"round {round_number} was not aggregated from round {round_number - 1}'s committed adapter")
         data = tensors_to_bytes(adapter, metadata={"round": str(round_number)})
         storage.write_atomic(self.adapter_url(round_number), data)
-        manifest = {**manifest, "round": round_number, "adapter_sha256": hashlib.sha256(data).hexdigest()}
+        manifest = {
+            **manifest,
+            "federation": self.federation,
+            "round": round_number,
+            "parent_adapter_sha256": parent,
+            "adapter_sha256": hashlib.sha256(data).hexdigest(),
+        }
         if strategy_state:
             state = tensors_to_bytes(strategy_state, metadata={"round": str(round_number)})
             storage.write_atomic(self.strategy_state_url(round_number), state)
@@ -68,27 +95,80 @@ class CheckpointStore:
         storage.write_atomic(self.manifest_url(round_number), body)
         return manifest
 
-    def latest_round(self) -> int | None:
+    def _listed_rounds(self) -> list[int]:
         fs, path = fsspec.url_to_fs(self.root)
+        fs.invalidate_cache()
         if not fs.exists(path):
-            return None
+            return []
         rounds = []
         for entry in fs.ls(path, detail=False):
             match = _ROUND_DIR.search(entry.rstrip("/"))
             if match and fs.exists(f"{entry.rstrip('/')}/manifest.json"):
                 rounds.append(int(match.group(1)))
-        return max(rounds, default=None)
+        return sorted(rounds)
+
+    def manifests(self) -> list[dict[str, Any]]:
+        """The committed lineage, round 0 first: each manifest verified, and each naming its
+        predecessor's adapter. It ends at the first round that is missing or does not link;
+        anything listed past that is not this lineage's, and is reported, never used."""
+        chain: list[dict[str, Any]] = []
+        listed = self._listed_rounds()
+        for round_number in listed:
+            if round_number != len(chain):
+                break
+            try:
+                manifest = self.manifest(round_number)
+            except ManifestRejected as err:
+                log.warning("checkpoint round %d ignored: %s", round_number, err)
+                break
+            if chain and manifest.get("parent_adapter_sha256") != chain[-1].get("adapter_sha256"):
+                log.warning("checkpoint round %d ignored: it does not follow round %d's adapter", round_number, round_number - 1)
+                break
+            chain.append(manifest)
+        if len(chain) < len(listed):
+            log.warning("checkpoints past round %d are not part of the lineage: %s", len(chain) - 1, listed[len(chain):][:5])
+        return chain
+
+    def latest_round(self) -> int | None:
+        """The end of the verified chain (None before round 0 is committed)."""
+        chain = self.manifests()
+        return chain[-1]["round"] if chain else None
 
     def manifest(self, round_number: int) -> dict[str, Any]:
-        body = storage.read_bytes(self.manifest_url(round_number))
+        """The signed manifest of `round_number`, refused unless it names this federation and
+        this round (a signature says who wrote it, not where it belongs)."""
+        try:
+            body = storage.read_limited(self.manifest_url(round_number), _MAX_MANIFEST)
+        except UpdateRejected as err:
+            if err.reason is Reason.MISSING:
+                raise FileNotFoundError(self.manifest_url(round_number)) from None
+            raise ManifestRejected(f"{self.manifest_url(round_number)}: {err.detail}") from None
         if self.verifier is not None:
             try:
-                self.verifier.verify(storage.read_bytes(self.signature_url(round_number)), body)
-            except (InvalidSignature, FileNotFoundError):
+                self.verifier.verify(storage.read_limited(self.signature_url(round_number), 1024), body)
+            except (InvalidSignature, UpdateRejected):
                 raise ManifestSignatureError(
                     f"{self.manifest_url(round_number)}: signature missing or not the aggregator's"
                 ) from None
-        return json.loads(body)
+        try:
+            manifest = parse_json(body, "manifest", _MAX_MANIFEST, max_depth=8, constants=True)
+        except UpdateRejected as err:
+            raise ManifestRejected(f"{self.manifest_url(round_number)}: {err.detail}") from None
+        if not isinstance(manifest, dict):
+            raise ManifestRejected(f"{self.manifest_url(round_number)}: not a manifest")
+        if manifest.get("federation") != self.federation or manifest.get("round") != round_number:
+            raise ManifestRejected(
+                f"{self.manifest_url(round_number)}: signed for federation {manifest.get('federation')!r} round "
+                f"{manifest.get('round')!r}, not {self.federation!r} round {round_number}"
+            )
+        return manifest
+
+    def last_accepted_round(self, client: str, before: int) -> int | None:
+        """The last round before `before` whose committed manifest accepted `client`'s update."""
+        for round_number in range(before - 1, 0, -1):
+            if client in self.manifest(round_number).get("accepted", []):
+                return round_number
+        return None
 
     def adapter(self, round_number: int) -> Tensors:
         """A committed global adapter, checked against its manifest's digest."""
@@ -112,12 +192,6 @@ class CheckpointStore:
             raise ValueError(f"{self.strategy_state_url(round_number)}: digest does not match its manifest")
         return bytes_to_tensors(data)
 
-    def manifests(self) -> list[dict[str, Any]]:
-        latest = self.latest_round()
-        if latest is None:
-            return []
-        return [self.manifest(r) for r in range(latest + 1) if storage.exists(self.manifest_url(r))]
-
 
 @dataclass(frozen=True)
 class RoundPlan:
@@ -129,10 +203,11 @@ class RoundPlan:
 def plan_rounds(store: CheckpointStore, rounds: int) -> RoundPlan:
     """A run trains `rounds` rounds after the latest commit, unless an earlier run stopped short
     of its own target: then this run finishes that one, so no round is lost or counted twice."""
-    latest = store.latest_round()
-    if latest is None:
+    chain = store.manifests()
+    if not chain:
         return RoundPlan(first=1, last=rounds, resumed=False)
-    target = store.manifest(latest).get("target_round", latest)
+    latest = chain[-1]["round"]
+    target = chain[-1].get("target_round", latest)
     if latest < target:
         return RoundPlan(first=latest + 1, last=target, resumed=True)
     return RoundPlan(first=latest + 1, last=latest + rounds, resumed=False)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from fedlib import storage
-from fedlib.client_state import ResidualStore
+from fedlib.client_state import CarriedResidual, ResidualStore
 from fedlib.config import FederationConfig
 from fedlib.envelope import EnvelopeContext, UpdateKey, seal
 from fedlib.federation import Tensors, load_global_model, progress, update_url
@@ -80,14 +80,17 @@ def train_and_seal(
     shard: torch.Tensor,
     key: UpdateKey,
     secure: SecureRound | None = None,
-    residuals: ResidualStore | None = None,
+    residuals: CarriedResidual | None = None,
     local_steps: int | None = None,
+    parent: str = "",
 ) -> SealedUpdate:
     """Train, then seal the delta for the aggregator: masked (with `secure`), or through the
-    configured codecs, with last round's residual added back when `residuals` is given.
+    configured codecs, with the residual of the client's last accepted round added back when
+    `residuals` is given.
 
     The example and step counts travel inside the authenticated payload so a storage provider
-    cannot re-weight a client."""
+    cannot re-weight a client; the envelope binds the round, the secure session and `parent`,
+    the digest of the global adapter this update was trained from."""
     started = time.perf_counter()
     t = config.training
     steps = local_steps or t.local_steps
@@ -95,7 +98,7 @@ def train_and_seal(
     norm = update_norm(delta)
     chain = config.compression.chain
     if residuals is not None and chain.lossy:
-        for name, value in residuals.load_before(round_number).items():
+        for name, value in residuals.store.load(residuals.carried_from).items():
             if name in delta and value.shape == delta[name].shape:
                 delta[name] = delta[name] + value
     if config.privacy.enabled:  # the unclipped update never leaves the client
@@ -109,10 +112,11 @@ def train_and_seal(
     else:
         tensors, metadata["codecs"] = chain.encode(delta)
         if residuals is not None and chain.lossy:
-            decoded = chain.decode(tensors, metadata["codecs"])
-            residual_blob = residuals.sealed(round_number, {n: delta[n] - decoded[n] for n in delta})
+            decoded = chain.decode(tensors, metadata["codecs"], delta)
+            residual_blob = residuals.store.sealed(round_number, {n: delta[n] - decoded[n] for n in delta})
     payload = chain.compress(tensors_to_bytes(tensors, metadata=metadata))
-    blob = seal(payload, key, EnvelopeContext(config.federation.id, round_number, client))
+    session = secure.session.id if secure is not None else ""
+    blob = seal(payload, key, EnvelopeContext(config.federation.id, round_number, client, session, parent))
     progress.info("client %s round %d trained: loss %.4f", client, round_number, result.mean_loss)
     report = ClientReport(
         client=client,
@@ -148,6 +152,7 @@ def train_client_update(
     shard: torch.Tensor,
     key: UpdateKey,
     options: Options | None = None,
+    parent: str = "",
 ) -> ClientReport:
     """Both client stages in one call, for callers without an orchestrator."""
-    return upload_sealed(train_and_seal(config, client, round_number, global_adapter, shard, key), options)
+    return upload_sealed(train_and_seal(config, client, round_number, global_adapter, shard, key, parent=parent), options)

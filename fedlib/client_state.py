@@ -1,19 +1,28 @@
-"""What a client keeps between rounds: the error-feedback residual of its lossy codecs.
+"""What a client keeps between rounds: the error-feedback residual of its lossy codecs, and what it
+revealed in each secure-aggregation session.
 
 It lives in the client's own bucket, so it survives a client that runs in a fresh container
 each round, and it is sealed with a key derived from the client's private key alone: neither
-the storage provider nor the aggregator can read it.
+the storage provider nor the aggregator can read it. The envelope binds the round it was written
+in, and a client adds back only the residual of the last round whose signed manifest accepted
+its update: an older residual restored into the bucket (or one from a round that never counted)
+is left out, by name, never added twice.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 
 from fedlib import storage
-from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed, seal
-from fedlib.rejection import UpdateRejected
-from fedlib.serialization import Tensors, bytes_to_tensors, read_metadata, tensors_to_bytes
+from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed, peek_header, seal
+from fedlib.rejection import Reason, UpdateRejected
+from fedlib.serialization import Tensors, bytes_to_tensors, tensors_to_bytes
 from fedlib.storage import Options
+
+log = logging.getLogger("fedlib.client_state")
+_MAX_RESIDUAL = 1 << 31
 
 
 @dataclass(frozen=True)
@@ -24,26 +33,70 @@ class ResidualStore:
     client: str
     options: Options | None = None
 
-    @property
-    def _context(self) -> EnvelopeContext:
-        return EnvelopeContext(f"{self.federation}/client-state", 0, self.client)
+    def _context(self, round_number: int) -> EnvelopeContext:
+        return EnvelopeContext(f"{self.federation}/client-state", round_number, self.client)
 
-    def load_before(self, round_number: int) -> Tensors:
-        """The residual left by the client's last round before `round_number`; nothing if it
-        never ran, or if the object does not open (the residual is an optimisation, and a
-        client must not be blocked by losing it)."""
-        if not storage.exists(self.url, self.options):
+    def load(self, written_in: int | None) -> Tensors:
+        """The residual written in round `written_in`; nothing if there is none, or if what is
+        stored is anything else (the residual is an optimisation, and a client must not be
+        blocked by losing it, but it must never add back a stale one)."""
+        if written_in is None or not storage.exists(self.url, self.options):
             return {}
         try:
-            payload = open_sealed(storage.read_bytes(self.url, self.options), self.key, self._context)
-            if int(read_metadata(payload).get("round", "-1")) >= round_number:
-                return {}  # written by a later attempt or a re-run: not this round's past
-            return bytes_to_tensors(payload)
-        except (UpdateRejected, ValueError):
+            blob = storage.read_limited(self.url, _MAX_RESIDUAL, self.options)
+            found = peek_header(blob).get("round")
+            if found != written_in:
+                raise UpdateRejected(Reason.STALE, f"residual of round {found}, the last accepted round is {written_in}")
+            return bytes_to_tensors(open_sealed(blob, self.key, self._context(written_in)))
+        except UpdateRejected as err:
+            log.warning("client %s: residual left out (%s): %s", self.client, err.reason.value, err.detail)
             return {}
 
     def sealed(self, round_number: int, residual: Tensors) -> bytes:
-        return bytes(seal(tensors_to_bytes(residual, metadata={"round": str(round_number)}), self.key, self._context))
+        return bytes(seal(tensors_to_bytes(residual), self.key, self._context(round_number)))
 
     def save(self, blob: bytes) -> None:
         storage.write_atomic(self.url, blob, self.options)
+
+
+@dataclass(frozen=True)
+class CarriedResidual:
+    """Where a client's residual lives, and the round whose residual it may add back."""
+
+    store: ResidualStore
+    carried_from: int | None  # the client's last accepted round before this one, if any
+
+
+@dataclass(frozen=True)
+class RevealLedger:
+    """What a client revealed in each secure-aggregation session, kept in its own bucket and
+    sealed under its own key (a client's steps run as separate processes, so its memory cannot
+    hold this). One answer per session: the same request again is answered the same (a retry);
+    a request for other survivor/dropped sets is refused, because together the two answers
+    could hold both secrets of one peer. An entry that does not open counts as an answer given
+    (fail closed: the storage provider must not be able to reset it)."""
+
+    root: str  # the client's folder for this federation's secure-aggregation state
+    key: UpdateKey
+    federation: str
+    client: str
+    options: Options | None = None
+
+    def _entry(self, session: str, round_number: int) -> tuple[str, EnvelopeContext]:
+        url = storage.join(self.root, f"reveal-{session}.sealed")
+        return url, EnvelopeContext(f"{self.federation}/secagg-reveals/{session}", round_number, self.client, session)
+
+    def record(self, session: str, round_number: int, survivors: list[str], dropped: list[str]) -> None:
+        url, ctx = self._entry(session, round_number)
+        request = json.dumps({"survivors": sorted(survivors), "dropped": sorted(dropped)}, sort_keys=True).encode()
+        if storage.write_exclusive(url, seal(request, self.key, ctx), self.options):
+            return  # the first answer in this session
+        try:
+            earlier = open_sealed(storage.read_limited(url, 1 << 16, self.options), self.key, ctx)
+        except UpdateRejected as err:
+            raise UpdateRejected(Reason.ALREADY_REVEALED, f"session {session}: a reveal was recorded ({err.reason.value})") from None
+        if earlier != request:
+            raise UpdateRejected(
+                Reason.ALREADY_REVEALED,
+                f"session {session}: already revealed for {earlier.decode()[:200]}; refusing {request.decode()[:200]}",
+            )

@@ -4,8 +4,11 @@ Codecs stack in the configured order, inside the encrypted envelope. Tensor code
 tensors into other named tensors and say how to undo it in a small JSON description; `zstd`
 works on the serialised bytes and must come last. The description travels in the
 authenticated payload, and the aggregator refuses any chain other than the configured one.
-Decoding trusts nothing else in the payload: every index, length and shape is checked, and a
-bad one is a `malformed` rejection rather than an exception deeper in.
+Decoding trusts nothing else in the payload: the description is parsed by the decode boundary
+into typed steps, every declared shape is checked against the expected template *before*
+anything of that shape is allocated (a 420-byte update once declared 2^27 entries), and every
+index and length is checked, so a bad one is a named rejection rather than an exception or an
+allocation deeper in.
 
 - `fp16`, `bf16`: half-precision floats (2× fewer bytes).
 - `int8`: symmetric quantisation with one fp32 scale per row of a matrix, or per column when
@@ -22,12 +25,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import zstandard
 
+from fedlib.decode import TensorSpec, expect, parse_json, shape_of
 from fedlib.rejection import Reason, UpdateRejected
 
 Tensors = dict[str, torch.Tensor]
@@ -47,10 +52,41 @@ def _take(tensors: Tensors, name: str) -> torch.Tensor:
         raise _bad(f"missing tensor {name!r}") from None
 
 
-def _shape(value: Any, name: str) -> list[int]:
-    if not (isinstance(value, list) and all(isinstance(d, int) and d >= 0 for d in value) and len(value) <= 8):
-        raise _bad(f"{name}: bad shape {value!r}")
-    return value
+@dataclass(frozen=True)
+class SizeBound:
+    """How large an encoded or decoded tensor may be, from the template of the update it belongs
+    to: `w::values`, `w::gaps`, `w::q` ... are parts of template tensor `w`, and no part may hold
+    more than about twice `w`'s entries (gap tokens and int8 row padding add a little)."""
+
+    numel: Mapping[str, int]
+
+    @classmethod
+    def of(cls, template: Mapping[str, torch.Tensor]) -> SizeBound:
+        return cls({name: value.numel() for name, value in template.items()})
+
+    def limit(self, name: str) -> int | None:
+        root = name.split("::", 1)[0]
+        return None if root not in self.numel else 2 * self.numel[root] + 256
+
+    def check(self, name: str, numel: int) -> None:
+        limit = self.limit(name)
+        if limit is None:
+            raise UpdateRejected(Reason.UNEXPECTED_TENSORS, f"codec: {name!r} is not part of any expected tensor")
+        if numel > limit:
+            raise UpdateRejected(Reason.SHAPE_MISMATCH, f"codec: {name!r} declares {numel} entries, at most {limit} expected")
+
+    def why_not(self, name: str, spec: TensorSpec) -> str | None:
+        """For `fedlib.decode.load_tensors`: why a payload tensor may not be built, if it may not."""
+        limit = self.limit(name)
+        if limit is None:
+            return "not part of any expected tensor"
+        return None if spec.numel <= limit else f"{spec.numel} entries, at most {limit} expected"
+
+
+def _shape(value: Any, name: str, bound: SizeBound) -> list[int]:
+    shape = list(shape_of(value, f"codec: {name}"))
+    bound.check(name, math.prod(shape))
+    return shape
 
 
 def _half(tensors: Tensors, dtype: torch.dtype) -> tuple[Tensors, dict]:
@@ -65,7 +101,7 @@ def _half(tensors: Tensors, dtype: torch.dtype) -> tuple[Tensors, dict]:
 
 
 def _unhalf(tensors: Tensors, meta: dict, dtype: torch.dtype) -> Tensors:
-    for name in meta.get("cast", []):
+    for name in meta["cast"]:
         if name not in tensors or tensors[name].dtype != dtype:
             raise _bad(f"{name}: expected a {dtype} tensor")
         tensors[name] = tensors[name].to(torch.float32)
@@ -107,9 +143,9 @@ def _row_layout(shape: list[int]) -> tuple[int, int]:
     return math.ceil(math.prod(shape) / _INT8_ROW), _INT8_ROW
 
 
-def _unint8(tensors: Tensors, meta: dict) -> Tensors:
-    for name, shape in meta.get("shapes", {}).items():
-        shape = _shape(shape, name)
+def _unint8(tensors: Tensors, meta: dict, bound: SizeBound) -> Tensors:
+    for name, shape in meta["shapes"].items():
+        shape = _shape(shape, name, bound)
         q, scale = _take(tensors, f"{name}::q"), _take(tensors, f"{name}::scale")
         rows, cols = _row_layout(shape)
         if q.dtype != torch.int8 or q.shape != (rows, cols) or scale.dtype != torch.float32 or scale.shape != (rows,):
@@ -161,9 +197,9 @@ def _topk(tensors: Tensors, fraction: float) -> tuple[Tensors, dict]:
     return out, {"shapes": shapes}
 
 
-def _untopk(tensors: Tensors, meta: dict) -> Tensors:
-    for name, shape in meta.get("shapes", {}).items():
-        shape = _shape(shape, name)
+def _untopk(tensors: Tensors, meta: dict, bound: SizeBound) -> Tensors:
+    for name, shape in meta["shapes"].items():
+        shape = _shape(shape, name, bound)  # before the dense tensor of that shape is allocated
         tokens, values = _take(tensors, f"{name}::gaps"), _take(tensors, f"{name}::values")
         numel = math.prod(shape)
         if tokens.dtype != torch.uint8 or tokens.dim() != 1 or values.dim() != 1:
@@ -177,6 +213,28 @@ def _untopk(tensors: Tensors, meta: dict) -> Tensors:
         dense[index] = values.to(torch.float32)
         tensors[name] = dense.reshape(shape)
     return tensors
+
+
+def parse_description(description: str) -> list[tuple[str, dict[str, Any]]]:
+    """The codec description as typed steps: `[name, {"cast": [names]}]` for fp16/bf16,
+    `[name, {"shapes": {name: shape}}]` for int8/topk. Anything else is a named rejection."""
+    steps = expect(parse_json(description, "codec description", 1 << 20, max_depth=5), list, "codec description")
+    out = []
+    for step in steps:
+        if not (isinstance(step, list) and len(step) == 2 and step[0] in TENSOR_CODECS and isinstance(step[1], dict)):
+            raise _bad("each step must be [codec name, description]")
+        name, meta = step
+        field = "cast" if name in ("fp16", "bf16") else "shapes"
+        if set(meta) != {field}:
+            raise _bad(f"{name}: expected exactly the field {field!r}")
+        if field == "cast":
+            expect(meta["cast"], list, f"codec: {name} cast")
+            if not all(isinstance(n, str) for n in meta["cast"]):
+                raise _bad(f"{name}: cast names must be strings")
+        else:
+            expect(meta["shapes"], dict, f"codec: {name} shapes")
+        out.append((name, meta))
+    return out
 
 
 @dataclass(frozen=True)
@@ -221,41 +279,50 @@ class CodecChain:
             steps.append([name, meta])
         return tensors, json.dumps(steps)
 
-    def decode(self, tensors: Tensors, description: str | None) -> Tensors:
-        """Undo `encode`, in reverse; the description must name exactly this chain."""
-        try:
-            steps = json.loads(description or "[]")
-            names = [step[0] for step in steps]
-        except (ValueError, TypeError, IndexError, KeyError):
-            raise _bad("unreadable codec description") from None
+    def decode(self, tensors: Tensors, description: str | None, template: Mapping[str, torch.Tensor]) -> Tensors:
+        """Undo `encode`, in reverse; the description must name exactly this chain, and every
+        shape it declares must fit `template` (the tensors the update is expected to hold)."""
+        steps = parse_description(description or "[]")
+        names = [name for name, _ in steps]
         if names != list(self.tensor_codecs):
             raise _bad(f"update encoded with {names}, this federation uses {list(self.tensor_codecs)}")
+        bound = SizeBound.of(template)
         tensors = dict(tensors)
-        for name, meta in reversed(steps):
-            if not isinstance(meta, dict):
-                raise _bad(f"{name}: bad description")
-            if name == "fp16":
-                tensors = _unhalf(tensors, meta, torch.float16)
-            elif name == "bf16":
-                tensors = _unhalf(tensors, meta, torch.bfloat16)
-            elif name == "int8":
-                tensors = _unint8(tensors, meta)
-            else:
-                tensors = _untopk(tensors, meta)
+        try:
+            for name, meta in reversed(steps):
+                if name == "fp16":
+                    tensors = _unhalf(tensors, meta, torch.float16)
+                elif name == "bf16":
+                    tensors = _unhalf(tensors, meta, torch.bfloat16)
+                elif name == "int8":
+                    tensors = _unint8(tensors, meta, bound)
+                else:
+                    tensors = _untopk(tensors, meta, bound)
+        except (RuntimeError, IndexError, ValueError) as err:  # a tensor op on parts that passed every check
+            if isinstance(err, UpdateRejected):
+                raise
+            raise _bad(f"does not decode: {type(err).__name__}: {str(err)[:120]}") from None
         return tensors
 
     def compress(self, payload: bytes) -> bytes:
         return zstandard.ZstdCompressor(level=self.zstd_level).compress(payload) if "zstd" in self.names else payload
 
     def decompress(self, payload: bytes, max_bytes: int) -> bytes:
-        """Refuses to inflate past `max_bytes`, so a tiny object cannot become a huge one."""
+        """Refuses to inflate past `max_bytes`, so a tiny object cannot become a huge one: the
+        frame is read in chunks and never past the limit, whatever size it declares."""
         if "zstd" not in self.names:
             return payload
+        chunks, total = [], 0
         try:
             reader = zstandard.ZstdDecompressor().stream_reader(payload)
-            data = reader.read(max_bytes + 1)
-        except zstandard.ZstdError as err:
+            while total <= max_bytes:
+                chunk = reader.read(min(1 << 20, max_bytes + 1 - total))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+        except (zstandard.ZstdError, MemoryError, ValueError) as err:
             raise _bad(f"zstd: {err}") from None
-        if len(data) > max_bytes:
+        if total > max_bytes:
             raise UpdateRejected(Reason.TOO_LARGE, f"decompresses past {max_bytes} bytes")
-        return data
+        return b"".join(chunks)

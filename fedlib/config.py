@@ -6,22 +6,23 @@ loaded is made here, and an error names the file and the dotted field that is wr
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from fedlib.codecs import CodecChain
+from fedlib.redaction import loggable, secrets_in
 from fedlib.strategies import make_strategy
+
+NOISE_SEED_ENV = "FEDLIB_ALLOW_NOISE_SEED"
 
 BUILTIN_MODELS = ("smollm2-135m-instruct",)
 BUILTIN_CORPORA = ("shakespeare",)
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-# fsspec options that are credentials: they belong in a Prefect Secret block or the provider's
-# environment variables, never in a config file that is committed or shown in a UI.
-_SECRET_OPTIONS = re.compile(r"(secret|password|credential|account_key|sas_token|connection_string|^key$|token)", re.I)
 
 
 class ConfigError(ValueError):
@@ -111,13 +112,16 @@ class TrainingConfig(_Strict):
 class AggregationConfig(_Strict):
     """`strategy` names a registered strategy; `options` are its keyword arguments (e.g.
     `server_lr` for fedadam, `mu` for fedprox, `byzantine` for krum). `normalize_steps` divides
-    each delta by its local steps before averaging (FedNova), for clouds that run unequal steps."""
+    each delta by its local steps before averaging (FedNova), for clouds that run unequal steps.
+    `max_examples` caps the example count a client may claim (FedAvg's weight); where the
+    aggregator knows a client's shard, the shard's size is the cap."""
 
     strategy: str = "fedavg"
     options: dict[str, Any] = Field(default_factory=dict)
     normalize_steps: bool = False
     min_clients: int = Field(1, ge=1)
     max_update_bytes: int = Field(256 * 2**20, ge=1024)
+    max_examples: int = Field(10**9, ge=1, le=2**53)
 
     @model_validator(mode="after")
     def _known(self) -> AggregationConfig:
@@ -159,16 +163,6 @@ class CloudConfig(_Strict):
     profile: CloudProfile = CloudProfile()
     lora_rank: int | None = Field(None, ge=1)  # a smaller LoRA rank for this cloud's clients (see fedlib.lora_ranks)
 
-    @field_validator("storage_options")
-    @classmethod
-    def _no_credentials(cls, value: dict[str, Any]) -> dict[str, Any]:
-        for key, option in _walk(value):
-            if _SECRET_OPTIONS.search(key) and not (key == "token" and option == "anon"):
-                raise ValueError(
-                    f"{key!r} looks like a credential: put it in a Prefect Secret block named by "
-                    "'secret_block', or in the provider's environment variables"
-                )
-        return value
 
     @field_validator("name")
     @classmethod
@@ -178,18 +172,10 @@ class CloudConfig(_Strict):
         return value
 
 
-def _walk(options: dict[str, Any]):
-    """Leaf (key, value) pairs of nested fsspec options (e.g. `client_kwargs.endpoint_url`)."""
-    for key, value in options.items():
-        if isinstance(value, dict):
-            yield from _walk(value)
-        else:
-            yield key, value
-
-
 class PrivacyConfig(_Strict):
     """Client-level DP-FedAvg. `noise_seed` fixes the noise for tests only: noise that anyone can
-    regenerate can be subtracted again, so leave it unset for real runs."""
+    regenerate can be subtracted again, so it is refused unless the environment says this is a
+    test (`FEDLIB_ALLOW_NOISE_SEED=1`), and it is never logged (see `fedlib.redaction`)."""
 
     enabled: bool = False
     clip_norm: float = Field(1.0, gt=0)
@@ -197,6 +183,13 @@ class PrivacyConfig(_Strict):
     delta: float = Field(1e-5, gt=0, lt=1)
     epsilon_budget: float | None = Field(None, gt=0)
     noise_seed: int | None = None
+
+    @field_validator("noise_seed")
+    @classmethod
+    def _tests_only(cls, value: int | None) -> int | None:
+        if value is not None and os.environ.get(NOISE_SEED_ENV) != "1":
+            raise ValueError(f"a fixed noise seed makes the noise removable; it is for tests only ({NOISE_SEED_ENV}=1)")
+        return value
 
 
 class CompressionConfig(_Strict):
@@ -223,7 +216,10 @@ class SplitConfig(_Strict):
     """Split fine-tuning (`flows/split_finetune.py`): the client keeps the embeddings, the first
     `cut` blocks and the LM head; a server process holds the other blocks. LoRA (`lora:`) goes
     on both sides; SPF trains the top `spf_fraction` of `spf_modules`' weights by calibrated
-    gradient magnitude. `require_tee` refuses a server without a verified attestation."""
+    gradient magnitude. `require_tee` refuses a server unless `attestation_verifier` (a
+    registered verifier, see `fedlib.split.attestation`) accepts its evidence for this session.
+    The server holds at most `max_sessions` sessions, drops one idle for `session_ttl_s`, and
+    refuses a request body over `max_body_bytes`."""
 
     cut: int = Field(2, ge=0)
     rounds: int = Field(1, ge=1)
@@ -234,7 +230,11 @@ class SplitConfig(_Strict):
     spf_fraction: float = Field(0.001, gt=0, le=1)
     calibration_batches: int = Field(2, ge=1)
     require_tee: bool = False
+    attestation_verifier: str | None = None
     server_timeout_s: float = Field(300, gt=0)
+    max_sessions: int = Field(16, ge=1)
+    session_ttl_s: float = Field(900, gt=0)
+    max_body_bytes: int = Field(64 * 2**20, ge=1024)
 
 
 class SecureAggregationConfig(_Strict):
@@ -295,6 +295,11 @@ class FederationSettings(_Strict):
 
 
 class FederationConfig(_Strict):
+    """The whole federation. No credential may appear anywhere in it (a password in a URL, a
+    key that looks like a secret): everything here may end up in MLflow params, Prefect
+    parameters and manifests, and its JSON form is passed through `fedlib.redaction.loggable`
+    on the way out (which also hides the test-only noise seed)."""
+
     federation: FederationSettings = FederationSettings()
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -311,6 +316,22 @@ class FederationConfig(_Strict):
     budget: BudgetConfig = BudgetConfig()
     split: SplitConfig = SplitConfig()
     clouds: tuple[CloudConfig, ...] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, raw: Any) -> Any:
+        found = secrets_in(raw) if isinstance(raw, dict) else []
+        if found:
+            where, what = found[0]
+            raise ValueError(
+                f"{where}: {what}: credentials belong in a Prefect Secret block (clouds[].secret_block) or the "
+                "provider's environment variables (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*, MLFLOW_TRACKING_PASSWORD)"
+            )
+        return raw
+
+    @model_serializer(mode="wrap", when_used="json")
+    def _loggable(self, handler):
+        return loggable(handler(self))
 
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:
@@ -339,6 +360,11 @@ class FederationConfig(_Strict):
                 raise ValueError("secure_aggregation.enabled: needs at least 2 clouds (the sum of one is that one)")
             if secure.threshold is not None and secure.threshold > len(self.clouds):
                 raise ValueError(f"secure_aggregation.threshold={secure.threshold} exceeds the {len(self.clouds)} configured clouds")
+            if secure.threshold is not None and 2 * secure.threshold <= len(self.clouds):
+                raise ValueError(
+                    f"secure_aggregation.threshold={secure.threshold} must be more than half of the {len(self.clouds)} clouds: "
+                    "two disjoint sets of clients below a majority could each rebuild another client's masks"
+                )
             if per_round is not None and per_round < self.secagg_min_survivors:
                 raise ValueError(
                     f"federation.clients_per_round={per_round}: a secure round needs {self.secagg_min_survivors} survivors "
@@ -359,11 +385,6 @@ class FederationConfig(_Strict):
                 f"privacy.enabled: DP-FedAvg adds noise to a mean, and {self.aggregation.strategy!r} does not aggregate one"
             )
         return self
-
-    @property
-    def client_sample_rate(self) -> float:
-        """The fraction of clients in each round: the DP accountant's sampling rate."""
-        return (self.federation.clients_per_round or len(self.clouds)) / len(self.clouds)
 
     @property
     def proximal_mu(self) -> float:

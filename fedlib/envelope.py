@@ -1,11 +1,12 @@
 """Authenticated encryption of one client's update for one round.
 
 Layout: MAGIC | u32 header length | header JSON | ciphertext+tag. The header (federation,
-round, client, key id, nonce, plaintext length) is the AES-GCM associated data, and the key
-itself is derived per (federation, round, client) by HKDF from the client–aggregator X25519
-shared secret, so an object moved to another round's or client's slot, sealed for another
-key, or edited anywhere, fails to open. Checks run cheapest first and each failure
-raises `UpdateRejected` with its own reason.
+round, client, session, parent, key id, nonce, plaintext length) is the AES-GCM associated
+data, and the key itself is derived from all of the context by HKDF from the client–aggregator
+X25519 shared secret, so an object moved to another round's or client's slot, left over from
+another secure-aggregation session, trained from another global adapter, sealed for another
+key, or edited anywhere, fails to open. Checks run cheapest first and each failure raises
+`UpdateRejected` with its own reason; the header is parsed by the decode boundary.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fedlib.decode import expect, parse_json
 from fedlib.rejection import Reason, UpdateRejected
 
-MAGIC = b"FLENV\x00\x01\x00"
+MAGIC = b"FLENV\x00\x02\x00"
 ALGORITHM = "AES-256-GCM"
 _LEN = struct.Struct(">I")
 _TAG = 16
@@ -44,13 +46,15 @@ class EnvelopeContext:
     federation: str
     round: int
     client: str
+    session: str = ""  # the secure-aggregation session a masked update belongs to
+    parent: str = ""  # sha256 of the global adapter the update was trained from
 
 
 def derive_key(secret: bytes, ctx: EnvelopeContext) -> bytes:
-    """A fresh AES-256 key per (federation, round, client): one update's key opens nothing else."""
+    """A fresh AES-256 key per context: one update's key opens nothing else."""
     if len(secret) != 32:
         raise ValueError("the shared secret must be 32 bytes")
-    info = f"fedlib/update/v1/{ctx.federation}/{ctx.round}/{ctx.client}".encode()
+    info = json.dumps(["fedlib/update/v2", ctx.federation, ctx.round, ctx.client, ctx.session, ctx.parent]).encode()
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
 
 
@@ -62,6 +66,8 @@ def seal(plaintext: bytes, key: UpdateKey, ctx: EnvelopeContext) -> bytearray:
             "federation": ctx.federation,
             "round": ctx.round,
             "client": ctx.client,
+            "session": ctx.session,
+            "parent": ctx.parent,
             "kid": key.kid,
             "nonce": nonce.hex(),
             "length": len(plaintext),
@@ -122,16 +128,19 @@ def peek_header(blob: bytes) -> dict:
         return {}
 
 
+_FIELDS = {"alg": str, "federation": str, "round": int, "client": str, "session": str, "parent": str, "kid": str, "nonce": str, "length": int}
+
+
 def _parse_header(raw: bytes) -> dict:
+    header = expect(parse_json(raw, "envelope header", _MAX_HEADER, max_depth=1), dict, "envelope header")
+    for name, kind in _FIELDS.items():
+        expect(header.get(name), kind, f"envelope header field {name!r}")
     try:
-        header = json.loads(raw)
-        fields = {"alg": str, "federation": str, "round": int, "client": str, "kid": str, "nonce": str, "length": int}
-        if not isinstance(header, dict) or any(not isinstance(header.get(k), t) for k, t in fields.items()):
-            raise ValueError("missing or mistyped field")
-        if header["alg"] != ALGORITHM or len(bytes.fromhex(header["nonce"])) != 12 or header["length"] < 0:
-            raise ValueError("unsupported algorithm or bad nonce/length")
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UpdateRejected(Reason.MALFORMED, f"unreadable envelope header: {err}") from None
+        nonce_ok = len(bytes.fromhex(header["nonce"])) == 12
+    except ValueError:
+        nonce_ok = False
+    if header["alg"] != ALGORITHM or not nonce_ok or not 0 <= header["length"] < 1 << 40 or not 0 <= header["round"] < 1 << 40:
+        raise UpdateRejected(Reason.MALFORMED, "unreadable envelope header: unsupported algorithm or bad nonce, length or round")
     return header
 
 
@@ -144,3 +153,7 @@ def _check_context(header: dict, expected: EnvelopeContext) -> None:
         raise UpdateRejected(Reason.WRONG_ROUND, f"written for round {header['round']}, expected {expected.round}")
     if header["client"] != expected.client:
         raise UpdateRejected(Reason.WRONG_CLIENT, f"written by {header['client']!r}, expected {expected.client!r}")
+    if header["session"] != expected.session:
+        raise UpdateRejected(Reason.WRONG_SESSION, f"sealed in session {header['session']!r}, this is {expected.session!r}")
+    if header["parent"] != expected.parent:
+        raise UpdateRejected(Reason.WRONG_PARENT, f"trained from adapter {header['parent'][:12]!r}, expected {expected.parent[:12]!r}")

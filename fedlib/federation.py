@@ -13,7 +13,7 @@ import torch
 
 from fedlib import storage
 from fedlib.checkpoint import CheckpointStore
-from fedlib.client_state import ResidualStore
+from fedlib.client_state import ResidualStore, RevealLedger
 from fedlib.config import FederationConfig
 from fedlib.data import BlockSet, cached_blocks, shakespeare_documents, tokenize_blocks, url_documents
 from fedlib.envelope import UpdateKey
@@ -58,7 +58,7 @@ def aggregator_update_key(ring: KeyRing, client: str) -> UpdateKey:
 def checkpoint_store(config: FederationConfig, ring: KeyRing | None = None) -> CheckpointStore:
     """Manifests are signed with the aggregator's Ed25519 key and verified on every read."""
     ring = ring or keyring(config)
-    return CheckpointStore(config.checkpoint_url, signer=ring.signing_private, verifier=ring.signing_public)
+    return CheckpointStore(config.checkpoint_url, config.federation.id, signer=ring.signing_private, verifier=ring.signing_public)
 
 
 def secagg_session(config: FederationConfig, round_number: int, session_id: str) -> Session:
@@ -72,6 +72,13 @@ def residual_store(config: FederationConfig, ring: KeyRing, client: str, options
     url = storage.join(config.storage_url(config.cloud(client)), config.federation.id, "client-state", f"{client}.residual")
     key = UpdateKey(ring.client_derived_secret(client, "client-state"), fingerprint(ring.public_key(client)))
     return ResidualStore(url, key, config.federation.id, client, options)
+
+
+def reveal_ledger(config: FederationConfig, ring: KeyRing, client: str, options: storage.Options | None) -> RevealLedger:
+    """What the client revealed per secure-aggregation session: in its own bucket, its own key."""
+    root = storage.join(config.storage_url(config.cloud(client)), config.federation.id, "client-state", f"{client}-secagg")
+    key = UpdateKey(ring.client_derived_secret(client, "secagg-reveals"), fingerprint(ring.public_key(client)))
+    return RevealLedger(root, key, config.federation.id, client, options)
 
 
 def update_url(config: FederationConfig, client: str, round_number: int) -> str:

@@ -22,6 +22,14 @@ class Reason(str, Enum):
     CLIENT_FAILED = "client_failed"
     STRAGGLER = "straggler"  # not done by the round deadline
     REPLAYED = "replayed"  # a split-channel message whose sequence number was already used
+    WRONG_SESSION = "wrong_session"  # sealed for another secure-aggregation or split session
+    WRONG_PARENT = "wrong_parent"  # trained from, or committed after, another global adapter
+    OUT_OF_RANGE = "out_of_range"  # a self-reported count past what the round asked for
+    STALE = "stale"  # authentic, but from an earlier round than the one it is offered for
+    SESSION_REUSED = "session_reused"  # a split hello for a session id the server has seen
+    TOO_MANY_SESSIONS = "too_many_sessions"
+    UNKNOWN_SESSION = "unknown_session"  # no live session by that id (never opened, or expired)
+    ALREADY_REVEALED = "already_revealed"  # a second reveal that would expose a peer's update
 
 
 class UpdateRejected(Exception):

@@ -14,9 +14,14 @@ from prefect import get_run_logger
 
 from fedlib.client import ClientReport
 from fedlib.config import FederationConfig
+from fedlib.decode import expect
+from fedlib.secagg.messages import RevealRequest, SetupMessage, SetupRequest, TrainRequest
 from tasks.client import submit_client_round
 from tasks.dispatch import dispatch_client
 from tasks.secagg import secagg_reveal, secagg_setup
+
+
+Request = SetupRequest | TrainRequest | RevealRequest
 
 
 @dataclass(frozen=True)
@@ -34,30 +39,36 @@ class ClientSteps:
     assignment: dict[str, list[int]]
     local_steps: dict[str, int]
 
-    def _submit(self, client: str, step: str, secure: dict[str, Any]) -> Any:
+    def _submit(self, client: str, step: str, secure: Request | None) -> Any:
         c, r = self.config, self.round_number
         steps = self.local_steps.get(client, c.training.local_steps)
         if c.orchestration.dispatch == "deployments":
             if self.config_path is None:
                 raise ValueError("orchestration.dispatch=deployments needs the config file's path for the client runs")
-            return dispatch_client.submit(c, self.config_path, client, r, step, secure or None, steps)
+            request = secure.to_json() if secure is not None else None
+            return dispatch_client.submit(c, self.config_path, client, r, step, request, steps)
         if step == "train":
-            return submit_client_round(c, client, r, self.assignment[client], secure or None, steps)
+            return submit_client_round(c, client, r, self.assignment[client], secure, steps)
         if step == "setup":
-            return secagg_setup.submit(c, client, r, secure["session_id"])
-        return secagg_reveal.submit(c, client, r, **secure)
+            return secagg_setup.submit(c, client, r, secure)
+        return secagg_reveal.submit(c, client, r, secure)
 
     def _result(self, step: str, value: Any) -> Any:
-        """Deployments return JSON; give every caller the local tasks' types."""
+        """Deployments return JSON; give every caller the local tasks' types (a client's answer
+        crosses the decode boundary here)."""
         if self.config.orchestration.dispatch != "deployments":
             return value
-        return ClientReport(**value) if step == "train" else value["reveal"] if step == "reveal" else value
+        if step == "train":
+            return ClientReport(**value)
+        if step == "reveal":
+            return expect(expect(value, dict, "reveal result").get("reveal"), str, "reveal")
+        return SetupMessage.from_json(value)
 
     def run(
         self,
         step: str,
         clients: Iterable[str],
-        secure: Callable[[str], dict[str, Any]] = lambda _: {},
+        secure: Callable[[str], Request | None] = lambda _: None,
         deadline_s: float | None = None,
     ) -> StepResults:
         """`secure(client)` gives that client's secagg inputs; `deadline_s` counts from now."""

@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from fedlib.config import load_config
+from fedlib.secagg.messages import REQUESTS
 from tasks.client import submit_client_round
 from tasks.data import partition_data
 from tasks.dispatch import client_run_name
@@ -44,15 +45,16 @@ def client_training(
     secure: dict[str, Any] | None = None,
     local_steps: int | None = None,
 ) -> dict[str, Any]:
-    """`secure` carries the secure-aggregation session id, this client's relayed inbox, and the
-    weight scale (`train`) or the survivors and the dropped clients (`reveal`). `local_steps`
-    is this cloud's step budget for the round when it differs from `training.local_steps`."""
+    """`secure` is the step's secure-aggregation request as JSON (`fedlib.secagg.messages`):
+    the session, this client's relayed inbox and the weight scale (`train`), or the survivors
+    and the dropped clients (`reveal`); it is parsed and checked before use. `local_steps` is
+    this cloud's step budget for the round when it differs from `training.local_steps`."""
     config = load_config(config_path)
-    secure = secure or {}
+    request = REQUESTS[step].from_json(secure) if secure is not None else None
     if step == "setup":
-        return secagg_setup(config, client, round_number, secure["session_id"])
+        return secagg_setup(config, client, round_number, request).to_json()
     if step == "reveal":
-        return {"reveal": secagg_reveal(config, client, round_number, **secure)}
+        return {"reveal": secagg_reveal(config, client, round_number, request)}
     blocks = partition_data(config)[client]
-    client_round = submit_client_round(config, client, round_number, blocks, secure or None, local_steps)
+    client_round = submit_client_round(config, client, round_number, blocks, request, local_steps)
     return asdict(client_round.result())

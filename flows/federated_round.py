@@ -15,13 +15,14 @@ from prefect import flow
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from fedlib.aggregator import AggregationReport
+from fedlib.aggregator import AggregationReport, Expected, expected_of
 from fedlib.client import ClientReport
 from fedlib.config import FederationConfig
 from fedlib.federation import Tensors, checkpoint_store, progress
 from fedlib.heterogeneity import round_cost, sample_clients, step_budgets
-from fedlib.privacy.accountant import privacy_spent
+from fedlib.privacy.accountant import participation_after, privacy_spent
 from fedlib.rejection import QuorumNotMet
+from fedlib.secagg.messages import RevealRequest, SetupRequest, TrainRequest
 from fedlib.secagg.protocol import relay_setups
 from flows.client_steps import ClientSteps
 from tasks.aggregate import aggregate_round, commit_round, evaluate_global
@@ -31,14 +32,15 @@ from tasks.secagg import sum_masked_round, unmask_round
 
 
 def secure_round(
-    steps: ClientSteps, clients: list[str]
+    steps: ClientSteps, clients: list[str], expected: dict[str, Expected]
 ) -> tuple[Tensors, Tensors, AggregationReport, dict[str, ClientReport], dict[str, Any]]:
     """setup → train and mask → masked sum → reveal → unmask. A client that fails its setup is
-    left out of everyone's masks; one that fails after it is unmasked from the survivors' reveals."""
+    left out of everyone's masks; one that fails after it is unmasked from the survivors' reveals.
+    A fresh session per attempt: an upload left from an earlier attempt is refused by name."""
     config, round_number = steps.config, steps.round_number
     session_id = secrets.token_hex(8)
     started = time.perf_counter()
-    setup = steps.run("setup", clients, lambda _: {"session_id": session_id})
+    setup = steps.run("setup", clients, lambda _: SetupRequest(session_id))
     setups, failed = setup.results, {**setup.failed, **{c: "secagg setup not done in time" for c in setup.late}}
     if len(setups) < config.secagg_min_survivors:
         raise QuorumNotMet(f"round {round_number}: {len(setups)} clients completed the secure-aggregation setup, "
@@ -50,20 +52,19 @@ def secure_round(
     training = steps.run(
         "train",
         sorted(setups),
-        lambda c: {"session_id": session_id, "inbox": inboxes[c], "weight_scale": scale},
+        lambda c: TrainRequest(session_id, inboxes[c], scale),
         config.orchestration.round_deadline_s,
     )
     reports = training.results
     trained = time.perf_counter()
-    masked, report = sum_masked_round(config, round_number, clients, {**failed, **training.failed}, training.late, scale)
+    all_failed = {**failed, **training.failed}
+    masked, report = sum_masked_round(config, round_number, clients, all_failed, training.late, scale, session_id, expected)
     survivors = list(report.accepted)
     dropped = [c for c in sorted(setups) if c not in survivors]
     reveal_started = time.perf_counter()
-    revealed = steps.run(
-        "reveal", survivors, lambda c: {"session_id": session_id, "inbox": inboxes[c], "survivors": survivors, "dropped": dropped}
-    )
+    revealed = steps.run("reveal", survivors, lambda c: RevealRequest(session_id, inboxes[c], tuple(survivors), tuple(dropped)))
     reveals = revealed.results
-    publics = {c: s["mask_public"] for c, s in setups.items()}
+    publics = {c: s.mask_public for c, s in setups.items()}
     adapter, state = unmask_round(config, round_number, session_id, masked, publics, survivors, dropped, reveals)
     info = {
         "session": session_id,
@@ -100,15 +101,16 @@ def federated_round(
     clients = sample_clients(config, round_number)
     budgets = step_budgets(config, clients, previous)
     steps = ClientSteps(config, config_path, round_number, assignment, budgets)
+    expected = expected_of(config, {c: len(assignment[c]) for c in clients}, budgets)
     secure: dict[str, Any] = {}
     if config.secure_aggregation.enabled:
-        adapter, state, report, reports, secure = secure_round(steps, clients)
+        adapter, state, report, reports, secure = secure_round(steps, clients, expected)
         client_timings = secure.pop("timings")
     else:
         training = steps.run("train", clients, deadline_s=config.orchestration.round_deadline_s)
         reports = training.results
         client_timings = {"clients_wall_s": time.perf_counter() - partitioned}
-        adapter, report, state = aggregate_round(config, round_number, clients, training.failed, training.late)
+        adapter, report, state = aggregate_round(config, round_number, clients, training.failed, training.late, expected)
     eval_started = time.perf_counter()
     eval_loss = evaluate_global(config, round_number, adapter)
     evaluated = time.perf_counter()
@@ -132,7 +134,7 @@ def federated_round(
         "rejected": report.rejected,
         "eval_loss": eval_loss,
         "perplexity": math.exp(eval_loss),
-        **privacy_spent(config, round_number),
+        **privacy_spent(config.privacy, participation_after(previous.get("participation", {}), clients)),
         **({"secure_aggregation": secure} if secure else {}),
         "timings": {
             "partition_s": partitioned - started,

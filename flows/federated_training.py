@@ -88,7 +88,7 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
     status = "FAILED"
     try:
         for round_number in range(plan.first, plan.last + 1):
-            epsilon = over_budget(config, round_number)
+            epsilon = over_budget(config.privacy, manifests[-1].get("participation", {}))
             stop = budget_stop(config, manifests)
             if epsilon is not None:
                 stop = f"privacy budget: round {round_number} would reach ε={epsilon:.3f} > {config.privacy.epsilon_budget}"

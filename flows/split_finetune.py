@@ -19,7 +19,7 @@ from fedlib.federation import keyring
 from fedlib.serialization import tensors_to_bytes
 from fedlib.strategies import ClientUpdate, make_strategy
 from tasks.data import partition_data, prepare_data
-from tasks.split import split_evaluate, split_train_client, start_server
+from tasks.split import fetch_server_part, split_evaluate, split_train_client, start_server
 from tasks.tracking import finish_tracking, open_tracking, track_metrics, track_split_artifacts
 
 
@@ -69,10 +69,7 @@ def split_finetune(config_path: str) -> dict[str, Any]:
                 "step_s": statistics.median(s["seconds"] for s in all_steps),
             })
             logger.info("split round %d: held-out perplexity %.2f", round_number, math.exp(loss))
-        from urllib.request import urlopen
-
-        with urlopen(server.url + "/state", timeout=config.split.server_timeout_s) as response:
-            server_part = response.read()
+        server_part = tensors_to_bytes(fetch_server_part(config, server.url))
         track_split_artifacts(config, run_id, losses, {"client-part": tensors_to_bytes(state), "server-part": server_part})
         status = "FINISHED"
         return {"perplexity_before": math.exp(before), "rounds": rounds, "losses": losses, "run_id": run_id}

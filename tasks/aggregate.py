@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
-from fedlib.aggregator import AggregationReport, aggregate_updates, build_strategy
+from fedlib.aggregator import AggregationReport, Expected, aggregate_updates, build_strategy
 from fedlib.federation import (
     Tensors,
     checkpoint_store,
@@ -23,16 +23,24 @@ from tasks.storage import storage_options
 
 @task(name="aggregate", task_run_name="aggregate-round-{round_number}", cache_policy=NO_CACHE)
 def aggregate_round(
-    config: FederationConfig, round_number: int, clients: list[str], failed: dict[str, str], late: list[str]
+    config: FederationConfig,
+    round_number: int,
+    clients: list[str],
+    failed: dict[str, str],
+    late: list[str],
+    expected: dict[str, Expected],
 ) -> tuple[Tensors, AggregationReport, Tensors]:
     """The next adapter, the report, and the strategy's state for the next round."""
     ring = keyring(config)
     store = checkpoint_store(config, ring)
     global_adapter = store.adapter(round_number - 1)
+    parent = store.manifest(round_number - 1)["adapter_sha256"]
     strategy = build_strategy(config, round_number, store.strategy_state(round_number - 1))
     options = storage_options(config, clients)
     keys = {client: aggregator_update_key(ring, client) for client in clients}
-    adapter, report = aggregate_updates(config, round_number, global_adapter, clients, failed, keys, options, strategy, late)
+    adapter, report = aggregate_updates(
+        config, round_number, global_adapter, clients, failed, keys, options, strategy, late, expected, parent
+    )
     logger = get_run_logger()
     for client, why in report.rejected.items():
         logger.warning("round %d: update from %s rejected (%s): %s", round_number, client, why["reason"], why["detail"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -17,9 +16,10 @@ from prefect.tasks import exponential_backoff
 
 from fedlib.config import FederationConfig
 from fedlib.client import ClientReport, SealedUpdate, train_and_seal, upload_sealed
-from fedlib.client_state import ResidualStore
+from fedlib.client_state import CarriedResidual, ResidualStore
 from fedlib.federation import checkpoint_store, client_update_key, keyring, load_data, residual_store, secagg_session
 from fedlib.secagg.client import SecureRound
+from fedlib.secagg.messages import TrainRequest
 from tasks.storage import storage_options
 
 
@@ -29,21 +29,25 @@ def train_client(
     client: str,
     round_number: int,
     blocks: list[int],
-    secure: dict[str, Any] | None = None,
+    secure: TrainRequest | None = None,
     local_steps: int | None = None,
 ) -> SealedUpdate:
-    """With `secure` (the secure-aggregation session id, the peers' relayed setup messages in
-    `inbox`, and the `weight_scale`), the update is masked."""
+    """With `secure` (the secure-aggregation session, the peers' relayed setup messages, and
+    the weight scale), the update is masked."""
     ring = keyring(config)
-    global_adapter, downloaded = checkpoint_store(config, ring).adapter_download(round_number - 1)  # signature checked
+    store = checkpoint_store(config, ring)
+    global_adapter, downloaded = store.adapter_download(round_number - 1)  # signature, federation and round checked
+    parent = store.manifest(round_number - 1)["adapter_sha256"]
     shard = load_data(config).train.select(blocks)
     masking = None
     if secure:
-        session = secagg_session(config, round_number, secure["session_id"])
-        masking = SecureRound(ring, session, secure["inbox"], float(secure["weight_scale"]))
-    residuals = _residuals(config, client) if config.compression.error_feedback else None
+        session = secagg_session(config, round_number, secure.session_id)
+        masking = SecureRound(ring, session, secure.inbox, secure.weight_scale)
+    residuals = None
+    if config.compression.error_feedback and config.compression.chain.lossy:
+        residuals = CarriedResidual(_residuals(config, client), store.last_accepted_round(client, round_number))
     key = client_update_key(ring, client)
-    sealed = train_and_seal(config, client, round_number, global_adapter, shard, key, masking, residuals, local_steps)
+    sealed = train_and_seal(config, client, round_number, global_adapter, shard, key, masking, residuals, local_steps, parent)
     return replace(sealed, report=replace(sealed.report, bytes_downloaded=downloaded))
 
 
@@ -85,7 +89,7 @@ def submit_client_round(
     client: str,
     round_number: int,
     blocks: list[int],
-    secure: dict[str, Any] | None = None,
+    secure: TrainRequest | None = None,
     local_steps: int | None = None,
 ) -> ClientRound:
     """train → upload, as two tasks that run concurrently with other clients'."""

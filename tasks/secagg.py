@@ -6,33 +6,37 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from fedlib.aggregator import AggregationReport, build_strategy
+from fedlib.aggregator import AggregationReport, Expected, build_strategy
 from fedlib.config import FederationConfig
-from fedlib.federation import Tensors, aggregator_update_key, checkpoint_store, client_update_key, keyring, secagg_session
+from fedlib.federation import (
+    Tensors,
+    aggregator_update_key,
+    checkpoint_store,
+    client_update_key,
+    keyring,
+    reveal_ledger,
+    secagg_session,
+)
 from fedlib.secagg.aggregator import MaskedSum, finish_secure_round, sum_masked_updates
+from fedlib.secagg.messages import RevealRequest, SetupMessage, SetupRequest
 from fedlib.secagg.protocol import make_reveal, make_setup, open_inbox
 from tasks.storage import storage_options
 
 
 @task(name="secagg-setup", task_run_name="secagg-setup-{client}-round-{round_number}", cache_policy=NO_CACHE)
-def secagg_setup(config: FederationConfig, client: str, round_number: int, session_id: str) -> dict:
-    return make_setup(keyring(config), client, secagg_session(config, round_number, session_id))
+def secagg_setup(config: FederationConfig, client: str, round_number: int, request: SetupRequest) -> SetupMessage:
+    return make_setup(keyring(config), client, secagg_session(config, round_number, request.session_id))
 
 
 @task(name="secagg-reveal", task_run_name="secagg-reveal-{client}-round-{round_number}", cache_policy=NO_CACHE)
-def secagg_reveal(
-    config: FederationConfig,
-    client: str,
-    round_number: int,
-    session_id: str,
-    inbox: dict[str, str],
-    survivors: list[str],
-    dropped: list[str],
-) -> str:
+def secagg_reveal(config: FederationConfig, client: str, round_number: int, request: RevealRequest) -> str:
+    """Answers once per session; see `fedlib.client_state.RevealLedger`."""
     ring = keyring(config)
-    session = secagg_session(config, round_number, session_id)
-    peers = open_inbox(ring, client, session, inbox)
-    return make_reveal(ring, client, session, peers, survivors, dropped, client_update_key(ring, client))
+    session = secagg_session(config, round_number, request.session_id)
+    peers = open_inbox(ring, client, session, request.inbox)
+    ledger = reveal_ledger(config, ring, client, storage_options(config, [client])[client])
+    key = client_update_key(ring, client)
+    return make_reveal(ring, client, session, peers, request.survivors, request.dropped, key, ledger)
 
 
 @task(name="sum-masked", task_run_name="sum-masked-round-{round_number}", cache_policy=NO_CACHE)
@@ -43,12 +47,18 @@ def sum_masked_round(
     failed: dict[str, str],
     late: list[str],
     weight_scale: float,
+    session_id: str,
+    expected: dict[str, Expected],
 ) -> tuple[MaskedSum, AggregationReport]:
     ring = keyring(config)
-    global_adapter = checkpoint_store(config, ring).adapter(round_number - 1)
+    store = checkpoint_store(config, ring)
+    global_adapter = store.adapter(round_number - 1)
+    parent = store.manifest(round_number - 1)["adapter_sha256"]
     keys = {client: aggregator_update_key(ring, client) for client in clients}
     options = storage_options(config, clients)
-    masked, report = sum_masked_updates(config, round_number, global_adapter, clients, failed, keys, weight_scale, options, late)
+    masked, report = sum_masked_updates(
+        config, round_number, global_adapter, clients, failed, keys, weight_scale, session_id, parent, expected, options, late
+    )
     logger = get_run_logger()
     for client, why in report.rejected.items():
         logger.warning("round %d: %s left out of the secure sum (%s): %s", round_number, client, why["reason"], why["detail"])

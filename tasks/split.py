@@ -96,3 +96,10 @@ def split_evaluate(config: FederationConfig, round_number: int, url: str, state:
 
 def _draw(n: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(n, (min(batch_size, n),), generator=generator)
+
+
+@task(name="split-server-part", task_run_name="split-server-part", cache_policy=NO_CACHE)
+def fetch_server_part(config: FederationConfig, url: str) -> Tensors:
+    """The server's trained middle (LoRA and SPF), asked for over a session of the first client:
+    the server answers no one without a session."""
+    return connect_client(config, config.clouds[0].name, url).server_state()

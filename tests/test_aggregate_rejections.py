@@ -11,7 +11,7 @@ import torch
 
 from fedlib import storage
 from fedlib.config import parse_config
-from fedlib.aggregator import aggregate_updates, open_client_update
+from fedlib.aggregator import Expected, aggregate_updates, open_client_update
 from fedlib.client import train_client_update
 from fedlib.federation import (
     aggregator_update_key,
@@ -27,6 +27,7 @@ from fedlib.strategies import make_strategy
 from tests.conftest import tiny_config_dict
 
 CLOUDS = ("aws", "gcp", "azure")
+LIMITS = Expected(max_examples=10**9, max_local_steps=100)
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ def _expected(config, key, global_adapter, clients):
     from fedlib.envelope import EnvelopeContext
 
     updates = [
-        open_client_update(storage.read_bytes(update_url(config, c, 1)), key[c], EnvelopeContext("test", 1, c), global_adapter)
+        open_client_update(storage.read_bytes(update_url(config, c, 1)), key[c], EnvelopeContext("test", 1, c), global_adapter, LIMITS)
         for c in clients
     ]
     return make_strategy("fedavg").aggregate(1, global_adapter, updates)
@@ -151,5 +152,5 @@ def test_examples_travel_inside_the_authenticated_payload(trained_round):
     from fedlib.envelope import EnvelopeContext
 
     blob = storage.read_bytes(update_url(config, "gcp", 1))
-    update = open_client_update(blob, key["gcp"], EnvelopeContext("test", 1, "gcp"), global_adapter)
+    update = open_client_update(blob, key["gcp"], EnvelopeContext("test", 1, "gcp"), global_adapter, LIMITS)
     assert update.num_examples == shards["gcp"]

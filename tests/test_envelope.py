@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from fedlib.envelope import MAGIC, EnvelopeContext, UpdateKey, open_sealed, seal
-from fedlib.aggregator import open_client_update
+from fedlib.aggregator import Expected, open_client_update
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.serialization import bytes_to_tensors, read_metadata, tensors_to_bytes
 
 KEY = UpdateKey(bytes(range(32)), "aws-key-id")
 CTX = EnvelopeContext("fed", 3, "aws")
 TEMPLATE = {"layer.lora_A.weight": torch.zeros(4, 16), "layer.lora_B.weight": torch.zeros(16, 4)}
+LIMITS = Expected(max_examples=100, max_local_steps=10)
 
 
 def _update(scale: float = 1.0) -> dict[str, torch.Tensor]:
@@ -21,25 +22,25 @@ def _update(scale: float = 1.0) -> dict[str, torch.Tensor]:
 
 
 def _sealed(tensors=None, examples: str = "12", ctx: EnvelopeContext = CTX, key: UpdateKey = KEY) -> bytes:
-    payload = tensors_to_bytes(_update() if tensors is None else tensors, metadata={"num_examples": examples})
+    payload = tensors_to_bytes(_update() if tensors is None else tensors, metadata={"num_examples": examples, "local_steps": "1"})
     return seal(payload, key, ctx)
 
 
 def _reason(blob: bytes, ctx: EnvelopeContext = CTX, key: UpdateKey = KEY) -> Reason:
     with pytest.raises(UpdateRejected) as info:
-        open_client_update(blob, key, ctx, TEMPLATE)
+        open_client_update(blob, key, ctx, TEMPLATE, LIMITS)
     assert info.value.reason.value in str(info.value)  # the message names the reason
     return info.value.reason
 
 
 def test_round_trip_is_exact():
     tensors = _update()
-    payload = tensors_to_bytes(tensors, metadata={"num_examples": "12"})
-    assert read_metadata(payload) == {"num_examples": "12"}
+    payload = tensors_to_bytes(tensors, metadata={"num_examples": "12", "local_steps": "1"})
+    assert read_metadata(payload) == {"num_examples": "12", "local_steps": "1"}
     blob = seal(payload, KEY, CTX)
     assert blob.startswith(MAGIC) and payload not in blob
     assert open_sealed(blob, KEY, CTX) == payload
-    update = open_client_update(blob, KEY, CTX, TEMPLATE)
+    update = open_client_update(blob, KEY, CTX, TEMPLATE, LIMITS)
     assert update.client == "aws" and update.num_examples == 12
     for name, value in tensors.items():
         assert torch.equal(update.delta[name], value)
@@ -89,7 +90,8 @@ def test_bad_contents_after_authentication():
     inf = _update()
     inf["layer.lora_A.weight"][0, 0] = float("inf")
     assert _reason(_sealed(inf)) is Reason.NON_FINITE
-    assert _reason(_sealed(examples="-3")) is Reason.MALFORMED
+    assert _reason(_sealed(examples="-3")) is Reason.OUT_OF_RANGE
+    assert _reason(_sealed(examples="1" + "0" * 400)) is Reason.MALFORMED  # not a count at all
     assert _reason(b"GARBAGE!" + bytes(64)) is Reason.MALFORMED
 
 

@@ -79,9 +79,10 @@ def test_manifests_are_signed_and_checked(tmp_path):
     init_keys(tmp_path / "keys", CLIENTS)
     ring = load_keyring(tmp_path / "keys", CLIENTS)
     root = (tmp_path / "ckpt").as_uri()
-    store = CheckpointStore(root, signer=ring.signing_private, verifier=ring.signing_public)
-    store.commit(1, {"w": torch.ones(2)}, {"eval_loss": 1.5})
-    reader = CheckpointStore(root, verifier=ring.signing_public)  # a client: public key only
+    store = CheckpointStore(root, "fed", signer=ring.signing_private, verifier=ring.signing_public)
+    store.commit(0, {"w": torch.zeros(2)}, {"eval_loss": 2.0})
+    store.commit(1, {"w": torch.ones(2)}, {"eval_loss": 1.5, "parent_adapter_sha256": store.manifest(0)["adapter_sha256"]})
+    reader = CheckpointStore(root, "fed", verifier=ring.signing_public)  # a client: public key only
     assert reader.manifest(1)["eval_loss"] == 1.5
     assert torch.equal(reader.adapter(1)["w"], torch.ones(2))
 

@@ -13,14 +13,14 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from fedlib import storage
 from fedlib.config import load_config
-from fedlib.envelope import EnvelopeContext, open_sealed
+from fedlib.envelope import open_sealed
 from fedlib.federation import aggregator_update_key, keyring
 from fedlib.privacy.accountant import epsilon_after, rounds_within_budget
 from fedlib.privacy.dp import DifferentialPrivacy, clip_update_inplace, update_norm
 from fedlib.serialization import bytes_to_tensors
 from fedlib.strategies import ClientUpdate, make_strategy
 from flows.federated_training import federated_training
-from tests.conftest import tiny_config_dict, write_config
+from tests.conftest import stored_update_context, tiny_config_dict, write_config
 
 
 def test_clipping_bounds_the_whole_update():
@@ -85,7 +85,7 @@ def test_dp_federation_clips_every_update_and_stops_at_its_budget(tmp_path, corp
         for obj in storage.list_prefix(config.storage_url(cloud)):
             round_number = int(re.search(r"round-(\d+)", obj).group(1))
             blob = open(obj, "rb").read()
-            ctx = EnvelopeContext(config.federation.id, round_number, cloud.name)
+            ctx = stored_update_context(config, cloud.name, round_number, blob)
             norms.append(update_norm(bytes_to_tensors(open_sealed(blob, aggregator_update_key(ring, cloud.name), ctx))))
     assert len(norms) == 6
     assert max(norms) <= clip * (1 + 1e-5) and min(norms) > clip * 0.99  # every update clipped to C

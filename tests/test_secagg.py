@@ -120,9 +120,9 @@ def test_protocol_messages_end_to_end_with_a_dropout(tmp_path):
     ring = load_keyring(tmp_path, CLIENTS)
     session = Session("fed", 3, "a1b2", tuple(sorted(CLIENTS)), threshold=3)
     setups = {c: make_setup(ring, c, session) for c in CLIENTS}
-    assert make_setup(ring, "aws", session)["mask_public"] == setups["aws"]["mask_public"]  # derived, not stored
+    assert make_setup(ring, "aws", session).mask_public == setups["aws"].mask_public  # derived, not stored
     other = Session("fed", 3, "ffff", session.clients, 3)
-    assert make_setup(ring, "aws", other)["mask_public"] != setups["aws"]["mask_public"]  # fresh per session
+    assert make_setup(ring, "aws", other).mask_public != setups["aws"].mask_public  # fresh per session
     inboxes = relay_setups(setups)
     peers = {me: open_inbox(ring, me, session, inboxes[me]) for me in CLIENTS}
 
@@ -136,10 +136,11 @@ def test_protocol_messages_end_to_end_with_a_dropout(tmp_path):
 
     dropped, survivors = ["azure"], [c for c in CLIENTS if c != "azure"]
     reveals = {
-        s: make_reveal(ring, s, session, peers[s], survivors, dropped, client_update_key(ring, s)) for s in survivors
+        s: make_reveal(ring, s, session, peers[s], survivors, dropped, client_update_key(ring, s), _ledger(tmp_path, ring, s))
+        for s in survivors
     }
     keys = {s: aggregator_update_key(ring, s) for s in survivors}
-    publics = {c: s["mask_public"] for c, s in setups.items()}
+    publics = {c: s.mask_public for c, s in setups.items()}
     total = masked_sum(masked[s] for s in survivors)
     clean = unmask_sum(total, session, publics, survivors, dropped, reveals, keys)
     mean = {k: v / sum(examples[s] for s in survivors) for k, v in decode(clean, FRAC).items()}
@@ -156,6 +157,15 @@ def test_protocol_messages_end_to_end_with_a_dropout(tmp_path):
         unmask_sum(total, session, publics, survivors, dropped, dict(list(reveals.items())[:2]), keys)
 
 
+def _ledger(tmp_path, ring, client):
+    from fedlib.client_state import RevealLedger
+    from fedlib.envelope import UpdateKey
+    from fedlib.keys import fingerprint
+
+    key = UpdateKey(ring.client_derived_secret(client, "secagg-reveals"), fingerprint(ring.public_key(client)))
+    return RevealLedger((tmp_path / "buckets" / client).as_uri(), key, "fed", client)
+
+
 def test_a_client_never_reveals_both_secrets_of_one_peer(tmp_path):
     from fedlib.federation import client_update_key
     from fedlib.keys import init_keys, load_keyring
@@ -164,17 +174,18 @@ def test_a_client_never_reveals_both_secrets_of_one_peer(tmp_path):
 
     init_keys(tmp_path, CLIENTS)
     ring = load_keyring(tmp_path, CLIENTS)
-    session = Session("fed", 1, "00", tuple(sorted(CLIENTS)), threshold=2)
+    session = Session("fed", 1, "00", tuple(sorted(CLIENTS)), threshold=3)
     inboxes = relay_setups({c: make_setup(ring, c, session) for c in CLIENTS})
     peers = open_inbox(ring, "aws", session, inboxes["aws"])
     key = client_update_key(ring, "aws")
+    ledger = _ledger(tmp_path, ring, "aws")
     with pytest.raises(ValueError, match="both surviving and dropped"):
-        make_reveal(ring, "aws", session, peers, ["aws", "gcp"], ["gcp"], key)
+        make_reveal(ring, "aws", session, peers, ["aws", "gcp"], ["gcp"], key, ledger)
     with pytest.raises(ValueError, match="not among the survivors"):
-        make_reveal(ring, "aws", session, peers, ["gcp"], ["azure"], key)
+        make_reveal(ring, "aws", session, peers, ["gcp"], ["azure"], key, ledger)
     # A relayed message swapped to another recipient, or from another session, does not open.
     swapped = {**inboxes["aws"], "gcp": inboxes["azure"]["gcp"]}
     with pytest.raises(UpdateRejected):
         open_inbox(ring, "aws", session, swapped)
     with pytest.raises(UpdateRejected):
-        open_inbox(ring, "aws", Session("fed", 1, "01", session.clients, 2), inboxes["aws"])
+        open_inbox(ring, "aws", Session("fed", 1, "01", session.clients, 3), inboxes["aws"])

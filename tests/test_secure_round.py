@@ -11,13 +11,13 @@ from scipy.stats import chi2
 
 from fedlib import storage
 from fedlib.config import ConfigError, load_config, parse_config
-from fedlib.envelope import EnvelopeContext, open_sealed
+from fedlib.envelope import open_sealed
 from fedlib.federation import aggregator_update_key, checkpoint_store, keyring, update_url
 from fedlib.privacy.dp import add_noise_share_inplace
 from fedlib.secagg.fixedpoint import from_wire
 from fedlib.serialization import bytes_to_tensors, read_metadata
 from flows.federated_training import federated_training
-from tests.conftest import tiny_config_dict, write_config
+from tests.conftest import stored_update_context, tiny_config_dict, write_config
 
 CLOUDS = ("aws", "azure", "gcp")
 
@@ -77,7 +77,7 @@ def test_secure_round_equals_fedavg_and_uploads_look_uniform(tmp_path, corpus_di
     ring = keyring(config)
     for client in survivors:
         blob = storage.read_limited(update_url(config, client, 1), 1 << 30)
-        payload = open_sealed(blob, aggregator_update_key(ring, client), EnvelopeContext(config.federation.id, 1, client))
+        payload = open_sealed(blob, aggregator_update_key(ring, client), stored_update_context(config, client, 1, blob))
         tensors = bytes_to_tensors(payload)
         assert {t.dtype for t in tensors.values()} == {torch.int32}
         assert int(read_metadata(payload)["weight"]) == int(read_metadata(payload)["num_examples"]) > 0

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 from fedlib.config import load_config
 from fedlib.federation import keyring, load_data
 from fedlib.rejection import Reason, UpdateRejected
-from fedlib.split.attestation import AttestationFailed, NoTEE
+from fedlib.split.attestation import AttestationFailed, NoTEE, check_attestation
 from flows.split_finetune import split_finetune
 from tasks.split import connect_client, start_server
 from tests.conftest import tiny_config_dict, write_config
@@ -80,10 +80,10 @@ def test_tampered_and_replayed_messages_are_refused_by_the_server(server):
 
 
 def test_no_tee_is_said_and_refused_when_one_is_required():
-    evidence = NoTEE().evidence("n1")
-    assert evidence == {"tee": "none", "nonce": "n1"}
-    NoTEE().verify(evidence, "n1", require_tee=False)
-    with pytest.raises(AttestationFailed, match="require_tee is set"):
-        NoTEE().verify(evidence, "n1", require_tee=True)
-    with pytest.raises(AttestationFailed, match="nonce"):
-        NoTEE().verify(evidence, "n2", require_tee=False)
+    evidence = NoTEE().evidence("b1")
+    assert evidence == {"tee": "none", "binding": "b1"}
+    check_attestation(evidence, "b1", require_tee=False, verifier=None)  # nothing claimed, nothing checked
+    with pytest.raises(AttestationFailed, match="no split.attestation_verifier is configured"):
+        check_attestation(evidence, "b1", require_tee=True, verifier=None)
+    with pytest.raises(AttestationFailed, match="runs in no TEE"):
+        check_attestation(evidence, "b1", require_tee=True, verifier="any")

@@ -9,12 +9,13 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlib.aggregator import AggregationReport, check_quorum, positive_int, read_updates
+from fedlib.aggregator import AggregationReport, Expected, check_quorum, read_updates
 from fedlib.config import FederationConfig
+from fedlib.decode import bounded_int, load_tensors
 from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed
+from fedlib.rejection import Reason, UpdateRejected
 from fedlib.secagg.fixedpoint import MODULUS, Tensors, decode, from_wire
 from fedlib.secagg.protocol import Session, unmask_sum
-from fedlib.serialization import bytes_to_tensors, read_metadata
 from fedlib.storage import Options
 from fedlib.strategies import ClientUpdate, Strategy
 from fedlib.validation import check_update
@@ -38,14 +39,26 @@ def wire_template(global_adapter: Tensors) -> Tensors:
     return {name: torch.empty(value.shape, dtype=torch.int32) for name, value in global_adapter.items()}
 
 
-def open_masked_update(blob: bytes, key: UpdateKey, ctx: EnvelopeContext, template: Tensors) -> tuple[Tensors, int, int]:
-    """(residues, weight, local steps) of one masked update."""
+def open_masked_update(
+    blob: bytes, key: UpdateKey, ctx: EnvelopeContext, template: Tensors, expected: Expected, dp: bool
+) -> tuple[Tensors, int, int]:
+    """(residues, weight, local steps) of one masked update. `ctx` names the session: an upload
+    left from another attempt of the round was masked against other masks, and would turn the
+    unmasked sum into noise. The weight must be what the client's role allows (1 under DP, its
+    example count otherwise), since it scales the mean."""
     payload = open_sealed(blob, key, ctx)
-    meta = read_metadata(payload)
-    tensors = bytes_to_tensors(payload)
+
+    def allowed(name: str, spec) -> str | None:
+        ref = template.get(name)
+        return None if ref is not None and spec.shape == tuple(ref.shape) and spec.dtype == ref.dtype else "not in the adapter's layout"
+
+    tensors, meta = load_tensors(payload, "masked update", allowed)
     check_update(tensors, template)
-    positive_int(meta, "num_examples")
-    return from_wire(tensors), positive_int(meta, "weight"), positive_int(meta, "local_steps")
+    num_examples, local_steps = expected.counts(meta)
+    weight = bounded_int(meta, "weight", 1, expected.max_examples, "masked update")
+    if weight != (1 if dp else num_examples):
+        raise UpdateRejected(Reason.OUT_OF_RANGE, f"masked update: weight {weight} for {num_examples} examples")
+    return from_wire(tensors), weight, local_steps
 
 
 def sum_masked_updates(
@@ -56,20 +69,25 @@ def sum_masked_updates(
     failed: Mapping[str, str],
     keys: Mapping[str, UpdateKey],
     weight_scale: float,
+    session: str,
+    parent: str,
+    expected: Mapping[str, Expected],
     storage_options: Mapping[str, Options] | None = None,
     late: Sequence[str] = (),
 ) -> tuple[MaskedSum, AggregationReport]:
     """Streamed like plain aggregation: one update in memory at a time. Needs at least
-    `secagg_min_survivors` updates, or the masks could not be removed."""
+    `secagg_min_survivors` updates, or the masks could not be removed. Every update must be of
+    this `session` and trained from `parent`."""
     report = AggregationReport()
     template = wire_template(global_adapter)
+    dp = config.privacy.enabled
 
     def opener(blob: bytes, key: UpdateKey, ctx: EnvelopeContext) -> tuple[Tensors, int, int]:
-        return open_masked_update(blob, key, ctx, template)
+        return open_masked_update(blob, key, ctx, template, expected[ctx.client], dp)
 
     total: Tensors = {name: torch.zeros(value.shape, dtype=torch.int64) for name, value in template.items()}
     weight = weighted_steps = 0
-    updates = read_updates(config, round_number, clients, failed, keys, storage_options, report, opener, late)
+    updates = read_updates(config, round_number, clients, failed, keys, storage_options, report, opener, late, parent, session)
     for residues, client_weight, steps in updates:
         started = time.perf_counter()
         for name, value in residues.items():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from fedlib.rejection import Reason, UpdateRejected
+
 MODULUS = 1 << 32
 _HALF = 1 << 31
 
@@ -16,6 +18,8 @@ def encode(tensors: Tensors, frac_bits: int, parties: int = 1) -> Tensors:
     limit = _HALF // parties
     out = {}
     for name, value in tensors.items():
+        if not torch.isfinite(value).all():  # round(NaN) would quietly become 0 in the sum
+            raise UpdateRejected(Reason.NON_FINITE, f"{name}: NaN or Inf cannot be encoded as a fixed-point value")
         scaled = torch.round(value.to(torch.float64) * (1 << frac_bits))
         if scaled.numel() and scaled.abs().max() >= limit:
             bound = limit / (1 << frac_bits)

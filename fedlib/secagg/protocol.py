@@ -8,7 +8,10 @@ relayed by the aggregator, which can open none of the clients' messages to each 
 2. masking: y = encode(x) + PRG(self seed) + Σ_peers ±PRG(pairwise seed), all mod 2^32.
 3. reveal: once the aggregator says who survived, each survivor hands it, sealed, the shares of
    every survivor's self seed and of every dropped client's mask key, and never both for one
-   client. `threshold` reveals let the aggregator take every mask out of the sum.
+   client. `threshold` reveals let the aggregator take every mask out of the sum. A client
+   answers one reveal per session (its `RevealLedger`, in its own bucket, remembers which): a
+   second request calling a survivor "dropped" would otherwise hand over both of its secrets.
+   The threshold is a strict majority, so two disjoint sets of clients cannot both reach it.
 
 The secrets are derived rather than stored so that the three steps can run as separate
 processes (a client's deployment on its own pool) without keeping state between them; a new
@@ -25,12 +28,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fedlib.client_state import RevealLedger
+from fedlib.decode import expect, parse_json
 from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed, seal
 from fedlib.keys import KeyRing, fingerprint
 from fedlib.rejection import Reason, UpdateRejected
+from fedlib.secagg.messages import SetupMessage
 from fedlib.secagg.fixedpoint import MODULUS, Tensors
 from fedlib.secagg.masking import apply_masks, mask_stream, remove_dropped_masks
-from fedlib.secagg.shamir import Share, combine_shares, split_secret
+from fedlib.secagg.shamir import PRIME, Share, combine_shares, split_secret
 
 
 class SecureAggregationFailed(RuntimeError):
@@ -50,8 +56,8 @@ class Session:
     def __post_init__(self) -> None:
         if list(self.clients) != sorted(set(self.clients)):
             raise ValueError("session clients must be sorted and distinct")
-        if not 2 <= self.threshold <= len(self.clients):
-            raise ValueError(f"threshold {self.threshold} must be between 2 and {len(self.clients)} clients")
+        if not 2 <= self.threshold <= len(self.clients) or 2 * self.threshold <= len(self.clients):
+            raise ValueError(f"threshold {self.threshold} must be a majority of the {len(self.clients)} clients, and at least 2")
 
     @property
     def mask_context(self) -> bytes:
@@ -116,12 +122,17 @@ def _share_json(share: Share) -> list:
 
 
 def _share(value: object) -> Share:
-    x, y = value  # type: ignore[misc]
-    return int(x), int(y, 16)
+    """A share as sent: [x, hex y], x a small positive int, y an element of Shamir's field."""
+    if not (isinstance(value, list) and len(value) == 2 and type(value[0]) is int and isinstance(value[1], str)):
+        raise ValueError("a share is [x, hex]")
+    x, y = value
+    if not 0 < x < 1 << 16 or len(y) > 132 or int(y, 16) >= PRIME:
+        raise ValueError("share out of range")
+    return x, int(y, 16)
 
 
-def make_setup(ring: KeyRing, me: str, session: Session) -> dict:
-    """{"mask_public": hex, "sealed": {peer: hex}}: JSON, so it can be a flow run's result."""
+def make_setup(ring: KeyRing, me: str, session: Session) -> SetupMessage:
+    """The mask public key, and for each peer its shares sealed for that peer alone."""
     secrets = round_secrets(ring, me, session)
     mask_shares, self_shares = secrets.mask_shares(session), secrets.self_shares(session)
     public = _raw(secrets.mask_private.public_key()).hex()
@@ -132,12 +143,13 @@ def make_setup(ring: KeyRing, me: str, session: Session) -> dict:
         i = session.index(peer)
         body = json.dumps({"mask_public": public, "mask_share": _share_json(mask_shares[i]), "self_share": _share_json(self_shares[i])})
         sealed[peer] = bytes(seal(body.encode(), _pair_key(ring, me, peer, me), session.envelope("setup", me, peer))).hex()
-    return {"mask_public": public, "sealed": sealed}
+    return SetupMessage(public, sealed)
 
 
-def relay_setups(setups: Mapping[str, dict]) -> dict[str, dict[str, str]]:
-    """The aggregator's relay: each client's inbox, {sender: sealed message for that client}."""
-    return {me: {sender: s["sealed"][me] for sender, s in setups.items() if sender != me} for me in setups}
+def relay_setups(setups: Mapping[str, SetupMessage]) -> dict[str, dict[str, str]]:
+    """The aggregator's relay: each client's inbox, {sender: sealed message for that client}.
+    A setup that leaves out a participant is the sender's failure, not the round's."""
+    return {me: {sender: s.sealed[me] for sender, s in setups.items() if sender != me and me in s.sealed} for me in setups}
 
 
 def open_inbox(ring: KeyRing, me: str, session: Session, inbox: Mapping[str, str]) -> dict[str, PeerSetup]:
@@ -152,7 +164,7 @@ def open_inbox(ring: KeyRing, me: str, session: Session, inbox: Mapping[str, str
         except ValueError:
             raise UpdateRejected(Reason.MALFORMED, f"setup message from {sender} is not hex", sender) from None
         try:
-            data = json.loads(body)
+            data = expect(parse_json(body, f"setup message from {sender}", 4096, max_depth=2), dict, "setup message")
             peers[sender] = PeerSetup(
                 X25519PublicKey.from_public_bytes(bytes.fromhex(data["mask_public"])),
                 _share(data["mask_share"]),
@@ -182,10 +194,12 @@ def make_reveal(
     survivors: Iterable[str],
     dropped: Iterable[str],
     key: UpdateKey,
+    ledger: RevealLedger,
 ) -> str:
     """My shares of the survivors' self seeds and the dropped clients' mask keys, sealed for
     the aggregator. Revealing both of one client would unmask its input, so overlapping sets
-    are refused, as is a survivor list that leaves me out."""
+    are refused, as is a survivor list that leaves me out, and (through `ledger`, which
+    remembers this session's answer) any second request for other sets."""
     survivors, dropped = sorted(set(survivors)), sorted(set(dropped))
     if set(survivors) & set(dropped):
         raise ValueError(f"clients both surviving and dropped: {sorted(set(survivors) & set(dropped))}")
@@ -194,6 +208,7 @@ def make_reveal(
     unknown = (set(survivors) | set(dropped)) - set(peers) - {me}
     if unknown:
         raise ValueError(f"not peers of {me} in this session: {sorted(unknown)}")
+    ledger.record(session.id, session.round, survivors, dropped)  # refuses a request that differs from an earlier one
     own = round_secrets(ring, me, session).self_shares(session)[session.index(me)]
     self_shares = {s: _share_json(own if s == me else peers[s].self_share) for s in survivors}
     mask_shares = {d: _share_json(peers[d].mask_share) for d in dropped}
@@ -224,15 +239,18 @@ def unmask_sum(
     mask_shares: dict[str, list[Share]] = {d: [] for d in dropped}
     for revealer, blob in sorted(reveals.items()):
         try:
-            body = json.loads(open_sealed(bytes.fromhex(blob), keys[revealer], session.envelope("reveal", revealer)))
-        except (UpdateRejected, ValueError, KeyError):
+            opened = open_sealed(bytes.fromhex(blob), keys[revealer], session.envelope("reveal", revealer))
+            body = expect(parse_json(opened, f"reveal from {revealer}", 1 << 16, max_depth=3), dict, "reveal")
+            if body.get("survivors") != survivors or body.get("dropped") != dropped:
+                continue
+            selfs = [_share(body["self_shares"][s]) for s in survivors]
+            masks = [_share(body["mask_shares"][d]) for d in dropped]
+        except (UpdateRejected, ValueError, KeyError, TypeError):
             continue
-        if body.get("survivors") != survivors or body.get("dropped") != dropped:
-            continue
-        for s in survivors:
-            self_shares[s].append(_share(body["self_shares"][s]))
-        for d in dropped:
-            mask_shares[d].append(_share(body["mask_shares"][d]))
+        for s, share in zip(survivors, selfs):
+            self_shares[s].append(share)
+        for d, share in zip(dropped, masks):
+            mask_shares[d].append(share)
 
     total = {name: value.clone() for name, value in masked_sum.items()}
     for s in survivors:

@@ -4,23 +4,32 @@ associated data) under a key for this session, direction and sequence number.
 
 The session secret mixes an ephemeral X25519 exchange (fresh per session: a recorded session
 stays closed even if long-term keys leak later) with the static client–server exchange (only
-that client and that server can complete it). A message is accepted only with the next
-sequence number in its direction, so a replayed or reordered one is refused by name.
+that client and that server can complete it) and a nonce the server draws for each hello, so
+a recorded hello replayed to the server opens a session under a new key, in which none of the
+recorded messages open. The hello carries a proof sealed under the static key (it binds the
+session id and the ephemeral key), so nobody without the client's key can open a session at
+all. A message is accepted only with the next sequence number in its direction, so a replayed
+or reordered one is refused by name.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import secrets
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fedlib.decode import expect, malformed
 from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed, peek_header, seal
 from fedlib.keys import KeyRing, fingerprint
 from fedlib.rejection import Reason, UpdateRejected
-from fedlib.serialization import Tensors, bytes_to_tensors, read_metadata, tensors_to_bytes
+from fedlib.serialization import Tensors, tensors_to_bytes
+from fedlib.decode import load_tensors
 
 SERVER = "server"
 
@@ -54,41 +63,92 @@ class ChannelSide:
         if header.get("round", self.received) < self.received:
             raise UpdateRejected(Reason.REPLAYED, f"message {header['round']} again; expecting {self.received}", self.peer)
         payload = open_sealed(blob, self.key, self._context(self.peer, self.me, self.received))
-        if read_metadata(payload).get("kind") != kind:
+        tensors, metadata = load_tensors(payload, f"{kind} message")
+        if metadata.get("kind") != kind:
             raise UpdateRejected(Reason.MALFORMED, f"expected a {kind} message", self.peer)
         self.received += 1
-        return bytes_to_tensors(payload)
+        return tensors
 
 
 def _raw(key: X25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def _session_key(ephemeral_shared: bytes, static_shared: bytes, session: str, client_public: X25519PublicKey) -> UpdateKey:
-    secret = HKDF(hashes.SHA256(), 32, salt=None, info=f"fedlib/split/v1/{session}".encode()).derive(
+def _session_key(ephemeral_shared: bytes, static_shared: bytes, session: str, server_nonce: str, client_public: X25519PublicKey) -> UpdateKey:
+    secret = HKDF(hashes.SHA256(), 32, salt=None, info=f"fedlib/split/v2/{session}/{server_nonce}".encode()).derive(
         ephemeral_shared + static_shared
     )
     return UpdateKey(secret, fingerprint(client_public))
 
 
-def client_hello(ring: KeyRing, client: str) -> tuple[dict[str, str], ChannelSide]:
-    """What the client sends to open a session (public values only), and its end."""
+def _hello_context(client: str, session: str, ephemeral: str) -> EnvelopeContext:
+    return EnvelopeContext("split-hello", 0, client, session, ephemeral)
+
+
+def attestation_binding(session: str, ephemeral: str, server_nonce: str, server_public: X25519PublicKey) -> str:
+    """What a TEE's evidence must carry (e.g. in SEV-SNP's REPORT_DATA): this session's nonces
+    and the keys of this channel, so evidence from another session or server cannot be replayed."""
+    transcript = json.dumps(["fedlib/split/attest/v1", session, ephemeral, server_nonce, _raw(server_public).hex()])
+    return hashlib.sha256(transcript.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class PendingHello:
+    """The client's half of a handshake, until the server's answer names its nonce."""
+
+    client: str
+    session: str
+    ephemeral: X25519PrivateKey
+    static_shared: bytes
+    client_public: X25519PublicKey
+    server_public: X25519PublicKey
+
+    def finish(self, server_nonce: str) -> ChannelSide:
+        ephemeral_shared = self.ephemeral.exchange(self.server_public)
+        key = _session_key(ephemeral_shared, self.static_shared, self.session, server_nonce, self.client_public)
+        return ChannelSide(self.session, self.client, SERVER, key)
+
+    def binding(self, server_nonce: str) -> str:
+        return attestation_binding(self.session, _raw(self.ephemeral.public_key()).hex(), server_nonce, self.server_public)
+
+
+def client_hello(ring: KeyRing, client: str) -> tuple[dict[str, str], PendingHello]:
+    """What the client sends to open a session (public values and a proof), and its pending end."""
     ephemeral = X25519PrivateKey.generate()
-    session = secrets.token_hex(8)
-    key = _session_key(
-        ephemeral.exchange(ring.aggregator_public), ring.client_shared_secret(client), session, ring.public_key(client)
-    )
-    hello = {"client": client, "session": session, "ephemeral": _raw(ephemeral.public_key()).hex()}
-    return hello, ChannelSide(session, client, SERVER, key)
+    session = secrets.token_hex(16)
+    static_shared = ring.client_shared_secret(client)
+    ephemeral_hex = _raw(ephemeral.public_key()).hex()
+    proof = seal(b"", UpdateKey(static_shared, fingerprint(ring.public_key(client))), _hello_context(client, session, ephemeral_hex))
+    hello = {"client": client, "session": session, "ephemeral": ephemeral_hex, "proof": bytes(proof).hex()}
+    return hello, PendingHello(client, session, ephemeral, static_shared, ring.public_key(client), ring.aggregator_public)
 
 
-def server_accept(ring: KeyRing, hello: dict[str, str]) -> ChannelSide:
-    """The server's end for a client's hello; needs the server's (aggregator's) private key."""
+def _hex_field(hello: dict[str, Any], name: str, length: int | None) -> str:
+    value = expect(hello.get(name), str, f"hello {name}")
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raise malformed(f"hello {name}", "not hex") from None
+    if length is not None and len(raw) != length:
+        raise malformed(f"hello {name}", f"{len(raw)} bytes, expected {length}")
+    return value
+
+
+def server_accept(ring: KeyRing, hello: Any) -> tuple[ChannelSide, str]:
+    """The server's end for a client's hello, and the server's nonce for this session. Refuses a
+    hello whose proof does not open under that client's static key. Needs the server's
+    (aggregator's) private key."""
     if ring.aggregator_private is None:
         raise KeyError("this key ring has no server private key")
-    client = hello["client"]
-    ephemeral = X25519PublicKey.from_public_bytes(bytes.fromhex(hello["ephemeral"]))
-    key = _session_key(
-        ring.aggregator_private.exchange(ephemeral), ring.aggregator_shared_secret(client), hello["session"], ring.public_key(client)
-    )
-    return ChannelSide(hello["session"], SERVER, client, key)
+    expect(hello, dict, "hello")
+    client = expect(hello.get("client"), str, "hello client")
+    if client not in ring.client_public:
+        raise UpdateRejected(Reason.WRONG_CLIENT, f"hello from {client[:40]!r}, not a client of this federation")
+    session, ephemeral = _hex_field(hello, "session", 16), _hex_field(hello, "ephemeral", 32)
+    proof = bytes.fromhex(_hex_field(hello, "proof", None))
+    static_shared = ring.aggregator_shared_secret(client)
+    open_sealed(proof, UpdateKey(static_shared, fingerprint(ring.public_key(client))), _hello_context(client, session, ephemeral))
+    server_nonce = secrets.token_hex(16)
+    ephemeral_shared = ring.aggregator_private.exchange(X25519PublicKey.from_public_bytes(bytes.fromhex(ephemeral)))
+    key = _session_key(ephemeral_shared, static_shared, session, server_nonce, ring.public_key(client))
+    return ChannelSide(session, SERVER, client, key), server_nonce

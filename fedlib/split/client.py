@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 import torch
 
 from fedlib.config import FederationConfig
+from fedlib.decode import expect, parse_json
 from fedlib.federation import load_global_model
 from fedlib.keys import KeyRing
 from fedlib.rejection import Reason, UpdateRejected
-from fedlib.split.attestation import NoTEE
+from fedlib.split.attestation import check_attestation
 from fedlib.split.channel import client_hello
 from fedlib.split.slicing import causal_lm_loss, slice_model
 from fedlib.split.trainer import SliceTrainer, Tensors
@@ -37,9 +38,12 @@ class HttpTransport:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 reply = response.read()
         except urllib.error.HTTPError as err:
-            detail = json.loads(err.read() or b"{}")
+            try:
+                detail = expect(parse_json(err.read(4096) or b"{}", "refusal", 4096, max_depth=1), dict, "refusal")
+            except UpdateRejected:
+                detail = {}
             reason = Reason(detail["reason"]) if detail.get("reason") in Reason._value2member_map_ else Reason.MALFORMED
-            raise UpdateRejected(reason, f"server refused {path}: {detail.get('detail', err.reason)}") from None
+            raise UpdateRejected(reason, f"server refused {path}: {str(detail.get('detail', err.reason))[:300]}") from None
         if self.keep_wire:
             self.wire += [body, reply]
         return reply
@@ -64,9 +68,14 @@ class SplitClient:
         self.front, self.head = slices.front, slices.head
         self.trainer = SliceTrainer({"front": self.front, "head": self.head}, config.split)
         self.transport = transport
-        hello, self.channel = client_hello(ring, client)
-        answer = json.loads(transport.post("/hello", json.dumps(hello).encode(), json_body=True))
-        NoTEE().verify(answer["attestation"], hello["session"], config.split.require_tee)  # before anything is sent
+        hello, pending = client_hello(ring, client)
+        answer = expect(parse_json(transport.post("/hello", json.dumps(hello).encode(), json_body=True), "hello answer", 1 << 16), dict, "hello answer")
+        if answer.get("session") != hello["session"] or not isinstance(answer.get("server_nonce"), str):
+            raise UpdateRejected(Reason.WRONG_SESSION, "the server answered for another session")
+        nonce = answer["server_nonce"]
+        # Before anything is sent: with split.require_tee, evidence bound to this very session.
+        check_attestation(answer.get("attestation"), pending.binding(nonce), config.split.require_tee, config.split.attestation_verifier)
+        self.channel = pending.finish(nonce)
 
     def _exchange(self, mode: str, ids: torch.Tensor) -> StepStats:
         started, sent_before = time.perf_counter(), self.channel.bytes_sent
@@ -100,7 +109,8 @@ class SplitClient:
         self.trainer.begin_calibration()
         for batch in batches:
             self._exchange("calibrate", batch)
-        self.transport.post(f"/{self.channel.session}/calibrated", b"")
+        reply = self.transport.post(f"/{self.channel.session}/calibrated", self.channel.seal("calibrated", {}))
+        self.channel.open("calibrated-ack", reply)
         if shared_mask is not None:
             for layer in self.trainer.candidates.values():
                 layer.weight.requires_grad_(False)
@@ -120,6 +130,11 @@ class SplitClient:
 
     def state(self) -> Tensors:
         return self.trainer.state()
+
+    def server_state(self) -> Tensors:
+        """The server's trained part (its LoRA and SPF), over this session's channel."""
+        reply = self.transport.post(f"/{self.channel.session}/state", self.channel.seal("state-request", {}))
+        return self.channel.open("state", reply)
 
     def load_state(self, state: Tensors) -> None:
         self.trainer.load_state(state)

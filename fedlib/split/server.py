@@ -3,16 +3,20 @@
     python -m fedlib.split.server CONFIG --port PORT [--ready FILE]
 
 It loads the public base weights, attaches LoRA, keeps only the middle slice and drops the
-client's slices. Every request after `/hello` carries a sealed message of the session's channel
-(`fedlib.split.channel`); a message that fails to open is answered 400 with its reason and
-changes nothing. Several clients may hold sessions at once: they share the one middle, and
-their steps are serialised.
+client's slices. `/hello` opens a session only for a client that proves its key (see
+`fedlib.split.channel`); every later request names a live session and carries a sealed message
+of its channel, so nothing but `/health` answers a stranger. A message that fails to open is
+answered with its reason and changes nothing. Sessions are capped (`split.max_sessions`), expire
+when idle (`split.session_ttl_s`), and a session id is never opened twice; request bodies over
+`split.max_body_bytes` are refused unread. Several clients may hold sessions at once: they share
+the one middle, and their steps are serialised.
 
-    POST /hello                       JSON hello → JSON {session, attestation}
+    POST /hello                       JSON hello → JSON {session, server_nonce, attestation}
     POST /<session>/<mode>/forward    sealed activations → sealed middle output
     POST /<session>/<mode>/backward   sealed gradient at the top cut → sealed gradient at the bottom
-    POST /<session>/calibrated        empty → fixes the server's SPF mask
-    GET  /state                       the middle's LoRA and SPF as safetensors (the server's own)
+    POST /<session>/calibrated        sealed "calibrated" → fixes the server's SPF mask
+    POST /<session>/state             sealed "state-request" → the middle's LoRA and SPF, sealed
+    GET  /health                      ok
 mode is `calibrate`, `train` or `eval` (no graph kept, no backward).
 """
 
@@ -22,28 +26,35 @@ import argparse
 import json
 import logging
 import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
 
-from fedlib.config import FederationConfig, load_config
+from fedlib.config import FederationConfig, SplitConfig, load_config
+from fedlib.decode import parse_json
 from fedlib.federation import keyring, load_global_model
-from fedlib.rejection import UpdateRejected
-from fedlib.serialization import tensors_to_bytes
-from fedlib.split.attestation import NoTEE
-from fedlib.split.channel import ChannelSide, server_accept
+from fedlib.keys import KeyRing
+from fedlib.rejection import Reason, UpdateRejected
+from fedlib.split.attestation import Attestor, NoTEE
+from fedlib.split.channel import ChannelSide, attestation_binding, server_accept
 from fedlib.split.slicing import BlockStack, slice_model
 from fedlib.split.trainer import SliceTrainer
 
 log = logging.getLogger("fedlib.split.server")
 MODES = ("calibrate", "train", "eval")
+_HTTP_STATUS = {Reason.TOO_LARGE: 413, Reason.UNKNOWN_SESSION: 404, Reason.TOO_MANY_SESSIONS: 503, Reason.SESSION_REUSED: 409}
+_RETIRED_KEPT = 100_000  # session ids remembered after they close, so none is opened twice
 
 
 @dataclass
 class _Session:
     channel: ChannelSide
+    last_used: float
     inputs: torch.Tensor | None = None  # the leaf the last forward started from
     outputs: torch.Tensor | None = None
 
@@ -52,25 +63,58 @@ class _Session:
 class SplitServer:
     middle: BlockStack
     trainer: SliceTrainer
+    ring: KeyRing
+    limits: SplitConfig
     sessions: dict[str, _Session] = field(default_factory=dict)
+    retired: OrderedDict[str, None] = field(default_factory=OrderedDict)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    attestor: NoTEE = field(default_factory=NoTEE)
+    attestor: Attestor = field(default_factory=NoTEE)
     calibrated: bool = False
+    clock: Callable[[], float] = time.monotonic
 
     @classmethod
     def from_config(cls, config: FederationConfig) -> SplitServer:
         model = load_global_model(config, None)
         middle = slice_model(model, config.split.cut).middle  # the client's slices are not kept
-        return cls(middle, SliceTrainer({"middle": middle}, config.split))
+        return cls(middle, SliceTrainer({"middle": middle}, config.split), keyring(config), config.split)
 
-    def hello(self, hello: dict, ring) -> dict:
-        channel = server_accept(ring, hello)
-        self.sessions[channel.session] = _Session(channel)
-        return {"session": channel.session, "attestation": self.attestor.evidence(hello["session"])}
+    def _expire(self, now: float) -> None:
+        for sid in [sid for sid, s in self.sessions.items() if now - s.last_used > self.limits.session_ttl_s]:
+            self._retire(sid)
 
-    def forward(self, session: str, mode: str, blob: bytes) -> bytes:
-        s = self.sessions[session]
+    def _retire(self, sid: str) -> None:
+        self.sessions.pop(sid, None)
+        self.retired[sid] = None
+        while len(self.retired) > _RETIRED_KEPT:
+            self.retired.popitem(last=False)
+
+    def hello(self, body: bytes) -> dict:
+        hello = parse_json(body, "hello", 4096, max_depth=1)
+        channel, server_nonce = server_accept(self.ring, hello)  # refuses a hello without the client's proof
         with self.lock:
+            now = self.clock()
+            self._expire(now)
+            if channel.session in self.sessions or channel.session in self.retired:
+                raise UpdateRejected(Reason.SESSION_REUSED, f"session {channel.session[:8]}… was opened before")
+            if len(self.sessions) >= self.limits.max_sessions:
+                raise UpdateRejected(Reason.TOO_MANY_SESSIONS, f"{len(self.sessions)} sessions open (split.max_sessions)")
+            self.sessions[channel.session] = _Session(channel, now)
+        binding = attestation_binding(channel.session, hello["ephemeral"], server_nonce, self.ring.aggregator_private.public_key())
+        return {"session": channel.session, "server_nonce": server_nonce, "attestation": self.attestor.evidence(binding)}
+
+    def _session(self, sid: str) -> _Session:
+        """A live session, touched; the caller holds the lock."""
+        now = self.clock()
+        self._expire(now)
+        session = self.sessions.get(sid)
+        if session is None:
+            raise UpdateRejected(Reason.UNKNOWN_SESSION, f"no open session {sid[:16]!r}")
+        session.last_used = now
+        return session
+
+    def forward(self, sid: str, mode: str, blob: bytes) -> bytes:
+        with self.lock:
+            s = self._session(sid)
             hidden = s.channel.open(f"{mode}-activations", blob)["hidden"]
             if mode == "eval":
                 with torch.no_grad():
@@ -81,12 +125,12 @@ class SplitServer:
             s.outputs = self.middle(s.inputs)
             return s.channel.seal(f"{mode}-output", {"hidden": s.outputs.detach()})
 
-    def backward(self, session: str, mode: str, blob: bytes) -> bytes:
-        s = self.sessions[session]
+    def backward(self, sid: str, mode: str, blob: bytes) -> bytes:
         with self.lock:
+            s = self._session(sid)
             grad = s.channel.open(f"{mode}-gradient", blob)["grad"]
-            if s.outputs is None or s.inputs is None:
-                raise RuntimeError("backward without a forward in this session")
+            if s.outputs is None or s.inputs is None or grad.shape != s.outputs.shape:
+                raise UpdateRejected(Reason.MALFORMED, "a gradient that matches no forward of this session")
             s.outputs.backward(grad)
             if mode == "calibrate":
                 self.trainer.accumulate_scores()
@@ -96,20 +140,25 @@ class SplitServer:
             s.inputs = s.outputs = None
             return reply
 
-    def finish_calibration(self) -> None:
+    def finish_calibration(self, sid: str, blob: bytes) -> bytes:
         with self.lock:
+            s = self._session(sid)
+            s.channel.open("calibrated", blob)
             if not self.calibrated:  # the first client's calibration fixes the shared mask
                 self.trainer.end_calibration()
                 self.calibrated = True
+            return s.channel.seal("calibrated-ack", {})
 
-    def state(self) -> bytes:
+    def state(self, sid: str, blob: bytes) -> bytes:
         with self.lock:
-            return tensors_to_bytes(self.trainer.state())
+            s = self._session(sid)
+            s.channel.open("state-request", blob)
+            return s.channel.seal("state", self.trainer.state())
 
 
 def serve(config: FederationConfig, port: int, ready: Path | None = None) -> None:
     server_state = SplitServer.from_config(config)
-    ring = keyring(config)
+    limit = config.split.max_body_bytes
 
     class Handler(BaseHTTPRequestHandler):
         def _reply(self, code: int, body: bytes, kind: str = "application/octet-stream") -> None:
@@ -119,36 +168,45 @@ def serve(config: FederationConfig, port: int, ready: Path | None = None) -> Non
             self.end_headers()
             self.wfile.write(body)
 
+        def _refuse(self, err: UpdateRejected, sid: str) -> None:
+            log.warning("split session %s: request refused (%s): %s", sid[:16], err.reason.value, err.detail)
+            body = json.dumps({"reason": err.reason.value, "detail": err.detail}).encode()
+            self._reply(_HTTP_STATUS.get(err.reason, 400), body, "application/json")
+
+        def _body(self) -> bytes:
+            length = self.headers.get("Content-Length", "")
+            if not length.isdigit():
+                raise UpdateRejected(Reason.MALFORMED, "a request body needs a Content-Length")
+            if int(length) > limit:
+                self.close_connection = True  # unread: the rest of the body is not waited for
+                raise UpdateRejected(Reason.TOO_LARGE, f"body of {length} bytes, limit {limit} (split.max_body_bytes)")
+            return self.rfile.read(int(length))
+
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            if self.path == "/state":
-                self._reply(200, server_state.state())
-            elif self.path == "/health":
-                self._reply(200, b"ok", "text/plain")
-            else:
-                self._reply(404, b"")
+            self._reply(200, b"ok", "text/plain") if self.path == "/health" else self._reply(404, b"")
 
         def do_POST(self) -> None:  # noqa: N802
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             parts = self.path.strip("/").split("/")
             try:
+                body = self._body()
                 if parts == ["hello"]:
-                    self._reply(200, json.dumps(server_state.hello(json.loads(body), ring)).encode(), "application/json")
+                    self._reply(200, json.dumps(server_state.hello(body)).encode(), "application/json")
                 elif len(parts) == 2 and parts[1] == "calibrated":
-                    server_state.finish_calibration()
-                    self._reply(200, b"{}", "application/json")
+                    self._reply(200, server_state.finish_calibration(parts[0], body))
+                elif len(parts) == 2 and parts[1] == "state":
+                    self._reply(200, server_state.state(parts[0], body))
                 elif len(parts) == 3 and parts[1] in MODES and parts[2] in ("forward", "backward"):
                     step = server_state.forward if parts[2] == "forward" else server_state.backward
                     self._reply(200, step(parts[0], parts[1], body))
                 else:
                     self._reply(404, b"")
             except UpdateRejected as err:
-                log.warning("split session %s: message rejected (%s): %s", parts[0], err.reason.value, err.detail)
-                self._reply(400, json.dumps({"reason": err.reason.value, "detail": err.detail}).encode(), "application/json")
-            except KeyError as err:
-                self._reply(404, json.dumps({"reason": "unknown_session", "detail": str(err)}).encode(), "application/json")
+                self._refuse(err, parts[0])
+            except (KeyError, RuntimeError) as err:  # e.g. a tensor of the wrong shape for the middle
+                self._refuse(UpdateRejected(Reason.MALFORMED, f"{type(err).__name__}: {str(err)[:200]}"), parts[0])
 
         def log_message(self, format: str, *args) -> None:  # noqa: A002 - http.server's signature
-            log.debug("%s " + format, self.address_string(), *args)  # requests at debug; rejections are warnings above
+            log.debug("%s " + format, self.address_string(), *args)  # requests at debug; refusals are warnings above
 
     httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     if ready is not None:

@@ -1,0 +1,123 @@
+"""The typed messages of a secure-aggregation round, between the aggregator's round flow and each
+client's steps. Locally they are passed as they are; through a deployment they travel as JSON
+flow parameters and results, and `from_json` is their decode boundary (wrong types, unknown
+peers or non-hex blobs are named rejections)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fedlib.decode import expect, malformed
+
+_MAX_BLOB_HEX = 1 << 16
+
+
+def _hex(value: Any, what: str) -> str:
+    expect(value, str, what)
+    if len(value) > _MAX_BLOB_HEX or len(value) % 2:
+        raise malformed(what, "not a short hex string")
+    try:
+        bytes.fromhex(value)
+    except ValueError:
+        raise malformed(what, "not hex") from None
+    return value
+
+
+def _names(value: Any, what: str) -> tuple[str, ...]:
+    expect(value, list, what)
+    if not all(isinstance(v, str) and len(v) <= 64 for v in value):
+        raise malformed(what, "client names must be short strings")
+    return tuple(value)
+
+
+def _inbox(value: Any, what: str) -> dict[str, str]:
+    expect(value, dict, what)
+    return {_names([k], what)[0]: _hex(v, f"{what}[{k}]") for k, v in value.items()}
+
+
+def _fields(value: Any, names: set[str], what: str) -> dict[str, Any]:
+    expect(value, dict, what)
+    if set(value) != names:
+        raise malformed(what, f"expected the fields {sorted(names)}, got {sorted(value)[:8]}")
+    return value
+
+
+@dataclass(frozen=True)
+class SetupRequest:
+    session_id: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, value: Any) -> SetupRequest:
+        data = _fields(value, {"session_id"}, "setup request")
+        return cls(_hex(data["session_id"], "session_id"))
+
+
+@dataclass(frozen=True)
+class SetupMessage:
+    """A client's setup: its round mask public key, and for each peer, sealed for that peer
+    alone, the public key and the peer's shares of this client's two secrets."""
+
+    mask_public: str
+    sealed: dict[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, value: Any) -> SetupMessage:
+        data = _fields(value, {"mask_public", "sealed"}, "setup message")
+        public = _hex(data["mask_public"], "mask_public")
+        if len(public) != 64:
+            raise malformed("mask_public", "not a 32-byte X25519 key")
+        return cls(public, _inbox(data["sealed"], "sealed setups"))
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """Train and mask: the session, the setups the aggregator relayed to this client, and the
+    sum of every participant's weight (so the unmasked sum is already the mean)."""
+
+    session_id: str
+    inbox: dict[str, str]
+    weight_scale: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, value: Any) -> TrainRequest:
+        data = _fields(value, {"session_id", "inbox", "weight_scale"}, "train request")
+        scale = data["weight_scale"]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < 1e15:
+            raise malformed("weight_scale", "not a positive number")
+        return cls(_hex(data["session_id"], "session_id"), _inbox(data["inbox"], "inbox"), float(scale))
+
+
+@dataclass(frozen=True)
+class RevealRequest:
+    """Reveal shares: of the survivors' self seeds and of the dropped clients' mask keys."""
+
+    session_id: str
+    inbox: dict[str, str]
+    survivors: tuple[str, ...]
+    dropped: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "survivors": list(self.survivors), "dropped": list(self.dropped)}
+
+    @classmethod
+    def from_json(cls, value: Any) -> RevealRequest:
+        data = _fields(value, {"session_id", "inbox", "survivors", "dropped"}, "reveal request")
+        return cls(
+            _hex(data["session_id"], "session_id"),
+            _inbox(data["inbox"], "inbox"),
+            _names(data["survivors"], "survivors"),
+            _names(data["dropped"], "dropped"),
+        )
+
+
+REQUESTS = {"setup": SetupRequest, "train": TrainRequest, "reveal": RevealRequest}
