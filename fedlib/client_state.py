@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 
 from fedlib import storage
-from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed, peek_header, seal
+from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed, seal
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.serialization import Tensors, bytes_to_tensors, tensors_to_bytes
 from fedlib.storage import Options
@@ -44,10 +44,13 @@ class ResidualStore:
             return {}
         try:
             blob = storage.read_limited(self.url, _MAX_RESIDUAL, self.options)
-            found = peek_header(blob).get("round")
-            if found != written_in:
-                raise UpdateRejected(Reason.STALE, f"residual of round {found}, the last accepted round is {written_in}")
-            return bytes_to_tensors(open_sealed(blob, self.key, self._context(written_in)))
+            try:
+                payload = open_sealed(blob, self.key, self._context(written_in))
+            except UpdateRejected as err:
+                if err.reason is Reason.WRONG_ROUND:  # authentic or not, it is not the last accepted round's
+                    raise UpdateRejected(Reason.STALE, f"{err.detail}; the last accepted round is {written_in}") from None
+                raise
+            return bytes_to_tensors(payload)
         except UpdateRejected as err:
             log.warning("client %s: residual left out (%s): %s", self.client, err.reason.value, err.detail)
             return {}

@@ -156,9 +156,9 @@ class SplitServer:
             return s.channel.seal("state", self.trainer.state())
 
 
-def serve(config: FederationConfig, port: int, ready: Path | None = None) -> None:
-    server_state = SplitServer.from_config(config)
-    limit = config.split.max_body_bytes
+def http_server(server_state: SplitServer, port: int = 0) -> ThreadingHTTPServer:
+    """The HTTP front of `server_state` on 127.0.0.1, bound but not yet serving."""
+    limit = server_state.limits.max_body_bytes
 
     class Handler(BaseHTTPRequestHandler):
         def _reply(self, code: int, body: bytes, kind: str = "application/octet-stream") -> None:
@@ -202,13 +202,17 @@ def serve(config: FederationConfig, port: int, ready: Path | None = None) -> Non
                     self._reply(404, b"")
             except UpdateRejected as err:
                 self._refuse(err, parts[0])
-            except (KeyError, RuntimeError) as err:  # e.g. a tensor of the wrong shape for the middle
+            except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as err:  # e.g. a tensor the middle cannot take
                 self._refuse(UpdateRejected(Reason.MALFORMED, f"{type(err).__name__}: {str(err)[:200]}"), parts[0])
 
         def log_message(self, format: str, *args) -> None:  # noqa: A002 - http.server's signature
             log.debug("%s " + format, self.address_string(), *args)  # requests at debug; refusals are warnings above
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    return ThreadingHTTPServer(("127.0.0.1", port), Handler)
+
+
+def serve(config: FederationConfig, port: int, ready: Path | None = None) -> None:
+    httpd = http_server(SplitServer.from_config(config), port)
     if ready is not None:
         ready.write_text(str(httpd.server_address[1]))
     httpd.serve_forever()
