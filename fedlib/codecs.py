@@ -253,6 +253,10 @@ class CodecChain:
             raise ValueError("zstd compresses bytes, so it must be the last codec")
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"a codec appears twice in {list(self.names)}")
+        halves = [i for i, n in enumerate(self.tensor_codecs) if n in ("fp16", "bf16")]
+        if len(halves) > 1 or (halves and halves[0] != len(self.tensor_codecs) - 1):
+            # int8 or top-k after a half-precision cast decode to fp32, which the cast cannot be undone from
+            raise ValueError(f"fp16/bf16 narrow what the other codecs leave: at most one, after int8 and topk ({list(self.names)})")
         if not 0 < self.topk_fraction <= 1:
             raise ValueError(f"topk_fraction must be in (0, 1], got {self.topk_fraction}")
 
@@ -298,7 +302,7 @@ class CodecChain:
                     tensors = _unint8(tensors, meta, bound)
                 else:
                     tensors = _untopk(tensors, meta, bound)
-        except (RuntimeError, IndexError, ValueError) as err:  # a tensor op on parts that passed every check
+        except (RuntimeError, IndexError, ValueError, TypeError, KeyError, OverflowError, MemoryError) as err:  # a tensor op on parts that passed every check
             if isinstance(err, UpdateRejected):
                 raise
             raise _bad(f"does not decode: {type(err).__name__}: {str(err)[:120]}") from None
