@@ -27,6 +27,7 @@ from fedlib.federation import aggregator_update_key, client_update_key  # noqa: 
 from fedlib.keys import init_keys, load_keyring  # noqa: E402
 from fedlib.secagg.fixedpoint import encode, to_wire  # noqa: E402
 from fedlib.secagg.masking import masked_sum  # noqa: E402
+from fedlib.client_state import RevealLedger  # noqa: E402
 from fedlib.secagg.protocol import Session, make_reveal, make_setup, mask_update, open_inbox, relay_setups, unmask_sum  # noqa: E402
 from fedlib.serialization import tensors_to_bytes  # noqa: E402
 
@@ -74,15 +75,19 @@ def measure(n: int, repeat: int, folder: Path) -> dict[str, float]:
     masked_bytes = len(seal(tensors_to_bytes(wire[clients[0]]), key, EnvelopeContext("bench", 1, clients[0])))
     plain_bytes = len(seal(tensors_to_bytes(deltas[clients[0]]), key, EnvelopeContext("bench", 1, clients[0])))
     residues = {c: {k: v.to(torch.int64) % (1 << 32) for k, v in wire[c].items()} for c in clients}
-    publics = {c: s["mask_public"] for c, s in setups.items()}
+    publics = {c: s.mask_public for c, s in setups.items()}
     keys = {c: aggregator_update_key(ring, c) for c in clients}
 
     for label, dropped in (("no drop", []), ("1 dropped", [clients[-1]])):
         survivors = [c for c in clients if c not in dropped]
         row[f"sum {label}"], total = best_ms(lambda: masked_sum(residues[c] for c in survivors), repeat)
 
+        def ledger(client: str) -> RevealLedger:  # one per case: a client answers one reveal per session
+            key = UpdateKey(ring.client_derived_secret(client, "secagg-reveals"), "bench")
+            return RevealLedger((folder / "ledgers" / label / client).as_uri(), key, "bench", client)
+
         def reveal_all():
-            return {c: make_reveal(ring, c, session, peers[c], survivors, dropped, client_update_key(ring, c)) for c in survivors}
+            return {c: make_reveal(ring, c, session, peers[c], survivors, dropped, client_update_key(ring, c), ledger(c)) for c in survivors}
 
         row[f"reveal {label}"], reveals = best_ms(reveal_all, repeat)
         row[f"unmask {label}"], _ = best_ms(lambda: unmask_sum(total, session, publics, survivors, dropped, reveals, keys), repeat)

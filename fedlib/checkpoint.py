@@ -34,6 +34,7 @@ from fedlib.serialization import bytes_to_tensors, tensors_to_bytes
 Tensors = dict[str, torch.Tensor]
 _ROUND_DIR = re.compile(r"round-(\d{4,})$")
 _MAX_MANIFEST = 16 << 20
+_MAX_UNSIZED = 16 << 30  # objects of lineages written before their sizes were recorded
 log = logging.getLogger("fedlib.checkpoint")
 
 
@@ -84,11 +85,13 @@ class CheckpointStore:
             "round": round_number,
             "parent_adapter_sha256": parent,
             "adapter_sha256": hashlib.sha256(data).hexdigest(),
+            "adapter_bytes": len(data),
         }
         if strategy_state:
             state = tensors_to_bytes(strategy_state, metadata={"round": str(round_number)})
             storage.write_atomic(self.strategy_state_url(round_number), state)
             manifest["strategy_state_sha256"] = hashlib.sha256(state).hexdigest()
+            manifest["strategy_state_bytes"] = len(state)
         body = json.dumps(manifest, indent=2).encode()
         if self.signer is not None:  # the signature first: the manifest is the commit point
             storage.write_atomic(self.signature_url(round_number), self.signer.sign(body))
@@ -174,23 +177,26 @@ class CheckpointStore:
         """A committed global adapter, checked against its manifest's digest."""
         return self.adapter_download(round_number)[0]
 
+    def _verified(self, url: str, digest: str, size: int | None) -> bytes:
+        """An object the manifest names by digest and size: never more than that size is read."""
+        data = storage.read_limited(url, size if size is not None else _MAX_UNSIZED)
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ManifestRejected(f"{url}: digest does not match its manifest")
+        return data
+
     def adapter_download(self, round_number: int) -> tuple[Tensors, int]:
         """The adapter and how many bytes were read for it (what a client downloads)."""
-        data = storage.read_bytes(self.adapter_url(round_number))
-        expected = self.manifest(round_number)["adapter_sha256"]
-        if hashlib.sha256(data).hexdigest() != expected:
-            raise ValueError(f"{self.adapter_url(round_number)}: digest does not match its manifest")
+        manifest = self.manifest(round_number)
+        data = self._verified(self.adapter_url(round_number), manifest["adapter_sha256"], manifest.get("adapter_bytes"))
         return bytes_to_tensors(data), len(data)
 
     def strategy_state(self, round_number: int) -> Tensors:
         """The server optimiser's state after `round_number` (empty for stateless strategies)."""
-        expected = self.manifest(round_number).get("strategy_state_sha256")
-        if expected is None:
+        manifest = self.manifest(round_number)
+        if manifest.get("strategy_state_sha256") is None:
             return {}
-        data = storage.read_bytes(self.strategy_state_url(round_number))
-        if hashlib.sha256(data).hexdigest() != expected:
-            raise ValueError(f"{self.strategy_state_url(round_number)}: digest does not match its manifest")
-        return bytes_to_tensors(data)
+        url = self.strategy_state_url(round_number)
+        return bytes_to_tensors(self._verified(url, manifest["strategy_state_sha256"], manifest.get("strategy_state_bytes")))
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ def start_server(config_path: str, timeout_s: float) -> ServerProcess:
 def connect_client(config: FederationConfig, client: str, url: str, keep_wire: bool = False) -> SplitClient:
     """A new session with the server at `url`: the client's slices, a fresh handshake, the
     server's attestation checked before anything else is sent."""
-    return SplitClient(config, keyring(config), client, HttpTransport(url, config.split.server_timeout_s, keep_wire=keep_wire))
+    return SplitClient(config, keyring(config), client, HttpTransport(url, config.split.server_timeout_s, keep_wire=keep_wire, max_reply_bytes=config.split.max_body_bytes))
 
 
 @task(name="split-train", task_run_name="split-train-{client}-round-{round_number}", cache_policy=NO_CACHE)

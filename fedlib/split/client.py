@@ -30,13 +30,14 @@ class HttpTransport:
     timeout_s: float
     wire: list[bytes] = field(default_factory=list)
     keep_wire: bool = False
+    max_reply_bytes: int = 64 << 20
 
     def post(self, path: str, body: bytes, json_body: bool = False) -> bytes:
         request = urllib.request.Request(self.base_url + path, data=body, method="POST")
         request.add_header("Content-Type", "application/json" if json_body else "application/octet-stream")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                reply = response.read()
+                reply = response.read(self.max_reply_bytes + 1)
         except urllib.error.HTTPError as err:
             try:
                 detail = expect(parse_json(err.read(4096) or b"{}", "refusal", 4096, max_depth=1), dict, "refusal")
@@ -44,13 +45,11 @@ class HttpTransport:
                 detail = {}
             reason = Reason(detail["reason"]) if detail.get("reason") in Reason._value2member_map_ else Reason.MALFORMED
             raise UpdateRejected(reason, f"server refused {path}: {str(detail.get('detail', err.reason))[:300]}") from None
+        if len(reply) > self.max_reply_bytes:
+            raise UpdateRejected(Reason.TOO_LARGE, f"server reply to {path} is over {self.max_reply_bytes} bytes")
         if self.keep_wire:
             self.wire += [body, reply]
         return reply
-
-    def get(self, path: str) -> bytes:
-        with urllib.request.urlopen(self.base_url + path, timeout=self.timeout_s) as response:
-            return response.read()
 
 
 @dataclass(frozen=True)
