@@ -21,7 +21,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import torch
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -48,10 +47,11 @@ class ManifestSignatureError(ManifestRejected):
 
 @dataclass(frozen=True)
 class CheckpointStore:
-    root: str  # URL of this federation's checkpoint folder
+    root: str  # URL of this federation's checkpoint folder (any fsspec URL: file, s3, gs, az)
     federation: str  # every manifest read must name it
     signer: Ed25519PrivateKey | None = None  # the aggregator's; commits are signed with it
     verifier: Ed25519PublicKey | None = None  # everyone's; reads are checked with it
+    options: storage.Options | None = None  # the fsspec options of the store (credentials resolved by the caller)
 
     def round_url(self, round_number: int) -> str:
         return storage.join(self.root, f"round-{round_number:04d}")
@@ -78,7 +78,7 @@ class CheckpointStore:
         if round_number > 0 and parent != self.manifest(round_number - 1)["adapter_sha256"]:
             raise ManifestRejected(f"round {round_number} was not aggregated from round {round_number - 1}'s committed adapter")
         data = tensors_to_bytes(adapter, metadata={"round": str(round_number)})
-        storage.write_atomic(self.adapter_url(round_number), data)
+        storage.write_atomic(self.adapter_url(round_number), data, self.options)
         manifest = {
             **manifest,
             "federation": self.federation,
@@ -89,17 +89,17 @@ class CheckpointStore:
         }
         if strategy_state:
             state = tensors_to_bytes(strategy_state, metadata={"round": str(round_number)})
-            storage.write_atomic(self.strategy_state_url(round_number), state)
+            storage.write_atomic(self.strategy_state_url(round_number), state, self.options)
             manifest["strategy_state_sha256"] = hashlib.sha256(state).hexdigest()
             manifest["strategy_state_bytes"] = len(state)
         body = json.dumps(manifest, indent=2).encode()
         if self.signer is not None:  # the signature first: the manifest is the commit point
-            storage.write_atomic(self.signature_url(round_number), self.signer.sign(body))
-        storage.write_atomic(self.manifest_url(round_number), body)
+            storage.write_atomic(self.signature_url(round_number), self.signer.sign(body), self.options)
+        storage.write_atomic(self.manifest_url(round_number), body, self.options)
         return manifest
 
     def _listed_rounds(self) -> list[int]:
-        fs, path = fsspec.url_to_fs(self.root)
+        fs, path = storage.filesystem(self.root, self.options)
         fs.invalidate_cache()
         if not fs.exists(path):
             return []
@@ -141,14 +141,14 @@ class CheckpointStore:
         """The signed manifest of `round_number`, refused unless it names this federation and
         this round (a signature says who wrote it, not where it belongs)."""
         try:
-            body = storage.read_limited(self.manifest_url(round_number), _MAX_MANIFEST)
+            body = storage.read_limited(self.manifest_url(round_number), _MAX_MANIFEST, self.options)
         except UpdateRejected as err:
             if err.reason is Reason.MISSING:
                 raise FileNotFoundError(self.manifest_url(round_number)) from None
             raise ManifestRejected(f"{self.manifest_url(round_number)}: {err.detail}") from None
         if self.verifier is not None:
             try:
-                self.verifier.verify(storage.read_limited(self.signature_url(round_number), 1024), body)
+                self.verifier.verify(storage.read_limited(self.signature_url(round_number), 1024, self.options), body)
             except (InvalidSignature, UpdateRejected):
                 raise ManifestSignatureError(
                     f"{self.manifest_url(round_number)}: signature missing or not the aggregator's"
@@ -179,7 +179,7 @@ class CheckpointStore:
 
     def _verified(self, url: str, digest: str, size: int | None) -> bytes:
         """An object the manifest names by digest and size: never more than that size is read."""
-        data = storage.read_limited(url, size if size is not None else _MAX_UNSIZED)
+        data = storage.read_limited(url, size if size is not None else _MAX_UNSIZED, self.options)
         if hashlib.sha256(data).hexdigest() != digest:
             raise ManifestRejected(f"{url}: digest does not match its manifest")
         return data

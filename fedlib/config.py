@@ -279,12 +279,18 @@ class BudgetConfig(_Strict):
 
 class FederationSettings(_Strict):
     """`clients_per_round` samples that many clients each round (reproducibly from the seed);
-    unset, every client takes part every round."""
+    unset, every client takes part every round. `checkpoints` is where the signed global adapters
+    and manifests live, an fsspec URL the aggregator writes and every client reads (default: a
+    folder in `data_dir`, which only works while every party shares that disk);
+    `checkpoint_options` are its fsspec options, without credentials, which each party takes
+    from its own environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*)."""
 
     id: str = "demo"
     data_dir: str = ".fedlib/demo"
     seed: int = 0
     clients_per_round: int | None = Field(None, ge=1)
+    checkpoints: str | None = None
+    checkpoint_options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("id")
     @classmethod
@@ -425,6 +431,9 @@ class FederationConfig(_Strict):
 
     @property
     def checkpoint_url(self) -> str:
+        """This federation's checkpoint folder: `<federation.checkpoints>/<id>`."""
+        if self.federation.checkpoints:
+            return f"{self.federation.checkpoints.rstrip('/')}/{self.federation.id}"
         return (self.data_path / "checkpoints" / self.federation.id).as_uri()
 
     def storage_url(self, cloud: CloudConfig) -> str:

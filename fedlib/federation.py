@@ -58,7 +58,13 @@ def aggregator_update_key(ring: KeyRing, client: str) -> UpdateKey:
 def checkpoint_store(config: FederationConfig, ring: KeyRing | None = None) -> CheckpointStore:
     """Manifests are signed with the aggregator's Ed25519 key and verified on every read."""
     ring = ring or keyring(config)
-    return CheckpointStore(config.checkpoint_url, config.federation.id, signer=ring.signing_private, verifier=ring.signing_public)
+    return CheckpointStore(
+        config.checkpoint_url,
+        config.federation.id,
+        signer=ring.signing_private,
+        verifier=ring.signing_public,
+        options=config.federation.checkpoint_options,
+    )
 
 
 def secagg_session(config: FederationConfig, round_number: int, session_id: str) -> Session:

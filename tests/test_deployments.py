@@ -172,7 +172,7 @@ def test_each_client_runs_on_its_own_pool_and_schedules_continue(prefect_server,
     deployed_config.write_text(yaml.safe_dump(raw))
     _run_federation(prefect_server, deployed_config)
     config = load_config(deployed_config)
-    store = CheckpointStore(config.checkpoint_url, config.federation.id)
+    store = CheckpointStore(config.checkpoint_url, config.federation.id, options=config.federation.checkpoint_options)
     assert store.latest_round() == 2
     first_final, second = store.manifest(1), store.manifest(2)
     assert second["parent_adapter_sha256"] == first_final["adapter_sha256"]

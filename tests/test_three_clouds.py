@@ -32,17 +32,21 @@ def cloud_credentials(emulators, monkeypatch):
     Secret(value={"connection_string": emulators["azure"].connection_string}).save("azurite-connection", overwrite=True)
 
 
-def _config(folder: Path, corpus_dir, tiny_model_dir, clouds, **training):
+def _config(folder: Path, corpus_dir, tiny_model_dir, clouds, checkpoints: dict | None = None, **training):
     folder.mkdir(parents=True, exist_ok=True)
     raw = tiny_config_dict(folder, corpus_dir, tiny_model_dir, clouds=CLOUDS)
     if clouds is not None:
         raw["clouds"] = clouds
+    raw["federation"].update(checkpoints or {})
     raw["training"].update(training)
     return write_config(folder, raw)
 
 
 def test_three_providers_match_a_local_run(tmp_path, corpus_dir, tiny_model_dir, emulators, cloud_credentials):
-    emulated = _config(tmp_path / "emulated", corpus_dir, tiny_model_dir, cloud_clouds(emulators, "match"))
+    # The signed checkpoints live in a bucket too (GCS here), not on the aggregator's disk.
+    checkpoints = {"checkpoints": "gs://checkpoints-match/federations",
+                   "checkpoint_options": {"endpoint_url": emulators["gcs"].url, "token": "anon"}}
+    emulated = _config(tmp_path / "emulated", corpus_dir, tiny_model_dir, cloud_clouds(emulators, "match"), checkpoints)
     local = _config(tmp_path / "local", corpus_dir, tiny_model_dir, None)
     manifests = federated_training(str(emulated))
     assert [m["accepted"] for m in manifests[1:]] == [list(CLOUDS)] * 2
@@ -56,6 +60,9 @@ def test_three_providers_match_a_local_run(tmp_path, corpus_dir, tiny_model_dir,
         assert found == [f"{bucket}/updates/test/round-000{r}/{cloud.name}.update" for r in (1, 2)], found
     assert scan_ciphertext_only(config, options) == 6
 
+    stored = storage.list_prefix(config.checkpoint_url, config.federation.checkpoint_options)
+    assert {f"checkpoints-match/federations/test/round-000{r}/{name}" for r in range(3) for name in ("adapter.safetensors", "manifest.json", "manifest.sig")} <= set(stored)
+    assert not (config.data_path / "checkpoints").exists()
     emulated_adapter = checkpoint_store(config).adapter(2)
     local_adapter = checkpoint_store(load_config(local)).adapter(2)
     assert emulated_adapter.keys() == local_adapter.keys()
