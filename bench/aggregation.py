@@ -34,8 +34,8 @@ def main() -> int:
     rows = []
     for label, aggregation in variants:
         manifests, _ = run_variant(base, {"partition": partition, "aggregation": aggregation}, label)
-        rows.append((label, [m["perplexity"] for m in manifests], manifests[1]["clients"]))
-    sizes = {c: r["num_examples"] for c, r in rows[0][2].items()}
+        rows.append((label, [m.perplexity for m in manifests], manifests[1].clients))
+    sizes = {c: r.num_examples for c, r in rows[0][2].items()}
     print(f"demo, Dirichlet α={args.alpha:g} over genres; blocks per client {sizes}; {args.rounds} rounds × {args.steps} steps")
     print("| strategy | " + " | ".join(f"round {r}" for r in range(args.rounds + 1)) + " |")
     print("|---|" + "---|" * (args.rounds + 1))

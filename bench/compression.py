@@ -44,8 +44,8 @@ def main() -> int:
     results = []
     for label, compression in variants:
         manifests, wall = run_variant(base, {"compression": compression}, label)
-        sizes = [c["bytes_uploaded"] for m in manifests[1:] for c in m["clients"].values()]
-        results.append((label, sum(sizes) / len(sizes), manifests[-1]["perplexity"], [m["perplexity"] for m in manifests], wall))
+        sizes = [c.bytes_uploaded for m in manifests[1:] for c in m.clients.values()]
+        results.append((label, sum(sizes) / len(sizes), manifests[-1].perplexity, [m.perplexity for m in manifests], wall))
 
     full = full_model_bytes(base["model"]["source"])
     fp32_bytes, fp32_ppl = results[0][1], results[0][2]

@@ -39,9 +39,9 @@ def main() -> int:
     header = ["setting", *[f"ppl r{r}" for r in range(args.rounds + 1)], "ε (δ=1e-5)", "mean update norm"]
     print(" | ".join(header))
     for label, manifests in rows:
-        norms = [c["update_norm"] for m in manifests[1:] for c in m["clients"].values()]
-        eps = manifests[-1].get("epsilon")
-        cells = [label, *[f"{m['perplexity']:.2f}" for m in manifests], f"{eps:.3g}" if eps else "-", f"{sum(norms) / len(norms):.3f}"]
+        norms = [c.update_norm for m in manifests[1:] for c in m.clients.values()]
+        eps = manifests[-1].privacy.epsilon if manifests[-1].privacy else None
+        cells = [label, *[f"{m.perplexity:.2f}" for m in manifests], f"{eps:.3g}" if eps else "-", f"{sum(norms) / len(norms):.3f}"]
         print(" | ".join(cells))
     return 0
 

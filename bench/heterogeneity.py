@@ -58,11 +58,11 @@ def main() -> int:
     print("| setting | round wall s (median) | steps aws/gcp/azure by round | stragglers | perplexity by round | cost per round (aws/gcp/azure) |")
     print("|---|---|---|---|---|---|")
     for label, trained, _ in rows:
-        walls = statistics.median(m["timings"]["round_s"] for m in trained)
-        steps = "; ".join("/".join(str(m["step_budgets"].get(c, "-")) for c in PROFILES) for m in trained)
-        stragglers = sum(len(m["stragglers"]) for m in trained)
-        curve = " → ".join(f"{m['perplexity']:.2f}" for m in trained)
-        cost = "; ".join("/".join(f"${m['cost'].get(c, 0):.4f}" for c in PROFILES) for m in trained)
+        walls = statistics.median(m.timings["round_s"] for m in trained)
+        steps = "; ".join("/".join(str(m.step_budgets.get(c, "-")) for c in PROFILES) for m in trained)
+        stragglers = sum(len(m.stragglers) for m in trained)
+        curve = " → ".join(f"{m.perplexity:.2f}" for m in trained)
+        cost = "; ".join("/".join(f"${m.cost.get(c, 0):.4f}" for c in PROFILES) for m in trained)
         print(f"| {label} | {walls:.0f} | {steps} | {stragglers} | {curve} | {cost} |")
     return 0
 

@@ -53,26 +53,26 @@ def main() -> int:
         config_path.write_text(yaml.safe_dump(raw))
         manifests = federated_training(str(config_path))
 
-    rounds = [m for m in manifests if m["round"] > 0]
-    clients = sorted({c for m in rounds for c in m["clients"]})
+    rounds = [m for m in manifests if m.round > 0]
+    clients = sorted({c for m in rounds for c in m.clients})
     table = Table()
     table.add_column("stage")
     for m in rounds:
-        table.add_column(f"round {m['round']}", justify="right")
+        table.add_column(f"round {m.round}", justify="right")
     for label, key in STAGES:
-        table.add_row(label, *(f"{m['timings'][key]:.2f}" for m in rounds))
+        table.add_row(label, *(f"{m.timings[key]:.2f}" for m in rounds))
     for client in clients:
-        table.add_row(f"bytes {client}", *(f"{m['clients'].get(client, {}).get('bytes_uploaded', 0):,}" for m in rounds))
-    ratios = [(m["timings"]["round_s"] - m["timings"]["train_s"]) / m["timings"]["round_s"] for m in rounds]
+        table.add_row(f"bytes {client}", *(f"{m.clients[client].bytes_uploaded if client in m.clients else 0:,}" for m in rounds))
+    ratios = [(m.timings["round_s"] - m.timings["train_s"]) / m.timings["round_s"] for m in rounds]
     table.add_row("overhead ratio", *(f"{r:.1%}" for r in ratios))
-    table.add_row("perplexity", *(f"{m['perplexity']:.2f}" for m in rounds))
+    table.add_row("perplexity", *(f"{m.perplexity:.2f}" for m in rounds))
     console = Console(width=120)
     console.print(f"round breakdown: {args.config.name} on {os.cpu_count()} CPU cores (seconds, bytes)")
     console.print(table)
     mean = sum(ratios) / len(ratios)
     verdict = "meets" if mean < 0.10 else "MISSES"
     console.print(
-        f"base perplexity {manifests[0]['perplexity']:.2f}; mean overhead {mean:.1%} ({verdict} the 10% target)"
+        f"base perplexity {manifests[0].perplexity:.2f}; mean overhead {mean:.1%} ({verdict} the 10% target)"
     )
     return 0
 

@@ -18,8 +18,7 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
 import torch
 from cryptography.exceptions import InvalidSignature
@@ -27,13 +26,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from fedlib import storage
 from fedlib.decode import parse_json
+from fedlib.manifest import Manifest, manifest_from_json, to_json
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.serialization import bytes_to_tensors, tensors_to_bytes
 
 Tensors = dict[str, torch.Tensor]
 _ROUND_DIR = re.compile(r"round-(\d{4,})$")
 _MAX_MANIFEST = 16 << 20
-_MAX_UNSIZED = 16 << 30  # objects of lineages written before their sizes were recorded
 log = logging.getLogger("fedlib.checkpoint")
 
 
@@ -68,31 +67,24 @@ class CheckpointStore:
     def strategy_state_url(self, round_number: int) -> str:
         return storage.join(self.round_url(round_number), "strategy-state.safetensors")
 
-    def commit(
-        self, round_number: int, adapter: Tensors, manifest: dict[str, Any], strategy_state: Tensors | None = None
-    ) -> dict[str, Any]:
+    def commit(self, adapter: Tensors, manifest: Manifest, strategy_state: Tensors | None = None) -> Manifest:
         """Adapter (and the strategy's state, if it keeps any) first, manifest last; the
-        manifest records their digests, its federation and round, and (after round 0) the
-        digest of the adapter it was aggregated from, which must be the committed one."""
-        parent = manifest.get("parent_adapter_sha256", "") if round_number > 0 else ""
-        if round_number > 0 and parent != self.manifest(round_number - 1)["adapter_sha256"]:
+        manifest records their digests and sizes. It must name this federation, and (after
+        round 0) the digest of the committed adapter it was aggregated from."""
+        round_number = manifest.round
+        if manifest.federation != self.federation:
+            raise ManifestRejected(f"a manifest of federation {manifest.federation!r} committed to {self.federation!r}")
+        parent = manifest.parent_adapter_sha256 if round_number > 0 else ""
+        if round_number > 0 and parent != self.manifest(round_number - 1).adapter_sha256:
             raise ManifestRejected(f"round {round_number} was not aggregated from round {round_number - 1}'s committed adapter")
         data = tensors_to_bytes(adapter, metadata={"round": str(round_number)})
         storage.write_atomic(self.adapter_url(round_number), data, self.options)
-        manifest = {
-            **manifest,
-            "federation": self.federation,
-            "round": round_number,
-            "parent_adapter_sha256": parent,
-            "adapter_sha256": hashlib.sha256(data).hexdigest(),
-            "adapter_bytes": len(data),
-        }
+        manifest = replace(manifest, parent_adapter_sha256=parent, adapter_sha256=hashlib.sha256(data).hexdigest(), adapter_bytes=len(data))
         if strategy_state:
             state = tensors_to_bytes(strategy_state, metadata={"round": str(round_number)})
             storage.write_atomic(self.strategy_state_url(round_number), state, self.options)
-            manifest["strategy_state_sha256"] = hashlib.sha256(state).hexdigest()
-            manifest["strategy_state_bytes"] = len(state)
-        body = json.dumps(manifest, indent=2).encode()
+            manifest = replace(manifest, strategy_state_sha256=hashlib.sha256(state).hexdigest(), strategy_state_bytes=len(state))
+        body = json.dumps(to_json(manifest), indent=2).encode()
         if self.signer is not None:  # the signature first: the manifest is the commit point
             storage.write_atomic(self.signature_url(round_number), self.signer.sign(body), self.options)
         storage.write_atomic(self.manifest_url(round_number), body, self.options)
@@ -110,11 +102,11 @@ class CheckpointStore:
                 rounds.append(int(match.group(1)))
         return sorted(rounds)
 
-    def manifests(self) -> list[dict[str, Any]]:
+    def manifests(self) -> list[Manifest]:
         """The committed lineage, round 0 first: each manifest verified, and each naming its
         predecessor's adapter. It ends at the first round that is missing or does not link;
         anything listed past that is not this lineage's, and is reported, never used."""
-        chain: list[dict[str, Any]] = []
+        chain: list[Manifest] = []
         listed = self._listed_rounds()
         for round_number in listed:
             if round_number != len(chain):
@@ -124,7 +116,7 @@ class CheckpointStore:
             except ManifestRejected as err:
                 log.warning("checkpoint round %d ignored: %s", round_number, err)
                 break
-            if chain and manifest.get("parent_adapter_sha256") != chain[-1].get("adapter_sha256"):
+            if chain and manifest.parent_adapter_sha256 != chain[-1].adapter_sha256:
                 log.warning("checkpoint round %d ignored: it does not follow round %d's adapter", round_number, round_number - 1)
                 break
             chain.append(manifest)
@@ -135,9 +127,9 @@ class CheckpointStore:
     def latest_round(self) -> int | None:
         """The end of the verified chain (None before round 0 is committed)."""
         chain = self.manifests()
-        return chain[-1]["round"] if chain else None
+        return chain[-1].round if chain else None
 
-    def manifest(self, round_number: int) -> dict[str, Any]:
+    def manifest(self, round_number: int) -> Manifest:
         """The signed manifest of `round_number`, refused unless it names this federation and
         this round (a signature says who wrote it, not where it belongs)."""
         try:
@@ -154,22 +146,22 @@ class CheckpointStore:
                     f"{self.manifest_url(round_number)}: signature missing or not the aggregator's"
                 ) from None
         try:
-            manifest = parse_json(body, "manifest", _MAX_MANIFEST, max_depth=8, constants=True)
+            manifest = manifest_from_json(parse_json(body, "manifest", _MAX_MANIFEST, max_depth=8, constants=True))
         except UpdateRejected as err:
             raise ManifestRejected(f"{self.manifest_url(round_number)}: {err.detail}") from None
-        if not isinstance(manifest, dict):
-            raise ManifestRejected(f"{self.manifest_url(round_number)}: not a manifest")
-        if manifest.get("federation") != self.federation or manifest.get("round") != round_number:
+        except ValueError as err:
+            raise ManifestRejected(f"{self.manifest_url(round_number)}: {err}") from None
+        if manifest.federation != self.federation or manifest.round != round_number:
             raise ManifestRejected(
-                f"{self.manifest_url(round_number)}: signed for federation {manifest.get('federation')!r} round "
-                f"{manifest.get('round')!r}, not {self.federation!r} round {round_number}"
+                f"{self.manifest_url(round_number)}: signed for federation {manifest.federation!r} round "
+                f"{manifest.round!r}, not {self.federation!r} round {round_number}"
             )
         return manifest
 
     def last_accepted_round(self, client: str, before: int) -> int | None:
         """The last round before `before` whose committed manifest accepted `client`'s update."""
         for round_number in range(before - 1, 0, -1):
-            if client in self.manifest(round_number).get("accepted", []):
+            if client in self.manifest(round_number).accepted:
                 return round_number
         return None
 
@@ -177,9 +169,9 @@ class CheckpointStore:
         """A committed global adapter, checked against its manifest's digest."""
         return self.adapter_download(round_number)[0]
 
-    def _verified(self, url: str, digest: str, size: int | None) -> bytes:
+    def _verified(self, url: str, digest: str, size: int) -> bytes:
         """An object the manifest names by digest and size: never more than that size is read."""
-        data = storage.read_limited(url, size if size is not None else _MAX_UNSIZED, self.options)
+        data = storage.read_limited(url, size, self.options)
         if hashlib.sha256(data).hexdigest() != digest:
             raise ManifestRejected(f"{url}: digest does not match its manifest")
         return data
@@ -187,16 +179,16 @@ class CheckpointStore:
     def adapter_download(self, round_number: int) -> tuple[Tensors, int]:
         """The adapter and how many bytes were read for it (what a client downloads)."""
         manifest = self.manifest(round_number)
-        data = self._verified(self.adapter_url(round_number), manifest["adapter_sha256"], manifest.get("adapter_bytes"))
+        data = self._verified(self.adapter_url(round_number), manifest.adapter_sha256, manifest.adapter_bytes)
         return bytes_to_tensors(data), len(data)
 
     def strategy_state(self, round_number: int) -> Tensors:
         """The server optimiser's state after `round_number` (empty for stateless strategies)."""
         manifest = self.manifest(round_number)
-        if manifest.get("strategy_state_sha256") is None:
+        if manifest.strategy_state_sha256 is None:
             return {}
         url = self.strategy_state_url(round_number)
-        return bytes_to_tensors(self._verified(url, manifest["strategy_state_sha256"], manifest.get("strategy_state_bytes")))
+        return bytes_to_tensors(self._verified(url, manifest.strategy_state_sha256, manifest.strategy_state_bytes))
 
 
 @dataclass(frozen=True)
@@ -212,8 +204,8 @@ def plan_rounds(store: CheckpointStore, rounds: int) -> RoundPlan:
     chain = store.manifests()
     if not chain:
         return RoundPlan(first=1, last=rounds, resumed=False)
-    latest = chain[-1]["round"]
-    target = chain[-1].get("target_round", latest)
+    latest = chain[-1].round
+    target = chain[-1].target_round
     if latest < target:
         return RoundPlan(first=latest + 1, last=target, resumed=True)
     return RoundPlan(first=latest + 1, last=latest + rounds, resumed=False)

@@ -18,27 +18,13 @@ from fedlib.envelope import EnvelopeContext, UpdateKey, seal
 from fedlib.federation import Tensors, load_global_model, progress, update_url
 from fedlib.heterogeneity import emulated_pacing
 from fedlib.lora_ranks import pad_adapter, truncate_adapter
+from fedlib.manifest import ClientReport
 from fedlib.model import adapter_state
 from fedlib.privacy.dp import clip_update_inplace, update_norm
 from fedlib.secagg.client import SecureRound, masked_update
 from fedlib.serialization import tensors_to_bytes
 from fedlib.storage import Options
 from fedlib.training import LocalTraining, train_lora
-
-
-@dataclass(frozen=True)
-class ClientReport:
-    client: str
-    round: int
-    num_examples: int
-    train_loss: float
-    bytes_uploaded: int
-    object_url: str
-    train_s: float
-    encrypt_upload_s: float
-    update_norm: float  # L2 norm of the delta before any clipping: what DP's clip_norm is tuned against
-    local_steps: int = 0
-    bytes_downloaded: int = 0  # the global adapter this client read
 
 
 def client_seed(config: FederationConfig, client: str, round_number: int) -> int:

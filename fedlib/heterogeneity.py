@@ -8,9 +8,12 @@ import math
 import random
 import statistics
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fedlib.config import FederationConfig
+
+if TYPE_CHECKING:  # the manifest module builds on this one
+    from fedlib.manifest import ClientReport, Manifest
 
 DEADLINE_SHARE = 0.75  # of the round deadline, for local steps
 
@@ -26,20 +29,20 @@ def sample_clients(config: FederationConfig, round_number: int) -> list[str]:
     return [n for n in names if n in chosen]
 
 
-def seconds_per_step(config: FederationConfig, previous: Mapping[str, Any] | None) -> float | None:
+def seconds_per_step(config: FederationConfig, previous: Manifest | None) -> float | None:
     """Seconds one local step takes at speed 1: the config's figure, else the median of what
     the last round's clients measured (their training time × speed / steps)."""
     if config.training.seconds_per_step is not None:
         return config.training.seconds_per_step
     measured = [
-        report["train_s"] * config.cloud(client).profile.speed / report["local_steps"]
-        for client, report in (previous or {}).get("clients", {}).items()
-        if report.get("local_steps")
+        report.train_s * config.cloud(client).profile.speed / report.local_steps
+        for client, report in (previous.clients if previous else {}).items()
+        if report.local_steps
     ]
     return statistics.median(measured) if measured else None
 
 
-def step_budgets(config: FederationConfig, clients: Sequence[str], previous: Mapping[str, Any] | None) -> dict[str, int]:
+def step_budgets(config: FederationConfig, clients: Sequence[str], previous: Manifest | None) -> dict[str, int]:
     """Local steps per client this round. `equal`: training.local_steps for everyone (capped by
     capacity). `deadline`: what each cloud fits into 75% of the round deadline, leaving the rest
     for loading the model, uploading, and steps slower than the estimate; until a step has been
@@ -50,19 +53,18 @@ def step_budgets(config: FederationConfig, clients: Sequence[str], previous: Map
     t = config.training
     deadline = config.orchestration.round_deadline_s
     spent = seconds_per_step(config, previous) if t.step_budget == "deadline" else None
-    last = previous or {}
     budgets = {}
     for client in clients:
         profile = config.cloud(client).profile
         steps = t.local_steps
         if spent is not None and deadline is not None:
             rate = spent / profile.speed
-            report = last.get("clients", {}).get(client)
-            if report and report.get("local_steps"):
-                rate = max(rate, report["train_s"] / report["local_steps"])
+            report = previous.clients.get(client) if previous else None
+            if report and report.local_steps:
+                rate = max(rate, report.train_s / report.local_steps)
             steps = max(1, math.floor(DEADLINE_SHARE * deadline / rate))
-            if client in last.get("stragglers", ()) and client in last.get("step_budgets", {}):
-                steps = min(steps, max(1, last["step_budgets"][client] // 2))
+            if previous and client in previous.stragglers and client in previous.step_budgets:
+                steps = min(steps, max(1, previous.step_budgets[client] // 2))
         budgets[client] = min(steps, profile.capacity_steps or steps)
     return budgets
 
@@ -80,41 +82,34 @@ def emulated_pacing(config: FederationConfig, client: str) -> tuple[float, float
     return max(c.profile.speed for c in config.clouds) / speed, 0.0
 
 
-def round_cost(
-    config: FederationConfig, clients: Mapping[str, Mapping[str, Any]], stragglers: Sequence[str] = ()
-) -> dict[str, float]:
+def round_cost(config: FederationConfig, clients: Mapping[str, ClientReport], stragglers: Sequence[str] = ()) -> dict[str, float]:
     """Estimated money per cloud for one round: its training time at its hourly price, plus
     its update leaving the cloud at its egress price (the aggregator reads it from there). A
     straggler is charged the round deadline's worth of compute, the least it used."""
     cost = {}
     for client, report in clients.items():
         profile = config.cloud(client).profile
-        compute = report["train_s"] / 3600 * profile.price_per_hour
-        egress = report["bytes_uploaded"] / 1e9 * profile.egress_per_gb
+        compute = report.train_s / 3600 * profile.price_per_hour
+        egress = report.bytes_uploaded / 1e9 * profile.egress_per_gb
         cost[client] = compute + egress
     for client in stragglers:
         cost[client] = (config.orchestration.round_deadline_s or 0.0) / 3600 * config.cloud(client).profile.price_per_hour
     return cost
 
 
-def round_bytes(manifest: Mapping[str, Any]) -> int:
-    """Bytes that crossed a cloud boundary in a round: updates up, global adapters down."""
-    return sum(r.get("bytes_uploaded", 0) + r.get("bytes_downloaded", 0) for r in manifest.get("clients", {}).values())
-
-
-def budget_stop(config: FederationConfig, manifests: Sequence[Mapping[str, Any]]) -> str | None:
+def budget_stop(config: FederationConfig, manifests: Sequence[Manifest]) -> str | None:
     """Why the next round must not start, if the bytes or money budget would be passed at the
     last round's rate; None while both hold."""
-    trained = [m for m in manifests if m.get("round", 0) > 0]
+    trained = [m for m in manifests if m.round > 0]
     if not trained:
         return None
     b = config.budget
     if b.bytes is not None:
-        spent = sum(round_bytes(m) for m in trained)
-        if spent + round_bytes(trained[-1]) > b.bytes:
+        spent = sum(m.bytes_crossing_clouds for m in trained)
+        if spent + trained[-1].bytes_crossing_clouds > b.bytes:
             return f"byte budget: {spent:,} bytes moved, another round would pass budget.bytes={b.bytes:,}"
     if b.money is not None:
-        spent_money = sum(sum(m.get("cost", {}).values()) for m in trained)
-        if spent_money + sum(trained[-1].get("cost", {}).values()) > b.money:
+        spent_money = sum(sum(m.cost.values()) for m in trained)
+        if spent_money + sum(trained[-1].cost.values()) > b.money:
             return f"money budget: {spent_money:.4f} spent, another round would pass budget.money={b.money}"
     return None

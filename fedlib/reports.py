@@ -11,33 +11,31 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from fedlib.manifest import ClientReport, Manifest, Rejection
+
 _SPARK = "▁▂▃▄▅▆▇█"
 
 
-def round_rows(sampled: Iterable[str], reports: Mapping[str, Mapping[str, Any]], rejected: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+def round_rows(sampled: Iterable[str], reports: Mapping[str, ClientReport], rejected: Mapping[str, Rejection]) -> list[dict[str, Any]]:
     """One row per client sampled for the round, accepted or not: a client left out still has a
     row saying why, with whatever it reported before it was."""
     rows = []
     for client in sampled:
-        report = reports.get(client, {})
-        reason = rejected.get(client, {}).get("reason")
+        report = reports.get(client)
+        rejection = rejected.get(client)
         rows.append(
             {
                 "client": client,
-                "status": "accepted" if reason is None else f"left out: {reason}",
-                "train_loss": _rounded(report.get("train_loss"), 4),
-                "examples": report.get("num_examples"),
-                "local_steps": report.get("local_steps"),
-                "bytes_uploaded": report.get("bytes_uploaded"),
-                "bytes_downloaded": report.get("bytes_downloaded"),
-                "train_s": _rounded(report.get("train_s"), 2),
+                "status": "accepted" if rejection is None else f"left out: {rejection.reason}",
+                "train_loss": round(report.train_loss, 4) if report else None,
+                "examples": report.num_examples if report else None,
+                "local_steps": report.local_steps if report else None,
+                "bytes_uploaded": report.bytes_uploaded if report else None,
+                "bytes_downloaded": report.bytes_downloaded if report else None,
+                "train_s": round(report.train_s, 2) if report else None,
             }
         )
     return rows
-
-
-def _rounded(value: Any, digits: int) -> Any:
-    return round(float(value), digits) if isinstance(value, (int, float)) else value
 
 
 def sparkline(values: list[float]) -> str:
@@ -48,13 +46,13 @@ def sparkline(values: list[float]) -> str:
     return "".join(_SPARK[round((v - low) / span * (len(_SPARK) - 1))] for v in values)
 
 
-def summary_markdown(federation: str, manifests: list[dict[str, Any]], mlflow_run_url: str, registered_model: str, champion: str | None) -> str:
+def summary_markdown(federation: str, manifests: list[Manifest], mlflow_run_url: str, registered_model: str, champion: str | None) -> str:
     """The federation's summary: the perplexity curve as a line and a table, and where to look next."""
-    curve = [m["perplexity"] for m in manifests]
+    curve = [m.perplexity for m in manifests]
     lines = [
         f"# Federation `{federation}`",
         "",
-        f"Held-out perplexity, base model → round {manifests[-1]['round']}: "
+        f"Held-out perplexity, base model → round {manifests[-1].round}: "
         f"**{curve[0]:.2f} → {curve[-1]:.2f}**  `{sparkline(curve)}`",
         "",
         "| round | perplexity | eval loss | clients accepted | left out | bytes uploaded |",
@@ -62,10 +60,9 @@ def summary_markdown(federation: str, manifests: list[dict[str, Any]], mlflow_ru
     ]
     for m in manifests:
         left_out = ", ".join(f"{c} ({r})" for c, r in left_out_of(m).items()) or "-"
-        uploaded = sum(r.get("bytes_uploaded", 0) for r in m.get("clients", {}).values())
-        label = "0 (base)" if m["round"] == 0 else str(m["round"])
+        label = "0 (base)" if m.round == 0 else str(m.round)
         lines.append(
-            f"| {label} | {m['perplexity']:.2f} | {m['eval_loss']:.4f} | {', '.join(m.get('accepted', [])) or '-'} | {left_out} | {uploaded:,} |"
+            f"| {label} | {m.perplexity:.2f} | {m.eval_loss:.4f} | {', '.join(m.accepted) or '-'} | {left_out} | {m.bytes_uploaded:,} |"
         )
     lines += ["", f"MLflow run, with the perplexity chart and every round's manifest: [{mlflow_run_url}]({mlflow_run_url})"]
     if champion is not None:
@@ -73,37 +70,37 @@ def summary_markdown(federation: str, manifests: list[dict[str, Any]], mlflow_ru
     return "\n".join(lines) + "\n"
 
 
-def left_out_of(manifest: Mapping[str, Any]) -> dict[str, str]:
+def left_out_of(manifest: Manifest) -> dict[str, str]:
     """Clients sampled for the round whose update is not in the aggregate, and why."""
-    return {client: str(report.get("reason", "rejected")) for client, report in manifest.get("rejected", {}).items()}
+    return {client: rejection.reason for client, rejection in manifest.rejected.items()}
 
 
-def lineage_tags(manifest: Mapping[str, Any], base_model: str, base_revision: str) -> dict[str, str]:
+def lineage_tags(manifest: Manifest, base_model: str, base_revision: str) -> dict[str, str]:
     """Tags of the registry version made from a round's adapter: where it came from, who made it,
     what it cost to move, and what it may have leaked (ε)."""
-    clients = manifest.get("clients", {})
+    clients = manifest.clients
     tags = {
-        "round": str(manifest["round"]),
-        "federation": str(manifest["federation"]),
+        "round": str(manifest.round),
+        "federation": manifest.federation,
         "base_model": base_model,
         "base_model_revision": base_revision,
-        "clients": ",".join(manifest.get("accepted", [])),
-        "examples": json.dumps({c: clients[c].get("num_examples") for c in manifest.get("accepted", []) if c in clients}),
+        "clients": ",".join(manifest.accepted),
+        "examples": json.dumps({c: clients[c].num_examples for c in manifest.accepted if c in clients}),
         "left_out": json.dumps(left_out_of(manifest)),
-        "bytes_uploaded": str(sum(r.get("bytes_uploaded", 0) for r in clients.values())),
-        "bytes_downloaded": str(sum(r.get("bytes_downloaded", 0) for r in clients.values())),
-        "strategy": str(manifest.get("strategy", "fedavg")),
-        "codecs": ",".join(manifest.get("codecs", [])) or "none",
-        "eval_loss": repr(float(manifest["eval_loss"])),
-        "perplexity": repr(float(manifest["perplexity"])),
-        "adapter_sha256": str(manifest.get("adapter_sha256", "")),
-        "mlflow_run_id": str(manifest.get("mlflow_run_id", "")),
+        "bytes_uploaded": str(manifest.bytes_uploaded),
+        "bytes_downloaded": str(sum(r.bytes_downloaded for r in clients.values())),
+        "strategy": manifest.strategy,
+        "codecs": ",".join(manifest.codecs) or "none",
+        "eval_loss": repr(float(manifest.eval_loss)),
+        "perplexity": repr(float(manifest.perplexity)),
+        "adapter_sha256": manifest.adapter_sha256,
+        "mlflow_run_id": manifest.mlflow_run_id,
     }
-    if "epsilon" in manifest:
-        tags["epsilon"] = repr(float(manifest["epsilon"]))
-        tags["delta"] = repr(float(manifest.get("delta", 0.0)))
-    if manifest.get("prefect_flow_run_id"):
-        tags["prefect_flow_run_id"] = str(manifest["prefect_flow_run_id"])
+    if manifest.privacy is not None:
+        tags["epsilon"] = repr(float(manifest.privacy.epsilon))
+        tags["delta"] = repr(float(manifest.privacy.delta))
+    if manifest.prefect_flow_run_id:
+        tags["prefect_flow_run_id"] = manifest.prefect_flow_run_id
     return tags
 
 

@@ -7,13 +7,16 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from flows.ui import add_parser as add_ui_parser
+
+if TYPE_CHECKING:
+    from fedlib.manifest import Manifest
 
 
 def _embedded_defaults(verbose: bool) -> None:
@@ -64,8 +67,8 @@ def config_or_report(path: Path, console: Console):
         return None
 
 
-def _summary_table(manifests: list[dict[str, Any]]) -> Table:
-    clients = sorted({c for m in manifests for c in m.get("clients", {})})
+def _summary_table(manifests: list[Manifest]) -> Table:
+    clients = sorted({c for m in manifests for c in m.clients})
     table = Table(title="federation rounds")
     table.add_column("round", justify="right")
     table.add_column("perplexity", justify="right")
@@ -74,11 +77,11 @@ def _summary_table(manifests: list[dict[str, Any]]) -> Table:
     table.add_column("rejected")
     table.add_column("seconds", justify="right")
     for m in manifests:
-        sizes = [f"{m['clients'][c]['bytes_uploaded'] / 1e6:.2f}" if c in m.get("clients", {}) else "-" for c in clients]
-        rejected = ", ".join(f"{c} ({r['reason']})" for c, r in m.get("rejected", {}).items()) or "-"
-        seconds = m.get("timings", {}).get("round_s", m.get("timings", {}).get("evaluate_s", 0.0))
-        label = f"{m['round']} (base)" if m["round"] == 0 else str(m["round"])
-        table.add_row(label, f"{m['perplexity']:.2f}", *sizes, rejected, f"{seconds:.1f}")
+        sizes = [f"{m.clients[c].bytes_uploaded / 1e6:.2f}" if c in m.clients else "-" for c in clients]
+        rejected = ", ".join(f"{c} ({r.reason})" for c, r in m.rejected.items()) or "-"
+        seconds = m.timings.get("round_s", m.timings.get("evaluate_s", 0.0))
+        label = f"{m.round} (base)" if m.round == 0 else str(m.round)
+        table.add_row(label, f"{m.perplexity:.2f}", *sizes, rejected, f"{seconds:.1f}")
     return table
 
 
@@ -110,9 +113,9 @@ def run_command(args: argparse.Namespace) -> int:
     finally:
         progress_log.removeHandler(handler)
     console.print(_summary_table(manifests))
-    base, final = manifests[0]["perplexity"], manifests[-1]["perplexity"]
-    console.print(f"held-out perplexity: base model {base:.2f} → round {manifests[-1]['round']} {final:.2f}")
-    console.print(f"MLflow run: {manifests[-1]['mlflow_run_id']} (experiment {config.experiment_name})")
+    base, final = manifests[0].perplexity, manifests[-1].perplexity
+    console.print(f"held-out perplexity: base model {base:.2f} → round {manifests[-1].round} {final:.2f}")
+    console.print(f"MLflow run: {manifests[-1].mlflow_run_id} (experiment {config.experiment_name})")
     console.print(_ui_hint(args.config), highlight=False)
     return 0
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from prefect import get_run_logger
 
-from fedlib.client import ClientReport
+from fedlib.manifest import ClientReport
 from fedlib.config import FederationConfig
 from fedlib.decode import expect
 from fedlib.secagg.messages import RevealRequest, SetupMessage, SetupRequest, TrainRequest

@@ -5,10 +5,8 @@ after it, so that the aggregator only ever sees the sum."""
 
 from __future__ import annotations
 
-import math
 import secrets
 import time
-from dataclasses import asdict
 from typing import Any
 
 from prefect import flow
@@ -16,10 +14,10 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from fedlib.aggregator import AggregationReport, Expected, expected_of
-from fedlib.client import ClientReport
+from fedlib.manifest import ClientReport, Manifest, Rejection, round_manifest
 from fedlib.config import FederationConfig
 from fedlib.federation import Tensors, checkpoint_store, progress
-from fedlib.heterogeneity import round_cost, sample_clients, step_budgets
+from fedlib.heterogeneity import sample_clients, step_budgets
 from fedlib.privacy.accountant import participation_after, privacy_spent
 from fedlib.rejection import QuorumNotMet
 from fedlib.secagg.messages import RevealRequest, SetupRequest, TrainRequest
@@ -89,7 +87,7 @@ def federated_round(
     run_id: str,
     target_round: int,
     config_path: str | None = None,
-) -> dict[str, Any]:
+) -> Manifest:
     """Returns the committed manifest. A client that fails after its retries is left out (and
     recorded); the round fails only if fewer than `aggregation.min_clients` updates survive."""
     started = time.perf_counter()
@@ -114,40 +112,23 @@ def federated_round(
     eval_started = time.perf_counter()
     eval_loss = evaluate_global(config, round_number, adapter)
     evaluated = time.perf_counter()
-    all_reports = {c: asdict(r) for c, r in reports.items()}
-    stragglers = sorted(c for c, r in report.rejected.items() if r["reason"] == "straggler")
-    manifest = {
-        "federation": config.federation.id,
-        "target_round": target_round,
-        "mlflow_run_id": run_id,
-        "prefect_flow_run_id": flow_run.id,
-        "strategy": config.aggregation.strategy,
-        "aggregation": config.aggregation.model_dump(mode="json"),
-        "codecs": list(config.compression.codecs),
-        "parent_adapter_sha256": previous["adapter_sha256"],
-        "sampled": clients,
-        "step_budgets": budgets,
-        "stragglers": stragglers,
-        "clients": {c: r for c, r in all_reports.items() if c in report.accepted},
-        "cost": round_cost(config, all_reports, stragglers),
-        "accepted": report.accepted,
-        "rejected": report.rejected,
-        "eval_loss": eval_loss,
-        "perplexity": math.exp(eval_loss),
-        **privacy_spent(config.privacy, participation_after(previous.get("participation", {}), clients)),
-        **({"secure_aggregation": secure} if secure else {}),
-        "timings": {
-            "partition_s": partitioned - started,
-            "train_s": max((r.train_s for r in reports.values()), default=0.0),
-            "encrypt_upload_s": max((r.encrypt_upload_s for r in reports.values()), default=0.0),
-            **client_timings,
-            "download_decrypt_s": report.download_decrypt_s,
-            "aggregate_s": report.aggregate_s,
-            "evaluate_s": evaluated - eval_started,
-            "round_s": evaluated - started,
-        },
+    rejected = {c: Rejection(r["reason"], r["detail"]) for c, r in report.rejected.items()}
+    timings = {
+        "partition_s": partitioned - started,
+        "train_s": max((r.train_s for r in reports.values()), default=0.0),
+        "encrypt_upload_s": max((r.encrypt_upload_s for r in reports.values()), default=0.0),
+        **client_timings,
+        "download_decrypt_s": report.download_decrypt_s,
+        "aggregate_s": report.aggregate_s,
+        "evaluate_s": evaluated - eval_started,
+        "round_s": evaluated - started,
     }
-    committed = commit_round(config, round_number, adapter, manifest, state)
-    publish_round_table(config, round_number, clients, all_reports, report.rejected)
-    progress.info("round %d done: perplexity %.2f", round_number, committed["perplexity"])
+    participation = participation_after(previous.privacy.participation if previous.privacy else {}, clients)
+    manifest = round_manifest(
+        config, round_number, previous, clients, budgets, reports, report.accepted, rejected, eval_loss, timings,
+        (run_id, str(flow_run.id)), target_round, privacy_spent(config.privacy, participation), secure,
+    )
+    committed = commit_round(config, adapter, manifest, state)
+    publish_round_table(config, round_number, clients, reports, rejected)
+    progress.info("round %d done: perplexity %.2f", round_number, committed.perplexity)
     return committed

@@ -7,9 +7,8 @@ so any process can pick it up.
 
 from __future__ import annotations
 
-import math
 import time
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from prefect import flow, get_run_logger
@@ -19,6 +18,7 @@ from fedlib.checkpoint import plan_rounds
 from fedlib.config import ConfigError, FederationConfig, load_config
 from fedlib.federation import checkpoint_store, keyring, progress
 from fedlib.heterogeneity import budget_stop
+from fedlib.manifest import Manifest, base_manifest
 from fedlib.privacy.accountant import over_budget
 from flows.federated_round import federated_round
 from tasks.aggregate import commit_round, evaluate_global, make_initial_adapter
@@ -38,7 +38,7 @@ def _run_name() -> str:
 
 
 @flow(name="federated-training", flow_run_name=_run_name, log_prints=True)
-def federated_training(config_path: str, dispatch: Literal["local", "deployments"] | None = None) -> list[dict[str, Any]]:
+def federated_training(config_path: str, dispatch: Literal["local", "deployments"] | None = None) -> list[Manifest]:
     """Validates the config at the boundary, then runs the planned rounds; returns every
     committed manifest of the lineage (round 0 first). `dispatch` overrides the config's
     `orchestration.dispatch`, so one config runs locally or on the clouds' work pools."""
@@ -48,7 +48,7 @@ def federated_training(config_path: str, dispatch: Literal["local", "deployments
     return run_federation(config, config_path)
 
 
-def run_federation(config: FederationConfig, config_path: str | None = None) -> list[dict[str, Any]]:
+def run_federation(config: FederationConfig, config_path: str | None = None) -> list[Manifest]:
     logger = get_run_logger()
     if config.training.torch_threads:
         torch.set_num_threads(config.training.torch_threads)
@@ -64,31 +64,26 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
     partition_data(config)
     partition_s = time.perf_counter() - started
 
-    run_id = open_tracking(config, store.manifest(latest)["mlflow_run_id"] if latest is not None else None)
+    run_id = open_tracking(config, store.manifest(latest).mlflow_run_id if latest is not None else None)
     manifests = store.manifests()
     if latest is None:
         eval_started = time.perf_counter()
         base_loss = evaluate_global(config, 0, None)
-        manifest = {
-            "federation": config.federation.id,
-            "target_round": plan.last,
-            "mlflow_run_id": run_id,
-            "eval_loss": base_loss,
-            "perplexity": math.exp(base_loss),
-            "timings": {"partition_s": partition_s, "evaluate_s": time.perf_counter() - eval_started},
-        }
-        manifests = [commit_round(config, 0, make_initial_adapter(config), manifest)]
+        timings = {"partition_s": partition_s, "evaluate_s": time.perf_counter() - eval_started}
+        manifest = base_manifest(config.federation.id, plan.last, run_id, base_loss, timings)
+        manifests = [commit_round(config, make_initial_adapter(config), manifest)]
         track_round(config, run_id, 0, manifests)
-        progress.info("round 0 (base model): perplexity %.2f", manifests[0]["perplexity"])
+        progress.info("round 0 (base model): perplexity %.2f", manifests[0].perplexity)
 
     registered = registered_rounds(config)
-    for missed in [m for m in manifests[1:] if m["round"] not in registered]:
-        register_round(config, run_id, missed["round"], missed, store.adapter(missed["round"]))  # a crash came between commit and registry
+    for missed in [m for m in manifests[1:] if m.round not in registered]:
+        register_round(config, run_id, missed, store.adapter(missed.round))  # a crash came between commit and registry
 
     status = "FAILED"
     try:
         for round_number in range(plan.first, plan.last + 1):
-            epsilon = over_budget(config.privacy, manifests[-1].get("participation", {}))
+            last = manifests[-1].privacy
+            epsilon = over_budget(config.privacy, last.participation if last else {})
             stop = budget_stop(config, manifests)
             if epsilon is not None:
                 stop = f"privacy budget: round {round_number} would reach ε={epsilon:.3f} > {config.privacy.epsilon_budget}"
@@ -98,7 +93,7 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
                 break
             manifests.append(federated_round(config, round_number, run_id, plan.last, config_path))
             track_round(config, run_id, round_number, manifests)
-            register_round(config, run_id, round_number, manifests[-1], store.adapter(round_number))
+            register_round(config, run_id, manifests[-1], store.adapter(round_number))
         final = store.latest_round()
         track_final_adapter(config, run_id, store.adapter(final), final)
         publish_summary(config, run_id, manifests)

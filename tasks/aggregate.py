@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
+from fedlib.manifest import Manifest
 from fedlib.aggregator import AggregationReport, Expected, aggregate_updates, build_strategy
 from fedlib.federation import (
     Tensors,
@@ -34,7 +33,7 @@ def aggregate_round(
     ring = keyring(config)
     store = checkpoint_store(config, ring)
     global_adapter = store.adapter(round_number - 1)
-    parent = store.manifest(round_number - 1)["adapter_sha256"]
+    parent = store.manifest(round_number - 1).adapter_sha256
     strategy = build_strategy(config, round_number, store.strategy_state(round_number - 1))
     options = storage_options(config, clients)
     keys = {client: aggregator_update_key(ring, client) for client in clients}
@@ -60,12 +59,6 @@ def make_initial_adapter(config: FederationConfig) -> Tensors:
     return initial_adapter(config)
 
 
-@task(name="checkpoint", task_run_name="checkpoint-round-{round_number}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def commit_round(
-    config: FederationConfig,
-    round_number: int,
-    adapter: Tensors,
-    manifest: dict[str, Any],
-    strategy_state: Tensors | None = None,
-) -> dict[str, Any]:
-    return checkpoint_store(config).commit(round_number, adapter, manifest, strategy_state)
+@task(name="checkpoint", task_run_name="checkpoint-round-{manifest.round}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def commit_round(config: FederationConfig, adapter: Tensors, manifest: Manifest, strategy_state: Tensors | None = None) -> Manifest:
+    return checkpoint_store(config).commit(adapter, manifest, strategy_state)

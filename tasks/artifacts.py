@@ -4,7 +4,6 @@ sampled client, accepted or left out) and a markdown summary of the federation."
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from mlflow.tracking import MlflowClient
 from prefect import task
@@ -12,6 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
+from fedlib.manifest import ClientReport, Manifest, Rejection
 from fedlib.reports import round_rows, summary_markdown
 from tasks.registry import champion_version
 
@@ -30,7 +30,9 @@ def summary_key(federation: str) -> str:
 
 
 @task(name="publish-round-table", task_run_name="publish-round-table-round-{round_number}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
-def publish_round_table(config: FederationConfig, round_number: int, sampled: list[str], reports: dict[str, dict[str, Any]], rejected: dict[str, dict[str, Any]]) -> None:
+def publish_round_table(
+    config: FederationConfig, round_number: int, sampled: list[str], reports: dict[str, ClientReport], rejected: dict[str, Rejection]
+) -> None:
     rows = round_rows(sampled, reports, rejected)
     create_table_artifact(
         table=rows,
@@ -45,7 +47,7 @@ def mlflow_run_url(config: FederationConfig, run_id: str) -> str:
 
 
 @task(name="publish-summary", task_run_name="publish-summary", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
-def publish_summary(config: FederationConfig, run_id: str, manifests: list[dict[str, Any]]) -> None:
+def publish_summary(config: FederationConfig, run_id: str, manifests: list[Manifest]) -> None:
     champion = champion_version(config)
     markdown = summary_markdown(config.federation.id, manifests, mlflow_run_url(config, run_id), config.registered_model_name, champion)
     create_markdown_artifact(markdown=markdown, key=summary_key(config.federation.id), description=f"Federation `{config.federation.id}`")

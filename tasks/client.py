@@ -15,7 +15,8 @@ from prefect.futures import PrefectFuture
 from prefect.tasks import exponential_backoff
 
 from fedlib.config import FederationConfig
-from fedlib.client import ClientReport, SealedUpdate, train_and_seal, upload_sealed
+from fedlib.client import SealedUpdate, train_and_seal, upload_sealed
+from fedlib.manifest import ClientReport
 from fedlib.client_state import CarriedResidual, ResidualStore
 from fedlib.federation import checkpoint_store, client_update_key, keyring, load_data, residual_store, secagg_session
 from fedlib.secagg.client import SecureRound
@@ -37,7 +38,7 @@ def train_client(
     ring = keyring(config)
     store = checkpoint_store(config, ring)
     global_adapter, downloaded = store.adapter_download(round_number - 1)  # signature, federation and round checked
-    parent = store.manifest(round_number - 1)["adapter_sha256"]
+    parent = store.manifest(round_number - 1).adapter_sha256
     shard = load_data(config).train.select(blocks)
     masking = None
     if secure:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
@@ -17,6 +16,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
+from fedlib.manifest import Manifest
 from fedlib.federation import Tensors
 from fedlib.model import base_revision, load_base_model, load_tokenizer, save_adapter_folder
 from fedlib.reports import champion_of, lineage_tags
@@ -45,10 +45,11 @@ def champion_version(config: FederationConfig) -> str | None:
         return None
 
 
-@task(name="register-round", task_run_name="register-round-{round_number}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
-def register_round(config: FederationConfig, run_id: str, round_number: int, manifest: dict[str, Any], adapter: Tensors) -> str:
+@task(name="register-round", task_run_name="register-round-{manifest.round}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+def register_round(config: FederationConfig, run_id: str, manifest: Manifest, adapter: Tensors) -> str:
     """Registers the round's adapter once (a resumed or retried round finds its version and
     adds none) and moves the champion alias; returns the champion's version."""
+    round_number = manifest.round
     client = _client(config)
     name = config.registered_model_name
     try:
@@ -69,7 +70,7 @@ def register_round(config: FederationConfig, run_id: str, round_number: int, man
             f"runs:/{run_id}/{path}",
             run_id=run_id,
             tags=tags,
-            description=f"Round {round_number}: held-out perplexity {manifest['perplexity']:.2f}, from {tags['clients'] or 'no clients'}.",
+            description=f"Round {round_number}: held-out perplexity {manifest.perplexity:.2f}, from {tags['clients'] or 'no clients'}.",
         )
     champion = champion_of((v.version, float(v.tags["perplexity"])) for v in versions.values())
     assert champion is not None  # the round just registered is there

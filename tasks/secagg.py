@@ -53,7 +53,7 @@ def sum_masked_round(
     ring = keyring(config)
     store = checkpoint_store(config, ring)
     global_adapter = store.adapter(round_number - 1)
-    parent = store.manifest(round_number - 1)["adapter_sha256"]
+    parent = store.manifest(round_number - 1).adapter_sha256
     keys = {client: aggregator_update_key(ring, client) for client in clients}
     options = storage_options(config, clients)
     masked, report = sum_masked_updates(

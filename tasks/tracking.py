@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
 from fedlib.federation import Tensors
-from fedlib.heterogeneity import round_bytes
+from fedlib.manifest import Manifest, to_json
 from fedlib.model import save_adapter_folder
 from fedlib.plots import loss_figure, progress_figure
 
@@ -57,42 +57,44 @@ def open_tracking(config: FederationConfig, run_id: str | None, run_name: str | 
     return run.info.run_id
 
 
-def round_metrics(manifest: dict[str, Any]) -> dict[str, float]:
+_CLIENT_METRICS = ("train_loss", "num_examples", "bytes_uploaded", "bytes_downloaded", "train_s", "encrypt_upload_s", "update_norm", "local_steps")
+
+
+def round_metrics(manifest: Manifest) -> dict[str, float]:
     """The numbers of one committed round, named for MLflow's metric groups."""
-    metrics = {"eval/loss": manifest["eval_loss"], "eval/perplexity": manifest["perplexity"]}
-    for client, report in manifest.get("clients", {}).items():
-        for field in ("train_loss", "num_examples", "bytes_uploaded", "bytes_downloaded", "train_s", "encrypt_upload_s", "update_norm", "local_steps"):
-            if field in report:
-                metrics[f"client/{client}/{field}"] = report[field]
-    for client, money in manifest.get("cost", {}).items():
+    metrics: dict[str, float] = {"eval/loss": manifest.eval_loss, "eval/perplexity": manifest.perplexity}
+    for client, report in manifest.clients.items():
+        for name in _CLIENT_METRICS:
+            metrics[f"client/{client}/{name}"] = getattr(report, name)
+    for client, money in manifest.cost.items():
         metrics[f"cost/{client}"] = money
-    if manifest["round"] > 0:
-        metrics["round/bytes_uploaded"] = sum(r["bytes_uploaded"] for r in manifest["clients"].values())
-        metrics["round/bytes_crossing_clouds"] = round_bytes(manifest)
-        metrics["round/cost"] = sum(manifest.get("cost", {}).values())
-        metrics["round/accepted"] = len(manifest["accepted"])
-        metrics["round/rejected"] = len(manifest["rejected"])
-        metrics["round/stragglers"] = len(manifest.get("stragglers", []))
-    if "epsilon" in manifest:
-        metrics["privacy/epsilon"] = manifest["epsilon"]
-    for stage, seconds in manifest.get("timings", {}).items():
+    if manifest.round > 0:
+        metrics["round/bytes_uploaded"] = manifest.bytes_uploaded
+        metrics["round/bytes_crossing_clouds"] = manifest.bytes_crossing_clouds
+        metrics["round/cost"] = sum(manifest.cost.values())
+        metrics["round/accepted"] = len(manifest.accepted)
+        metrics["round/rejected"] = len(manifest.rejected)
+        metrics["round/stragglers"] = len(manifest.stragglers)
+    if manifest.privacy is not None:
+        metrics["privacy/epsilon"] = manifest.privacy.epsilon
+    for stage, seconds in manifest.timings.items():
         metrics[f"time/{stage}"] = seconds
     return {k: float(v) for k, v in metrics.items()}
 
 
 @task(name="track-round", task_run_name="track-round-{round_number}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
-def track_round(config: FederationConfig, run_id: str, round_number: int, manifests: list[dict[str, Any]]) -> None:
+def track_round(config: FederationConfig, run_id: str, round_number: int, manifests: list[Manifest]) -> None:
     """Metrics and manifest of `round_number`, and the progress plot redrawn over all rounds."""
     client = _client(config)
     manifest = manifests[-1]
     now = int(time.time() * 1000)
     metrics = [Metric(k, v, now, round_number) for k, v in round_metrics(manifest).items() if math.isfinite(v)]
     client.log_batch(run_id, metrics=metrics)
-    client.log_dict(run_id, manifest, f"manifests/round-{round_number:04d}.json")
-    rounds = [m["round"] for m in manifests]
-    names = sorted({c for m in manifests for c in m.get("clients", {})})
-    sizes = {c: [m["clients"].get(c, {}).get("bytes_uploaded", 0) for m in manifests if m["round"] > 0] for c in names}
-    figure = progress_figure(rounds, [m["perplexity"] for m in manifests], sizes)
+    client.log_dict(run_id, to_json(manifest), f"manifests/round-{round_number:04d}.json")
+    rounds = [m.round for m in manifests]
+    names = sorted({c for m in manifests for c in m.clients})
+    sizes = {c: [m.clients[c].bytes_uploaded if c in m.clients else 0 for m in manifests if m.round > 0] for c in names}
+    figure = progress_figure(rounds, [m.perplexity for m in manifests], sizes)
     client.log_figure(run_id, figure, "plots/progress.png")
 
 

@@ -146,7 +146,7 @@ def stored_update_context(config, client: str, round_number: int, blob: bytes):
     from fedlib.envelope import EnvelopeContext, peek_header
     from fedlib.federation import checkpoint_store
 
-    parent = checkpoint_store(config).manifest(round_number - 1)["adapter_sha256"]
+    parent = checkpoint_store(config).manifest(round_number - 1).adapter_sha256
     return EnvelopeContext(config.federation.id, round_number, client, peek_header(blob).get("session", ""), parent)
 
 

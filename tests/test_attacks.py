@@ -42,6 +42,7 @@ from fedlib.federation import (
     secagg_session,
     update_url,
 )
+from fedlib.manifest import Manifest, to_json
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.secagg.aggregator import finish_secure_round, sum_masked_updates
 from fedlib.secagg.client import SecureRound, masked_update
@@ -102,8 +103,8 @@ def _federation(tmp_path, corpus_dir, tiny_model_dir, **overrides) -> Federation
     data = load_data(config)
     shards = {c: data.train.select(p) for c, p in partition_clients(config, data).items()}
     adapter = initial_adapter(config)
-    manifest = checkpoint_store(config).commit(0, adapter, {"eval_loss": 1.0, "perplexity": math.e})
-    return Federation(config, shards, adapter, manifest["adapter_sha256"])
+    manifest = checkpoint_store(config).commit(adapter, Manifest(config.federation.id, 0, 1, "run", 1.0, math.e))
+    return Federation(config, shards, adapter, manifest.adapter_sha256)
 
 
 @pytest.fixture
@@ -200,7 +201,7 @@ def test_2_the_split_channel_and_the_residual_loader_share_the_parser(fed, caplo
 
 # 3. Signed manifests are bound to their round, federation and parent.
 def _commit_round_1(fed: Federation) -> None:
-    fed.store.commit(1, fed.adapter, {"eval_loss": 0.9, "perplexity": 2.4, "target_round": 1, "parent_adapter_sha256": fed.parent})
+    fed.store.commit(fed.adapter, Manifest("test", 1, 1, "run", 0.9, 2.4, parent_adapter_sha256=fed.parent))
 
 
 def _copy_round(store: CheckpointStore, source: int, target: int) -> None:
@@ -230,12 +231,12 @@ def test_3_a_round_that_does_not_follow_its_parent_ends_the_lineage(fed):
     _commit_round_1(fed)
     store = fed.store
     with pytest.raises(ManifestRejected, match="not aggregated from round 1"):  # the aggregator refuses to commit it
-        store.commit(2, fed.adapter, {"eval_loss": 0.8, "perplexity": 2.2, "parent_adapter_sha256": "0" * 64})
+        store.commit(fed.adapter, Manifest("test", 2, 2, "run", 0.8, 2.2, parent_adapter_sha256="0" * 64))
     # Round 0's manifest re-signed in round 2's slot by a confused aggregator is refused by the chain walk.
-    body = json.dumps({**store.manifest(0), "round": 2, "parent_adapter_sha256": "f" * 64}, indent=2).encode()
+    body = json.dumps({**to_json(store.manifest(0)), "round": 2, "parent_adapter_sha256": "f" * 64}, indent=2).encode()
     storage.write_atomic(store.signature_url(2), fed.ring.signing_private.sign(body))
     storage.write_atomic(store.manifest_url(2), body)
-    assert store.manifest(2)["round"] == 2  # verifies on its own...
+    assert store.manifest(2).round == 2  # verifies on its own...
     assert store.latest_round() == 1  # ...but does not link to round 1's adapter
 
 
@@ -300,8 +301,8 @@ def test_5_epsilon_with_a_public_sample_is_the_worst_clients_at_q_1(tmp_path, co
     spent = privacy_spent(config.privacy, counts)
     amplified = epsilon_after(50, 1.0, 0.2, 1e-5)  # what crediting the public sample would claim
     worst = max(counts.values())
-    assert spent["epsilon"] == pytest.approx(epsilon_after(worst, 1.0, 1.0, 1e-5))
-    assert spent["epsilon"] > 2 * amplified and worst >= 10
+    assert spent.epsilon == pytest.approx(epsilon_after(worst, 1.0, 1.0, 1e-5)) and counts[spent.client] == worst
+    assert spent.epsilon > 2 * amplified and worst >= 10
 
 
 # 6. require_tee refuses a claim; only a configured verifier's check of bound evidence passes.
@@ -521,15 +522,15 @@ def test_8_the_noise_seed_is_refused_outside_tests_and_never_logged(tmp_path, co
             parse_config(raw, "fed.yaml")
     manifests = federated_training(str(write_config(tmp_path, raw)))
     config = parse_config(raw)
-    run = MlflowClient(config.tracking_uri).get_run(manifests[-1]["mlflow_run_id"])
+    run = MlflowClient(config.tracking_uri).get_run(manifests[-1].mlflow_run_id)
     assert run.data.params["privacy.noise_seed"] == "<redacted>"
     assert str(seed) not in json.dumps(run.data.params)
     with get_client(sync_client=True) as client:
-        round_run = client.read_flow_run(manifests[-1]["prefect_flow_run_id"])
+        round_run = client.read_flow_run(manifests[-1].prefect_flow_run_id)
     assert round_run.parameters["config"]["privacy"]["noise_seed"] == "<redacted>"
     assert str(seed) not in json.dumps(round_run.parameters)
     for manifest in manifests:
-        assert str(seed) not in json.dumps(manifest)
+        assert str(seed) not in json.dumps(to_json(manifest))
 
 
 # 9. A client answers one reveal per session; the threshold is a majority.

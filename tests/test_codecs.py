@@ -190,10 +190,10 @@ def test_a_federation_with_compressed_updates_and_error_feedback(tmp_path, corpu
     path = write_config(tmp_path, raw)
     manifests = federated_training(str(path))
     config = load_config(path)
-    plain = [c["bytes_uploaded"] for m in manifests[1:] for c in m["clients"].values()]
-    adapter_bytes = manifests[1]["clients"]["aws"]["bytes_downloaded"]
+    plain = [c.bytes_uploaded for m in manifests[1:] for c in m.clients.values()]
+    adapter_bytes = manifests[1].clients["aws"].bytes_downloaded
     assert adapter_bytes > 0 and all(b * 10 < adapter_bytes for b in plain)  # ≥10× smaller than the fp32 adapter
-    assert manifests[-1]["round"] == 2 and len(manifests[-1]["accepted"]) == 2
+    assert manifests[-1].round == 2 and len(manifests[-1].accepted) == 2
     # Each client's residual sits in its own bucket, sealed: no safetensors header in the clear.
     from fedlib import storage
     from fedlib.federation import checkpoint_store, keyring, residual_store

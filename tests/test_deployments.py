@@ -175,10 +175,10 @@ def test_each_client_runs_on_its_own_pool_and_schedules_continue(prefect_server,
     store = CheckpointStore(config.checkpoint_url, config.federation.id, options=config.federation.checkpoint_options)
     assert store.latest_round() == 2
     first_final, second = store.manifest(1), store.manifest(2)
-    assert second["parent_adapter_sha256"] == first_final["adapter_sha256"]
-    assert second["accepted"] == ["aws", "gcp", "azure"]
-    assert second["secure_aggregation"]["revealed_by"] == ["aws", "azure", "gcp"]
-    assert {store.manifest(r)["mlflow_run_id"] for r in range(3)} == {first_final["mlflow_run_id"]}
+    assert second.parent_adapter_sha256 == first_final.adapter_sha256
+    assert second.accepted == ["aws", "gcp", "azure"]
+    assert second.secure_aggregation["revealed_by"] == ["aws", "azure", "gcp"]
+    assert {store.manifest(r).mlflow_run_id for r in range(3)} == {first_final.mlflow_run_id}
     second_runs = [r for r in _client_runs(prefect_server, first) if "round-2" in r.name]
     assert sorted((r.name, r.work_pool_name) for r in second_runs) == sorted(
         (f"{cloud}-round-2{step}", f"{cloud}-pool")

@@ -31,29 +31,29 @@ def finished_run(tmp_path_factory, corpus_dir, tiny_model_dir):
 
 def test_rounds_committed_and_improving_lineage(finished_run):
     config, manifests = finished_run
-    assert [m["round"] for m in manifests] == [0, 1, 2]
-    assert all(m["accepted"] == ["aws", "gcp"] and not m["rejected"] for m in manifests[1:])
+    assert [m.round for m in manifests] == [0, 1, 2]
+    assert all(m.accepted == ["aws", "gcp"] and not m.rejected for m in manifests[1:])
     store = checkpoint_store(config)
     assert store.latest_round() == 2
-    assert store.manifest(2)["adapter_sha256"] == manifests[2]["adapter_sha256"]
-    assert {m["mlflow_run_id"] for m in manifests} == {manifests[0]["mlflow_run_id"]}
-    assert manifests[2]["eval_loss"] < manifests[0]["eval_loss"]  # training helped the held-out text
+    assert store.manifest(2).adapter_sha256 == manifests[2].adapter_sha256
+    assert {m.mlflow_run_id for m in manifests} == {manifests[0].mlflow_run_id}
+    assert manifests[2].eval_loss < manifests[0].eval_loss  # training helped the held-out text
 
 
 def test_mlflow_holds_metrics_params_and_artifacts(finished_run):
     config, manifests = finished_run
     client = MlflowClient(config.tracking_uri)
-    run = client.get_run(manifests[0]["mlflow_run_id"])
+    run = client.get_run(manifests[0].mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["training.local_steps"] == "3" and run.data.params["clouds.1.name"] == "gcp"
 
     def history(name):
         return {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
 
-    assert history("eval/perplexity") == pytest.approx({r: m["perplexity"] for r, m in enumerate(manifests)})
+    assert history("eval/perplexity") == pytest.approx({r: m.perplexity for r, m in enumerate(manifests)})
     for cloud in ("aws", "gcp"):
         assert set(history(f"client/{cloud}/train_loss")) == {1, 2}
-        assert history(f"client/{cloud}/bytes_uploaded")[2] == manifests[2]["clients"][cloud]["bytes_uploaded"] > 0
+        assert history(f"client/{cloud}/bytes_uploaded")[2] == manifests[2].clients[cloud].bytes_uploaded > 0
         assert history(f"client/{cloud}/num_examples")[1] > 0
     for stage in ("train_s", "encrypt_upload_s", "download_decrypt_s", "aggregate_s", "evaluate_s", "round_s", "partition_s"):
         assert history(f"time/{stage}")[2] >= 0, stage
@@ -69,12 +69,12 @@ def test_mlflow_holds_metrics_params_and_artifacts(finished_run):
 def test_final_adapter_loads_with_peft_and_reproduces_eval_loss(finished_run):
     config, manifests = finished_run
     folder = mlflow.artifacts.download_artifacts(
-        run_id=manifests[0]["mlflow_run_id"], artifact_path="adapter", tracking_uri=config.tracking_uri
+        run_id=manifests[0].mlflow_run_id, artifact_path="adapter", tracking_uri=config.tracking_uri
     )
     model = PeftModel.from_pretrained(load_base_model(config.model.source), folder)
     loss = evaluate_loss(model, load_data(config).evaluation, config.evaluation.batch_size)
-    assert loss == pytest.approx(manifests[-1]["eval_loss"], abs=1e-5)
-    assert math.exp(loss) < manifests[0]["perplexity"]
+    assert loss == pytest.approx(manifests[-1].eval_loss, abs=1e-5)
+    assert math.exp(loss) < manifests[0].perplexity
 
 
 def test_cloud_folders_hold_ciphertext_only(finished_run):
@@ -106,8 +106,8 @@ def test_failed_client_is_left_out_and_round_goes_on(tmp_path, corpus_dir, tiny_
     raw["clouds"][2]["storage"] = "file:///proc/fedlib-cannot-write-here"
     manifests = federated_training(str(write_config(tmp_path, raw)))
     last = manifests[-1]
-    assert last["accepted"] == ["aws", "gcp"]
-    assert last["rejected"]["azure"]["reason"] == "client_failed"
-    assert "proc" in last["rejected"]["azure"]["detail"]
+    assert last.accepted == ["aws", "gcp"]
+    assert last.rejected["azure"].reason == "client_failed"
+    assert "proc" in last.rejected["azure"].detail
     adapter = checkpoint_store(load_config(tmp_path / "federation.yaml")).adapter(1)
     assert all(torch.isfinite(t).all() for t in adapter.values())

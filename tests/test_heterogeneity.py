@@ -7,12 +7,21 @@ from __future__ import annotations
 import pytest
 
 from fedlib.config import ConfigError, parse_config
-from fedlib.heterogeneity import budget_stop, round_bytes, round_cost, sample_clients, step_budgets
+from fedlib.heterogeneity import budget_stop, round_cost, sample_clients, step_budgets
+from fedlib.manifest import ClientReport, Manifest
 from fedlib.privacy.accountant import epsilon_after, participation_after, privacy_spent
 from flows.federated_training import federated_training
 from tests.conftest import tiny_config_dict, write_config
 
 CLOUDS = ("aws", "gcp", "azure")
+
+
+def _report(client: str, train_s: float = 0.0, local_steps: int = 0, up: int = 0, down: int = 0) -> ClientReport:
+    return ClientReport(client, 1, 1, 0.0, up, "", train_s, 0.0, 0.0, local_steps, down)
+
+
+def _manifest(round_number: int = 1, clients=(), **fields) -> Manifest:
+    return Manifest("test", round_number, round_number, "", 0.0, 1.0, clients={r.client: r for r in clients}, **fields)
 
 
 def _config(tmp_path, corpus_dir, model_dir, **sections):
@@ -40,8 +49,8 @@ def test_sampling_is_reproducible_and_drives_the_accountant(tmp_path, corpus_dir
     # accounted at q = 1 over the rounds it took part in, and the worst client is reported.
     counts = participation_after({}, [c for d in draws[:5] for c in d])
     spent = privacy_spent(config.privacy, counts)
-    assert spent["epsilon"] == pytest.approx(epsilon_after(max(counts.values()), 1.0, 1.0, config.privacy.delta))
-    assert counts[spent["epsilon_client"]] == max(counts.values())
+    assert spent.epsilon == pytest.approx(epsilon_after(max(counts.values()), 1.0, 1.0, config.privacy.delta))
+    assert counts[spent.client] == max(counts.values())
     raw["federation"]["clients_per_round"] = 4
     with pytest.raises(ConfigError, match="clients_per_round=4 must be between"):
         parse_config(raw, "fed.yaml")
@@ -57,12 +66,12 @@ def test_step_budgets_follow_speed_deadline_and_capacity(tmp_path, corpus_dir, t
     assert step_budgets(config, list(CLOUDS), None) == {"aws": 30, "gcp": 60, "azure": 50}
     equal = parse_config({**raw, "training": {**raw["training"], "step_budget": "equal"}})
     assert step_budgets(equal, list(CLOUDS), None) == {"aws": 3, "gcp": 3, "azure": 3}
-    measured = {"clients": {"aws": {"train_s": 10.0, "local_steps": 10}, "gcp": {"train_s": 10.0, "local_steps": 20}}}
+    measured = _manifest(clients=[_report("aws", 10.0, 10), _report("gcp", 10.0, 20)])
     unset = parse_config({**raw, "training": {**raw["training"], "seconds_per_step": None}})
     assert step_budgets(unset, ["aws"], None) == {"aws": 3}  # nothing timed yet: local_steps
     assert step_budgets(unset, ["aws"], measured) == {"aws": 15}  # 1 s per step at speed 1
     # A cloud slower than its profile is held to its own timing; one that straggled gets half its steps.
-    slow = {"clients": {"gcp": {"train_s": 30.0, "local_steps": 10}}, "stragglers": ["azure"], "step_budgets": {"azure": 50, "gcp": 60}}
+    slow = _manifest(clients=[_report("gcp", 30.0, 10)], stragglers=["azure"], step_budgets={"azure": 50, "gcp": 60})
     assert step_budgets(config, list(CLOUDS), slow) == {"aws": 30, "gcp": 5, "azure": 25}
     raw["orchestration"] = {}
     with pytest.raises(ConfigError, match="step_budget=deadline needs orchestration.round_deadline_s"):
@@ -73,11 +82,11 @@ def test_cost_and_budgets_by_hand(tmp_path, corpus_dir, tiny_model_dir):
     profiles = {"aws": {"price_per_hour": 3.6, "egress_per_gb": 0.09}, "gcp": {"price_per_hour": 7.2}, "azure": {}}
     raw = _config(tmp_path, corpus_dir, tiny_model_dir, profiles=profiles, orchestration={"round_deadline_s": 100})
     config = parse_config(raw)
-    reports = {"aws": {"train_s": 100.0, "bytes_uploaded": 2_000_000_000, "bytes_downloaded": 0}}
+    reports = {"aws": _report("aws", train_s=100.0, up=2_000_000_000)}
     assert round_cost(config, reports, stragglers=["gcp"]) == pytest.approx({"aws": 0.1 + 0.18, "gcp": 0.2})
 
-    rounds = [{"round": 0}, {"round": 1, "clients": {"a": {"bytes_uploaded": 1_000, "bytes_downloaded": 1_500}}, "cost": {"a": 0.6}}]
-    assert round_bytes(rounds[1]) == 2_500
+    rounds = [_manifest(0), _manifest(1, [_report("a", up=1_000, down=1_500)], cost={"a": 0.6})]
+    assert rounds[1].bytes_crossing_clouds == 2_500
     within = parse_config({**raw, "budget": {"bytes": 5_000, "money": 1.2}})
     assert budget_stop(within, rounds) is None  # 2,500 + 2,500 and 0.6 + 0.6: exactly at both budgets
     assert budget_stop(parse_config({**raw, "budget": {"bytes": 4_999}}), rounds).startswith("byte budget: 2,500 bytes moved")
@@ -95,11 +104,11 @@ def test_a_straggler_is_left_out_and_counted(tmp_path, corpus_dir, tiny_model_di
                   orchestration={"round_deadline_s": 6})
     manifests = federated_training(str(write_config(tmp_path, raw)))
     last = manifests[-1]
-    assert last["stragglers"] == ["azure"]
-    assert last["rejected"]["azure"]["reason"] == "straggler"
-    assert sorted(last["accepted"]) == ["aws", "gcp"]
-    assert last["cost"]["azure"] == pytest.approx(6 / 3600)
-    assert all(last["cost"][c] > 0 for c in ("aws", "gcp"))
+    assert last.stragglers == ["azure"]
+    assert last.rejected["azure"].reason == "straggler"
+    assert sorted(last.accepted) == ["aws", "gcp"]
+    assert last.cost["azure"] == pytest.approx(6 / 3600)
+    assert all(last.cost[c] > 0 for c in ("aws", "gcp"))
 
 
 def test_partial_participation_and_a_byte_budget_in_a_federation(tmp_path, corpus_dir, tiny_model_dir):
@@ -109,9 +118,9 @@ def test_partial_participation_and_a_byte_budget_in_a_federation(tmp_path, corpu
     path = write_config(tmp_path, raw)
     manifests = federated_training(str(path))
     trained = manifests[1:]
-    assert all(len(m["sampled"]) == 2 and sorted(m["accepted"]) == sorted(m["sampled"]) for m in trained)
-    per_round = round_bytes(trained[0])
-    spent = sum(round_bytes(m) for m in trained)
+    assert all(len(m.sampled) == 2 and sorted(m.accepted) == sorted(m.sampled) for m in trained)
+    per_round = trained[0].bytes_crossing_clouds
+    spent = sum(m.bytes_crossing_clouds for m in trained)
     assert spent <= budget < spent + per_round  # stopped before the round that would pass it
     assert 1 <= len(trained) < 4
 
@@ -122,8 +131,8 @@ def test_clients_of_different_lora_ranks_under_exact_aggregation(tmp_path, corpu
     raw["aggregation"]["strategy"] = "lora_exact"
     raw["training"]["rounds"] = 2
     manifests = federated_training(str(write_config(tmp_path, raw)))
-    assert [sorted(m["accepted"]) for m in manifests[1:]] == [["aws", "gcp"], ["aws", "gcp"]]
-    assert manifests[-1]["perplexity"] < manifests[0]["perplexity"]
+    assert [sorted(m.accepted) for m in manifests[1:]] == [["aws", "gcp"], ["aws", "gcp"]]
+    assert manifests[-1].perplexity < manifests[0].perplexity
     raw["clouds"][0]["lora_rank"] = 8
     with pytest.raises(ConfigError, match=r"clouds\[aws\].lora_rank=8 exceeds lora.r=4"):
         parse_config(raw, "fed.yaml")

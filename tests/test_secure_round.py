@@ -55,12 +55,12 @@ def test_secure_round_equals_fedavg_and_uploads_look_uniform(tmp_path, corpus_di
     config, secure = _run(tmp_path, corpus_dir, tiny_model_dir, "secure", secure=True, drop=drop)
 
     survivors = [c for c in CLOUDS if c != drop]
-    assert sorted(secure["accepted"]) == sorted(plain["accepted"]) == survivors
-    info = secure["secure_aggregation"]
+    assert sorted(secure.accepted) == sorted(plain.accepted) == survivors
+    info = secure.secure_aggregation
     assert info["dropped_after_setup"] == ([drop] if drop else [])
     assert info["revealed_by"] == survivors
     if drop:
-        assert secure["rejected"][drop]["reason"] == "client_failed"
+        assert secure.rejected[drop].reason == "client_failed"
 
     # The same FedAvg as without masks: each client's fixed-point rounding is 2^-25 (24 fractional
     # bits), far inside this tolerance; training is the same on both sides.
@@ -93,7 +93,7 @@ def test_dp_under_secure_aggregation_is_the_uniform_mean_of_clipped_updates(tmp_
     privacy = {"enabled": True, "clip_norm": 0.05, "noise_multiplier": 0.0}
     central_config, central = _run(tmp_path, corpus_dir, tiny_model_dir, "central", False, None, privacy)
     config, secure = _run(tmp_path, corpus_dir, tiny_model_dir, "secure", True, None, privacy)
-    assert min(r["update_norm"] for r in secure["clients"].values()) > 0.05  # the clip binds
+    assert min(r.update_norm for r in secure.clients.values()) > 0.05  # the clip binds
     central_adapter, secure_adapter = checkpoint_store(central_config).adapter(1), checkpoint_store(config).adapter(1)
     for name in central_adapter:
         torch.testing.assert_close(secure_adapter[name], central_adapter[name], atol=1e-6, rtol=0)

@@ -49,7 +49,7 @@ def test_three_providers_match_a_local_run(tmp_path, corpus_dir, tiny_model_dir,
     emulated = _config(tmp_path / "emulated", corpus_dir, tiny_model_dir, cloud_clouds(emulators, "match"), checkpoints)
     local = _config(tmp_path / "local", corpus_dir, tiny_model_dir, None)
     manifests = federated_training(str(emulated))
-    assert [m["accepted"] for m in manifests[1:]] == [list(CLOUDS)] * 2
+    assert [m.accepted for m in manifests[1:]] == [list(CLOUDS)] * 2
     federated_training(str(local))
 
     config = load_config(emulated)
@@ -111,7 +111,7 @@ def test_s3_restart_during_a_round_is_retried(tmp_path, corpus_dir, tiny_model_d
         manifests = federated_training(str(path))
     finally:
         restarter.join()
-    assert manifests[-1]["accepted"] == list(CLOUDS)
+    assert manifests[-1].accepted == list(CLOUDS)
     assert _upload_attempts("upload-aws-round-1") > 1
     assert _upload_attempts("upload-gcp-round-1") == 1
 
@@ -127,7 +127,7 @@ def test_s3_outage_past_the_retries_is_a_clear_client_failure(tmp_path, corpus_d
     finally:
         emulators["s3"].start()
     last = manifests[-1]
-    assert last["accepted"] == ["gcp", "azure"]
-    assert last["rejected"]["aws"]["reason"] == "client_failed"
-    assert emulators["s3"].url in last["rejected"]["aws"]["detail"]  # names the endpoint it could not reach
+    assert last.accepted == ["gcp", "azure"]
+    assert last.rejected["aws"].reason == "client_failed"
+    assert emulators["s3"].url in last.rejected["aws"].detail  # names the endpoint it could not reach
     assert _upload_attempts("upload-aws-round-1") == 2

@@ -11,6 +11,7 @@ crediting q = 0.2 would have claimed 11.3.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 from opacus.accountants import RDPAccountant
 
@@ -33,15 +34,26 @@ def participation_after(previous: Mapping[str, int], sampled: Iterable[str]) -> 
     return counts
 
 
-def privacy_spent(privacy: PrivacyConfig, participation: Mapping[str, int]) -> dict[str, object]:
-    """What a round's manifest records: the worst client's ε (q = 1 over its rounds), which
-    client that is, and δ; nothing when DP is off."""
+@dataclass(frozen=True)
+class PrivacySpent:
+    """What a round's manifest records under DP: the worst client's ε at δ, which client that
+    is, and how many rounds each client has taken part in (the next round's accounting starts
+    from these)."""
+
+    epsilon: float
+    delta: float
+    client: str | None
+    participation: dict[str, int] = field(default_factory=dict)
+
+
+def privacy_spent(privacy: PrivacyConfig, participation: Mapping[str, int]) -> PrivacySpent | None:
+    """The worst client's ε (q = 1 over its rounds); None when DP is off."""
     if not privacy.enabled:
-        return {}
+        return None
     worst = max(sorted(participation), key=lambda c: participation[c], default=None)
     rounds = participation.get(worst, 0) if worst is not None else 0
     epsilon = epsilon_after(rounds, privacy.noise_multiplier, 1.0, privacy.delta)
-    return {"epsilon": epsilon, "delta": privacy.delta, "epsilon_client": worst, "participation": dict(participation)}
+    return PrivacySpent(epsilon, privacy.delta, worst, dict(participation))
 
 
 def over_budget(privacy: PrivacyConfig, participation: Mapping[str, int]) -> float | None:

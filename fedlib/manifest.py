@@ -1,0 +1,155 @@
+"""The round manifest: what a committed round was, in one typed schema.
+
+Every party reads it (the aggregator to resume and to plan the next round, the clients to find
+their parent adapter, MLflow, the registry and the Prefect artifacts to report), so it is one
+dataclass here, built by one function per kind of round (`base_manifest`, `round_manifest`),
+written and read as JSON through pydantic's validation (`to_json`, `manifest_from_json`), and
+signed by the checkpoint store, which alone fills in the digests and the lineage fields.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from fedlib.config import FederationConfig
+from fedlib.heterogeneity import round_cost
+from fedlib.privacy.accountant import PrivacySpent
+
+
+@dataclass(frozen=True)
+class ClientReport:
+    """What one client reports of its round (the aggregator records the accepted ones)."""
+
+    client: str
+    round: int
+    num_examples: int
+    train_loss: float
+    bytes_uploaded: int
+    object_url: str
+    train_s: float
+    encrypt_upload_s: float
+    update_norm: float  # L2 norm of the delta before any clipping: what DP's clip_norm is tuned against
+    local_steps: int = 0
+    bytes_downloaded: int = 0  # the global adapter this client read
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a sampled client's update is not in the round (a `fedlib.rejection.Reason` value)."""
+
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    federation: str
+    round: int
+    target_round: int  # the last round of the run that committed this one (resume finishes it)
+    mlflow_run_id: str
+    eval_loss: float
+    perplexity: float
+    # Filled in by the checkpoint store at commit: the lineage and what the manifest vouches for.
+    parent_adapter_sha256: str = ""
+    adapter_sha256: str = ""
+    adapter_bytes: int = 0
+    strategy_state_sha256: str | None = None
+    strategy_state_bytes: int | None = None
+    # Rounds after 0.
+    prefect_flow_run_id: str | None = None
+    strategy: str = "fedavg"
+    aggregation: dict[str, Any] = field(default_factory=dict)  # the aggregation section as run
+    codecs: list[str] = field(default_factory=list)
+    sampled: list[str] = field(default_factory=list)
+    step_budgets: dict[str, int] = field(default_factory=dict)
+    stragglers: list[str] = field(default_factory=list)
+    clients: dict[str, ClientReport] = field(default_factory=dict)  # accepted clients' reports
+    cost: dict[str, float] = field(default_factory=dict)
+    accepted: list[str] = field(default_factory=list)
+    rejected: dict[str, Rejection] = field(default_factory=dict)
+    privacy: PrivacySpent | None = None
+    secure_aggregation: dict[str, Any] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bytes_uploaded(self) -> int:
+        return sum(r.bytes_uploaded for r in self.clients.values())
+
+    @property
+    def bytes_crossing_clouds(self) -> int:
+        """Updates up and global adapters down: every byte that left a cloud in this round."""
+        return sum(r.bytes_uploaded + r.bytes_downloaded for r in self.clients.values())
+
+
+_SCHEMA = TypeAdapter(Manifest)
+
+
+def to_json(manifest: Manifest) -> dict[str, Any]:
+    return _SCHEMA.dump_python(manifest, mode="json")
+
+
+def manifest_from_json(data: Any) -> Manifest:
+    """The manifest a JSON value describes; `ValueError` naming the first wrong field if it
+    describes none (the caller has verified who signed it, not that it is well formed)."""
+    try:
+        return _SCHEMA.validate_python(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"not a manifest: {where}: {first['msg']}") from None
+
+
+def base_manifest(federation: str, target_round: int, mlflow_run_id: str, eval_loss: float, timings: Mapping[str, float]) -> Manifest:
+    """Round 0: the base model's score, before any client trained."""
+    return Manifest(federation, 0, target_round, mlflow_run_id, eval_loss, math.exp(eval_loss), timings=dict(timings))
+
+
+def round_manifest(
+    config: FederationConfig,
+    round_number: int,
+    previous: Manifest,
+    sampled: Sequence[str],
+    step_budgets: Mapping[str, int],
+    reports: Mapping[str, ClientReport],
+    accepted: Sequence[str],
+    rejected: Mapping[str, Rejection],
+    eval_loss: float,
+    timings: Mapping[str, float],
+    run_ids: tuple[str, str | None],
+    target_round: int,
+    privacy: PrivacySpent | None = None,
+    secure: Mapping[str, Any] | None = None,
+) -> Manifest:
+    """A trained round. `reports` are every client's that reported (accepted or not: a
+    rejected client's compute still cost money); `run_ids` are the MLflow run and the Prefect
+    flow run."""
+    stragglers = sorted(c for c, r in rejected.items() if r.reason == "straggler")
+    mlflow_run_id, flow_run_id = run_ids
+    return Manifest(
+        federation=config.federation.id,
+        round=round_number,
+        target_round=target_round,
+        mlflow_run_id=mlflow_run_id,
+        eval_loss=eval_loss,
+        perplexity=math.exp(eval_loss),
+        parent_adapter_sha256=previous.adapter_sha256,
+        prefect_flow_run_id=flow_run_id,
+        strategy=config.aggregation.strategy,
+        aggregation=config.aggregation.model_dump(mode="json"),
+        codecs=list(config.compression.codecs),
+        sampled=list(sampled),
+        step_budgets=dict(step_budgets),
+        stragglers=stragglers,
+        clients={c: r for c, r in reports.items() if c in accepted},
+        cost=round_cost(config, reports, stragglers),
+        accepted=list(accepted),
+        rejected=dict(rejected),
+        privacy=privacy,
+        secure_aggregation=dict(secure) if secure else None,
+        timings=dict(timings),
+    )
