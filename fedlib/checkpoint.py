@@ -1,8 +1,11 @@
 """Global adapters and round manifests: the federation's durable state.
 
-A round is committed when its manifest exists; the adapter is written first, so a crash between
-the two leaves an uncommitted round that the next run simply redoes. `round-0000` is the initial
-adapter drawn from the seed, with the base model's evaluation.
+A round is committed when its manifest exists; the adapter is written first (named by its
+digest), so a crash between the two leaves an uncommitted round that the next run simply redoes.
+The manifest and the aggregator's signature of it are one object, `round-NNNN/manifest.json`
+({"manifest": the JSON text, "signature": hex}), created only where there is none: two runs
+racing to commit the same round cannot both succeed. `round-0000` is the initial adapter drawn
+from the seed, with the base model's evaluation.
 
 Whoever holds the bucket can copy, delete or restore objects, so a signature alone proves only
 that the aggregator wrote a manifest *once*, not that it belongs here. Every read therefore checks
@@ -25,7 +28,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedlib import storage
-from fedlib.decode import parse_json
+from fedlib.decode import expect, parse_json
 from fedlib.manifest import Manifest, manifest_from_json, to_json
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.serialization import bytes_to_tensors, tensors_to_bytes
@@ -44,6 +47,10 @@ class ManifestSignatureError(ManifestRejected):
     """A manifest whose signature does not verify: someone other than the aggregator wrote it."""
 
 
+class RoundAlreadyCommitted(ManifestRejected):
+    """Another run committed this round first; its commit stands."""
+
+
 @dataclass(frozen=True)
 class CheckpointStore:
     root: str  # URL of this federation's checkpoint folder (any fsspec URL: file, s3, gs, az)
@@ -55,22 +62,25 @@ class CheckpointStore:
     def round_url(self, round_number: int) -> str:
         return storage.join(self.root, f"round-{round_number:04d}")
 
-    def adapter_url(self, round_number: int) -> str:
-        return storage.join(self.round_url(round_number), "adapter.safetensors")
+    def adapter_url(self, round_number: int, digest: str) -> str:
+        """Named by content, so a run that loses the race to commit a round (or one that crashed
+        before committing) never overwrites the adapter that the round's manifest names."""
+        return storage.join(self.round_url(round_number), f"adapter-{digest[:16]}.safetensors")
 
     def manifest_url(self, round_number: int) -> str:
         return storage.join(self.round_url(round_number), "manifest.json")
 
-    def signature_url(self, round_number: int) -> str:
-        return storage.join(self.round_url(round_number), "manifest.sig")
-
-    def strategy_state_url(self, round_number: int) -> str:
-        return storage.join(self.round_url(round_number), "strategy-state.safetensors")
+    def strategy_state_url(self, round_number: int, digest: str) -> str:
+        return storage.join(self.round_url(round_number), f"strategy-state-{digest[:16]}.safetensors")
 
     def commit(self, adapter: Tensors, manifest: Manifest, strategy_state: Tensors | None = None) -> Manifest:
         """Adapter (and the strategy's state, if it keeps any) first, manifest last; the
         manifest records their digests and sizes. It must name this federation, and (after
-        round 0) the digest of the committed adapter it was aggregated from."""
+        round 0) the digest of the committed adapter it was aggregated from.
+
+        The signed manifest is one object, created only if the round has none (a conditional
+        create on every store): of two runs committing the same round, one wins and the other
+        gets `RoundAlreadyCommitted`, so no round is ever committed twice."""
         round_number = manifest.round
         if manifest.federation != self.federation:
             raise ManifestRejected(f"a manifest of federation {manifest.federation!r} committed to {self.federation!r}")
@@ -78,16 +88,19 @@ class CheckpointStore:
         if round_number > 0 and parent != self.manifest(round_number - 1).adapter_sha256:
             raise ManifestRejected(f"round {round_number} was not aggregated from round {round_number - 1}'s committed adapter")
         data = tensors_to_bytes(adapter, metadata={"round": str(round_number)})
-        storage.write_atomic(self.adapter_url(round_number), data, self.options)
-        manifest = replace(manifest, parent_adapter_sha256=parent, adapter_sha256=hashlib.sha256(data).hexdigest(), adapter_bytes=len(data))
+        digest = hashlib.sha256(data).hexdigest()
+        storage.write_atomic(self.adapter_url(round_number, digest), data, self.options)
+        manifest = replace(manifest, parent_adapter_sha256=parent, adapter_sha256=digest, adapter_bytes=len(data))
         if strategy_state:
             state = tensors_to_bytes(strategy_state, metadata={"round": str(round_number)})
-            storage.write_atomic(self.strategy_state_url(round_number), state, self.options)
-            manifest = replace(manifest, strategy_state_sha256=hashlib.sha256(state).hexdigest(), strategy_state_bytes=len(state))
-        body = json.dumps(to_json(manifest), indent=2).encode()
-        if self.signer is not None:  # the signature first: the manifest is the commit point
-            storage.write_atomic(self.signature_url(round_number), self.signer.sign(body), self.options)
-        storage.write_atomic(self.manifest_url(round_number), body, self.options)
+            state_digest = hashlib.sha256(state).hexdigest()
+            storage.write_atomic(self.strategy_state_url(round_number, state_digest), state, self.options)
+            manifest = replace(manifest, strategy_state_sha256=state_digest, strategy_state_bytes=len(state))
+        body = json.dumps(to_json(manifest), indent=2)
+        signature = self.signer.sign(body.encode()).hex() if self.signer is not None else ""
+        record = json.dumps({"manifest": body, "signature": signature}, indent=2).encode()
+        if not storage.write_exclusive(self.manifest_url(round_number), record, self.options):
+            raise RoundAlreadyCommitted(f"{self.manifest_url(round_number)}: round {round_number} is already committed")
         return manifest
 
     def _listed_rounds(self) -> list[int]:
@@ -132,25 +145,25 @@ class CheckpointStore:
     def manifest(self, round_number: int) -> Manifest:
         """The signed manifest of `round_number`, refused unless it names this federation and
         this round (a signature says who wrote it, not where it belongs)."""
+        url = self.manifest_url(round_number)
         try:
-            body = storage.read_limited(self.manifest_url(round_number), _MAX_MANIFEST, self.options)
+            record = expect(parse_json(storage.read_limited(url, _MAX_MANIFEST, self.options), "manifest", _MAX_MANIFEST, 1), dict, "manifest")
+            body, signature = expect(record.get("manifest"), str, "manifest body"), expect(record.get("signature"), str, "signature")
         except UpdateRejected as err:
             if err.reason is Reason.MISSING:
-                raise FileNotFoundError(self.manifest_url(round_number)) from None
-            raise ManifestRejected(f"{self.manifest_url(round_number)}: {err.detail}") from None
+                raise FileNotFoundError(url) from None
+            raise ManifestRejected(f"{url}: {err.detail}") from None
         if self.verifier is not None:
             try:
-                self.verifier.verify(storage.read_limited(self.signature_url(round_number), 1024, self.options), body)
-            except (InvalidSignature, UpdateRejected):
-                raise ManifestSignatureError(
-                    f"{self.manifest_url(round_number)}: signature missing or not the aggregator's"
-                ) from None
+                self.verifier.verify(bytes.fromhex(signature), body.encode())
+            except (InvalidSignature, ValueError):
+                raise ManifestSignatureError(f"{url}: signature missing or not the aggregator's") from None
         try:
             manifest = manifest_from_json(parse_json(body, "manifest", _MAX_MANIFEST, max_depth=8, constants=True))
         except UpdateRejected as err:
-            raise ManifestRejected(f"{self.manifest_url(round_number)}: {err.detail}") from None
+            raise ManifestRejected(f"{url}: {err.detail}") from None
         except ValueError as err:
-            raise ManifestRejected(f"{self.manifest_url(round_number)}: {err}") from None
+            raise ManifestRejected(f"{url}: {err}") from None
         if manifest.federation != self.federation or manifest.round != round_number:
             raise ManifestRejected(
                 f"{self.manifest_url(round_number)}: signed for federation {manifest.federation!r} round "
@@ -179,7 +192,8 @@ class CheckpointStore:
     def adapter_download(self, round_number: int) -> tuple[Tensors, int]:
         """The adapter and how many bytes were read for it (what a client downloads)."""
         manifest = self.manifest(round_number)
-        data = self._verified(self.adapter_url(round_number), manifest.adapter_sha256, manifest.adapter_bytes)
+        url = self.adapter_url(round_number, manifest.adapter_sha256)
+        data = self._verified(url, manifest.adapter_sha256, manifest.adapter_bytes)
         return bytes_to_tensors(data), len(data)
 
     def strategy_state(self, round_number: int) -> Tensors:
@@ -187,7 +201,7 @@ class CheckpointStore:
         manifest = self.manifest(round_number)
         if manifest.strategy_state_sha256 is None:
             return {}
-        url = self.strategy_state_url(round_number)
+        url = self.strategy_state_url(round_number, manifest.strategy_state_sha256)
         return bytes_to_tensors(self._verified(url, manifest.strategy_state_sha256, manifest.strategy_state_bytes))
 
 

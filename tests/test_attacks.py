@@ -233,9 +233,9 @@ def test_3_a_round_that_does_not_follow_its_parent_ends_the_lineage(fed):
     with pytest.raises(ManifestRejected, match="not aggregated from round 1"):  # the aggregator refuses to commit it
         store.commit(fed.adapter, Manifest("test", 2, 2, "run", 0.8, 2.2, parent_adapter_sha256="0" * 64))
     # Round 0's manifest re-signed in round 2's slot by a confused aggregator is refused by the chain walk.
-    body = json.dumps({**to_json(store.manifest(0)), "round": 2, "parent_adapter_sha256": "f" * 64}, indent=2).encode()
-    storage.write_atomic(store.signature_url(2), fed.ring.signing_private.sign(body))
-    storage.write_atomic(store.manifest_url(2), body)
+    body = json.dumps({**to_json(store.manifest(0)), "round": 2, "parent_adapter_sha256": "f" * 64}, indent=2)
+    signature = fed.ring.signing_private.sign(body.encode()).hex()
+    storage.write_atomic(store.manifest_url(2), json.dumps({"manifest": body, "signature": signature}).encode())
     assert store.manifest(2).round == 2  # verifies on its own...
     assert store.latest_round() == 1  # ...but does not link to round 1's adapter
 

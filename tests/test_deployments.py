@@ -188,7 +188,7 @@ def test_each_client_runs_on_its_own_pool_and_schedules_continue(prefect_server,
     assert all(r.state.is_completed() for r in second_runs)
 
 
-def test_federation_deployment_carries_a_schedule(prefect_server):
+def test_federation_deployment_carries_a_schedule_and_runs_one_at_a_time(prefect_server):
     async def read(client):
         return await client.read_deployment_by_name("federated-training/federation")
 
@@ -196,3 +196,5 @@ def test_federation_deployment_carries_a_schedule(prefect_server):
     assert deployment.work_pool_name == "federation-pool"
     assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
     assert deployment.parameters["dispatch"] == "deployments"
+    assert deployment.global_concurrency_limit.limit == 1
+    assert deployment.concurrency_options.collision_strategy == "ENQUEUE"

@@ -88,12 +88,13 @@ def test_manifests_are_signed_and_checked(tmp_path):
     assert torch.equal(reader.adapter(1)["w"], torch.ones(2))
 
     path = tmp_path / "ckpt" / "round-0001" / "manifest.json"
-    forged = json.loads(path.read_text())
+    record = json.loads(path.read_text())
+    forged = json.loads(record["manifest"])
     forged["eval_loss"] = 0.1
-    path.write_text(json.dumps(forged, indent=2))
+    path.write_text(json.dumps({**record, "manifest": json.dumps(forged, indent=2)}))
     with pytest.raises(ManifestSignatureError, match="round-0001/manifest.json: signature"):
         reader.manifest(1)
-    (tmp_path / "ckpt" / "round-0001" / "manifest.sig").unlink()
+    path.write_text(json.dumps({**record, "signature": ""}))
     with pytest.raises(ManifestSignatureError):
         reader.manifest(1)
 

@@ -58,3 +58,36 @@ def test_killed_federation_resumes_from_last_committed_round(tmp_path, corpus_di
     write_config(tmp_path, raw)
     again = federated_training(str(path))  # a finished lineage is extended by `rounds` more
     assert [m.round for m in again] == [0, 1, 2, 3, 4]
+
+
+def test_two_runs_racing_to_commit_a_round_cannot_both_win(tmp_path, corpus_dir, tiny_model_dir):
+    """A scheduled run and a manual one that both trained round 1: the signed manifest is created
+    only where there is none, so exactly one commit stands and the other is told so."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pytest
+    import torch
+
+    from fedlib.checkpoint import RoundAlreadyCommitted
+    from fedlib.manifest import Manifest
+
+    config = load_config(write_config(tmp_path, tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir)))
+    store = checkpoint_store(config, keyring(config, create=True))
+    base = store.commit({"w": torch.zeros(4)}, Manifest("test", 0, 1, "run", 2.0, 7.4))
+
+    def commit(i: int):
+        adapter = {"w": torch.full((4,), float(i + 1))}
+        try:
+            return store.commit(adapter, Manifest("test", 1, 1, f"run-{i}", 1.0, 2.7, parent_adapter_sha256=base.adapter_sha256))
+        except RoundAlreadyCommitted:
+            return None
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(commit, range(8)))
+    winners = [m for m in results if m is not None]
+    assert len(winners) == 1
+    assert store.manifest(1) == winners[0]  # what the winner committed, signature and digests intact
+    assert torch.equal(store.adapter(1)["w"], torch.full((4,), float(int(winners[0].mlflow_run_id[4:]) + 1)))
+    assert store.latest_round() == 1
+    with pytest.raises(RoundAlreadyCommitted, match="round 1 is already committed"):
+        store.commit({"w": torch.ones(4)}, Manifest("test", 1, 1, "late", 1.0, 2.7, parent_adapter_sha256=base.adapter_sha256))

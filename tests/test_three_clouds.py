@@ -61,7 +61,10 @@ def test_three_providers_match_a_local_run(tmp_path, corpus_dir, tiny_model_dir,
     assert scan_ciphertext_only(config, options) == 6
 
     stored = storage.list_prefix(config.checkpoint_url, config.federation.checkpoint_options)
-    assert {f"checkpoints-match/federations/test/round-000{r}/{name}" for r in range(3) for name in ("adapter.safetensors", "manifest.json", "manifest.sig")} <= set(stored)
+    store = checkpoint_store(config)
+    for r in range(3):
+        digest = store.manifest(r).adapter_sha256
+        assert {f"checkpoints-match/federations/test/round-000{r}/{name}" for name in ("manifest.json", f"adapter-{digest[:16]}.safetensors")} <= set(stored)
     assert not (config.data_path / "checkpoints").exists()
     emulated_adapter = checkpoint_store(config).adapter(2)
     local_adapter = checkpoint_store(load_config(local)).adapter(2)
