@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -180,7 +181,7 @@ class CheckpointStore:
 
     def adapter(self, round_number: int) -> Tensors:
         """A committed global adapter, checked against its manifest's digest."""
-        return self.adapter_download(round_number)[0]
+        return self.adapter_of(self.manifest(round_number))[0]
 
     def _verified(self, url: str, digest: str, size: int) -> bytes:
         """An object the manifest names by digest and size: never more than that size is read."""
@@ -189,19 +190,19 @@ class CheckpointStore:
             raise ManifestRejected(f"{url}: digest does not match its manifest")
         return data
 
-    def adapter_download(self, round_number: int) -> tuple[Tensors, int]:
-        """The adapter and how many bytes were read for it (what a client downloads)."""
-        manifest = self.manifest(round_number)
-        url = self.adapter_url(round_number, manifest.adapter_sha256)
+    def adapter_of(self, manifest: Manifest) -> tuple[Tensors, int]:
+        """The adapter a verified manifest names, and how many bytes were read for it (what a
+        client downloads). Taking the manifest, not the round, spares its callers a second read
+        and verification of it."""
+        url = self.adapter_url(manifest.round, manifest.adapter_sha256)
         data = self._verified(url, manifest.adapter_sha256, manifest.adapter_bytes)
         return bytes_to_tensors(data), len(data)
 
-    def strategy_state(self, round_number: int) -> Tensors:
-        """The server optimiser's state after `round_number` (empty for stateless strategies)."""
-        manifest = self.manifest(round_number)
-        if manifest.strategy_state_sha256 is None:
+    def strategy_state_of(self, manifest: Manifest) -> Tensors:
+        """The server optimiser's state the manifest names (empty for stateless strategies)."""
+        if manifest.strategy_state_sha256 is None or manifest.strategy_state_bytes is None:
             return {}
-        url = self.strategy_state_url(round_number, manifest.strategy_state_sha256)
+        url = self.strategy_state_url(manifest.round, manifest.strategy_state_sha256)
         return bytes_to_tensors(self._verified(url, manifest.strategy_state_sha256, manifest.strategy_state_bytes))
 
 
@@ -212,10 +213,10 @@ class RoundPlan:
     resumed: bool
 
 
-def plan_rounds(store: CheckpointStore, rounds: int) -> RoundPlan:
-    """A run trains `rounds` rounds after the latest commit, unless an earlier run stopped short
-    of its own target: then this run finishes that one, so no round is lost or counted twice."""
-    chain = store.manifests()
+def plan_rounds(chain: Sequence[Manifest], rounds: int) -> RoundPlan:
+    """A run trains `rounds` rounds after the latest commit of the lineage `chain`
+    (`CheckpointStore.manifests`), unless an earlier run stopped short of its own target: then
+    this run finishes that one, so no round is lost or counted twice."""
     if not chain:
         return RoundPlan(first=1, last=rounds, resumed=False)
     latest = chain[-1].round

@@ -106,11 +106,6 @@ def read_limited(url: str, max_bytes: int, options: Options | None = None) -> by
     return data
 
 
-def read_bytes(url: str, options: Options | None = None) -> bytes:
-    fs, path = filesystem(url, options)
-    return fs.cat_file(path)
-
-
 def exists(url: str, options: Options | None = None) -> bool:
     fs, path = filesystem(url, options)
     fs.invalidate_cache(posixpath.dirname(path))

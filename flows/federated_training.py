@@ -54,8 +54,8 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
         torch.set_num_threads(config.training.torch_threads)
     keyring(config, create=True)  # made once here, so concurrent clients never race to make keys
     store = checkpoint_store(config)
-    plan = plan_rounds(store, config.training.rounds)
-    latest = store.latest_round()
+    manifests = store.manifests()  # the verified lineage, walked once
+    plan = plan_rounds(manifests, config.training.rounds)
     logger.info("%s: rounds %d..%d%s", config_path or "<config>", plan.first, plan.last, " (resuming)" if plan.resumed else "")
     progress.info("plan: rounds %d..%d", plan.first, plan.last)
 
@@ -64,9 +64,8 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
     partition_data(config)
     partition_s = time.perf_counter() - started
 
-    run_id = open_tracking(config, store.manifest(latest).mlflow_run_id if latest is not None else None)
-    manifests = store.manifests()
-    if latest is None:
+    run_id = open_tracking(config, manifests[-1].mlflow_run_id if manifests else None)
+    if not manifests:
         eval_started = time.perf_counter()
         base_loss = evaluate_global(config, 0, None)
         timings = {"partition_s": partition_s, "evaluate_s": time.perf_counter() - eval_started}
@@ -77,7 +76,7 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
 
     registered = registered_rounds(config)
     for missed in [m for m in manifests[1:] if m.round not in registered]:
-        register_round(config, run_id, missed, store.adapter(missed.round))  # a crash came between commit and registry
+        register_round(config, run_id, missed, store.adapter_of(missed)[0])  # a crash came between commit and registry
 
     status = "FAILED"
     try:
@@ -93,9 +92,9 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
                 break
             manifests.append(federated_round(config, round_number, run_id, plan.last, config_path))
             track_round(config, run_id, round_number, manifests)
-            register_round(config, run_id, manifests[-1], store.adapter(round_number))
-        final = store.latest_round()
-        track_final_adapter(config, run_id, store.adapter(final), final)
+            register_round(config, run_id, manifests[-1], store.adapter_of(manifests[-1])[0])
+        final = manifests[-1]
+        track_final_adapter(config, run_id, store.adapter_of(final)[0], final.round)
         publish_summary(config, run_id, manifests)
         status = "FINISHED"
     finally:

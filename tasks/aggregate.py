@@ -32,9 +32,10 @@ def aggregate_round(
     """The next adapter, the report, and the strategy's state for the next round."""
     ring = keyring(config)
     store = checkpoint_store(config, ring)
-    global_adapter = store.adapter(round_number - 1)
-    parent = store.manifest(round_number - 1).adapter_sha256
-    strategy = build_strategy(config, round_number, store.strategy_state(round_number - 1))
+    previous = store.manifest(round_number - 1)
+    global_adapter, _ = store.adapter_of(previous)
+    parent = previous.adapter_sha256
+    strategy = build_strategy(config, round_number, store.strategy_state_of(previous))
     options = storage_options(config, clients)
     keys = {client: aggregator_update_key(ring, client) for client in clients}
     adapter, report = aggregate_updates(

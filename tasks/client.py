@@ -37,8 +37,9 @@ def train_client(
     the weight scale), the update is masked."""
     ring = keyring(config)
     store = checkpoint_store(config, ring)
-    global_adapter, downloaded = store.adapter_download(round_number - 1)  # signature, federation and round checked
-    parent = store.manifest(round_number - 1).adapter_sha256
+    previous = store.manifest(round_number - 1)  # signature, federation and round checked
+    global_adapter, downloaded = store.adapter_of(previous)
+    parent = previous.adapter_sha256
     shard = load_data(config).train.select(blocks)
     masking = None
     if secure:

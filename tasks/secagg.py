@@ -52,8 +52,9 @@ def sum_masked_round(
 ) -> tuple[MaskedSum, AggregationReport]:
     ring = keyring(config)
     store = checkpoint_store(config, ring)
-    global_adapter = store.adapter(round_number - 1)
-    parent = store.manifest(round_number - 1).adapter_sha256
+    previous = store.manifest(round_number - 1)
+    global_adapter, _ = store.adapter_of(previous)
+    parent = previous.adapter_sha256
     keys = {client: aggregator_update_key(ring, client) for client in clients}
     options = storage_options(config, clients)
     masked, report = sum_masked_updates(
@@ -79,8 +80,9 @@ def unmask_round(
     """The next adapter and the strategy's state for the next round."""
     ring = keyring(config)
     store = checkpoint_store(config, ring)
-    global_adapter = store.adapter(round_number - 1)
-    strategy = build_strategy(config, round_number, store.strategy_state(round_number - 1), secure_sum=True)
+    previous = store.manifest(round_number - 1)
+    global_adapter, _ = store.adapter_of(previous)
+    strategy = build_strategy(config, round_number, store.strategy_state_of(previous), secure_sum=True)
     keys = {client: aggregator_update_key(ring, client) for client in reveals}
     session = secagg_session(config, round_number, session_id)
     adapter = finish_secure_round(config, global_adapter, masked, session, mask_publics, survivors, dropped, reveals, keys, strategy)

@@ -40,7 +40,7 @@ def test_killed_federation_resumes_from_last_committed_round(tmp_path, corpus_di
         process.wait()
     assert store.latest_round() == 1, "round 2 committed before the kill; make rounds slower"
     assert store.manifest(1).target_round == 3
-    assert plan_rounds(store, rounds=3).first == 2  # the unfinished run is finished, not extended
+    assert plan_rounds(store.manifests(), rounds=3).first == 2  # the unfinished run is finished, not extended
 
     manifests = federated_training(str(path))
     assert [m.round for m in manifests] == [0, 1, 2, 3]
