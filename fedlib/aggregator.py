@@ -18,6 +18,7 @@ from fedlib.config import FederationConfig
 from fedlib.decode import bounded_int, load_tensors
 from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed
 from fedlib.federation import Tensors, progress, update_url
+from fedlib.manifest import ClientReport, SaidByClient
 from fedlib.rejection import QuorumNotMet, Reason, UpdateRejected
 from fedlib.storage import Options
 from fedlib.privacy.dp import DifferentialPrivacy, noise_generator
@@ -63,9 +64,10 @@ def open_client_update(
     expected: Expected,
     chain: CodecChain = CodecChain(),
     max_bytes: int = 1 << 30,
-) -> ClientUpdate:
-    """Authenticate, decrypt, decompress, decode and check one update; any failure is an
-    `UpdateRejected`. Declared sizes are checked against `template` before tensors are built."""
+) -> tuple[ClientUpdate, dict[str, str]]:
+    """Authenticate, decrypt, decompress, decode and check one update (and return its
+    authenticated metadata); any failure is an `UpdateRejected`. Declared sizes are checked
+    against `template` before tensors are built."""
     payload = chain.decompress(open_sealed(blob, key, ctx), max_bytes)
     bound = SizeBound.of(template)
     tensors, meta = load_tensors(payload, "update", bound.why_not)
@@ -73,13 +75,14 @@ def open_client_update(
     num_examples, local_steps = expected.counts(meta)
     tensors = chain.decode(tensors, meta.get("codecs"), template)
     check_update(tensors, template)
-    return ClientUpdate(client=ctx.client, num_examples=num_examples, delta=tensors, local_steps=local_steps)
+    return ClientUpdate(client=ctx.client, num_examples=num_examples, delta=tensors, local_steps=local_steps), meta
 
 
 @dataclass
 class AggregationReport:
     accepted: list[str] = field(default_factory=list)
     rejected: dict[str, dict[str, str]] = field(default_factory=dict)  # client -> {reason, detail}
+    reports: dict[str, ClientReport] = field(default_factory=dict)  # accepted clients, from their sealed updates
     download_decrypt_s: float = 0.0
     aggregate_s: float = 0.0
 
@@ -116,7 +119,8 @@ def read_updates(
     keys: Mapping[str, UpdateKey],
     storage_options: Mapping[str, Options] | None,
     report: AggregationReport,
-    opener: Callable[[bytes, UpdateKey, EnvelopeContext], T],
+    opener: Callable[[bytes, UpdateKey, EnvelopeContext], tuple[T, dict[str, str]]],
+    expected: Mapping[str, Expected],
     late: Sequence[str] = (),
     parent: str = "",
     session: str = "",
@@ -125,7 +129,8 @@ def read_updates(
     recorded in `report` with its reason and skipped, as are the clients that failed and those
     `late` past the round deadline (whose objects may land later and are never read). Every
     object must have been sealed for this round, trained from `parent` (the global adapter's
-    digest) and, under secure aggregation, in this `session`."""
+    digest) and, under secure aggregation, in this `session`. The client's report comes out of
+    its update's authenticated metadata into `report.reports`."""
     for client, why in failed.items():
         report.reject(client, Reason.CLIENT_FAILED, why)
     for client in late:
@@ -139,7 +144,10 @@ def read_updates(
             options = (storage_options or {}).get(client)
             blob = storage.read_limited(url, config.aggregation.max_update_bytes, options)
             ctx = EnvelopeContext(config.federation.id, round_number, client, session, parent)
-            opened = opener(blob, keys[client], ctx)
+            opened, meta = opener(blob, keys[client], ctx)
+            examples, steps = expected[client].counts(meta)
+            said = SaidByClient.from_json(meta.get("report"))
+            report.reports[client] = said.report(client, round_number, examples, steps, url, len(blob))
             del blob  # one client's bytes in memory at a time
         except UpdateRejected as err:
             report.reject(client, err.reason, err.detail)
@@ -184,10 +192,10 @@ def aggregate_updates(
     chain, max_bytes = config.compression.chain, config.aggregation.max_update_bytes
     limits = expected or expected_of(config, {}, {c: config.training.local_steps for c in clients})
 
-    def opener(blob: bytes, key: UpdateKey, ctx: EnvelopeContext) -> ClientUpdate:
+    def opener(blob: bytes, key: UpdateKey, ctx: EnvelopeContext) -> tuple[ClientUpdate, dict[str, str]]:
         return open_client_update(blob, key, ctx, global_adapter, limits[ctx.client], chain, max_bytes)
 
-    updates = read_updates(config, round_number, clients, failed, keys, storage_options, report, opener, late, parent)
+    updates = read_updates(config, round_number, clients, failed, keys, storage_options, report, opener, limits, late, parent)
     started = time.perf_counter()
     strategy = strategy or build_strategy(config, round_number)
     try:

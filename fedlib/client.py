@@ -18,13 +18,14 @@ from fedlib.envelope import EnvelopeContext, UpdateKey, seal
 from fedlib.federation import Tensors, load_global_model, progress, update_url
 from fedlib.heterogeneity import emulated_pacing
 from fedlib.lora_ranks import pad_adapter, truncate_adapter
-from fedlib.manifest import ClientReport
+from fedlib.manifest import ClientReport, SaidByClient
 from fedlib.model import adapter_state
 from fedlib.privacy.dp import clip_update_inplace, update_norm
 from fedlib.secagg.client import SecureRound, masked_update
 from fedlib.serialization import tensors_to_bytes
 from fedlib.storage import Options
-from fedlib.training import LocalTraining, train_lora
+from fedlib.shards import ClientData
+from fedlib.training import LocalTraining, evaluate_loss, train_lora
 
 
 def client_seed(config: FederationConfig, client: str, round_number: int) -> int:
@@ -43,19 +44,37 @@ class SealedUpdate:
     residual_blob: bytes | None = None
 
 
+@dataclass(frozen=True)
+class Validation:
+    """The client's score of the global adapter it received, on its own validation split."""
+
+    loss: float
+    tokens: int
+
+
 def train_delta(
-    config: FederationConfig, client: str, round_number: int, global_adapter: Tensors, shard: torch.Tensor, steps: int
-) -> tuple[Tensors, LocalTraining]:
+    config: FederationConfig,
+    client: str,
+    round_number: int,
+    global_adapter: Tensors,
+    shard: torch.Tensor,
+    steps: int,
+    validation: torch.Tensor | None = None,
+) -> tuple[Tensors, LocalTraining, Validation | None]:
     """Local training from the global adapter (cut to this cloud's LoRA rank); returns trained,
-    padded back to the global rank, minus global."""
+    padded back to the global rank, minus global, and the received adapter's validation score."""
     rank = config.cloud(client).lora_rank or config.lora.r
     model = load_global_model(config, truncate_adapter(global_adapter, config.lora.r, rank), rank)
+    scored = None
+    if validation is not None and len(validation):
+        loss = evaluate_loss(model, validation, config.evaluation.batch_size)
+        scored = Validation(loss, int(validation.shape[0] * (validation.shape[1] - 1)))
     t = config.training
     generator = torch.Generator().manual_seed(client_seed(config, client, round_number))
     slowdown, min_step_s = emulated_pacing(config, client)
     result = train_lora(model, shard, steps, t.batch_size, t.learning_rate, generator, config.proximal_mu, slowdown, min_step_s)
     local = pad_adapter(adapter_state(model), global_adapter, config.lora.r, rank)
-    return {name: local[name] - global_adapter[name] for name in global_adapter}, result
+    return {name: local[name] - global_adapter[name] for name in global_adapter}, result, scored
 
 
 def train_and_seal(
@@ -63,24 +82,28 @@ def train_and_seal(
     client: str,
     round_number: int,
     global_adapter: Tensors,
-    shard: torch.Tensor,
+    data: ClientData,
     key: UpdateKey,
     secure: SecureRound | None = None,
     residuals: CarriedResidual | None = None,
     local_steps: int | None = None,
     parent: str = "",
+    downloaded: int = 0,
 ) -> SealedUpdate:
     """Train, then seal the delta for the aggregator: masked (with `secure`), or through the
     configured codecs, with the residual of the client's last accepted round added back when
     `residuals` is given.
 
-    The example and step counts travel inside the authenticated payload so a storage provider
-    cannot re-weight a client; the envelope binds the round, the secure session and `parent`,
-    the digest of the global adapter this update was trained from."""
+    The example and step counts, and the client's report (loss, timings, norm, its score of the
+    received adapter), travel inside the authenticated payload: a storage provider cannot
+    re-weight a client, and the aggregator needs no channel but the client's bucket. The envelope
+    binds the round, the secure session and `parent`, the digest of the global adapter this
+    update was trained from."""
     started = time.perf_counter()
     t = config.training
     steps = local_steps or t.local_steps
-    delta, result = train_delta(config, client, round_number, global_adapter, shard, steps)
+    shard = data.train
+    delta, result, scored = train_delta(config, client, round_number, global_adapter, shard, steps, data.validation)
     norm = update_norm(delta)
     chain = config.compression.chain
     if residuals is not None and chain.lossy:
@@ -90,7 +113,7 @@ def train_and_seal(
     if config.privacy.enabled:  # the unclipped update never leaves the client
         clip_update_inplace(delta, config.privacy.clip_norm)
     trained = time.perf_counter()
-    metadata = {"num_examples": str(len(shard)), "local_steps": str(steps), "train_loss": repr(result.mean_loss)}
+    metadata = {"num_examples": str(len(shard)), "local_steps": str(steps)}
     residual_blob = None
     if secure is not None:
         tensors, weight = masked_update(config, client, delta, len(shard), steps, secure)
@@ -100,22 +123,21 @@ def train_and_seal(
         if residuals is not None and chain.lossy:
             decoded = chain.decode(tensors, metadata["codecs"], delta)
             residual_blob = residuals.store.sealed(round_number, {n: delta[n] - decoded[n] for n in delta})
+    said = SaidByClient(
+        train_loss=result.mean_loss,
+        train_s=trained - started,
+        encode_s=time.perf_counter() - trained,
+        update_norm=norm,
+        bytes_downloaded=downloaded,
+        validation_loss=scored.loss if scored else None,
+        validation_tokens=scored.tokens if scored else 0,
+    )
+    metadata["report"] = said.to_json()
     payload = chain.compress(tensors_to_bytes(tensors, metadata=metadata))
     session = secure.session.id if secure is not None else ""
     blob = seal(payload, key, EnvelopeContext(config.federation.id, round_number, client, session, parent))
     progress.info("client %s round %d trained: loss %.4f", client, round_number, result.mean_loss)
-    report = ClientReport(
-        client=client,
-        round=round_number,
-        num_examples=len(shard),
-        train_loss=result.mean_loss,
-        bytes_uploaded=len(blob),
-        object_url=update_url(config, client, round_number),
-        train_s=trained - started,
-        encrypt_upload_s=time.perf_counter() - trained,
-        update_norm=norm,
-        local_steps=steps,
-    )
+    report = said.report(client, round_number, len(shard), steps, update_url(config, client, round_number), len(blob))
     return SealedUpdate(report=report, blob=blob, residual_blob=residual_blob)
 
 
@@ -141,4 +163,5 @@ def train_client_update(
     parent: str = "",
 ) -> ClientReport:
     """Both client stages in one call, for callers without an orchestrator."""
-    return upload_sealed(train_and_seal(config, client, round_number, global_adapter, shard, key, parent=parent), options)
+    data = ClientData(shard, shard[:0], "<given>")
+    return upload_sealed(train_and_seal(config, client, round_number, global_adapter, data, key, parent=parent), options)

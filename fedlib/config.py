@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from fedlib.codecs import CodecChain
-from fedlib.redaction import loggable, secrets_in
+from fedlib.redaction import REDACTED, loggable, secrets_in
 from fedlib.strategies import make_strategy
 
 NOISE_SEED_ENV = "FEDLIB_ALLOW_NOISE_SEED"
@@ -79,10 +79,16 @@ class PartitionConfig(_Strict):
 
 
 class EvaluationConfig(_Strict):
-    """Held-out documents: never trained on by any client, scored after every round."""
+    """The aggregator's held-out set, scored after every round: `data` (fsspec URLs it owns) or,
+    without it, the corpus's `documents`, which no client trains on. Each client also scores the
+    global adapter it receives on its own validation split (`clouds[].validation`, or in the
+    simulated mode up to `client_blocks` held-out blocks the aggregator does not use), and
+    reports loss and token count in its sealed update."""
 
     documents: tuple[str, ...] = ("macbeth",)
+    data: tuple[str, ...] = ()
     max_blocks: int = Field(16, ge=1)
+    client_blocks: int = Field(8, ge=0)
     batch_size: int = Field(8, ge=1)
 
 
@@ -152,7 +158,8 @@ class CloudProfile(_Strict):
 
 
 class CloudConfig(_Strict):
-    """One client: its data and GPUs live in one cloud, and it writes only to that cloud's bucket."""
+    """One client: its data and GPUs live in one cloud, and it writes only to that cloud's bucket.
+    `key_source` overrides `keyring.key_source` for this client's machine."""
 
     name: str
     provider: Literal["aws", "gcp", "azure", "local"] = "local"
@@ -162,6 +169,9 @@ class CloudConfig(_Strict):
     work_pool: str | None = None
     profile: CloudProfile = CloudProfile()
     lora_rank: int | None = Field(None, ge=1)  # a smaller LoRA rank for this cloud's clients (see fedlib.lora_ranks)
+    key_source: str | None = None
+    data: tuple[str, ...] = ()  # this client's own training files (fsspec URLs or globs); only it opens them
+    validation: tuple[str, ...] = ()  # and its own validation files, scored on each global adapter it receives
 
 
     @field_validator("name")
@@ -170,6 +180,53 @@ class CloudConfig(_Strict):
         if not _NAME.match(value):
             raise ValueError("must be lowercase letters, digits, '-' or '_' (it names storage keys)")
         return value
+
+
+class AggregatorKeys(_Strict):
+    exchange: str
+    signing: str
+
+
+class KeyringConfig(_Strict):
+    """Each party's public keys (base64, as `fedlib keys init --party NAME` prints them). Each
+    machine holds only its own private key, found through `key_source`: `file:PATH` (`~` is that
+    machine's user), `env:VAR`, or `secret:BLOCK` (a Prefect Secret block); `{party}` in it is the
+    party's name. Without a `keyring` section one machine plays every party and keeps every key in
+    `data_dir/keys` (the embedded default)."""
+
+    aggregator: AggregatorKeys
+    clients: dict[str, str]
+    key_source: str = "file:~/.fedlib/keys/{party}.pem"
+
+    @model_validator(mode="after")
+    def _decodable(self) -> KeyringConfig:
+        self.publics  # noqa: B018 - raises ValueError naming the key
+        return self
+
+    @field_validator("key_source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        return _key_source(value)
+
+    @property
+    def publics(self):
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+        from fedlib.keys import PublicKeys, parse_public
+
+        return PublicKeys(
+            parse_public(self.aggregator.exchange, X25519PublicKey, "keyring.aggregator.exchange"),
+            parse_public(self.aggregator.signing, Ed25519PublicKey, "keyring.aggregator.signing"),
+            {c: parse_public(v, X25519PublicKey, f"keyring.clients.{c}") for c, v in self.clients.items()},
+        )
+
+
+def _key_source(value: str) -> str:
+    scheme, _, name = value.partition(":")
+    if scheme not in ("file", "env", "secret") or not name:
+        raise ValueError(f"{value!r}: expected file:PATH, env:VAR or secret:BLOCK")
+    return value
 
 
 class PrivacyConfig(_Strict):
@@ -255,6 +312,7 @@ class OrchestrationConfig(_Strict):
     dispatch: Literal["local", "deployments"] = "local"
     client_deployment: str = "client-training/{cloud}"
     client_timeout_s: float = Field(3600, gt=0)
+    cancel_grace_s: float = Field(30, gt=0)  # how long a cancelled client run's worker has to confirm
     upload_retries: int = Field(5, ge=0)
     round_deadline_s: float | None = Field(None, gt=0)  # clients not done by then are left out as stragglers
 
@@ -321,6 +379,7 @@ class FederationConfig(_Strict):
     compression: CompressionConfig = CompressionConfig()
     budget: BudgetConfig = BudgetConfig()
     split: SplitConfig = SplitConfig()
+    keyring: KeyringConfig | None = None
     clouds: tuple[CloudConfig, ...] = Field(min_length=1)
 
     @model_validator(mode="before")
@@ -349,7 +408,17 @@ class FederationConfig(_Strict):
                 f"aggregation.min_clients={self.aggregation.min_clients} exceeds the "
                 f"{len(self.clouds)} configured clouds"
             )
+        with_data = [c.name for c in self.clouds if c.data]
+        if with_data and len(with_data) != len(names):
+            raise ValueError(
+                f"clouds[].data: set for {with_data} only; either every client names its own data, or none does "
+                "(the simulated mode, where the corpus is partitioned and each shard sent to its client)"
+            )
+        if self.keyring is not None and set(self.keyring.clients) != set(names):
+            raise ValueError(f"keyring.clients: lists {sorted(self.keyring.clients)}, the clouds are {sorted(names)}")
         for cloud in self.clouds:
+            if cloud.key_source is not None:
+                _key_source(cloud.key_source)
             if cloud.lora_rank is not None and cloud.lora_rank > self.lora.r:
                 raise ValueError(f"clouds[{cloud.name}].lora_rank={cloud.lora_rank} exceeds lora.r={self.lora.r}, the global rank")
         per_round = self.federation.clients_per_round
@@ -408,6 +477,11 @@ class FederationConfig(_Strict):
     def secagg_min_survivors(self) -> int:
         """The fewest clients a secure round can complete with: its masks need `threshold` reveals."""
         return max(self.aggregation.min_clients, self.secagg_threshold)
+
+    @property
+    def simulated(self) -> bool:
+        """One corpus partitioned by the aggregator (no client names its own data)."""
+        return not self.clouds[0].data
 
     @property
     def data_path(self) -> Path:
@@ -474,14 +548,42 @@ def parse_config(raw: object, source: str = "<config>") -> FederationConfig:
 
 
 def load_config(path: str | Path) -> FederationConfig:
-    """Read and validate a YAML config; every error message starts with the file's path."""
+    """Read and validate a YAML config, from a file or an fsspec URL (read with this machine's
+    own credentials); every error message starts with where it came from."""
+    if isinstance(path, str) and "://" in path:
+        import fsspec
+
+        try:
+            with fsspec.open(path, "rt", encoding="utf-8") as handle:
+                text = handle.read(1 << 20)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{path}: cannot read configuration ({err})") from None
+        return _parse_yaml(text, path)
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as err:
         raise ConfigError(f"{path}: cannot read configuration ({err.strerror})") from None
+    return _parse_yaml(text, str(path))
+
+
+def config_from(value: FederationConfig | dict | str | Path, source: str = "<parameter>") -> FederationConfig:
+    """A deployment's `config` parameter: the validated config as data (what the federation
+    passes its clients), or the path or fsspec URL of a YAML file. The test-only noise seed
+    arrives redacted (`fedlib.redaction`) and is dropped: it never travels."""
+    if isinstance(value, FederationConfig):
+        return value
+    if isinstance(value, dict):
+        privacy = value.get("privacy")
+        if isinstance(privacy, dict) and privacy.get("noise_seed") == REDACTED:
+            value = {**value, "privacy": {k: v for k, v in privacy.items() if k != "noise_seed"}}
+        return parse_config(value, source)
+    return load_config(value)
+
+
+def _parse_yaml(text: str, path: str) -> FederationConfig:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return parse_config(raw, str(path))
+    return parse_config(raw, path)

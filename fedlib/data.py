@@ -59,13 +59,14 @@ def shakespeare_documents() -> list[Document]:
     ]
 
 
-def url_documents(urls: tuple[str, ...]) -> list[Document]:
-    """A user's own text through fsspec: `.txt`/`.md` is one document, `.jsonl` one per line."""
+def url_documents(urls: tuple[str, ...], options: dict | None = None) -> list[Document]:
+    """A user's own text through fsspec (with `options`, e.g. a cloud's credentials): `.txt`/`.md`
+    is one document, `.jsonl` one per line."""
     docs: list[Document] = []
     for url in urls:
-        files = fsspec.open_files(url, mode="rt", encoding="utf-8")
+        files = fsspec.open_files(url, mode="rt", encoding="utf-8", **(options or {}))
         if not files:
-            raise FileNotFoundError(f"data.urls: {url!r} matched no file")
+            raise FileNotFoundError(f"{url!r} matched no file")
         for of in files:
             path = PurePosixPath(of.path)
             with of as handle:

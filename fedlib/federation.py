@@ -17,7 +17,8 @@ from fedlib.client_state import ResidualStore, RevealLedger
 from fedlib.config import FederationConfig
 from fedlib.data import BlockSet, cached_blocks, shakespeare_documents, tokenize_blocks, url_documents
 from fedlib.envelope import UpdateKey
-from fedlib.keys import KeyRing, fingerprint, init_keys, load_keyring
+from fedlib.keys import AGGREGATOR, KeyRing, fingerprint, init_keys, load_keyring, party_keyring, read_key_source
+from fedlib.outbox import Outbox
 from fedlib.model import adapter_state, attach_lora, load_adapter_state, load_base_model, load_tokenizer
 from fedlib.partition import Assignment, partition
 from fedlib.secagg.protocol import Session
@@ -29,8 +30,20 @@ progress = logging.getLogger("fedlib.progress")  # the CLI turns these records i
 
 @dataclass(frozen=True)
 class FederationData:
+    """The simulated mode's corpus, as the aggregator holds it before distributing it."""
+
     train: BlockSet
-    evaluation: torch.Tensor  # [n, seq_len] held-out blocks
+    held_out: torch.Tensor  # [n, seq_len]: every block of the held-out documents
+    max_blocks: int  # the first this many are the aggregator's evaluation set
+
+    @property
+    def evaluation(self) -> torch.Tensor:
+        return self.held_out[: self.max_blocks]
+
+    def validation(self, index: int, clients: int, count: int) -> torch.Tensor:
+        """Client `index`'s validation split: held-out blocks the aggregator does not score,
+        dealt round-robin, at most `count`."""
+        return self.held_out[self.max_blocks + index :: clients][:count]
 
 
 def key_folder(config: FederationConfig) -> Path:
@@ -38,13 +51,22 @@ def key_folder(config: FederationConfig) -> Path:
     return config.data_path / "keys"
 
 
-def keyring(config: FederationConfig, create: bool = False) -> KeyRing:
-    """Every party's keys. `create` makes the missing ones: the embedded default, where one
-    machine plays every party; real deployments run `fedlib keys init` per party instead."""
-    names = [c.name for c in config.clouds]
-    if create:
-        init_keys(key_folder(config), names)
-    return load_keyring(key_folder(config), names)
+def keyring(config: FederationConfig, party: str | None = None, create: bool = False, read_secret=None) -> KeyRing:
+    """The keys this process may hold. With a `keyring` section (each party on its own machine):
+    every public key from the config, and `party`'s own private key from its key source (none
+    for `party=None`, which can seal for the aggregator and verify manifests only). Without one,
+    the embedded default: every party's keys in `data_dir/keys`, made by `create`."""
+    if config.keyring is None:
+        names = [c.name for c in config.clouds]
+        if create:
+            init_keys(key_folder(config), names)
+        return load_keyring(key_folder(config), names)
+    if party is None:
+        return party_keyring(config.keyring.publics, None, None)
+    source = config.keyring.key_source
+    if party != AGGREGATOR:
+        source = config.cloud(party).key_source or source
+    return party_keyring(config.keyring.publics, party, read_key_source(source, party, read_secret))
 
 
 def client_update_key(ring: KeyRing, client: str) -> UpdateKey:
@@ -87,9 +109,18 @@ def reveal_ledger(config: FederationConfig, ring: KeyRing, client: str, options:
     return RevealLedger(root, key, config.federation.id, client, options)
 
 
+def round_folder(config: FederationConfig, client: str, round_number: int) -> str:
+    """What `client` writes in round `round_number`, in its own bucket."""
+    return storage.join(config.storage_url(config.cloud(client)), config.federation.id, f"round-{round_number:04d}")
+
+
 def update_url(config: FederationConfig, client: str, round_number: int) -> str:
-    cloud = config.cloud(client)
-    return storage.join(config.storage_url(cloud), config.federation.id, f"round-{round_number:04d}", f"{client}.update")
+    return storage.join(round_folder(config, client, round_number), f"{client}.update")
+
+
+def outbox(config: FederationConfig, client: str, round_number: int, key: UpdateKey, options: storage.Options | None) -> Outbox:
+    """The client's messages to the aggregator this round; `key` is either side's update key."""
+    return Outbox(round_folder(config, client, round_number), config.federation.id, round_number, client, key, options)
 
 
 def load_data(config: FederationConfig) -> FederationData:
@@ -114,10 +145,22 @@ def load_data(config: FederationConfig) -> FederationData:
         document_ids=blocks.document_ids,
         document_groups=blocks.document_groups,
     )
-    evaluation = blocks.tokens[is_eval][: config.evaluation.max_blocks]
-    if len(evaluation) == 0:
+    held_out = blocks.tokens[is_eval]
+    if len(held_out) == 0:
         raise ValueError("evaluation.documents: the held-out documents yield no block")
-    return FederationData(train=train, evaluation=evaluation)
+    return FederationData(train=train, held_out=held_out, max_blocks=config.evaluation.max_blocks)
+
+
+def evaluation_blocks(config: FederationConfig) -> torch.Tensor:
+    """The aggregator's held-out set: its own `evaluation.data`, or the corpus's held-out documents."""
+    urls = config.evaluation.data
+    if not urls:
+        return load_data(config).evaluation
+    key = f"{config.model.source}|evaluation|{urls}|{config.data.seq_len}"
+    blocks = cached_blocks(
+        config.data_path / "cache", key, lambda: tokenize_blocks(url_documents(urls), load_tokenizer(config.model.source), config.data.seq_len)
+    )
+    return blocks.tokens[: config.evaluation.max_blocks]
 
 
 def partition_clients(config: FederationConfig, data: FederationData) -> dict[str, list[int]]:

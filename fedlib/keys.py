@@ -13,6 +13,8 @@ is there.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import os
 import uuid
@@ -134,9 +136,7 @@ def init_keys(folder: Path, clients: Iterable[str]) -> list[Path]:
 
 
 def _load_private(path: Path):
-    mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise PermissionError(f"{path}: private key is readable by others (mode {mode:o}); chmod 600 it")
+    _refuse_shared(path)
     return serialization.load_pem_private_key(path.read_bytes(), password=None)
 
 
@@ -168,4 +168,133 @@ def load_keyring(folder: Path, clients: Iterable[str]) -> KeyRing:
         aggregator_private=aggregator_private,
         signing_private=signing_private,
         client_private={c: private for c, (_, private) in pairs.items() if private is not None},
+    )
+
+
+# ---- One party, one machine: public halves travel in the config, the private half stays home. ----
+
+KEY_SOURCES = ("file", "env", "secret")
+
+
+@dataclass(frozen=True)
+class PublicKeys:
+    """Every party's public key, as the federation's config lists them (base64 of the raw 32
+    bytes): what each machine needs to seal for, verify, and check who it talks to."""
+
+    aggregator_exchange: X25519PublicKey
+    aggregator_signing: Ed25519PublicKey
+    clients: dict[str, X25519PublicKey]
+
+
+def public_text(key: X25519PublicKey | Ed25519PublicKey) -> str:
+    """The form a public key takes in the config."""
+    return base64.b64encode(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)).decode()
+
+
+def parse_public(text: str, kind: type[X25519PublicKey] | type[Ed25519PublicKey], what: str):
+    """A config's public key back into a key; anything but 32 base64 bytes is refused by name."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise ValueError(f"{what}: not base64") from None
+    if len(raw) != 32:
+        raise ValueError(f"{what}: {len(raw)} bytes, a public key has 32")
+    return kind.from_public_bytes(raw)
+
+
+def new_party_keys(party: str) -> list[X25519PrivateKey | Ed25519PrivateKey]:
+    """The aggregator exchanges (X25519) and signs (Ed25519); a client only exchanges."""
+    return [X25519PrivateKey.generate(), Ed25519PrivateKey.generate()] if party == AGGREGATOR else [X25519PrivateKey.generate()]
+
+
+def party_pem(keys: Iterable[X25519PrivateKey | Ed25519PrivateKey]) -> bytes:
+    """One text holding a party's private keys, one PEM block each: what its file, environment
+    variable or Secret block holds."""
+    return b"".join(_pem(k) for k in keys)
+
+
+def write_party_key(path: Path, party: str) -> list[X25519PrivateKey | Ed25519PrivateKey]:
+    """Make `party`'s keys in `path` (0600); an existing file is never replaced."""
+    if path.exists():
+        raise FileExistsError(f"{path}: exists; a party's key is made once (delete it to start a new federation)")
+    keys = new_party_keys(party)
+    _write_private(path, party_pem(keys))
+    return keys
+
+
+def parse_party_pem(text: bytes, party: str) -> tuple[X25519PrivateKey, Ed25519PrivateKey | None]:
+    """(exchange key, signing key or None) from a party's PEM text."""
+    marker = b"-----BEGIN"
+    blocks = [marker + part for part in text.split(marker)[1:]]
+    exchange = signing = None
+    for block in blocks[:4]:
+        try:
+            key = serialization.load_pem_private_key(block.strip() + b"\n", password=None)
+        except (ValueError, TypeError):
+            raise ValueError(f"{party}'s private key: a PEM block does not parse") from None
+        if isinstance(key, X25519PrivateKey):
+            exchange = key
+        elif isinstance(key, Ed25519PrivateKey):
+            signing = key
+    if exchange is None:
+        raise ValueError(f"{party}'s private key: no X25519 key in it")
+    if party == AGGREGATOR and signing is None:
+        raise ValueError("aggregator's private key: no Ed25519 signing key in it")
+    return exchange, signing
+
+
+def read_key_source(source: str, party: str, read_secret=None) -> bytes:
+    """`file:PATH` (0600, `~` is this machine's user's home), `env:VAR`, or `secret:BLOCK` (a
+    Prefect Secret block, read through `read_secret`, which the Prefect side passes in).
+    `{party}` in the source is the party's name."""
+    scheme, _, name = source.partition(":")
+    name = name.replace("{party}", party)
+    if scheme == "file":
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"{party}'s private key: {path} does not exist on this machine; run `fedlib keys init --party {party}`")
+        _refuse_shared(path)
+        return path.read_bytes()
+    if scheme == "env":
+        value = os.environ.get(name)
+        if not value:
+            raise KeyError(f"{party}'s private key: environment variable {name} is not set")
+        return value.encode()
+    if scheme == "secret":
+        if read_secret is None:
+            raise ValueError(f"{party}'s private key: Secret block {name!r} can only be read from a Prefect task")
+        return str(read_secret(name)).encode()
+    raise ValueError(f"key source {source!r}: expected file:PATH, env:VAR or secret:BLOCK")
+
+
+def _refuse_shared(path: Path) -> None:
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise PermissionError(f"{path}: private key is readable by others (mode {mode:o}); chmod 600 it")
+
+
+def party_keyring(publics: PublicKeys, party: str | None, private_pem: bytes | None) -> KeyRing:
+    """The ring one party's process holds: every public key from the config, and its own private
+    key, which must match the public key the config lists for it (a wrong key is named)."""
+    exchange = signing = None
+    if party is not None and private_pem is not None:
+        exchange, signing = parse_party_pem(private_pem, party)
+        listed = publics.aggregator_exchange if party == AGGREGATOR else publics.clients.get(party)
+        if listed is None:
+            raise KeyError(f"no public key for party {party!r} in keyring.clients")
+        if fingerprint(exchange.public_key()) != fingerprint(listed):
+            raise ValueError(
+                f"{party}'s private key (fingerprint {fingerprint(exchange.public_key())}) does not match the public key "
+                f"keyring lists for it ({fingerprint(listed)})"
+            )
+        if signing is not None and fingerprint(signing.public_key()) != fingerprint(publics.aggregator_signing):
+            raise ValueError("aggregator's signing key does not match keyring.aggregator.signing")
+    is_aggregator = party == AGGREGATOR
+    return KeyRing(
+        aggregator_public=publics.aggregator_exchange,
+        signing_public=publics.aggregator_signing,
+        client_public=dict(publics.clients),
+        aggregator_private=exchange if is_aggregator else None,
+        signing_private=signing if is_aggregator else None,
+        client_private={party: exchange} if exchange is not None and not is_aggregator else {},
     )

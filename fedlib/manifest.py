@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
 from fedlib.config import FederationConfig
+from fedlib.decode import expect, malformed, parse_json
 from fedlib.heterogeneity import round_cost
 from fedlib.privacy.accountant import PrivacySpent
 
@@ -36,6 +38,70 @@ class ClientReport:
     update_norm: float  # L2 norm of the delta before any clipping: what DP's clip_norm is tuned against
     local_steps: int = 0
     bytes_downloaded: int = 0  # the global adapter this client read
+    validation_loss: float | None = None  # the client's score of the adapter it received, on its own split
+    validation_tokens: int = 0
+
+
+_SAID_FLOATS = ("train_loss", "train_s", "encode_s", "update_norm")
+
+
+@dataclass(frozen=True)
+class SaidByClient:
+    """The part of a client's report only the client knows, sealed inside its update (the
+    aggregator adds what it sees: the counts it checked, the object and its size). `encode_s`
+    is the time from trained to sealed; the upload itself is timed by nobody the aggregator can
+    trust, so it is not reported."""
+
+    train_loss: float
+    train_s: float
+    encode_s: float
+    update_norm: float
+    bytes_downloaded: int = 0
+    validation_loss: float | None = None
+    validation_tokens: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | None) -> SaidByClient:
+        """The decode boundary for a report: every field a finite, bounded number."""
+        data = expect(parse_json(text or "", "client report", 4096, max_depth=1), dict, "client report")
+        if set(data) != {f.name for f in fields(cls)}:
+            raise malformed("client report", f"fields {sorted(data)[:10]}")
+
+        def number(name: str, integer: bool = False, optional: bool = False):
+            value = data[name]
+            if value is None and optional:
+                return None
+            kinds = int if integer else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not (0 <= value < 1e15):
+                raise malformed("client report", f"{name} is not a number in [0, 1e15)")
+            return value if integer else float(value)
+
+        return cls(
+            *(number(name) for name in _SAID_FLOATS),
+            bytes_downloaded=number("bytes_downloaded", integer=True),
+            validation_loss=number("validation_loss", optional=True),
+            validation_tokens=number("validation_tokens", integer=True),
+        )
+
+    def report(self, client: str, round_number: int, examples: int, steps: int, url: str, size: int) -> ClientReport:
+        return ClientReport(
+            client=client,
+            round=round_number,
+            num_examples=examples,
+            train_loss=self.train_loss,
+            bytes_uploaded=size,
+            object_url=url,
+            train_s=self.train_s,
+            encrypt_upload_s=self.encode_s,
+            update_norm=self.update_norm,
+            local_steps=steps,
+            bytes_downloaded=self.bytes_downloaded,
+            validation_loss=self.validation_loss,
+            validation_tokens=self.validation_tokens,
+        )
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ def write_atomic(url: str, data: bytes | bytearray, options: Options | None = No
         fs.makedirs(parent, exist_ok=True)
         tmp = f"{path}.{uuid.uuid4().hex}.tmp"
         fs.pipe_file(tmp, data)
-        fs.mv(tmp, path)
+        os.replace(tmp, path)  # not fs.mv, which moves *into* a folder standing at `path`
     else:
         _ensure_bucket(fs, path)
         fs.pipe_file(path, bytes(data))  # adlfs refuses a bytearray; one copy before a network upload
@@ -101,6 +101,8 @@ def read_limited(url: str, max_bytes: int, options: Options | None = None) -> by
         data = fs.cat_file(path, start=0, end=max_bytes + 1)
     except FileNotFoundError:
         raise UpdateRejected(Reason.MISSING, f"no object at {url}") from None
+    except (IsADirectoryError, NotADirectoryError):
+        raise UpdateRejected(Reason.MISSING, f"{url} is not an object") from None
     if len(data) > max_bytes:
         raise UpdateRejected(Reason.TOO_LARGE, f"{url} holds more than {max_bytes} bytes")
     return data

@@ -65,6 +65,7 @@ def train_lora(
 
 
 @torch.no_grad()
+@torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int) -> float:
     """Mean next-token loss over all blocks; every block has the same length, so batch means
     weighted by batch size give the token mean. Perplexity is exp of this."""

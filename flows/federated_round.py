@@ -14,7 +14,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from fedlib.aggregator import AggregationReport, Expected, expected_of
-from fedlib.manifest import ClientReport, Manifest, Rejection, round_manifest
+from fedlib.manifest import Manifest, Rejection, round_manifest
 from fedlib.config import FederationConfig
 from fedlib.federation import Tensors, checkpoint_store, progress
 from fedlib.heterogeneity import sample_clients, step_budgets
@@ -26,12 +26,12 @@ from flows.client_steps import ClientSteps
 from tasks.aggregate import aggregate_round, commit_round, evaluate_global
 from tasks.artifacts import publish_round_table
 from tasks.data import partition_data
-from tasks.secagg import sum_masked_round, unmask_round
+from tasks.secagg import parse_setups, read_client_messages, sum_masked_round, unmask_round
 
 
 def secure_round(
     steps: ClientSteps, clients: list[str], expected: dict[str, Expected]
-) -> tuple[Tensors, Tensors, AggregationReport, dict[str, ClientReport], dict[str, Any]]:
+) -> tuple[Tensors, Tensors, AggregationReport, dict[str, Any]]:
     """setup → train and mask → masked sum → reveal → unmask. A client that fails its setup is
     left out of everyone's masks; one that fails after it is unmasked from the survivors' reveals.
     A fresh session per attempt: an upload left from an earlier attempt is refused by name."""
@@ -39,13 +39,16 @@ def secure_round(
     session_id = secrets.token_hex(8)
     started = time.perf_counter()
     setup = steps.run("setup", clients, lambda _: SetupRequest(session_id))
-    setups, failed = setup.results, {**setup.failed, **{c: "secagg setup not done in time" for c in setup.late}}
+    bodies, unread = read_client_messages(config, round_number, "setup", session_id, setup.done)
+    setups, unparsed = parse_setups(bodies)
+    failed = {**setup.failed, **{c: "secagg setup not done in time" for c in setup.late}, **unread, **unparsed}
     if len(setups) < config.secagg_min_survivors:
         raise QuorumNotMet(f"round {round_number}: {len(setups)} clients completed the secure-aggregation setup, "
                            f"{config.secagg_min_survivors} needed ({failed})")
     inboxes = relay_setups(setups)
     # Every participant's weight over their sum: the unmasked sum is the mean if nobody drops.
-    scale = float(len(setups) if config.privacy.enabled else sum(len(steps.assignment[c]) for c in setups))
+    # Where the aggregator knows no shard size (each client's own data), the cap stands in.
+    scale = float(len(setups) if config.privacy.enabled else sum(expected[c].max_examples for c in setups))
     setup_s = time.perf_counter() - started
     training = steps.run(
         "train",
@@ -53,7 +56,6 @@ def secure_round(
         lambda c: TrainRequest(session_id, inboxes[c], scale),
         config.orchestration.round_deadline_s,
     )
-    reports = training.results
     trained = time.perf_counter()
     all_failed = {**failed, **training.failed}
     masked, report = sum_masked_round(config, round_number, clients, all_failed, training.late, scale, session_id, expected)
@@ -61,7 +63,8 @@ def secure_round(
     dropped = [c for c in sorted(setups) if c not in survivors]
     reveal_started = time.perf_counter()
     revealed = steps.run("reveal", survivors, lambda c: RevealRequest(session_id, inboxes[c], tuple(survivors), tuple(dropped)))
-    reveals = revealed.results
+    bodies, unread = read_client_messages(config, round_number, "reveal", session_id, revealed.done)
+    reveals = {c: body.decode("ascii", "replace") for c, body in bodies.items()}
     publics = {c: s.mask_public for c, s in setups.items()}
     adapter, state = unmask_round(config, round_number, session_id, masked, publics, survivors, dropped, reveals)
     info = {
@@ -70,14 +73,14 @@ def secure_round(
         "setup_failed": sorted(failed),
         "dropped_after_setup": dropped,
         "revealed_by": sorted(reveals),
-        "reveal_failed": {**revealed.failed, **{c: "not done" for c in revealed.late}},
+        "reveal_failed": {**revealed.failed, **{c: "not done" for c in revealed.late}, **unread},
         "timings": {
             "secagg_setup_s": setup_s,
             "clients_wall_s": trained - started - setup_s,
             "secagg_reveal_unmask_s": time.perf_counter() - reveal_started,
         },
     }
-    return adapter, state, report, reports, info
+    return adapter, state, report, info
 
 
 @flow(name="federated-round", flow_run_name="round-{round_number}", task_runner=ThreadPoolTaskRunner(max_workers=8))
@@ -86,29 +89,28 @@ def federated_round(
     round_number: int,
     run_id: str,
     target_round: int,
-    config_path: str | None = None,
 ) -> Manifest:
     """Returns the committed manifest. A client that fails after its retries is left out (and
     recorded); the round fails only if fewer than `aggregation.min_clients` updates survive."""
     started = time.perf_counter()
     progress.info("round %d started", round_number)
-    assignment = partition_data(config)  # cached: computed once per lineage, read back after
+    assignment = partition_data(config) if config.simulated else {}  # cached: once per lineage
     partitioned = time.perf_counter()
     store = checkpoint_store(config)
     previous = store.manifest(round_number - 1)
     clients = sample_clients(config, round_number)
     budgets = step_budgets(config, clients, previous)
-    steps = ClientSteps(config, config_path, round_number, assignment, budgets)
+    steps = ClientSteps(config, round_number, budgets)
     expected = expected_of(config, {c: len(assignment[c]) for c in clients}, budgets)
     secure: dict[str, Any] = {}
     if config.secure_aggregation.enabled:
-        adapter, state, report, reports, secure = secure_round(steps, clients, expected)
+        adapter, state, report, secure = secure_round(steps, clients, expected)
         client_timings = secure.pop("timings")
     else:
         training = steps.run("train", clients, deadline_s=config.orchestration.round_deadline_s)
-        reports = training.results
         client_timings = {"clients_wall_s": time.perf_counter() - partitioned}
         adapter, report, state = aggregate_round(config, round_number, clients, training.failed, training.late, expected)
+    reports = report.reports
     eval_started = time.perf_counter()
     eval_loss = evaluate_global(config, round_number, adapter)
     evaluated = time.perf_counter()

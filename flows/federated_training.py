@@ -8,60 +8,63 @@ so any process can pick it up.
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from fedlib.checkpoint import plan_rounds
-from fedlib.config import ConfigError, FederationConfig, load_config
+from fedlib.config import ConfigError, FederationConfig, config_from
 from fedlib.federation import checkpoint_store, keyring, progress
 from fedlib.heterogeneity import budget_stop
 from fedlib.manifest import Manifest, base_manifest
 from fedlib.privacy.accountant import over_budget
+from fedlib.keys import AGGREGATOR
 from flows.federated_round import federated_round
 from tasks.aggregate import commit_round, evaluate_global, make_initial_adapter
 from tasks.artifacts import publish_summary
-from tasks.data import partition_data, prepare_data
+from tasks.credentials import party_keys
+from tasks.data import distribute_data, partition_data
 from tasks.registry import register_round, registered_rounds
 from tasks.tracking import finish_tracking, open_tracking, track_final_adapter, track_round
 
 
 def _run_name() -> str:
-    """`federation-<id>`, the name people look for in the Prefect UI (the path if unreadable)."""
-    path = flow_run.parameters.get("config_path", "")
+    """`federation-<id>`, the name people look for in the Prefect UI."""
     try:
-        return f"federation-{load_config(path).federation.id}"
+        return f"federation-{config_from(flow_run.parameters.get('config', '')).federation.id}"
     except ConfigError:
-        return str(path)
+        return "federation"
 
 
 @flow(name="federated-training", flow_run_name=_run_name, log_prints=True)
-def federated_training(config_path: str, dispatch: Literal["local", "deployments"] | None = None) -> list[Manifest]:
-    """Validates the config at the boundary, then runs the planned rounds; returns every
-    committed manifest of the lineage (round 0 first). `dispatch` overrides the config's
-    `orchestration.dispatch`, so one config runs locally or on the clouds' work pools."""
-    config = load_config(config_path)
+def federated_training(config: dict[str, Any] | str, dispatch: Literal["local", "deployments"] | None = None) -> list[Manifest]:
+    """`config` is the federation's config as data (a mapping, validated here) or the path or
+    fsspec URL of its YAML file. Runs the planned rounds; returns every committed manifest of the
+    lineage (round 0 first). `dispatch` overrides the config's `orchestration.dispatch`, so one
+    config runs locally or on the clouds' work pools."""
+    settings = config_from(config)
     if dispatch is not None:
-        config = config.model_copy(update={"orchestration": config.orchestration.model_copy(update={"dispatch": dispatch})})
-    return run_federation(config, config_path)
+        settings = settings.model_copy(update={"orchestration": settings.orchestration.model_copy(update={"dispatch": dispatch})})
+    return run_federation(settings, config if isinstance(config, str) else None)
 
 
 def run_federation(config: FederationConfig, config_path: str | None = None) -> list[Manifest]:
     logger = get_run_logger()
     if config.training.torch_threads:
         torch.set_num_threads(config.training.torch_threads)
-    keyring(config, create=True)  # made once here, so concurrent clients never race to make keys
-    store = checkpoint_store(config)
+    if config.keyring is None:
+        keyring(config, create=True)  # embedded default: made once here, so concurrent clients never race to make keys
+    store = checkpoint_store(config, party_keys(config, AGGREGATOR))
     manifests = store.manifests()  # the verified lineage, walked once
     plan = plan_rounds(manifests, config.training.rounds)
     logger.info("%s: rounds %d..%d%s", config_path or "<config>", plan.first, plan.last, " (resuming)" if plan.resumed else "")
     progress.info("plan: rounds %d..%d", plan.first, plan.last)
 
     started = time.perf_counter()
-    prepare_data(config)
-    partition_data(config)
+    if config.simulated:  # one corpus: split it, and send each client its shard
+        distribute_data(config, partition_data(config))
     partition_s = time.perf_counter() - started
 
     run_id = open_tracking(config, manifests[-1].mlflow_run_id if manifests else None)
@@ -90,7 +93,7 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
                 logger.warning("%s; stopping before round %d", stop, round_number)
                 progress.warning("%s; stopping before round %d", stop, round_number)
                 break
-            manifests.append(federated_round(config, round_number, run_id, plan.last, config_path))
+            manifests.append(federated_round(config, round_number, run_id, plan.last))
             track_round(config, run_id, round_number, manifests)
             register_round(config, run_id, manifests[-1], store.adapter_of(manifests[-1])[0])
         final = manifests[-1]

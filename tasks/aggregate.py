@@ -13,11 +13,11 @@ from fedlib.federation import (
     checkpoint_store,
     evaluate_adapter,
     aggregator_update_key,
-    keyring,
     initial_adapter,
-    load_data,
+    evaluation_blocks,
 )
-from tasks.storage import storage_options
+from fedlib.keys import AGGREGATOR
+from tasks.credentials import party_keys, storage_options
 
 
 @task(name="aggregate", task_run_name="aggregate-round-{round_number}", cache_policy=NO_CACHE)
@@ -30,7 +30,7 @@ def aggregate_round(
     expected: dict[str, Expected],
 ) -> tuple[Tensors, AggregationReport, Tensors]:
     """The next adapter, the report, and the strategy's state for the next round."""
-    ring = keyring(config)
+    ring = party_keys(config, AGGREGATOR)
     store = checkpoint_store(config, ring)
     previous = store.manifest(round_number - 1)
     global_adapter, _ = store.adapter_of(previous)
@@ -50,7 +50,7 @@ def aggregate_round(
 
 @task(name="evaluate", task_run_name="evaluate-round-{round_number}", cache_policy=NO_CACHE)
 def evaluate_global(config: FederationConfig, round_number: int, adapter: Tensors | None) -> float:
-    loss = evaluate_adapter(config, adapter, load_data(config).evaluation)
+    loss = evaluate_adapter(config, adapter, evaluation_blocks(config))
     get_run_logger().info("round %d: held-out loss %.4f", round_number, loss)
     return loss
 
@@ -62,4 +62,4 @@ def make_initial_adapter(config: FederationConfig) -> Tensors:
 
 @task(name="checkpoint", task_run_name="checkpoint-round-{manifest.round}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def commit_round(config: FederationConfig, adapter: Tensors, manifest: Manifest, strategy_state: Tensors | None = None) -> Manifest:
-    return checkpoint_store(config).commit(adapter, manifest, strategy_state)
+    return checkpoint_store(config, party_keys(config, AGGREGATOR)).commit(adapter, manifest, strategy_state)

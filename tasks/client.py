@@ -7,9 +7,9 @@ not the training.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 from prefect.tasks import exponential_backoff
@@ -18,10 +18,11 @@ from fedlib.config import FederationConfig
 from fedlib.client import SealedUpdate, train_and_seal, upload_sealed
 from fedlib.manifest import ClientReport
 from fedlib.client_state import CarriedResidual, ResidualStore
-from fedlib.federation import checkpoint_store, client_update_key, keyring, load_data, residual_store, secagg_session
+from fedlib.federation import checkpoint_store, client_update_key, residual_store, secagg_session
+from fedlib.shards import client_data
 from fedlib.secagg.client import SecureRound
 from fedlib.secagg.messages import TrainRequest
-from tasks.storage import storage_options
+from tasks.credentials import party_keys, storage_options
 
 
 @task(name="train-client", task_run_name="train-{client}-round-{round_number}", cache_policy=NO_CACHE)
@@ -29,18 +30,21 @@ def train_client(
     config: FederationConfig,
     client: str,
     round_number: int,
-    blocks: list[int],
     secure: TrainRequest | None = None,
     local_steps: int | None = None,
 ) -> SealedUpdate:
-    """With `secure` (the secure-aggregation session, the peers' relayed setup messages, and
-    the weight scale), the update is masked."""
-    ring = keyring(config)
+    """Trains on this client's data only (its own files, or the shard distributed to its
+    bucket). With `secure` (the secure-aggregation session, the peers' relayed setup messages,
+    and the weight scale), the update is masked."""
+    ring = party_keys(config, client)
     store = checkpoint_store(config, ring)
     previous = store.manifest(round_number - 1)  # signature, federation and round checked
     global_adapter, downloaded = store.adapter_of(previous)
     parent = previous.adapter_sha256
-    shard = load_data(config).train.select(blocks)
+    key = client_update_key(ring, client)
+    data = client_data(config, client, key, storage_options(config, [client])[client])
+    get_run_logger().info("client %s round %d: training on its own data only: %s (%d blocks, %d validation)",
+                          client, round_number, data.source, len(data.train), len(data.validation))
     masking = None
     if secure:
         session = secagg_session(config, round_number, secure.session_id)
@@ -48,13 +52,11 @@ def train_client(
     residuals = None
     if config.compression.error_feedback and config.compression.chain.lossy:
         residuals = CarriedResidual(_residuals(config, client), store.last_accepted_round(client, round_number))
-    key = client_update_key(ring, client)
-    sealed = train_and_seal(config, client, round_number, global_adapter, shard, key, masking, residuals, local_steps, parent)
-    return replace(sealed, report=replace(sealed.report, bytes_downloaded=downloaded))
+    return train_and_seal(config, client, round_number, global_adapter, data, key, masking, residuals, local_steps, parent, downloaded)
 
 
 def _residuals(config: FederationConfig, client: str) -> ResidualStore:
-    return residual_store(config, keyring(config), client, storage_options(config, [client])[client])
+    return residual_store(config, party_keys(config, client), client, storage_options(config, [client])[client])
 
 
 @task(
@@ -90,11 +92,10 @@ def submit_client_round(
     config: FederationConfig,
     client: str,
     round_number: int,
-    blocks: list[int],
     secure: TrainRequest | None = None,
     local_steps: int | None = None,
 ) -> ClientRound:
     """train → upload, as two tasks that run concurrently with other clients'."""
-    trained = train_client.submit(config, client, round_number, blocks, secure, local_steps)
+    trained = train_client.submit(config, client, round_number, secure, local_steps)
     upload = upload_update.with_options(retries=config.orchestration.upload_retries)
     return ClientRound(trained, upload.submit(config, trained))

@@ -1,30 +1,21 @@
-"""Partitioning: deterministic from the config, and cached by Prefect across runs."""
+"""The simulated mode's data step: partition the corpus (deterministic from the config, cached by
+Prefect across runs) and distribute each client's shard, sealed for it, into its own bucket."""
 
 from __future__ import annotations
-
-import hashlib
-import json
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
-from fedlib.federation import load_data, partition_clients
+from fedlib.federation import aggregator_update_key, load_data, partition_clients
+from fedlib.keys import AGGREGATOR
 from fedlib.partition import label_histogram
+from fedlib.shards import distribute_shard, partition_digest
+from tasks.credentials import party_keys, storage_options
 
 
 def _partition_key(context, parameters) -> str:
-    """Only what decides the split: the data, the held-out set, the split rule, the seed and the clients."""
-    c: FederationConfig = parameters["config"]
-    fields = {
-        "model": c.model.source,
-        "data": c.data.model_dump(mode="json"),
-        "evaluation": c.evaluation.model_dump(mode="json"),
-        "partition": c.partition.model_dump(mode="json"),
-        "seed": c.federation.seed,
-        "clouds": [cloud.name for cloud in c.clouds],
-    }
-    return "partition-" + hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    return "partition-" + partition_digest(parameters["config"])
 
 
 @task(name="partition", task_run_name="partition", cache_key_fn=_partition_key, persist_result=True, result_serializer="json")
@@ -38,7 +29,20 @@ def partition_data(config: FederationConfig) -> dict[str, list[int]]:
     return assignment
 
 
-@task(name="prepare-data", task_run_name="prepare-data", cache_policy=NO_CACHE)
-def prepare_data(config: FederationConfig) -> int:
-    """Tokenise once (cached on disk) before clients start, so they do not race to do it."""
-    return len(load_data(config).train)
+@task(name="distribute-data", task_run_name="distribute-data", cache_policy=NO_CACHE)
+def distribute_data(config: FederationConfig, assignment: dict[str, list[int]]) -> dict[str, str]:
+    """Each client's blocks (and its validation split) into its own bucket; {client: url}."""
+    data = load_data(config)
+    ring = party_keys(config, AGGREGATOR)
+    options = storage_options(config, list(assignment))
+    urls, logger = {}, get_run_logger()
+    for index, (client, blocks) in enumerate(assignment.items()):
+        validation = data.validation(index, len(assignment), config.evaluation.client_blocks)
+        key = aggregator_update_key(ring, client)
+        try:
+            urls[client] = distribute_shard(config, client, data.train.select(blocks), validation, key, options[client])
+        except OSError as err:  # that client's bucket is down: it fails its rounds, the others go on
+            logger.warning("client %s: its shard could not be written (%s); it cannot train until it is", client, err)
+            continue
+        logger.info("client %s: shard of %d blocks (+%d validation) at %s", client, len(blocks), len(validation), urls[client])
+    return urls

@@ -1,18 +1,26 @@
-"""Start a client's step on its own cloud's work pool and wait for it, up to a deadline."""
+"""Start a client's step on its own cloud's work pool and wait for it, up to a deadline; a run
+past the deadline is cancelled through the Prefect API, so it stops running (and billing)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
+from prefect.states import Cancelled, Cancelling
 
 from fedlib.config import FederationConfig
 
 
 class ClientRunFailed(RuntimeError):
-    """The client's deployment run did not complete in time or ended in a non-completed state."""
+    """The client's deployment run ended in a state other than completed."""
+
+
+class ClientRunLate(RuntimeError):
+    """The client's deployment run was not done by the deadline; it has been cancelled."""
 
 
 def client_run_name(client: str, round_number: int, step: str) -> str:
@@ -20,20 +28,40 @@ def client_run_name(client: str, round_number: int, step: str) -> str:
     return f"{client}-round-{round_number}" + ("" if step == "train" else f"-secagg-{step}")
 
 
+def cancel_run(run_id, why: str, grace_s: float) -> str:
+    """Ask the run's worker to stop it (Cancelling); a worker that is alive kills the process and
+    confirms (Cancelled). If none confirms within `grace_s` (the worker itself is gone, and the
+    run's process with it), the run is marked Cancelled here, so its state says what happened."""
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, Cancelling(message=why), force=True)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            state = client.read_flow_run(run_id).state
+            if state is not None and state.is_final():
+                return state.name
+            time.sleep(1)  # the API has no blocking wait for a state change; poll as run_deployment does
+        client.set_flow_run_state(run_id, Cancelled(message=f"{why}; no worker confirmed within {grace_s:.0f} s"), force=True)
+        return "Cancelled"
+
+
 @task(name="dispatch-client", task_run_name="dispatch-{client}-{step}-round-{round_number}", cache_policy=NO_CACHE)
 def dispatch_client(
     config: FederationConfig,
-    config_path: str,
     client: str,
     round_number: int,
     step: str = "train",
     secure: dict[str, Any] | None = None,
     local_steps: int | None = None,
-) -> Any:
-    """The client flow's JSON result: a report for `train`, a message for the secagg steps."""
-    deployment = config.orchestration.client_deployment.format(cloud=client)
-    timeout = config.orchestration.client_timeout_s
-    parameters: dict[str, Any] = {"config_path": config_path, "client": client, "round_number": round_number}
+    deadline: float | None = None,
+) -> str:
+    """Runs `client-training/<cloud>` with the validated config itself as a parameter (no worker
+    needs a config file); returns the flow run's id. `deadline` is a wall-clock time."""
+    orchestration = config.orchestration
+    deployment = orchestration.client_deployment.format(cloud=client)
+    timeout = orchestration.client_timeout_s
+    if deadline is not None:
+        timeout = min(timeout, max(1.0, deadline - time.time()))
+    parameters: dict[str, Any] = {"config": config.model_dump(mode="json"), "client": client, "round_number": round_number}
     if step != "train" or secure:
         parameters.update(step=step, secure=secure)
     if step == "train" and local_steps is not None and local_steps != config.training.local_steps:
@@ -42,7 +70,11 @@ def dispatch_client(
         deployment, parameters=parameters, flow_run_name=client_run_name(client, round_number, step), timeout=timeout
     )
     state = run.state
-    if state is None or not state.is_completed():
-        status = state.name if state else "no state"
-        raise ClientRunFailed(f"{deployment}: flow run {run.name} is {status} after up to {timeout:.0f} s")
-    return state.result()
+    if state is not None and state.is_completed():
+        return str(run.id)
+    if state is None or not state.is_final():
+        why = f"{client} {step} not done within {timeout:.0f} s (round {round_number})"
+        final = cancel_run(run.id, why, orchestration.cancel_grace_s)
+        get_run_logger().warning("%s: flow run %s cancelled (%s)", deployment, run.name, final)
+        raise ClientRunLate(f"flow run {run.name} cancelled after {timeout:.0f} s")
+    raise ClientRunFailed(f"{deployment}: flow run {run.name} is {state.name}")

@@ -1,42 +1,86 @@
 """Secure aggregation's extra steps around a round: the clients' setup and reveal, and the
-aggregator's masked sum and unmasking. The clients' steps run where the clients run."""
+aggregator's masked sum and unmasking. The clients' steps run where the clients run and post
+their answer to their own bucket (`fedlib.outbox`), where the aggregator reads it."""
 
 from __future__ import annotations
+
+import json
+from collections.abc import Iterable
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.aggregator import AggregationReport, Expected, build_strategy
 from fedlib.config import FederationConfig
+from fedlib.decode import parse_json
 from fedlib.federation import (
     Tensors,
     aggregator_update_key,
     checkpoint_store,
     client_update_key,
-    keyring,
+    outbox,
     reveal_ledger,
     secagg_session,
 )
+from fedlib.keys import AGGREGATOR
+from fedlib.rejection import UpdateRejected
 from fedlib.secagg.aggregator import MaskedSum, finish_secure_round, sum_masked_updates
 from fedlib.secagg.messages import RevealRequest, SetupMessage, SetupRequest
 from fedlib.secagg.protocol import make_reveal, make_setup, open_inbox
-from tasks.storage import storage_options
+from tasks.credentials import party_keys, storage_options
+
+
+def _client_outbox(config: FederationConfig, client: str, round_number: int):
+    ring = party_keys(config, client)
+    return ring, outbox(config, client, round_number, client_update_key(ring, client), storage_options(config, [client])[client])
 
 
 @task(name="secagg-setup", task_run_name="secagg-setup-{client}-round-{round_number}", cache_policy=NO_CACHE)
-def secagg_setup(config: FederationConfig, client: str, round_number: int, request: SetupRequest) -> SetupMessage:
-    return make_setup(keyring(config), client, secagg_session(config, round_number, request.session_id))
+def secagg_setup(config: FederationConfig, client: str, round_number: int, request: SetupRequest) -> str:
+    """Posts this client's setup message for the aggregator to relay; returns where."""
+    ring, box = _client_outbox(config, client, round_number)
+    message = make_setup(ring, client, secagg_session(config, round_number, request.session_id))
+    return box.post("setup", request.session_id, json.dumps(message.to_json()).encode())
 
 
 @task(name="secagg-reveal", task_run_name="secagg-reveal-{client}-round-{round_number}", cache_policy=NO_CACHE)
 def secagg_reveal(config: FederationConfig, client: str, round_number: int, request: RevealRequest) -> str:
-    """Answers once per session; see `fedlib.client_state.RevealLedger`."""
-    ring = keyring(config)
+    """Answers once per session (see `fedlib.client_state.RevealLedger`); posts the answer."""
+    ring, box = _client_outbox(config, client, round_number)
     session = secagg_session(config, round_number, request.session_id)
     peers = open_inbox(ring, client, session, request.inbox)
-    ledger = reveal_ledger(config, ring, client, storage_options(config, [client])[client])
-    key = client_update_key(ring, client)
-    return make_reveal(ring, client, session, peers, request.survivors, request.dropped, key, ledger)
+    ledger = reveal_ledger(config, ring, client, box.options)
+    reveal = make_reveal(ring, client, session, peers, request.survivors, request.dropped, client_update_key(ring, client), ledger)
+    return box.post("reveal", request.session_id, reveal.encode())
+
+
+@task(name="read-client-messages", task_run_name="read-{kind}-round-{round_number}", cache_policy=NO_CACHE)
+def read_client_messages(
+    config: FederationConfig, round_number: int, kind: str, session_id: str, clients: Iterable[str]
+) -> tuple[dict[str, bytes], dict[str, str]]:
+    """({client: authenticated body}, {client: why not}) of the clients that posted `kind`."""
+    ring = party_keys(config, AGGREGATOR)
+    clients = list(clients)
+    options = storage_options(config, clients)
+    bodies, failed = {}, {}
+    for client in clients:
+        box = outbox(config, client, round_number, aggregator_update_key(ring, client), options[client])
+        try:
+            bodies[client] = box.fetch(kind, session_id)
+        except UpdateRejected as err:
+            failed[client] = f"{kind} message {err.reason.value}: {err.detail}"
+            get_run_logger().warning("round %d: %s's %s message refused: %s", round_number, client, kind, failed[client])
+    return bodies, failed
+
+
+def parse_setups(bodies: dict[str, bytes]) -> tuple[dict[str, SetupMessage], dict[str, str]]:
+    setups, failed = {}, {}
+    for client, body in bodies.items():
+        try:
+            setups[client] = SetupMessage.from_json(parse_json(body, f"{client}'s setup", 1 << 20, max_depth=3))
+        except UpdateRejected as err:
+            failed[client] = f"setup message {err.reason.value}: {err.detail}"
+    return setups, failed
 
 
 @task(name="sum-masked", task_run_name="sum-masked-round-{round_number}", cache_policy=NO_CACHE)
@@ -50,7 +94,7 @@ def sum_masked_round(
     session_id: str,
     expected: dict[str, Expected],
 ) -> tuple[MaskedSum, AggregationReport]:
-    ring = keyring(config)
+    ring = party_keys(config, AGGREGATOR)
     store = checkpoint_store(config, ring)
     previous = store.manifest(round_number - 1)
     global_adapter, _ = store.adapter_of(previous)
@@ -78,7 +122,7 @@ def unmask_round(
     reveals: dict[str, str],
 ) -> tuple[Tensors, Tensors]:
     """The next adapter and the strategy's state for the next round."""
-    ring = keyring(config)
+    ring = party_keys(config, AGGREGATOR)
     store = checkpoint_store(config, ring)
     previous = store.manifest(round_number - 1)
     global_adapter, _ = store.adapter_of(previous)

@@ -17,7 +17,8 @@ from prefect.cache_policies import NO_CACHE
 
 from fedlib.client import client_seed
 from fedlib.config import FederationConfig
-from fedlib.federation import keyring, load_data
+from fedlib.federation import load_data
+from tasks.credentials import party_keys
 from fedlib.split.client import HttpTransport, SplitClient
 from fedlib.split.trainer import Tensors
 
@@ -55,7 +56,7 @@ def start_server(config_path: str, timeout_s: float) -> ServerProcess:
 def connect_client(config: FederationConfig, client: str, url: str, keep_wire: bool = False) -> SplitClient:
     """A new session with the server at `url`: the client's slices, a fresh handshake, the
     server's attestation checked before anything else is sent."""
-    return SplitClient(config, keyring(config), client, HttpTransport(url, config.split.server_timeout_s, keep_wire=keep_wire, max_reply_bytes=config.split.max_body_bytes))
+    return SplitClient(config, party_keys(config, client), client, HttpTransport(url, config.split.server_timeout_s, keep_wire=keep_wire, max_reply_bytes=config.split.max_body_bytes))
 
 
 @task(name="split-train", task_run_name="split-train-{client}-round-{round_number}", cache_policy=NO_CACHE)

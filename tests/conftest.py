@@ -174,9 +174,14 @@ def scan_ciphertext_only(config, options_by_cloud) -> int:
             # (b"F32" turned up once in a CI run), a given 5 bytes about once in 10^8 objects.
             for marker in (b"__metadata__", b'"dtype"', b'"F32"', b"lora_A", b"num_examples"):
                 assert marker not in blob, (path, marker)
-            round_number = int(re.search(r"round-(\d+)", path).group(1))
-            ctx = stored_update_context(config, cloud.name, round_number, blob)
-            plaintext = open_sealed(blob, aggregator_update_key(ring, cloud.name), ctx)
+            if path.endswith(".shard"):  # the client's distributed training data, sealed for it
+                from fedlib.shards import _context
+
+                plaintext = open_sealed(blob, aggregator_update_key(ring, cloud.name), _context(config, cloud.name))
+            else:
+                round_number = int(re.search(r"round-(\d+)", path).group(1))
+                ctx = stored_update_context(config, cloud.name, round_number, blob)
+                plaintext = open_sealed(blob, aggregator_update_key(ring, cloud.name), ctx)
             for name, tensor in bytes_to_tensors(plaintext).items():
                 raw = tensor.numpy().tobytes()
                 for start in range(0, max(1, len(raw) - 64), max(64, len(raw) // 8)):

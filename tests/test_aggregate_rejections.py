@@ -54,7 +54,7 @@ def _expected(config, key, global_adapter, clients):
     from fedlib.envelope import EnvelopeContext
 
     updates = [
-        open_client_update(storage.read_limited(update_url(config, c, 1), 1 << 30), key[c], EnvelopeContext("test", 1, c), global_adapter, LIMITS)
+        open_client_update(storage.read_limited(update_url(config, c, 1), 1 << 30), key[c], EnvelopeContext("test", 1, c), global_adapter, LIMITS)[0]
         for c in clients
     ]
     return make_strategy("fedavg").aggregate(1, global_adapter, updates)
@@ -152,5 +152,5 @@ def test_examples_travel_inside_the_authenticated_payload(trained_round):
     from fedlib.envelope import EnvelopeContext
 
     blob = storage.read_limited(update_url(config, "gcp", 1), 1 << 30)
-    update = open_client_update(blob, key["gcp"], EnvelopeContext("test", 1, "gcp"), global_adapter, LIMITS)
+    update, _ = open_client_update(blob, key["gcp"], EnvelopeContext("test", 1, "gcp"), global_adapter, LIMITS)
     assert update.num_examples == shards["gcp"]

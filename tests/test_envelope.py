@@ -40,7 +40,7 @@ def test_round_trip_is_exact():
     blob = seal(payload, KEY, CTX)
     assert blob.startswith(MAGIC) and payload not in blob
     assert open_sealed(blob, KEY, CTX) == payload
-    update = open_client_update(blob, KEY, CTX, TEMPLATE, LIMITS)
+    update, _ = open_client_update(blob, KEY, CTX, TEMPLATE, LIMITS)
     assert update.client == "aws" and update.num_examples == 12
     for name, value in tensors.items():
         assert torch.equal(update.delta[name], value)

@@ -79,11 +79,12 @@ def test_final_adapter_loads_with_peft_and_reproduces_eval_loss(finished_run):
 
 def test_cloud_folders_hold_ciphertext_only(finished_run):
     config, manifests = finished_run
-    assert scan_ciphertext_only(config, {}) == 2 * 2  # two clients, two rounds, nothing else
+    assert scan_ciphertext_only(config, {}) == 2 * 2 + 2  # two clients, two rounds, and each one's data shard
     for cloud in config.clouds:
         folder = Path(config.storage_url(cloud).removeprefix("file://"))
         assert {p.parent.name for p in folder.rglob("*.update")} == {"round-0001", "round-0002"}
-        assert {p.name for p in folder.rglob("*") if p.is_file()} == {f"{cloud.name}.update"}
+        assert len(list(folder.rglob("*.shard"))) == 1
+        assert {p.suffix for p in folder.rglob("*") if p.is_file()} == {".update", ".shard"}
 
 
 def test_prefect_recorded_the_round_dag(finished_run):

@@ -212,7 +212,7 @@ def run(seed: int = 20261123) -> dict:
         seen.add(digest)
         counts[kind] += 1
         try:
-            update = open_client_update(blob, KEY, CTX, TEMPLATE, LIMITS, chain, MAX_BYTES)
+            update, _ = open_client_update(blob, KEY, CTX, TEMPLATE, LIMITS, chain, MAX_BYTES)
         except UpdateRejected as err:
             counts["rejected"] += 1
             reasons[err.reason.value] = reasons.get(err.reason.value, 0) + 1

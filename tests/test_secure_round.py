@@ -4,6 +4,8 @@ a client that drops after the setup (its masks already inside the others' update
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -23,8 +25,9 @@ CLOUDS = ("aws", "azure", "gcp")
 
 
 def _run(tmp_path, corpus_dir, model_dir, name: str, secure: bool, drop: str | None, privacy: dict | None = None):
-    """One round over three clouds; `drop`'s bucket path sits under a plain file, so its upload
-    fails after it took part in the setup: it vanishes after masking."""
+    """One round over three clouds; a folder stands where `drop`'s update object goes, so its
+    upload fails after it took part in the setup (posted to the same bucket): it vanishes after
+    masking."""
     folder = tmp_path / name
     folder.mkdir()
     raw = tiny_config_dict(folder, corpus_dir, model_dir, clouds=CLOUDS)
@@ -35,10 +38,9 @@ def _run(tmp_path, corpus_dir, model_dir, name: str, secure: bool, drop: str | N
         raw["secure_aggregation"] = {"enabled": True, "threshold": 2}
     if privacy:
         raw["privacy"] = privacy
-    if drop:
-        (folder / "blocker").write_text("not a folder")
-        next(c for c in raw["clouds"] if c["name"] == drop)["storage"] = (folder / "blocker" / "bucket").as_uri()
     path = write_config(folder, raw)
+    if drop:
+        Path(update_url(load_config(path), drop, 1).removeprefix("file://")).mkdir(parents=True)
     manifests = federated_training(str(path))
     return load_config(path), manifests[-1]
 
@@ -84,7 +86,7 @@ def test_secure_round_equals_fedavg_and_uploads_look_uniform(tmp_path, corpus_di
         flat = torch.cat([v.flatten() for v in from_wire(tensors).values()])
         assert _uniformity_p_value(flat) > 1e-6, client
     if drop:
-        assert not storage.exists(update_url(config, drop, 1))
+        assert Path(update_url(config, drop, 1).removeprefix("file://")).is_dir()  # the folder that stopped its upload
 
 
 def test_dp_under_secure_aggregation_is_the_uniform_mean_of_clipped_updates(tmp_path, corpus_dir, tiny_model_dir):

@@ -15,7 +15,7 @@ from fedlib import storage
 from fedlib.config import load_config
 from fedlib.federation import checkpoint_store, update_url
 from flows.federated_training import federated_training
-from tasks.storage import storage_options
+from tasks.credentials import storage_options
 from tests.conftest import cloud_clouds, scan_ciphertext_only, tiny_config_dict, write_config
 
 CLOUDS = ("aws", "gcp", "azure")

@@ -41,8 +41,8 @@ def wire_template(global_adapter: Tensors) -> Tensors:
 
 def open_masked_update(
     blob: bytes, key: UpdateKey, ctx: EnvelopeContext, template: Tensors, expected: Expected, dp: bool
-) -> tuple[Tensors, int, int]:
-    """(residues, weight, local steps) of one masked update. `ctx` names the session: an upload
+) -> tuple[tuple[Tensors, int, int], dict[str, str]]:
+    """(residues, weight, local steps) of one masked update, and its authenticated metadata. `ctx` names the session: an upload
     left from another attempt of the round was masked against other masks, and would turn the
     unmasked sum into noise. The weight must be what the client's role allows (1 under DP, its
     example count otherwise), since it scales the mean."""
@@ -58,7 +58,7 @@ def open_masked_update(
     weight = bounded_int(meta, "weight", 1, expected.max_examples, "masked update")
     if weight != (1 if dp else num_examples):
         raise UpdateRejected(Reason.OUT_OF_RANGE, f"masked update: weight {weight} for {num_examples} examples")
-    return from_wire(tensors), weight, local_steps
+    return (from_wire(tensors), weight, local_steps), meta
 
 
 def sum_masked_updates(
@@ -82,12 +82,12 @@ def sum_masked_updates(
     template = wire_template(global_adapter)
     dp = config.privacy.enabled
 
-    def opener(blob: bytes, key: UpdateKey, ctx: EnvelopeContext) -> tuple[Tensors, int, int]:
+    def opener(blob: bytes, key: UpdateKey, ctx: EnvelopeContext) -> tuple[tuple[Tensors, int, int], dict[str, str]]:
         return open_masked_update(blob, key, ctx, template, expected[ctx.client], dp)
 
     total: Tensors = {name: torch.zeros(value.shape, dtype=torch.int64) for name, value in template.items()}
     weight = weighted_steps = 0
-    updates = read_updates(config, round_number, clients, failed, keys, storage_options, report, opener, late, parent, session)
+    updates = read_updates(config, round_number, clients, failed, keys, storage_options, report, opener, expected, late, parent, session)
     for residues, client_weight, steps in updates:
         started = time.perf_counter()
         for name, value in residues.items():

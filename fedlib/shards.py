@@ -1,0 +1,105 @@
+"""Each client's training data, which only that client reads.
+
+Two ways a client gets it. In the real mode each cloud names its own files (`clouds[].data`),
+which its client reads with its own credentials and tokenises on its own machine; nobody else
+ever opens them. In the simulated mode (one corpus, the demo) the aggregator partitions the
+corpus and *distributes* it: each client's blocks, sealed for that client, go into that client's
+own bucket, and the client reads that one object. Either way the client's round starts from a
+`ClientData`, and its logs say where it came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+
+from fedlib import storage
+from fedlib.config import FederationConfig
+from fedlib.data import cached_blocks, tokenize_blocks, url_documents
+from fedlib.decode import TensorSpec, load_tensors
+from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed, seal
+from fedlib.model import load_tokenizer
+from fedlib.serialization import tensors_to_bytes
+from fedlib.storage import Options
+
+MAX_SHARD_BYTES = 1 << 32
+
+
+@dataclass(frozen=True)
+class ClientData:
+    train: torch.Tensor  # [n, seq_len] token blocks
+    validation: torch.Tensor  # [m, seq_len], m may be 0
+    source: str  # what the client read: a URL of its own, for its logs
+
+
+def partition_digest(config: FederationConfig) -> str:
+    """What decides the simulated split: the data, the held-out set, the rule, the seed, the
+    clients. Shards are named by it, so a changed config never reads a stale shard."""
+    fields = {
+        "model": config.model.source,
+        "data": config.data.model_dump(mode="json"),
+        "evaluation": config.evaluation.model_dump(mode="json"),
+        "partition": config.partition.model_dump(mode="json"),
+        "seed": config.federation.seed,
+        "clouds": [cloud.name for cloud in config.clouds],
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def shard_url(config: FederationConfig, client: str) -> str:
+    root = config.storage_url(config.cloud(client))
+    return storage.join(root, config.federation.id, "data", f"{client}-{partition_digest(config)[:16]}.shard")
+
+
+def _context(config: FederationConfig, client: str) -> EnvelopeContext:
+    return EnvelopeContext(config.federation.id, 0, client, f"data/{partition_digest(config)}")
+
+
+def distribute_shard(
+    config: FederationConfig, client: str, train: torch.Tensor, validation: torch.Tensor, key: UpdateKey, options: Options | None
+) -> str:
+    """Seal `client`'s blocks for it and write them to its bucket (once per partition)."""
+    url = shard_url(config, client)
+    if not storage.exists(url, options):
+        payload = tensors_to_bytes({"train": train, "validation": validation})
+        storage.write_atomic(url, seal(payload, key, _context(config, client)), options)
+    return url
+
+
+def read_shard(config: FederationConfig, client: str, key: UpdateKey, options: Options | None) -> ClientData:
+    """The client's distributed shard, authenticated; block length checked before it is built."""
+    url = shard_url(config, client)
+    payload = open_sealed(storage.read_limited(url, MAX_SHARD_BYTES, options), key, _context(config, client))
+    seq_len = config.data.seq_len
+
+    def allowed(name: str, spec: TensorSpec) -> str | None:
+        ok = name in ("train", "validation") and len(spec.shape) == 2 and spec.shape[1] == seq_len and spec.dtype == torch.int64
+        return None if ok else f"not a [n, {seq_len}] int64 block tensor"
+
+    tensors, _ = load_tensors(payload, "data shard", allowed)
+    return ClientData(tensors["train"], tensors.get("validation", torch.empty(0, seq_len, dtype=torch.long)), url)
+
+
+def own_data(config: FederationConfig, client: str, options: Options | None) -> ClientData:
+    """The client's own files (`clouds[].data`, `clouds[].validation`), read with its credentials
+    and tokenised here; cached in its own data_dir."""
+    cloud = config.cloud(client)
+    tokenizer = load_tokenizer(config.model.source)
+    seq_len = config.data.seq_len
+
+    def blocks(urls: tuple[str, ...]) -> torch.Tensor:
+        if not urls:
+            return torch.empty(0, seq_len, dtype=torch.long)
+        key = f"{config.model.source}|{client}|{urls}|{seq_len}"
+        return cached_blocks(
+            config.data_path / "cache", key, lambda: tokenize_blocks(url_documents(urls, options), tokenizer, seq_len)
+        ).tokens
+
+    return ClientData(blocks(cloud.data), blocks(cloud.validation), ", ".join(cloud.data))
+
+
+def client_data(config: FederationConfig, client: str, key: UpdateKey, options: Options | None) -> ClientData:
+    return read_shard(config, client, key, options) if config.simulated else own_data(config, client, options)
