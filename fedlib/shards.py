@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import uuid
 from dataclasses import dataclass
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from fedlib import storage
 from fedlib.config import FederationConfig
@@ -70,8 +73,23 @@ def distribute_shard(
 
 
 def read_shard(config: FederationConfig, client: str, key: UpdateKey, options: Options | None) -> ClientData:
-    """The client's distributed shard, authenticated; block length checked before it is built."""
+    """The client's distributed shard, authenticated; block length checked before it is built.
+    Kept on the client's own disk once read (a shard never changes: it is named by the
+    partition), so a bucket outage later costs the upload, not the round's training data."""
     url = shard_url(config, client)
+    cached = config.data_path / "cache" / f"shard-{client}-{partition_digest(config)[:16]}.safetensors"
+    if cached.exists():
+        tensors = load_file(str(cached))
+        return ClientData(tensors["train"], tensors["validation"], url)
+    data = _fetch_shard(config, client, key, options, url)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f"{cached.name}.{uuid.uuid4().hex}.tmp")
+    save_file({"train": data.train.contiguous(), "validation": data.validation.contiguous()}, str(tmp))
+    os.replace(tmp, cached)
+    return data
+
+
+def _fetch_shard(config: FederationConfig, client: str, key: UpdateKey, options: Options | None, url: str) -> ClientData:
     payload = open_sealed(storage.read_limited(url, MAX_SHARD_BYTES, options), key, _context(config, client))
     seq_len = config.data.seq_len
 

@@ -166,6 +166,11 @@ def keys_init_command(args: argparse.Namespace) -> int:
     from fedlib.federation import key_folder
     from fedlib.keys import init_keys
 
+    if args.party:
+        return _party_key(args.party, args.out)
+    if args.config is None:
+        print("give a CONFIG (every party's keys on this machine) or --party NAME (one party's key)", file=sys.stderr)
+        return 2
     config = config_or_report(args.config, Console())
     if config is None:
         return 2
@@ -174,6 +179,27 @@ def keys_init_command(args: argparse.Namespace) -> int:
     for path in created:
         print(f"created {path} (0600)")
     print(f"{len(created)} key(s) created, the others kept, in {folder}")
+    return 0
+
+
+def _party_key(party: str, out: Path | None) -> int:
+    """One party's key on its own machine: the private half stays in `out` (0600), the public
+    half is printed as the config's `keyring` section takes it, with its fingerprint."""
+    from fedlib.keys import AGGREGATOR, fingerprint, public_text, write_party_key
+
+    path = (out or Path(f"~/.fedlib/keys/{party}.pem")).expanduser()
+    try:
+        keys = write_party_key(path, party)
+    except FileExistsError as err:
+        print(err, file=sys.stderr)
+        return 1
+    publics = [k.public_key() for k in keys]
+    print(f"# private key: {path} (0600); it never leaves this machine")
+    if party == AGGREGATOR:
+        print(f"aggregator:\n  exchange: {public_text(publics[0])}  # fingerprint {fingerprint(publics[0])}")
+        print(f"  signing: {public_text(publics[1])}  # fingerprint {fingerprint(publics[1])}")
+    else:
+        print(f"clients:\n  {party}: {public_text(publics[0])}  # fingerprint {fingerprint(publics[0])}")
     return 0
 
 
@@ -197,8 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     export.set_defaults(handler=export_command)
     add_ui_parser(sub)
     keys = sub.add_parser("keys", help="key management").add_subparsers(dest="keys_command", required=True)
-    init = keys.add_parser("init", help="create the aggregator's and every client's missing key pairs (0600)")
-    init.add_argument("config", type=Path)
+    init = keys.add_parser(
+        "init", help="one party's key (--party NAME; prints its public half), or every party's missing keys (CONFIG)"
+    )
+    init.add_argument("config", type=Path, nargs="?", help="embedded default: every party's keys in data_dir/keys")
+    init.add_argument("--party", help="aggregator, or a cloud's name: make that party's key on this machine")
+    init.add_argument("--out", type=Path, help="where the private key goes (default ~/.fedlib/keys/<party>.pem)")
     init.set_defaults(handler=keys_init_command)
     args = parser.parse_args(argv)
     return args.handler(args)

@@ -18,7 +18,7 @@ from fedlib.config import load_config
 from fedlib.federation import keyring
 from fedlib.serialization import tensors_to_bytes
 from fedlib.strategies import ClientUpdate, make_strategy
-from tasks.data import partition_data, prepare_data
+from tasks.data import partition_data
 from tasks.split import fetch_server_part, split_evaluate, split_train_client, start_server
 from tasks.tracking import finish_tracking, open_tracking, track_metrics, track_split_artifacts
 
@@ -39,8 +39,7 @@ def split_finetune(config_path: str) -> dict[str, Any]:
     config = load_config(config_path)
     logger = get_run_logger()
     keyring(config, create=True)
-    prepare_data(config)
-    assignment = partition_data(config)
+    assignment = partition_data(config)  # tokenises once, before the clients start
     run_id = open_tracking(config, None, run_name=f"{config.federation.id}-split-cut{config.split.cut}")
     server = start_server(config_path, config.split.server_timeout_s)
     status = "FAILED"

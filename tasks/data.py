@@ -41,7 +41,7 @@ def distribute_data(config: FederationConfig, assignment: dict[str, list[int]]) 
         key = aggregator_update_key(ring, client)
         try:
             urls[client] = distribute_shard(config, client, data.train.select(blocks), validation, key, options[client])
-        except OSError as err:  # that client's bucket is down: it fails its rounds, the others go on
+        except Exception as err:  # noqa: BLE001 - that client's bucket is down: it fails its rounds, the others go on
             logger.warning("client %s: its shard could not be written (%s); it cannot train until it is", client, err)
             continue
         logger.info("client %s: shard of %d blocks (+%d validation) at %s", client, len(blocks), len(validation), urls[client])

@@ -26,6 +26,7 @@ from fedlib import storage
 from fedlib.aggregator import Expected, aggregate_updates, expected_of
 from fedlib.checkpoint import CheckpointStore, ManifestRejected, plan_rounds
 from fedlib.client import train_and_seal, upload_sealed
+from fedlib.shards import ClientData
 from fedlib.client_state import CarriedResidual
 from fedlib.config import ConfigError, FederationConfig, parse_config
 from fedlib.envelope import MAGIC, EnvelopeContext, UpdateKey, seal
@@ -80,7 +81,8 @@ class Federation:
 
     def upload(self, client: str, round_number: int = 1, secure: SecureRound | None = None) -> None:
         key = client_update_key(self.ring, client)
-        sealed = train_and_seal(self.config, client, round_number, self.adapter, self.shards[client], key, secure, parent=self.parent)
+        data = ClientData(self.shards[client], self.shards[client][:0], "<test shard>")
+        sealed = train_and_seal(self.config, client, round_number, self.adapter, data, key, secure, parent=self.parent)
         upload_sealed(sealed)
 
     def aggregate(self, round_number: int = 1, config: FederationConfig | None = None):

@@ -132,7 +132,7 @@ def deployed_config(tmp_path_factory, corpus_dir, tiny_model_dir, emulators) -> 
 
 def _run_federation(server: PrefectServer, config_path: Path) -> str:
     """`prefect deployment run`, then wait for the flow run to finish; returns its id."""
-    out = server.cli("deployment", "run", "federated-training/federation", "--param", f"config_path={config_path}")
+    out = server.cli("deployment", "run", "federated-training/federation", "--param", f"config={config_path}")
     run_id = next(line.split()[-1] for line in out.splitlines() if "UUID" in line)
 
     async def state(client):

@@ -13,6 +13,7 @@ import yaml
 
 from fedlib import storage
 from fedlib.config import load_config
+from fedlib.shards import shard_url
 from fedlib.federation import checkpoint_store, update_url
 from flows.federated_training import federated_training
 from tasks.credentials import storage_options
@@ -57,8 +58,9 @@ def test_three_providers_match_a_local_run(tmp_path, corpus_dir, tiny_model_dir,
     for cloud in config.clouds:
         bucket = config.storage_url(cloud).split("://", 1)[1].split("/", 1)[0]
         found = storage.list_prefix(config.storage_url(cloud), options[cloud.name])
-        assert found == [f"{bucket}/updates/test/round-000{r}/{cloud.name}.update" for r in (1, 2)], found
-    assert scan_ciphertext_only(config, options) == 6
+        shard = shard_url(config, cloud.name).split("://", 1)[1]
+        assert found == [shard, *(f"{bucket}/updates/test/round-000{r}/{cloud.name}.update" for r in (1, 2))], found
+    assert scan_ciphertext_only(config, options) == 6 + 3  # and each client's data shard
 
     stored = storage.list_prefix(config.checkpoint_url, config.federation.checkpoint_options)
     store = checkpoint_store(config)
@@ -92,12 +94,14 @@ def _upload_attempts(task_name: str) -> int:
 
 
 def test_s3_restart_during_a_round_is_retried(tmp_path, corpus_dir, tiny_model_dir, emulators, cloud_credentials):
-    """S3 goes down before the round and comes back once another client's upload has landed:
-    aws's upload fails, is retried with backoff, and the round completes with all three."""
+    """S3 goes down before round 2 (aws holds its shard since round 1) and comes back once
+    another client's upload has landed: aws's upload fails, is retried with backoff, and the
+    round completes with all three."""
     clouds = cloud_clouds(emulators, "restart")
     path = _config(tmp_path, corpus_dir, tiny_model_dir, clouds, rounds=1)
+    federated_training(str(path))
     config = load_config(path)
-    gcp_object = update_url(config, "gcp", 1)
+    gcp_object = update_url(config, "gcp", 2)
     gcp_options = storage_options(config, ["gcp"])["gcp"]
 
     def restart_when_others_uploaded():
@@ -114,9 +118,9 @@ def test_s3_restart_during_a_round_is_retried(tmp_path, corpus_dir, tiny_model_d
         manifests = federated_training(str(path))
     finally:
         restarter.join()
-    assert manifests[-1].accepted == list(CLOUDS)
-    assert _upload_attempts("upload-aws-round-1") > 1
-    assert _upload_attempts("upload-gcp-round-1") == 1
+    assert manifests[-1].round == 2 and manifests[-1].accepted == list(CLOUDS)
+    assert _upload_attempts("upload-aws-round-2") > 1
+    assert _upload_attempts("upload-gcp-round-2") == 1
 
 
 def test_s3_outage_past_the_retries_is_a_clear_client_failure(tmp_path, corpus_dir, tiny_model_dir, emulators, cloud_credentials):
@@ -124,6 +128,7 @@ def test_s3_outage_past_the_retries_is_a_clear_client_failure(tmp_path, corpus_d
     raw = yaml.safe_load(path.read_text())
     raw["orchestration"] = {"upload_retries": 1}
     path.write_text(yaml.safe_dump(raw))
+    federated_training(str(path))  # round 1: aws receives its shard
     emulators["s3"].stop()
     try:
         manifests = federated_training(str(path))
@@ -133,4 +138,5 @@ def test_s3_outage_past_the_retries_is_a_clear_client_failure(tmp_path, corpus_d
     assert last.accepted == ["gcp", "azure"]
     assert last.rejected["aws"].reason == "client_failed"
     assert emulators["s3"].url in last.rejected["aws"].detail  # names the endpoint it could not reach
-    assert _upload_attempts("upload-aws-round-1") == 2
+    assert last.round == 2
+    assert _upload_attempts("upload-aws-round-2") == 2
