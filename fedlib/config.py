@@ -34,20 +34,23 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    """`source` is a shipped model's name or a local Hugging Face model folder."""
+    """`source` is a shipped model's name, a local Hugging Face model folder, `hf:<repo id>`
+    (resolved from the local Hugging Face cache, offline), or the fsspec URL of a model folder in
+    the party's own bucket (fetched once into the local cache). Every party must hold the same
+    weights: the manifests record the base revision, and a client whose base differs refuses."""
 
     source: str = "smollm2-135m-instruct"
 
     @field_validator("source")
     @classmethod
     def _known_or_folder(cls, value: str) -> str:
-        if value in BUILTIN_MODELS:
+        if value in BUILTIN_MODELS or (value.startswith("hf:") and "/" in value) or "://" in value:
             return value
         folder = Path(value).expanduser()
         if not (folder / "config.json").is_file():
             raise ValueError(
-                f"{value!r} is neither a shipped model ({', '.join(BUILTIN_MODELS)}) "
-                "nor a local Hugging Face model folder with a config.json"
+                f"{value!r} is neither a shipped model ({', '.join(BUILTIN_MODELS)}), a local Hugging Face model "
+                "folder with a config.json, hf:<repo id>, nor a model folder's URL"
             )
         return str(folder.resolve())
 

@@ -141,6 +141,7 @@ class Manifest:
     privacy: PrivacySpent | None = None
     secure_aggregation: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    base_model: str = ""  # the base weights' revision (`fedlib.model.base_revision`), the same for the whole lineage
 
     @property
     def bytes_uploaded(self) -> int:
@@ -170,9 +171,13 @@ def manifest_from_json(data: Any) -> Manifest:
         raise ValueError(f"not a manifest: {where}: {first['msg']}") from None
 
 
-def base_manifest(federation: str, target_round: int, mlflow_run_id: str, eval_loss: float, timings: Mapping[str, float]) -> Manifest:
-    """Round 0: the base model's score, before any client trained."""
-    return Manifest(federation, 0, target_round, mlflow_run_id, eval_loss, math.exp(eval_loss), timings=dict(timings))
+def base_manifest(
+    federation: str, target_round: int, mlflow_run_id: str, eval_loss: float, timings: Mapping[str, float], base_model: str = ""
+) -> Manifest:
+    """Round 0: the base model's score, before any client trained; `base_model` is its revision."""
+    return Manifest(
+        federation, 0, target_round, mlflow_run_id, eval_loss, math.exp(eval_loss), timings=dict(timings), base_model=base_model
+    )
 
 
 def round_manifest(
@@ -204,6 +209,7 @@ def round_manifest(
         eval_loss=eval_loss,
         perplexity=math.exp(eval_loss),
         parent_adapter_sha256=previous.adapter_sha256,
+        base_model=previous.base_model,
         prefect_flow_run_id=flow_run_id,
         strategy=config.aggregation.strategy,
         aggregation=config.aggregation.model_dump(mode="json"),

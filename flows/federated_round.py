@@ -101,7 +101,7 @@ def federated_round(
     clients = sample_clients(config, round_number)
     budgets = step_budgets(config, clients, previous)
     steps = ClientSteps(config, round_number, budgets)
-    expected = expected_of(config, {c: len(assignment[c]) for c in clients}, budgets)
+    expected = expected_of(config, {c: len(assignment[c]) for c in clients if c in assignment}, budgets)
     secure: dict[str, Any] = {}
     if config.secure_aggregation.enabled:
         adapter, state, report, secure = secure_round(steps, clients, expected)

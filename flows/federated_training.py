@@ -19,6 +19,7 @@ from fedlib.config import ConfigError, FederationConfig, config_from
 from fedlib.federation import checkpoint_store, keyring, progress
 from fedlib.heterogeneity import budget_stop
 from fedlib.manifest import Manifest, base_manifest
+from fedlib.model import base_revision
 from fedlib.privacy.accountant import over_budget
 from fedlib.keys import AGGREGATOR
 from flows.federated_round import federated_round
@@ -72,7 +73,7 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
         eval_started = time.perf_counter()
         base_loss = evaluate_global(config, 0, None)
         timings = {"partition_s": partition_s, "evaluate_s": time.perf_counter() - eval_started}
-        manifest = base_manifest(config.federation.id, plan.last, run_id, base_loss, timings)
+        manifest = base_manifest(config.federation.id, plan.last, run_id, base_loss, timings, base_revision(config.model.source))
         manifests = [commit_round(config, make_initial_adapter(config), manifest)]
         track_round(config, run_id, 0, manifests)
         progress.info("round 0 (base model): perplexity %.2f", manifests[0].perplexity)

@@ -19,6 +19,7 @@ from fedlib.client import SealedUpdate, train_and_seal, upload_sealed
 from fedlib.manifest import ClientReport
 from fedlib.client_state import CarriedResidual, ResidualStore
 from fedlib.federation import checkpoint_store, client_update_key, residual_store, secagg_session
+from fedlib.model import check_base_model
 from fedlib.shards import client_data
 from fedlib.secagg.client import SecureRound
 from fedlib.secagg.messages import TrainRequest
@@ -39,6 +40,7 @@ def train_client(
     ring = party_keys(config, client)
     store = checkpoint_store(config, ring)
     previous = store.manifest(round_number - 1)  # signature, federation and round checked
+    check_base_model(previous.base_model, config.model.source)
     global_adapter, downloaded = store.adapter_of(previous)
     parent = previous.adapter_sha256
     key = client_update_key(ring, client)

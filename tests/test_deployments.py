@@ -63,8 +63,9 @@ class PrefectServer:
         self.processes.append(process)
         return process
 
-    def cli(self, *args: str, timeout: float = 180) -> str:
-        done = subprocess.run([PREFECT, *args], env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    def cli(self, *args: str, timeout: float = 180, unset: tuple[str, ...] = ()) -> str:
+        env = {k: v for k, v in self.env.items() if k not in unset}
+        done = subprocess.run([PREFECT, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
         return done.stdout
 

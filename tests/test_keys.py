@@ -114,3 +114,78 @@ def test_keys_init_command(tmp_path, corpus_dir, tiny_model_dir, capsys):
     assert "0 key(s) created" in capsys.readouterr().out
     path.write_text("clouds: 3\n")
     assert main(["keys", "init", str(path)]) == 2  # a bad config is refused before any key is made
+
+
+def _party_config(tmp_path, publics: dict, key_source: str) -> dict:
+    return {
+        "federation": {"id": "keys", "data_dir": str(tmp_path / "data")},
+        "keyring": {**publics, "key_source": key_source},
+        "clouds": [{"name": "aws"}, {"name": "gcp"}],
+    }
+
+
+def test_each_party_holds_only_its_own_key_from_its_source(tmp_path, monkeypatch):
+    """`fedlib keys init --party NAME` on each machine; the config carries the public halves; a
+    party's process loads its own private key (file or environment) and nobody else's."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from fedlib.config import parse_config
+    from fedlib.federation import keyring
+    from fedlib.keys import AGGREGATOR, fingerprint, parse_party_pem
+
+    publics = {"clients": {}}
+    for party in (AGGREGATOR, "aws", "gcp"):
+        done = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "keys", "init", "--party", party, "--out", str(tmp_path / f"{party}.pem")],
+            capture_output=True, text=True, check=True,
+        )
+        printed = yaml.safe_load(done.stdout)
+        if party == AGGREGATOR:
+            publics["aggregator"] = printed["aggregator"]
+        else:
+            publics["clients"].update(printed["clients"])
+        assert stat.S_IMODE((tmp_path / f"{party}.pem").stat().st_mode) == 0o600
+    config = parse_config(_party_config(tmp_path, publics, f"file:{tmp_path}/{{party}}.pem"))
+
+    aws = keyring(config, "aws")
+    assert set(aws.client_private) == {"aws"} and aws.aggregator_private is None and aws.signing_private is None
+    aggregator = keyring(config, AGGREGATOR)
+    assert aggregator.aggregator_private is not None and aggregator.signing_private is not None and not aggregator.client_private
+    ctx = EnvelopeContext("keys", 1, "aws")
+    assert open_sealed(seal(b"x", client_update_key(aws, "aws"), ctx), aggregator_update_key(aggregator, "aws"), ctx) == b"x"
+    assert keyring(config).client_private == {}  # no party: public keys only
+
+    # gcp's key presented as aws's is named by fingerprint, not used.
+    swapped = parse_config(_party_config(tmp_path, publics, f"file:{tmp_path}/gcp.pem"))
+    with pytest.raises(ValueError, match="aws's private key .fingerprint .* does not match"):
+        keyring(swapped, "aws")
+    # From an environment variable instead of a file.
+    monkeypatch.setenv("FEDLIB_KEY_AWS", (tmp_path / "aws.pem").read_text())
+    from_env = keyring(parse_config(_party_config(tmp_path, publics, "env:FEDLIB_KEY_{party}".replace("{party}", "AWS"))), "aws")
+    assert fingerprint(from_env.client_private["aws"].public_key()) == fingerprint(parse_party_pem((tmp_path / "aws.pem").read_bytes(), "aws")[0].public_key())
+    (tmp_path / "gcp.pem").chmod(0o644)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        keyring(config, "gcp")
+    again = subprocess.run([sys.executable, "-m", "flows.cli", "keys", "init", "--party", "aws", "--out", str(tmp_path / "aws.pem")],
+                           capture_output=True, text=True)
+    assert again.returncode == 1 and "a party's key is made once" in again.stderr
+
+
+def test_a_keyring_section_must_list_every_cloud_and_decode(tmp_path):
+    from fedlib.config import ConfigError, parse_config
+    from fedlib.keys import public_text, new_party_keys
+
+    aggregator = [k.public_key() for k in new_party_keys("aggregator")]
+    publics = {"aggregator": {"exchange": public_text(aggregator[0]), "signing": public_text(aggregator[1])},
+               "clients": {"aws": public_text(new_party_keys("aws")[0].public_key())}}
+    with pytest.raises(ConfigError, match="keyring.clients: lists \\['aws'\\], the clouds are \\['aws', 'gcp'\\]"):
+        parse_config(_party_config(tmp_path, publics, "file:~/k.pem"))
+    publics["clients"]["gcp"] = "bm90IGEga2V5"
+    with pytest.raises(ConfigError, match="keyring.clients.gcp: 9 bytes, a public key has 32"):
+        parse_config(_party_config(tmp_path, publics, "file:~/k.pem"))
+    publics["clients"]["gcp"] = publics["clients"]["aws"]
+    with pytest.raises(ConfigError, match="expected file:PATH, env:VAR or secret:BLOCK"):
+        parse_config(_party_config(tmp_path, publics, "vault:k"))

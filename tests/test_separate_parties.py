@@ -77,6 +77,7 @@ class Party:
             "PATH": f"{VENV_BIN}:/usr/bin:/bin",
             "PREFECT_API_URL": api_url,
             "PREFECT_HOME": str(self.drill / "prefect"),
+            "TMPDIR": str(self.drill / "tmp"),  # the process worker's runner storage, among others
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_WORKER_QUERY_SECONDS": "1",
             "PREFECT_WORKER_PREFETCH_SECONDS": "1",
@@ -89,6 +90,8 @@ class Party:
             **credentials,
         }
         self.worker: subprocess.Popen | None = None
+        self.killed = False
+        self.pool = f"{'federation' if name == AGGREGATOR else name}-pool"
 
     def chown(self, path: Path) -> None:
         subprocess.run(["chown", "-R", f"{self.account.pw_uid}:{self.account.pw_gid}", str(path)], check=True)
@@ -103,6 +106,7 @@ class Party:
                 (self.work / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(ROOT / name, self.work / name)
         (self.drill / "data").mkdir()
+        (self.drill / "tmp").mkdir()
         self.home.chmod(0o700)
         self.chown(self.drill)
 
@@ -120,7 +124,7 @@ class Party:
         return yaml.safe_load(done.stdout)
 
     def start_worker(self, logs: Path) -> None:
-        pool = f"{'federation' if self.name == AGGREGATOR else self.name}-pool"
+        pool, self.killed = self.pool, False
         log = open(logs / f"{pool}.log", "a")
         self.worker = subprocess.Popen(
             ["runuser", "-u", self.account.pw_name, "--", "env", "-i", *(f"{k}={v}" for k, v in self.env.items()),
@@ -130,6 +134,7 @@ class Party:
 
     def kill(self) -> None:
         """The machine dies: every process of this party, at once."""
+        self.killed = True
         subprocess.run(["pkill", "-KILL", "-u", self.account.pw_name], check=False)
         if self.worker is not None:
             self.worker.wait(10)
@@ -181,7 +186,9 @@ def drill(tmp_path_factory, corpus_dir, tiny_model_dir, emulators):
         server.wait_healthy()
         for pool in POOLS:
             server.cli("work-pool", "create", pool, "--type", "process")
-        server.cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+        # Deployed without FEDLIB_ROOT, the pull step's `{{ $FEDLIB_ROOT }}` is left for each
+        # worker to fill in from its own environment: each party runs its own working copy.
+        server.cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml", unset=("FEDLIB_ROOT",))
         for party in parties.values():
             party.start_worker(server.logs)
         yield {"server": server, "parties": parties, "publics": publics, "model": shared / "model",
@@ -251,10 +258,15 @@ def _state(server: PrefectServer, run_id: str):
     return _api(server, read)
 
 
-def _wait(what: str, check, timeout: float, server: PrefectServer):
-    """Poll the API (it has no blocking wait for a state) until `check()` is truthy."""
+def _wait(what: str, check, timeout: float, server: PrefectServer, parties: dict | None = None):
+    """Poll the API (it has no blocking wait for a state) until `check()` is truthy; a worker
+    that died on its own fails the drill at once."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        for party in (parties or {}).values():
+            if party.worker is not None and party.worker.poll() is not None and not party.killed:
+                log = (server.logs / f"{party.pool}.log").read_text()[-3000:]
+                pytest.fail(f"{party.name}'s worker exited ({party.worker.returncode}):\n{log}")
         value = check()
         if value:
             return value
@@ -277,19 +289,23 @@ def test_parties_share_only_the_stores_and_the_api(drill):
     first = _start_federation(server, config)
 
     # Round 2: once aws's client run is running, aws's machine dies (worker and run with it).
-    aws_round_2 = _wait("aws-round-2 running", lambda: next(
-        (r for r in _flow_runs(server, "aws-round-2") if r.state is not None and r.state.is_running()), None), 600, server)
+    def aws_round_2_running():
+        state = _state(server, first)
+        assert not state.is_final(), f"the federation run ended {state.name} before round 2; logs in {server.logs}"
+        return next((r for r in _flow_runs(server, "aws-round-2") if r.state is not None and r.state.is_running()), None)
+
+    aws_round_2 = _wait("aws-round-2 running", aws_round_2_running, 600, server, parties)
     parties["aws"].kill()
     # A second federation run, started while the first is going (a schedule firing, say).
     second = _start_federation(server, drill_config(drill, 1))
-    cancelled = _wait("aws-round-2 cancelled", lambda: (s := _state(server, aws_round_2.id)).is_final() and s, DEADLINE_S + 120, server)
+    cancelled = _wait("aws-round-2 cancelled", lambda: (s := _state(server, aws_round_2.id)).is_final() and s, DEADLINE_S + 120, server, parties)
     assert cancelled.is_cancelled(), cancelled.name  # cancelled through the API, and its state says so
     parties["aws"].start_worker(server.logs)  # the machine is back before round 3
 
-    final = _wait("the first federation run", lambda: (s := _state(server, first)).is_final() and s, 600, server)
+    final = _wait("the first federation run", lambda: (s := _state(server, first)).is_final() and s, 600, server, parties)
     assert final.is_completed(), f"{final.name}; logs in {server.logs}"
     assert not _state(server, second).is_completed()  # held while the first ran (concurrency limit 1)
-    final = _wait("the second federation run", lambda: (s := _state(server, second)).is_final() and s, 400, server)
+    final = _wait("the second federation run", lambda: (s := _state(server, second)).is_final() and s, 400, server, parties)
     assert final.is_completed(), f"{final.name}; logs in {server.logs}"
 
     # The lineage, read as any party would: from the checkpoint bucket, checked with the config's public key.
