@@ -152,6 +152,14 @@ class Manifest:
         """Updates up and global adapters down: every byte that left a cloud in this round."""
         return sum(r.bytes_uploaded + r.bytes_downloaded for r in self.clients.values())
 
+    @property
+    def federated_eval_loss(self) -> float | None:
+        """The token-weighted loss of the global adapter this round *started from* (round − 1's),
+        as the accepted clients scored it on their own validation splits; None if none did."""
+        scored = [(r.validation_loss, r.validation_tokens) for r in self.clients.values() if r.validation_loss is not None]
+        tokens = sum(t for _, t in scored)
+        return sum(loss * t for loss, t in scored) / tokens if tokens else None
+
 
 _SCHEMA = TypeAdapter(Manifest)
 

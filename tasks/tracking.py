@@ -57,7 +57,7 @@ def open_tracking(config: FederationConfig, run_id: str | None, run_name: str | 
     return run.info.run_id
 
 
-_CLIENT_METRICS = ("train_loss", "num_examples", "bytes_uploaded", "bytes_downloaded", "train_s", "encrypt_upload_s", "update_norm", "local_steps")
+_CLIENT_METRICS = ("train_loss", "num_examples", "bytes_uploaded", "bytes_downloaded", "train_s", "encrypt_upload_s", "update_norm", "local_steps", "validation_tokens")
 
 
 def round_metrics(manifest: Manifest) -> dict[str, float]:
@@ -66,6 +66,8 @@ def round_metrics(manifest: Manifest) -> dict[str, float]:
     for client, report in manifest.clients.items():
         for name in _CLIENT_METRICS:
             metrics[f"client/{client}/{name}"] = getattr(report, name)
+        if report.validation_loss is not None:
+            metrics[f"client/{client}/validation_loss"] = report.validation_loss
     for client, money in manifest.cost.items():
         metrics[f"cost/{client}"] = money
     if manifest.round > 0:
@@ -89,6 +91,10 @@ def track_round(config: FederationConfig, run_id: str, round_number: int, manife
     manifest = manifests[-1]
     now = int(time.time() * 1000)
     metrics = [Metric(k, v, now, round_number) for k, v in round_metrics(manifest).items() if math.isfinite(v)]
+    federated = manifest.federated_eval_loss
+    if federated is not None:  # the clients scored the adapter they received: round − 1's
+        metrics += [Metric("eval/federated_loss", federated, now, round_number - 1),
+                    Metric("eval/federated_perplexity", math.exp(federated), now, round_number - 1)]
     client.log_batch(run_id, metrics=metrics)
     client.log_dict(run_id, to_json(manifest), f"manifests/round-{round_number:04d}.json")
     rounds = [m.round for m in manifests]

@@ -81,3 +81,30 @@ def test_every_command_refuses_a_bad_config_by_its_path(tmp_path, capsys, argv):
     command = argv[:2] if argv[0] == "keys" else argv[:1]
     assert main([*command, str(bad), *argv[len(command):]]) == 2
     assert f"{bad}: not valid YAML" in " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+
+
+def test_model_sources_and_config_as_data(tmp_path, tiny_model_dir):
+    """`model.source` may name a Hugging Face id in the offline cache or a folder's URL; a config
+    passed as data (as the federation hands it to its clients) arrives with the test-only noise
+    seed redacted, and the seed is dropped rather than refused."""
+    from fedlib.config import config_from, parse_config
+    from fedlib.model import BaseModelMismatch, base_revision, check_base_model
+
+    raw = {"clouds": [{"name": "aws"}], "federation": {"data_dir": str(tmp_path)}}
+    for source in ("hf:HuggingFaceTB/SmolLM2-135M-Instruct", "s3://models/smollm2/", "file:///srv/models/llama"):
+        assert parse_config({**raw, "model": {"source": source}}).model.source == source
+    with pytest.raises(ConfigError, match="neither a shipped model"):
+        parse_config({**raw, "model": {"source": str(tmp_path / "nothing-here")}})
+
+    seeded = parse_config({**raw, "privacy": {"enabled": True, "noise_seed": 5}})
+    as_data = seeded.model_dump(mode="json")
+    assert as_data["privacy"]["noise_seed"] == "<redacted>"
+    arrived = config_from(as_data)
+    assert arrived.privacy.noise_seed is None and arrived.privacy.enabled
+
+    # A fetched folder has the same revision as the folder it came from; another base is refused by name.
+    fetched = parse_config({**raw, "model": {"source": (tiny_model_dir).as_uri()}}).model.source
+    assert base_revision(fetched) == base_revision(str(tiny_model_dir))
+    check_base_model(base_revision(str(tiny_model_dir)), fetched)
+    with pytest.raises(BaseModelMismatch, match="the federation trains sha256:0+"):
+        check_base_model("sha256:" + "0" * 64, fetched)

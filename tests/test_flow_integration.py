@@ -55,6 +55,12 @@ def test_mlflow_holds_metrics_params_and_artifacts(finished_run):
         assert set(history(f"client/{cloud}/train_loss")) == {1, 2}
         assert history(f"client/{cloud}/bytes_uploaded")[2] == manifests[2].clients[cloud].bytes_uploaded > 0
         assert history(f"client/{cloud}/num_examples")[1] > 0
+    # Each client scored the adapter it received on its own validation split (held-out blocks the
+    # aggregator does not score), and the token-weighted mean is logged at that adapter's round.
+    for manifest in manifests[1:]:
+        assert all(r.validation_tokens == 8 * 31 and r.validation_loss > 0 for r in manifest.clients.values())
+    federated = history("eval/federated_perplexity")
+    assert set(federated) == {0, 1} and federated[0] == pytest.approx(math.exp(manifests[1].federated_eval_loss))
     for stage in ("train_s", "encrypt_upload_s", "download_decrypt_s", "aggregate_s", "evaluate_s", "round_s", "partition_s"):
         assert history(f"time/{stage}")[2] >= 0, stage
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
