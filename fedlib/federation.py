@@ -5,6 +5,8 @@ the data, the key, the models. The client's side is in `fedlib.client`, the aggr
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,12 +63,40 @@ def keyring(config: FederationConfig, party: str | None = None, create: bool = F
         if create:
             init_keys(key_folder(config), names)
         return load_keyring(key_folder(config), names)
+    pin_keyring(config)
     if party is None:
         return party_keyring(config.keyring.publics, None, None)
     source = config.keyring.key_source
     if party != AGGREGATOR:
         source = config.cloud(party).key_source or source
     return party_keyring(config.keyring.publics, party, read_key_source(source, party, read_secret))
+
+
+class KeyringChanged(ValueError):
+    """The config's keyring is not the one this machine pinned for the federation."""
+
+
+def pin_keyring(config: FederationConfig) -> None:
+    """Trust on first use, then never a swap: the first time this machine sees the federation's
+    keyring it records its digest in its own `data_dir`; a later config with other public keys
+    is refused, so whoever hands a party its config (the orchestrator) cannot redirect updates to
+    a key of its own. Rotating keys means deleting the pin, deliberately."""
+    assert config.keyring is not None
+    publics = config.keyring.model_dump(mode="json", include={"aggregator", "clients"})
+    digest = hashlib.sha256(json.dumps(publics, sort_keys=True).encode()).hexdigest()
+    pin = config.data_path / f"keyring-{config.federation.id}.pin"
+    pin.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with pin.open("x") as handle:
+            handle.write(digest)
+        return
+    except FileExistsError:
+        pinned = pin.read_text().strip()
+    if pinned != digest:
+        raise KeyringChanged(
+            f"keyring: the config's public keys (digest {digest[:16]}) are not the ones this machine pinned for federation "
+            f"{config.federation.id!r} ({pinned[:16]}, in {pin}); if the federation rotated its keys, delete that file"
+        )
 
 
 def client_update_key(ring: KeyRing, client: str) -> UpdateKey:

@@ -163,11 +163,11 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def keys_init_command(args: argparse.Namespace) -> int:
+    if args.party:
+        return _party_key(args.party, args.out)
     from fedlib.federation import key_folder
     from fedlib.keys import init_keys
 
-    if args.party:
-        return _party_key(args.party, args.out)
     if args.config is None:
         print("give a CONFIG (every party's keys on this machine) or --party NAME (one party's key)", file=sys.stderr)
         return 2

@@ -189,3 +189,26 @@ def test_a_keyring_section_must_list_every_cloud_and_decode(tmp_path):
     publics["clients"]["gcp"] = publics["clients"]["aws"]
     with pytest.raises(ConfigError, match="expected file:PATH, env:VAR or secret:BLOCK"):
         parse_config(_party_config(tmp_path, publics, "vault:k"))
+
+
+def test_a_party_refuses_a_swapped_keyring_once_pinned(tmp_path):
+    """Whoever hands a client its config (the orchestrator) cannot swap in an aggregator key of
+    its own after the client first saw the federation's keyring."""
+    from fedlib.config import parse_config
+    from fedlib.federation import KeyringChanged, keyring
+    from fedlib.keys import AGGREGATOR, public_text, new_party_keys, party_pem
+
+    def publics(aggregator_keys):
+        return {"aggregator": {"exchange": public_text(aggregator_keys[0].public_key()),
+                               "signing": public_text(aggregator_keys[1].public_key())},
+                "clients": {"aws": public_text(aws[0].public_key()), "gcp": public_text(gcp[0].public_key())}}
+
+    aws, gcp = new_party_keys("aws"), new_party_keys("gcp")
+    (tmp_path / "aws.pem").write_bytes(party_pem(aws))
+    (tmp_path / "aws.pem").chmod(0o600)
+    honest, attacker = new_party_keys(AGGREGATOR), new_party_keys(AGGREGATOR)
+    source = f"file:{tmp_path}/{{party}}.pem"
+    assert keyring(parse_config(_party_config(tmp_path, publics(honest), source)), "aws").client_private
+    assert keyring(parse_config(_party_config(tmp_path, publics(honest), source)), "aws").client_private  # same keyring: fine
+    with pytest.raises(KeyringChanged, match="not the ones this machine pinned for federation 'keys'"):
+        keyring(parse_config(_party_config(tmp_path, publics(attacker), source)), "aws")
