@@ -47,8 +47,9 @@ def secure_round(
                            f"{config.secagg_min_survivors} needed ({failed})")
     inboxes = relay_setups(setups)
     # Every participant's weight over their sum: the unmasked sum is the mean if nobody drops.
-    # Where the aggregator knows no shard size (each client's own data), the cap stands in.
-    scale = float(len(setups) if config.privacy.enabled else sum(expected[c].max_examples for c in setups))
+    # Each client said its count in its setup; a count past the round's cap is refused later,
+    # when its masked update's weight must match it.
+    scale = float(len(setups) if config.privacy.enabled else sum(min(s.num_examples, expected[c].max_examples) for c, s in setups.items()))
     setup_s = time.perf_counter() - started
     training = steps.run(
         "train",

@@ -18,10 +18,10 @@ from fedlib.checkpoint import plan_rounds
 from fedlib.config import ConfigError, FederationConfig, config_from
 from fedlib.federation import checkpoint_store, keyring, progress
 from fedlib.heterogeneity import budget_stop
+from fedlib.keys import AGGREGATOR
 from fedlib.manifest import Manifest, base_manifest
 from fedlib.model import base_revision
 from fedlib.privacy.accountant import over_budget
-from fedlib.keys import AGGREGATOR
 from flows.federated_round import federated_round
 from tasks.aggregate import commit_round, evaluate_global, make_initial_adapter
 from tasks.artifacts import publish_summary

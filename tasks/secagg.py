@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import replace
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -27,6 +28,7 @@ from fedlib.rejection import UpdateRejected
 from fedlib.secagg.aggregator import MaskedSum, finish_secure_round, sum_masked_updates
 from fedlib.secagg.messages import RevealRequest, SetupMessage, SetupRequest
 from fedlib.secagg.protocol import make_reveal, make_setup, open_inbox
+from fedlib.shards import client_data
 from tasks.credentials import party_keys, storage_options
 
 
@@ -37,9 +39,11 @@ def _client_outbox(config: FederationConfig, client: str, round_number: int):
 
 @task(name="secagg-setup", task_run_name="secagg-setup-{client}-round-{round_number}", cache_policy=NO_CACHE)
 def secagg_setup(config: FederationConfig, client: str, round_number: int, request: SetupRequest) -> str:
-    """Posts this client's setup message for the aggregator to relay; returns where."""
+    """Posts this client's setup message (with its example count) for the aggregator to relay;
+    returns where."""
     ring, box = _client_outbox(config, client, round_number)
-    message = make_setup(ring, client, secagg_session(config, round_number, request.session_id))
+    examples = len(client_data(config, client, box.key, box.options).train)
+    message = replace(make_setup(ring, client, secagg_session(config, round_number, request.session_id)), num_examples=examples)
     return box.post("setup", request.session_id, json.dumps(message.to_json()).encode())
 
 

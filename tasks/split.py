@@ -18,9 +18,9 @@ from prefect.cache_policies import NO_CACHE
 from fedlib.client import client_seed
 from fedlib.config import FederationConfig
 from fedlib.federation import load_data
-from tasks.credentials import party_keys
 from fedlib.split.client import HttpTransport, SplitClient
 from fedlib.split.trainer import Tensors
+from tasks.credentials import party_keys
 
 
 @dataclass

@@ -59,21 +59,27 @@ class SetupRequest:
 @dataclass(frozen=True)
 class SetupMessage:
     """A client's setup: its round mask public key, and for each peer, sealed for that peer
-    alone, the public key and the peer's shares of this client's two secrets."""
+    alone, the public key and the peer's shares of this client's two secrets. `num_examples` is
+    the client's example count (its FedAvg weight), which the aggregator needs before training
+    to scale the masked sum, since it may know no client's data (held to the round's cap)."""
 
     mask_public: str
     sealed: dict[str, str]
+    num_examples: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, value: Any) -> SetupMessage:
-        data = _fields(value, {"mask_public", "sealed"}, "setup message")
+        data = _fields(value, {"mask_public", "sealed", "num_examples"}, "setup message")
         public = _hex(data["mask_public"], "mask_public")
         if len(public) != 64:
             raise malformed("mask_public", "not a 32-byte X25519 key")
-        return cls(public, _inbox(data["sealed"], "sealed setups"))
+        examples = data["num_examples"]
+        if isinstance(examples, bool) or not isinstance(examples, int) or not 0 <= examples <= 2**53:
+            raise malformed("num_examples", "not a count")
+        return cls(public, _inbox(data["sealed"], "sealed setups"), examples)
 
 
 @dataclass(frozen=True)
