@@ -16,6 +16,7 @@ import os
 import uuid
 from dataclasses import dataclass
 
+import fsspec
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -111,12 +112,25 @@ def own_data(config: FederationConfig, client: str, options: Options | None) -> 
     def blocks(urls: tuple[str, ...]) -> torch.Tensor:
         if not urls:
             return torch.empty(0, seq_len, dtype=torch.long)
-        key = f"{config.model.source}|{client}|{urls}|{seq_len}"
+        key = f"{config.model.source}|{client}|{seq_len}|{files_version(urls, options)}"
         return cached_blocks(
             config.data_path / "cache", key, lambda: tokenize_blocks(url_documents(urls, options), tokenizer, seq_len)
         ).tokens
 
     return ClientData(blocks(cloud.data), blocks(cloud.validation), ", ".join(cloud.data))
+
+
+def files_version(urls: tuple[str, ...], options: Options | None) -> str:
+    """What the files behind `urls` are now (each match's path, size and modification stamp, as
+    its store reports them): the tokenised cache is keyed by it, so a file changed in place, or
+    a new file under a glob, is read again."""
+    stamps = []
+    for url in urls:
+        for handle in fsspec.open_files(url, **(options or {})):
+            info = handle.fs.info(handle.path)
+            stamp = next((info[k] for k in ("mtime", "LastModified", "last_modified", "updated", "ETag", "etag") if info.get(k)), "")
+            stamps.append((handle.path, info.get("size"), str(stamp)))
+    return hashlib.sha256(json.dumps(sorted(stamps)).encode()).hexdigest()
 
 
 def client_data(config: FederationConfig, client: str, key: UpdateKey, options: Options | None) -> ClientData:
