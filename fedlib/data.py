@@ -77,6 +77,19 @@ def url_documents(urls: tuple[str, ...], options: dict | None = None) -> list[Do
     return docs
 
 
+def files_version(urls: tuple[str, ...], options: dict | None = None) -> str:
+    """What the files behind `urls` are now (each match's path, size and modification stamp, as
+    its store reports them): the tokenised cache is keyed by it, so a file changed in place, or
+    a new file under a glob, is read again."""
+    stamps = []
+    for url in urls:
+        for handle in fsspec.open_files(url, **(options or {})):
+            info = handle.fs.info(handle.path)
+            stamp = next((info[k] for k in ("mtime", "LastModified", "last_modified", "updated", "ETag", "etag") if info.get(k)), "")
+            stamps.append((handle.path, info.get("size"), str(stamp)))
+    return hashlib.sha256(json.dumps(sorted(stamps)).encode()).hexdigest()
+
+
 def _jsonl_documents(handle, path: PurePosixPath) -> list[Document]:
     docs = []
     for number, line in enumerate(handle, start=1):

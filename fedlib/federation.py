@@ -17,7 +17,7 @@ from fedlib import storage
 from fedlib.checkpoint import CheckpointStore
 from fedlib.client_state import ResidualStore, RevealLedger
 from fedlib.config import FederationConfig
-from fedlib.data import BlockSet, cached_blocks, shakespeare_documents, tokenize_blocks, url_documents
+from fedlib.data import BlockSet, cached_blocks, files_version, shakespeare_documents, tokenize_blocks, url_documents
 from fedlib.envelope import UpdateKey
 from fedlib.keys import AGGREGATOR, KeyRing, fingerprint, init_keys, load_keyring, party_keyring, read_key_source
 from fedlib.outbox import Outbox
@@ -186,7 +186,7 @@ def evaluation_blocks(config: FederationConfig) -> torch.Tensor:
     urls = config.evaluation.data
     if not urls:
         return load_data(config).evaluation
-    key = f"{config.model.source}|evaluation|{urls}|{config.data.seq_len}"
+    key = f"{config.model.source}|evaluation|{config.data.seq_len}|{files_version(urls, None)}"
     blocks = cached_blocks(
         config.data_path / "cache", key, lambda: tokenize_blocks(url_documents(urls), load_tokenizer(config.model.source), config.data.seq_len)
     )

@@ -16,13 +16,12 @@ import os
 import uuid
 from dataclasses import dataclass
 
-import fsspec
 import torch
 from safetensors.torch import load_file, save_file
 
 from fedlib import storage
 from fedlib.config import FederationConfig
-from fedlib.data import cached_blocks, tokenize_blocks, url_documents
+from fedlib.data import cached_blocks, files_version, tokenize_blocks, url_documents
 from fedlib.decode import TensorSpec, load_tensors
 from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed, seal
 from fedlib.model import load_tokenizer
@@ -118,19 +117,6 @@ def own_data(config: FederationConfig, client: str, options: Options | None) -> 
         ).tokens
 
     return ClientData(blocks(cloud.data), blocks(cloud.validation), ", ".join(cloud.data))
-
-
-def files_version(urls: tuple[str, ...], options: Options | None) -> str:
-    """What the files behind `urls` are now (each match's path, size and modification stamp, as
-    its store reports them): the tokenised cache is keyed by it, so a file changed in place, or
-    a new file under a glob, is read again."""
-    stamps = []
-    for url in urls:
-        for handle in fsspec.open_files(url, **(options or {})):
-            info = handle.fs.info(handle.path)
-            stamp = next((info[k] for k in ("mtime", "LastModified", "last_modified", "updated", "ETag", "etag") if info.get(k)), "")
-            stamps.append((handle.path, info.get("size"), str(stamp)))
-    return hashlib.sha256(json.dumps(sorted(stamps)).encode()).hexdigest()
 
 
 def client_data(config: FederationConfig, client: str, key: UpdateKey, options: Options | None) -> ClientData:
