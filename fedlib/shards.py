@@ -57,7 +57,8 @@ def shard_url(config: FederationConfig, client: str) -> str:
     return storage.join(root, config.federation.id, "data", f"{client}-{partition_digest(config)[:16]}.shard")
 
 
-def _context(config: FederationConfig, client: str) -> EnvelopeContext:
+def shard_context(config: FederationConfig, client: str) -> EnvelopeContext:
+    """What a shard is sealed under: its client, bound to the partition that made it."""
     return EnvelopeContext(config.federation.id, 0, client, f"data/{partition_digest(config)}")
 
 
@@ -68,7 +69,7 @@ def distribute_shard(
     url = shard_url(config, client)
     if not storage.exists(url, options):
         payload = tensors_to_bytes({"train": train, "validation": validation})
-        storage.write_atomic(url, seal(payload, key, _context(config, client)), options)
+        storage.write_atomic(url, seal(payload, key, shard_context(config, client)), options)
     return url
 
 
@@ -90,7 +91,7 @@ def read_shard(config: FederationConfig, client: str, key: UpdateKey, options: O
 
 
 def _fetch_shard(config: FederationConfig, client: str, key: UpdateKey, options: Options | None, url: str) -> ClientData:
-    payload = open_sealed(storage.read_limited(url, MAX_SHARD_BYTES, options), key, _context(config, client))
+    payload = open_sealed(storage.read_limited(url, MAX_SHARD_BYTES, options), key, shard_context(config, client))
     seq_len = config.data.seq_len
 
     def allowed(name: str, spec: TensorSpec) -> str | None:

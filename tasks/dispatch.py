@@ -3,6 +3,7 @@ past the deadline is cancelled through the Prefect API, so it stops running (and
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -10,7 +11,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
+from prefect.exceptions import FlowRunWaitTimeout
+from prefect.flow_runs import wait_for_flow_run
 from prefect.states import Cancelled, Cancelling
+from prefect.utilities.asyncutils import run_coro_as_sync
 
 from fedlib.config import FederationConfig
 
@@ -30,18 +34,17 @@ def client_run_name(client: str, round_number: int, step: str) -> str:
 
 def cancel_run(run_id, why: str, grace_s: float) -> str:
     """Ask the run's worker to stop it (Cancelling); a worker that is alive kills the process and
-    confirms (Cancelled). If none confirms within `grace_s` (the worker itself is gone, and the
-    run's process with it), the run is marked Cancelled here, so its state says what happened."""
+    confirms (Cancelled), which this waits for on Prefect's event stream. If none confirms within
+    `grace_s` (the worker itself is gone, and the run's process with it), the run is marked
+    Cancelled here, so its state says what happened."""
     with get_client(sync_client=True) as client:
         client.set_flow_run_state(run_id, Cancelling(message=why), force=True)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            state = client.read_flow_run(run_id).state
-            if state is not None and state.is_final():
-                return state.name
-            time.sleep(1)  # the API has no blocking wait for a state change; poll as run_deployment does
-        client.set_flow_run_state(run_id, Cancelled(message=f"{why}; no worker confirmed within {grace_s:.0f} s"), force=True)
-        return "Cancelled"
+        try:
+            run = run_coro_as_sync(wait_for_flow_run(run_id, timeout=math.ceil(grace_s)))
+            return run.state.name if run.state is not None else "no state"
+        except FlowRunWaitTimeout:
+            client.set_flow_run_state(run_id, Cancelled(message=f"{why}; no worker confirmed within {grace_s:.0f} s"), force=True)
+            return "Cancelled"
 
 
 @task(name="dispatch-client", task_run_name="dispatch-{client}-{step}-round-{round_number}", cache_policy=NO_CACHE)

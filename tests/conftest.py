@@ -175,9 +175,9 @@ def scan_ciphertext_only(config, options_by_cloud) -> int:
             for marker in (b"__metadata__", b'"dtype"', b'"F32"', b"lora_A", b"num_examples"):
                 assert marker not in blob, (path, marker)
             if path.endswith(".shard"):  # the client's distributed training data, sealed for it
-                from fedlib.shards import _context
+                from fedlib.shards import shard_context
 
-                plaintext = open_sealed(blob, aggregator_update_key(ring, cloud.name), _context(config, cloud.name))
+                plaintext = open_sealed(blob, aggregator_update_key(ring, cloud.name), shard_context(config, cloud.name))
             else:
                 round_number = int(re.search(r"round-(\d+)", path).group(1))
                 ctx = stored_update_context(config, cloud.name, round_number, blob)

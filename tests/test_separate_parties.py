@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -258,20 +257,52 @@ def _state(server: PrefectServer, run_id: str):
     return _api(server, read)
 
 
-def _wait(what: str, check, timeout: float, server: PrefectServer, parties: dict | None = None):
-    """Poll the API (it has no blocking wait for a state) until `check()` is truthy; a worker
-    that died on its own fails the drill at once."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for party in (parties or {}).values():
-            if party.worker is not None and party.worker.poll() is not None and not party.killed:
-                log = (server.logs / f"{party.pool}.log").read_text()[-3000:]
-                pytest.fail(f"{party.name}'s worker exited ({party.worker.returncode}):\n{log}")
-        value = check()
-        if value:
-            return value
-        time.sleep(1)
-    raise TimeoutError(f"{what} not within {timeout:.0f} s; logs in {server.logs}")
+def _workers_report(server: PrefectServer, parties: dict) -> str:
+    lines = []
+    for party in parties.values():
+        if party.worker is not None and party.worker.poll() is not None and not party.killed:
+            log = (server.logs / f"{party.pool}.log").read_text()[-3000:]
+            lines.append(f"{party.name}'s worker exited ({party.worker.returncode}):\n{log}")
+    return "\n".join(lines) or f"workers alive; logs in {server.logs}"
+
+
+def _finished(server: PrefectServer, parties: dict, run_id, timeout: float):
+    """The run's final state, waited for on the server's event stream."""
+    from prefect.exceptions import FlowRunWaitTimeout
+    from prefect.flow_runs import wait_for_flow_run
+
+    try:
+        return server.client_call(lambda client: wait_for_flow_run(run_id, timeout=int(timeout), client=client)).state
+    except FlowRunWaitTimeout:
+        pytest.fail(f"flow run {run_id} not finished within {timeout:.0f} s; {_workers_report(server, parties)}")
+
+
+def _started_running(server: PrefectServer, parties: dict, name: str, watched_run, timeout: float):
+    """The flow run called `name`, once it is Running, waited for on the server's event stream
+    (its current state is read after subscribing, so an earlier event is not missed). If
+    `watched_run` ends first, the drill fails there and then."""
+    import anyio
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.events.clients import get_events_subscriber
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    async def watch(client):
+        async with get_events_subscriber(filter=EventFilter(event=EventNameFilter(prefix=["prefect.flow-run."]))) as events:
+            with anyio.move_on_after(timeout):
+                while True:
+                    state = (await client.read_flow_run(watched_run)).state
+                    assert not state.is_final(), f"{watched_run} ended {state.name} before {name} ran; logs in {server.logs}"
+                    runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+                    running = next((r for r in runs if r.state is not None and r.state.is_running()), None)
+                    if running is not None:
+                        return running
+                    await anext(events)  # a flow run changed state: look again
+        return None
+
+    found = server.client_call(watch)
+    if found is None:
+        pytest.fail(f"{name} not running within {timeout:.0f} s; {_workers_report(server, parties)}")
+    return found
 
 
 def _logs(server: PrefectServer, run_id) -> str:
@@ -289,23 +320,18 @@ def test_parties_share_only_the_stores_and_the_api(drill):
     first = _start_federation(server, config)
 
     # Round 2: once aws's client run is running, aws's machine dies (worker and run with it).
-    def aws_round_2_running():
-        state = _state(server, first)
-        assert not state.is_final(), f"the federation run ended {state.name} before round 2; logs in {server.logs}"
-        return next((r for r in _flow_runs(server, "aws-round-2") if r.state is not None and r.state.is_running()), None)
-
-    aws_round_2 = _wait("aws-round-2 running", aws_round_2_running, 600, server, parties)
+    aws_round_2 = _started_running(server, parties, "aws-round-2", first, 600)
     parties["aws"].kill()
     # A second federation run, started while the first is going (a schedule firing, say).
     second = _start_federation(server, drill_config(drill, 1))
-    cancelled = _wait("aws-round-2 cancelled", lambda: (s := _state(server, aws_round_2.id)).is_final() and s, DEADLINE_S + 120, server, parties)
+    cancelled = _finished(server, parties, aws_round_2.id, DEADLINE_S + 120)
     assert cancelled.is_cancelled(), cancelled.name  # cancelled through the API, and its state says so
     parties["aws"].start_worker(server.logs)  # the machine is back before round 3
 
-    final = _wait("the first federation run", lambda: (s := _state(server, first)).is_final() and s, 600, server, parties)
+    final = _finished(server, parties, first, 600)
     assert final.is_completed(), f"{final.name}; logs in {server.logs}"
     assert not _state(server, second).is_completed()  # held while the first ran (concurrency limit 1)
-    final = _wait("the second federation run", lambda: (s := _state(server, second)).is_final() and s, 400, server, parties)
+    final = _finished(server, parties, second, 400)
     assert final.is_completed(), f"{final.name}; logs in {server.logs}"
 
     # The lineage, read as any party would: from the checkpoint bucket, checked with the config's public key.
