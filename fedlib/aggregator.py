@@ -17,7 +17,8 @@ from fedlib.codecs import CodecChain, SizeBound
 from fedlib.config import FederationConfig
 from fedlib.decode import bounded_int, load_tensors
 from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed
-from fedlib.federation import Tensors, progress, update_url
+from fedlib.federation import Tensors, update_url
+from fedlib.progress import ClientRejected, emit
 from fedlib.manifest import ClientReport, SaidByClient
 from fedlib.rejection import QuorumNotMet, Reason, UpdateRejected
 from fedlib.storage import Options
@@ -88,7 +89,7 @@ class AggregationReport:
 
     def reject(self, client: str, reason: Reason, detail: str) -> None:
         self.rejected[client] = {"reason": reason.value, "detail": detail}
-        progress.warning("client %s rejected (%s): %s", client, reason.value, detail)
+        emit(ClientRejected(client, reason.value, detail))
 
     def as_dict(self) -> dict:
         return asdict(self)

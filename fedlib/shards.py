@@ -21,10 +21,10 @@ from safetensors.torch import load_file, save_file
 
 from fedlib import storage
 from fedlib.config import FederationConfig
-from fedlib.data import cached_blocks, files_version, tokenize_blocks, url_documents
 from fedlib.decode import TensorSpec, load_tensors
 from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed, seal
-from fedlib.model import load_tokenizer
+from fedlib.examples import Examples
+from fedlib.own_data import own_examples
 from fedlib.serialization import tensors_to_bytes
 from fedlib.storage import Options
 
@@ -33,9 +33,13 @@ MAX_SHARD_BYTES = 1 << 32
 
 @dataclass(frozen=True)
 class ClientData:
-    train: torch.Tensor  # [n, seq_len] token blocks
-    validation: torch.Tensor  # [m, seq_len], m may be 0
+    train: Examples
+    validation: Examples  # may be empty
     source: str  # what the client read: a URL of its own, for its logs
+
+    @classmethod
+    def of_blocks(cls, train: torch.Tensor, validation: torch.Tensor, source: str) -> ClientData:
+        return cls(Examples.from_blocks(train), Examples.from_blocks(validation), source)
 
 
 def partition_digest(config: FederationConfig) -> str:
@@ -81,11 +85,11 @@ def read_shard(config: FederationConfig, client: str, key: UpdateKey, options: O
     cached = config.data_path / "cache" / f"shard-{client}-{partition_digest(config)[:16]}.safetensors"
     if cached.exists():
         tensors = load_file(str(cached))
-        return ClientData(tensors["train"], tensors["validation"], url)
+        return ClientData.of_blocks(tensors["train"], tensors["validation"], url)
     data = _fetch_shard(config, client, key, options, url)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_name(f"{cached.name}.{uuid.uuid4().hex}.tmp")
-    save_file({"train": data.train.contiguous(), "validation": data.validation.contiguous()}, str(tmp))
+    save_file({"train": data.train.input_ids.contiguous(), "validation": data.validation.input_ids.contiguous()}, str(tmp))
     os.replace(tmp, cached)
     return data
 
@@ -99,25 +103,15 @@ def _fetch_shard(config: FederationConfig, client: str, key: UpdateKey, options:
         return None if ok else f"not a [n, {seq_len}] int64 block tensor"
 
     tensors, _ = load_tensors(payload, "data shard", allowed)
-    return ClientData(tensors["train"], tensors.get("validation", torch.empty(0, seq_len, dtype=torch.long)), url)
+    return ClientData.of_blocks(tensors["train"], tensors.get("validation", torch.empty(0, seq_len, dtype=torch.long)), url)
 
 
 def own_data(config: FederationConfig, client: str, options: Options | None) -> ClientData:
-    """The client's own files (`clouds[].data`, `clouds[].validation`), read with its credentials
-    and tokenised here; cached in its own data_dir."""
+    """The client's own files (`clouds[].data`, `clouds[].validation`: text or instruction
+    records), read with its credentials and tokenised here; cached in its own data_dir."""
     cloud = config.cloud(client)
-    tokenizer = load_tokenizer(config.model.source)
-    seq_len = config.data.seq_len
-
-    def blocks(urls: tuple[str, ...]) -> torch.Tensor:
-        if not urls:
-            return torch.empty(0, seq_len, dtype=torch.long)
-        key = f"{config.model.source}|{client}|{seq_len}|{files_version(urls, options)}"
-        return cached_blocks(
-            config.data_path / "cache", key, lambda: tokenize_blocks(url_documents(urls, options), tokenizer, seq_len)
-        ).tokens
-
-    return ClientData(blocks(cloud.data), blocks(cloud.validation), ", ".join(cloud.data))
+    train = own_examples(config, cloud.data, options, f"{client}/train")
+    return ClientData(train, own_examples(config, cloud.validation, options, f"{client}/validation"), ", ".join(cloud.data))
 
 
 def client_data(config: FederationConfig, client: str, key: UpdateKey, options: Options | None) -> ClientData:

@@ -16,7 +16,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from fedlib.aggregator import AggregationReport, Expected, expected_of
 from fedlib.manifest import Manifest, Rejection, round_manifest
 from fedlib.config import FederationConfig
-from fedlib.federation import Tensors, checkpoint_store, progress
+from fedlib.federation import Tensors, checkpoint_store
+from fedlib.progress import RoundDone, RoundStarted, emit
 from fedlib.heterogeneity import sample_clients, step_budgets
 from fedlib.privacy.accountant import participation_after, privacy_spent
 from fedlib.rejection import QuorumNotMet
@@ -94,7 +95,6 @@ def federated_round(
     """Returns the committed manifest. A client that fails after its retries is left out (and
     recorded); the round fails only if fewer than `aggregation.min_clients` updates survive."""
     started = time.perf_counter()
-    progress.info("round %d started", round_number)
     assignment = partition_data(config) if config.simulated else {}  # cached: once per lineage
     partitioned = time.perf_counter()
     store = checkpoint_store(config)
@@ -102,6 +102,7 @@ def federated_round(
     clients = sample_clients(config, round_number)
     budgets = step_budgets(config, clients, previous)
     steps = ClientSteps(config, round_number, budgets)
+    emit(RoundStarted(round_number, tuple(clients), budgets))
     expected = expected_of(config, {c: len(assignment[c]) for c in clients if c in assignment}, budgets)
     secure: dict[str, Any] = {}
     if config.secure_aggregation.enabled:
@@ -133,5 +134,5 @@ def federated_round(
     )
     committed = commit_round(config, adapter, manifest, state)
     publish_round_table(config, round_number, clients, reports, rejected)
-    progress.info("round %d done: perplexity %.2f", round_number, committed.perplexity)
+    emit(RoundDone(round_number, committed.perplexity))
     return committed

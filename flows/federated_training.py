@@ -16,7 +16,8 @@ from prefect.runtime import flow_run
 
 from fedlib.checkpoint import plan_rounds
 from fedlib.config import ConfigError, FederationConfig, config_from
-from fedlib.federation import checkpoint_store, keyring, progress
+from fedlib.federation import checkpoint_store, keyring
+from fedlib.progress import BaseScored, PlanMade, Stopped, emit
 from fedlib.heterogeneity import budget_stop
 from fedlib.keys import AGGREGATOR
 from fedlib.manifest import Manifest, base_manifest
@@ -61,7 +62,7 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
     manifests = store.manifests()  # the verified lineage, walked once
     plan = plan_rounds(manifests, config.training.rounds)
     logger.info("%s: rounds %d..%d%s", config_path or "<config>", plan.first, plan.last, " (resuming)" if plan.resumed else "")
-    progress.info("plan: rounds %d..%d", plan.first, plan.last)
+    emit(PlanMade(plan.first, plan.last))
 
     started = time.perf_counter()
     if config.simulated:  # one corpus: split it, and send each client its shard
@@ -76,7 +77,7 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
         manifest = base_manifest(config.federation.id, plan.last, run_id, base_loss, timings, base_revision(config.model.source))
         manifests = [commit_round(config, make_initial_adapter(config), manifest)]
         track_round(config, run_id, 0, manifests)
-        progress.info("round 0 (base model): perplexity %.2f", manifests[0].perplexity)
+        emit(BaseScored(manifests[0].perplexity))
 
     registered = registered_rounds(config)
     for missed in [m for m in manifests[1:] if m.round not in registered]:
@@ -92,7 +93,7 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
                 stop = f"privacy budget: round {round_number} would reach ε={epsilon:.3f} > {config.privacy.epsilon_budget}"
             if stop is not None:
                 logger.warning("%s; stopping before round %d", stop, round_number)
-                progress.warning("%s; stopping before round %d", stop, round_number)
+                emit(Stopped(stop, round_number))
                 break
             manifests.append(federated_round(config, round_number, run_id, plan.last))
             track_round(config, run_id, round_number, manifests)

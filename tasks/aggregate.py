@@ -14,7 +14,7 @@ from fedlib.federation import (
     evaluate_adapter,
     aggregator_update_key,
     initial_adapter,
-    evaluation_blocks,
+    evaluation_examples,
 )
 from fedlib.keys import AGGREGATOR
 from tasks.credentials import party_keys, storage_options
@@ -50,7 +50,7 @@ def aggregate_round(
 
 @task(name="evaluate", task_run_name="evaluate-round-{round_number}", cache_policy=NO_CACHE)
 def evaluate_global(config: FederationConfig, round_number: int, adapter: Tensors | None) -> float:
-    loss = evaluate_adapter(config, adapter, evaluation_blocks(config))
+    loss = evaluate_adapter(config, adapter, evaluation_examples(config))
     get_run_logger().info("round %d: held-out loss %.4f", round_number, loss)
     return loss
 

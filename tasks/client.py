@@ -45,7 +45,7 @@ def train_client(
     parent = previous.adapter_sha256
     key = client_update_key(ring, client)
     data = client_data(config, client, key, storage_options(config, [client])[client])
-    get_run_logger().info("client %s round %d: training on its own data only: %s (%d blocks, %d validation)",
+    get_run_logger().info("client %s round %d: training on its own data only: %s (%d examples, %d validation)",
                           client, round_number, data.source, len(data.train), len(data.validation))
     masking = None
     if secure:

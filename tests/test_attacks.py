@@ -81,7 +81,7 @@ class Federation:
 
     def upload(self, client: str, round_number: int = 1, secure: SecureRound | None = None) -> None:
         key = client_update_key(self.ring, client)
-        data = ClientData(self.shards[client], self.shards[client][:0], "<test shard>")
+        data = ClientData.of_blocks(self.shards[client], self.shards[client][:0], "<test shard>")
         sealed = train_and_seal(self.config, client, round_number, self.adapter, data, key, secure, parent=self.parent)
         upload_sealed(sealed)
 

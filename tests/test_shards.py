@@ -27,7 +27,7 @@ def test_a_shard_holds_its_blocks_and_opens_for_its_client_only(tmp_path, corpus
     distribute_shard(config, "aws", train, validation, aggregator_update_key(ring, "aws"), None)
 
     received = read_shard(config, "aws", client_update_key(ring, "aws"), None)
-    assert torch.equal(received.train, train) and torch.equal(received.validation, validation)
+    assert torch.equal(received.train.input_ids, train) and torch.equal(received.validation.input_ids, validation)
     assert len(validation) == 8 and not set(map(tuple, validation.tolist())) & set(map(tuple, data.evaluation.tolist()))
 
     # gcp's key does not open aws's shard, and an edited byte is an authentication failure.

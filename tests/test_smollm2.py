@@ -10,7 +10,7 @@ import torch
 from fedlib.config import LoraSettings
 from fedlib.data import shakespeare_documents, tokenize_blocks
 from fedlib.model import attach_lora, load_base_model, load_tokenizer, model_folder
-from fedlib.training import evaluate_loss, train_lora
+from fedlib.training import TrainingPlan, evaluate_loss, train_lora
 
 pytestmark = pytest.mark.slow
 SOURCE = "smollm2-135m-instruct"
@@ -32,6 +32,6 @@ def test_smollm2_offline_lora_lowers_loss():
     model = attach_lora(base, LoraSettings(r=8, alpha=16), seed=0)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == 30 * 8 * (576 + 576 + 576 + 192)  # q_proj (576→576) and v_proj (576→192), r=8
-    result = train_lora(model, train, steps=6, batch_size=4, learning_rate=2e-3, generator=torch.Generator().manual_seed(0))
+    result = train_lora(model, train, TrainingPlan(steps=6, batch_size=4, learning_rate=2e-3, seed=0))
     assert all(math.isfinite(x) for x in result.losses)
     assert evaluate_loss(model, held_out, 8) < base_loss
