@@ -15,7 +15,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flows.cli import _embedded_defaults  # noqa: E402
+from fedlib_cli.common import embedded_defaults as _embedded_defaults  # noqa: E402
 
 
 def demo_config(path: Path | None = None, rounds: int | None = None, steps: int | None = None) -> dict[str, Any]:

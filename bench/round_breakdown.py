@@ -20,7 +20,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flows.cli import _embedded_defaults  # noqa: E402
+from fedlib_cli.common import embedded_defaults as _embedded_defaults  # noqa: E402
 
 STAGES = [
     ("partition", "partition_s"),

@@ -27,7 +27,7 @@ from demo_runs import demo_config, merged
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flows.cli import _embedded_defaults  # noqa: E402
+from fedlib_cli.common import embedded_defaults as _embedded_defaults  # noqa: E402
 
 
 def unsplit_steps(config, batches) -> list[float]:

@@ -125,6 +125,7 @@ def read_updates(
     late: Sequence[str] = (),
     parent: str = "",
     session: str = "",
+    max_bytes: int = 256 * 2**20,
 ) -> Iterator[T]:
     """Download and open each expected client's object, one at a time; what fails to open is
     recorded in `report` with its reason and skipped, as are the clients that failed and those
@@ -143,7 +144,7 @@ def read_updates(
         try:
             url = update_url(config, client, round_number)
             options = (storage_options or {}).get(client)
-            blob = storage.read_limited(url, config.aggregation.max_update_bytes, options)
+            blob = storage.read_limited(url, max_bytes, options)
             ctx = EnvelopeContext(config.federation.id, round_number, client, session, parent)
             opened, meta = opener(blob, keys[client], ctx)
             examples, steps = expected[client].counts(meta)
@@ -157,6 +158,15 @@ def read_updates(
             report.download_decrypt_s += time.perf_counter() - started
         report.accepted.append(client)
         yield opened
+
+
+def update_limit(config: FederationConfig, global_adapter: Tensors) -> int:
+    """The most bytes read of one client's update: `aggregation.max_update_bytes`, or twice the
+    adapter's fp32 size plus 1 MiB (for the envelope, metadata and codec headers; the largest
+    encoding is fp32 itself). A bucket that serves more is refused before the bytes are held."""
+    if config.aggregation.max_update_bytes is not None:
+        return config.aggregation.max_update_bytes
+    return 2 * sum(4 * v.numel() for v in global_adapter.values()) + 2**20
 
 
 def check_quorum(round_number: int, clients: Sequence[str], report: AggregationReport, needed: int, rule: str) -> None:
@@ -190,13 +200,13 @@ def aggregate_updates(
     `aggregation.min_clients` remain."""
     report = AggregationReport()
 
-    chain, max_bytes = config.compression.chain, config.aggregation.max_update_bytes
+    chain, max_bytes = config.compression.chain, update_limit(config, global_adapter)
     limits = expected or expected_of(config, {}, {c: config.training.local_steps for c in clients})
 
     def opener(blob: bytes, key: UpdateKey, ctx: EnvelopeContext) -> tuple[ClientUpdate, dict[str, str]]:
         return open_client_update(blob, key, ctx, global_adapter, limits[ctx.client], chain, max_bytes)
 
-    updates = read_updates(config, round_number, clients, failed, keys, storage_options, report, opener, limits, late, parent)
+    updates = read_updates(config, round_number, clients, failed, keys, storage_options, report, opener, limits, late, parent, max_bytes=max_bytes)
     started = time.perf_counter()
     strategy = strategy or build_strategy(config, round_number)
     try:

@@ -27,6 +27,7 @@ from fedlib.privacy.dp import clip_update_inplace, update_norm
 from fedlib.secagg.client import SecureRound, masked_update
 from fedlib.serialization import tensors_to_bytes
 from fedlib.storage import Options
+from fedlib.system_use import measured
 from fedlib.shards import ClientData
 from fedlib.training import LocalTraining, StepProgress, TrainingPlan, Validation
 
@@ -124,7 +125,8 @@ def train_and_seal(
     t = config.training
     steps = local_steps or t.local_steps
     shard = data.train
-    delta, result, scored = train_delta(config, client, round_number, global_adapter, shard, steps, data.validation)
+    with measured() as use:
+        delta, result, scored = train_delta(config, client, round_number, global_adapter, shard, steps, data.validation)
     norm = update_norm(delta)
     chain = config.compression.chain
     if residuals is not None and chain.lossy:
@@ -152,6 +154,11 @@ def train_and_seal(
         bytes_downloaded=downloaded,
         validation_loss=scored.loss if scored else None,
         validation_tokens=scored.tokens if scored else 0,
+        tokens_per_s=result.tokens_seen / max(trained - started, 1e-9),
+        peak_memory_mib=use.peak_memory_mib,
+        gpu_memory_mib=use.gpu_memory_mib,
+        cpu_util=use.cpu_util,
+        data_digest=shard.digest(),
     )
     metadata["report"] = said.to_json()
     payload = chain.compress(tensors_to_bytes(tensors, metadata=metadata))

@@ -153,7 +153,7 @@ class AggregationConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
     normalize_steps: bool = False
     min_clients: int = Field(1, ge=1)
-    max_update_bytes: int = Field(256 * 2**20, ge=1024)
+    max_update_bytes: int | None = Field(None, ge=1024)  # default: from the adapter's size (fedlib.aggregator.update_limit)
     max_examples: int = Field(10**9, ge=1, le=2**53)
 
     @model_validator(mode="after")

@@ -8,6 +8,7 @@ and loss alike. One type for both means one trainer, one shard format and one sc
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,13 @@ class Examples:
     def row(self, i: int) -> dict[str, torch.Tensor]:
         n = int(self.lengths[i])
         return {"input_ids": self.input_ids[i, :n], "labels": self.labels[i, :n]}
+
+    def digest(self) -> str:
+        """What identifies this data without showing it (logged as a dataset's digest)."""
+        h = hashlib.sha256()
+        for t in (self.input_ids, self.labels, self.lengths):
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
         return {f"{prefix}input_ids": self.input_ids.contiguous(), f"{prefix}labels": self.labels.contiguous(),

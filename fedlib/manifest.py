@@ -10,6 +10,7 @@ signed by the checkpoint store, which alone fills in the digests and the lineage
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 import json
 from dataclasses import asdict, dataclass, field, fields
@@ -40,9 +41,21 @@ class ClientReport:
     bytes_downloaded: int = 0  # the global adapter this client read
     validation_loss: float | None = None  # the client's score of the adapter it received, on its own split
     validation_tokens: int = 0
+    tokens_per_s: float = 0.0  # system metrics of the client's training, as it measured them
+    peak_memory_mib: float = 0.0  # its process's peak resident set
+    gpu_memory_mib: float = 0.0  # peak GPU memory torch allocated (0 on a CPU)
+    cpu_util: float = 0.0  # process CPU seconds per wall second while training (2.0 = two cores busy)
+    data_digest: str = ""  # of the examples it trained on: which data, never the data
 
 
 _SAID_FLOATS = ("train_loss", "train_s", "encode_s", "update_norm")
+_SYSTEM = ("tokens_per_s", "peak_memory_mib", "gpu_memory_mib", "cpu_util")
+
+
+def _digest(value: object) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{16}|", value):
+        raise malformed("client report", "data_digest is not 16 hex digits")
+    return value
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,11 @@ class SaidByClient:
     bytes_downloaded: int = 0
     validation_loss: float | None = None
     validation_tokens: int = 0
+    tokens_per_s: float = 0.0
+    peak_memory_mib: float = 0.0
+    gpu_memory_mib: float = 0.0
+    cpu_util: float = 0.0
+    data_digest: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -84,6 +102,8 @@ class SaidByClient:
             bytes_downloaded=number("bytes_downloaded", integer=True),
             validation_loss=number("validation_loss", optional=True),
             validation_tokens=number("validation_tokens", integer=True),
+            **{name: number(name) for name in _SYSTEM},
+            data_digest=_digest(data["data_digest"]),
         )
 
     def report(self, client: str, round_number: int, examples: int, steps: int, url: str, size: int) -> ClientReport:
@@ -101,6 +121,8 @@ class SaidByClient:
             bytes_downloaded=self.bytes_downloaded,
             validation_loss=self.validation_loss,
             validation_tokens=self.validation_tokens,
+            **{name: getattr(self, name) for name in _SYSTEM},
+            data_digest=self.data_digest,
         )
 
 

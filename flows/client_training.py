@@ -18,6 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from fedlib.config import config_from
 from fedlib.secagg.messages import REQUESTS
+from flows.progress_logs import progress_in_run_logs
 from tasks.client import submit_client_round
 from tasks.dispatch import client_run_name
 from tasks.secagg import secagg_reveal, secagg_setup
@@ -44,9 +45,10 @@ def client_training(
     this cloud's step budget for the round when it differs from `training.local_steps`."""
     settings = config_from(config)
     request = REQUESTS[step].from_json(secure) if secure is not None else None
-    if step == "setup":
-        secagg_setup(settings, client, round_number, request)
-    elif step == "reveal":
-        secagg_reveal(settings, client, round_number, request)
-    else:
-        submit_client_round(settings, client, round_number, request, local_steps).result()
+    with progress_in_run_logs():  # this client's steps and loss in its own run's logs
+        if step == "setup":
+            secagg_setup(settings, client, round_number, request)
+        elif step == "reveal":
+            secagg_reveal(settings, client, round_number, request)
+        else:
+            submit_client_round(settings, client, round_number, request, local_steps).result()

@@ -27,6 +27,7 @@ from flows.federated_round import federated_round
 from tasks.aggregate import commit_round, evaluate_global, make_initial_adapter
 from tasks.artifacts import publish_summary
 from tasks.credentials import party_keys
+from flows.progress_logs import progress_in_run_logs
 from tasks.data import distribute_data, partition_data
 from tasks.registry import register_round, registered_rounds
 from tasks.tracking import finish_tracking, open_tracking, track_final_adapter, track_round
@@ -49,7 +50,8 @@ def federated_training(config: dict[str, Any] | str, dispatch: Literal["local", 
     settings = config_from(config)
     if dispatch is not None:
         settings = settings.model_copy(update={"orchestration": settings.orchestration.model_copy(update={"dispatch": dispatch})})
-    return run_federation(settings, config if isinstance(config, str) else None)
+    with progress_in_run_logs():
+        return run_federation(settings, config if isinstance(config, str) else None)
 
 
 def run_federation(config: FederationConfig, config_path: str | None = None) -> list[Manifest]:

@@ -5,12 +5,15 @@ transformers, merged) loads."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -62,8 +65,8 @@ def register_round(config: FederationConfig, run_id: str, manifest: Manifest, ad
     if round_number not in versions:
         path = f"adapters/round-{round_number:04d}"
         with tempfile.TemporaryDirectory() as tmp:
-            save_adapter_folder(config.lora, config.model.source, adapter, Path(tmp))
-            client.log_artifacts(run_id, tmp, path)
+            save_pyfunc_model(config, adapter, Path(tmp) / "model")
+            client.log_artifacts(run_id, str(Path(tmp) / "model"), path)
         tags = lineage_tags(manifest, config.model.source, base_revision(config.model.source))
         versions[round_number] = client.create_model_version(
             name,
@@ -76,6 +79,32 @@ def register_round(config: FederationConfig, run_id: str, manifest: Manifest, ad
     assert champion is not None  # the round just registered is there
     client.set_registered_model_alias(name, config.tracking.champion_alias, champion)
     return champion
+
+
+PROMPTS = Schema([ColSpec("string", "prompt")])
+ANSWERS = Schema([ColSpec("string")])
+
+
+def save_pyfunc_model(config: FederationConfig, adapter: Tensors, folder: Path) -> None:
+    """The round's adapter as an MLflow pyfunc model (`tasks/pyfunc_adapter.py`) with a
+    signature: `mlflow.pyfunc.load_model("models:/<name>@champion").predict(["a prompt"])`
+    answers. The PEFT adapter folder sits inside it, under `artifacts/adapter`. Requirements are
+    stated, not inferred (inference would import and time every dependency, each round)."""
+    import mlflow.pyfunc
+    import peft
+    import torch
+    import transformers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_adapter_folder(config.lora, config.model.source, adapter, Path(tmp) / "adapter")
+        mlflow.pyfunc.save_model(
+            path=str(folder),
+            python_model=str(Path(__file__).with_name("pyfunc_adapter.py")),
+            artifacts={"adapter": str(Path(tmp) / "adapter")},
+            model_config={"source": config.model.source},
+            signature=ModelSignature(PROMPTS, ANSWERS, ParamSchema([ParamSpec("max_new_tokens", "long", 48)])),
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}", f"peft=={peft.__version__}"],
+        )
 
 
 def resolve_version(config: FederationConfig, version: str | None) -> ModelVersion:
@@ -96,14 +125,14 @@ def export_version(config: FederationConfig, version: str | None, out: Path, mer
     the adapter folded in, plus its tokenizer, as a plain transformers folder."""
     chosen = resolve_version(config, version)
     out.mkdir(parents=True, exist_ok=True)
-    if not merge:
-        mlflow.artifacts.download_artifacts(artifact_uri=chosen.source, dst_path=str(out), tracking_uri=config.tracking_uri)
-        _flatten_download(out, chosen.source)
-        return chosen
     from peft import PeftModel
 
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = Path(mlflow.artifacts.download_artifacts(artifact_uri=chosen.source, dst_path=tmp, tracking_uri=config.tracking_uri))
+        adapter = _adapter_folder(Path(mlflow.artifacts.download_artifacts(artifact_uri=chosen.source, dst_path=tmp, tracking_uri=config.tracking_uri)))
+        if not merge:
+            for item in adapter.iterdir():
+                shutil.move(str(item), out / item.name)
+            return chosen
         merged = PeftModel.from_pretrained(load_base_model(config.model.source), str(adapter)).merge_and_unload()
     merged.config.use_cache = True  # the merged model is for generation as much as scoring
     merged.save_pretrained(str(out))
@@ -111,10 +140,10 @@ def export_version(config: FederationConfig, version: str | None, out: Path, mer
     return chosen
 
 
-def _flatten_download(out: Path, source: str) -> None:
-    """`download_artifacts` nests the folder under its own name; the export is the folder itself."""
-    nested = out / source.rstrip("/").rsplit("/", 1)[-1]
-    if nested.is_dir():
-        for item in nested.iterdir():
-            item.replace(out / item.name)
-        nested.rmdir()
+def _adapter_folder(downloaded: Path) -> Path:
+    """The PEFT folder inside a version: under the pyfunc model's `artifacts/adapter`, or the
+    version itself (versions registered before the pyfunc model was)."""
+    for found in [*sorted(downloaded.glob("artifacts/*/adapter_config.json")), downloaded / "adapter_config.json"]:
+        if found.exists():
+            return found.parent
+    raise LookupError(f"no PEFT adapter in {downloaded}")

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
-from fedlib.federation import Tensors
+from fedlib.federation import Tensors, evaluation_examples
 from fedlib.manifest import Manifest, to_json
 from fedlib.model import save_adapter_folder
 from fedlib.plots import loss_figure, progress_figure
@@ -57,7 +58,9 @@ def open_tracking(config: FederationConfig, run_id: str | None, run_name: str | 
     return run.info.run_id
 
 
-_CLIENT_METRICS = ("train_loss", "num_examples", "bytes_uploaded", "bytes_downloaded", "train_s", "encrypt_upload_s", "update_norm", "local_steps", "validation_tokens")
+_CLIENT_METRICS = ("train_loss", "num_examples", "bytes_uploaded", "bytes_downloaded", "train_s", "encrypt_upload_s", "update_norm", "local_steps", "validation_tokens",
+                   "tokens_per_s")
+_SYSTEM_METRICS = ("peak_memory_mib", "gpu_memory_mib", "cpu_util")
 
 
 def round_metrics(manifest: Manifest) -> dict[str, float]:
@@ -66,6 +69,8 @@ def round_metrics(manifest: Manifest) -> dict[str, float]:
     for client, report in manifest.clients.items():
         for name in _CLIENT_METRICS:
             metrics[f"client/{client}/{name}"] = getattr(report, name)
+        for name in _SYSTEM_METRICS:  # measured by the client, sealed in its update
+            metrics[f"system/{client}/{name}"] = getattr(report, name)
         if report.validation_loss is not None:
             metrics[f"client/{client}/validation_loss"] = report.validation_loss
     for client, money in manifest.cost.items():
@@ -84,6 +89,27 @@ def round_metrics(manifest: Manifest) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
+def round_datasets(manifest: Manifest) -> list[DatasetInput]:
+    """Each client's training data as an MLflow dataset: its name, the digest and size the
+    client reported in its sealed update, and nothing of its text (MLflow lists a dataset once
+    per digest, so a client's unchanged data shows once)."""
+    out = []
+    for name, report in sorted(manifest.clients.items()):
+        if not report.data_digest:
+            continue
+        dataset = Dataset(name=f"{name}-train", digest=report.data_digest, source_type="fedlib-client",
+                          source=json.dumps({"client": name}), profile=json.dumps({"num_examples": report.num_examples}))
+        out.append(DatasetInput(dataset, [InputTag("mlflow.data.context", "training"), InputTag("client", name)]))
+    return out
+
+
+def evaluation_dataset(config: FederationConfig, examples_digest: str, size: int) -> DatasetInput:
+    source = json.dumps({"urls": list(config.evaluation.data) or [f"{config.data.corpus or 'urls'}:{','.join(config.evaluation.documents)}"]})
+    dataset = Dataset(name="evaluation", digest=examples_digest, source_type="fedlib-aggregator", source=source,
+                      profile=json.dumps({"num_examples": size}))
+    return DatasetInput(dataset, [InputTag("mlflow.data.context", "evaluation")])
+
+
 @task(name="track-round", task_run_name="track-round-{round_number}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def track_round(config: FederationConfig, run_id: str, round_number: int, manifests: list[Manifest]) -> None:
     """Metrics and manifest of `round_number`, and the progress plot redrawn over all rounds."""
@@ -97,6 +123,12 @@ def track_round(config: FederationConfig, run_id: str, round_number: int, manife
                     Metric("eval/federated_perplexity", math.exp(federated), now, round_number - 1)]
     client.log_batch(run_id, metrics=metrics)
     client.log_dict(run_id, to_json(manifest), f"manifests/round-{round_number:04d}.json")
+    datasets = round_datasets(manifest)
+    if round_number == 0:
+        held_out = evaluation_examples(config)
+        datasets.append(evaluation_dataset(config, held_out.digest(), len(held_out)))
+    if datasets:
+        client.log_inputs(run_id, datasets=datasets)
     rounds = [m.round for m in manifests]
     names = sorted({c for m in manifests for c in m.clients})
     sizes = {c: [m.clients[c].bytes_uploaded if c in m.clients else 0 for m in manifests if m.round > 0] for c in names}

@@ -74,7 +74,7 @@ def test_defaults_fill_in_embedded_storage(tmp_path, corpus_dir, tiny_model_dir)
     ids=lambda argv: argv[0],
 )
 def test_every_command_refuses_a_bad_config_by_its_path(tmp_path, capsys, argv):
-    from flows.cli import main
+    from fedlib_cli.main import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("clouds: [aws\n")

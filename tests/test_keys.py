@@ -100,7 +100,7 @@ def test_manifests_are_signed_and_checked(tmp_path):
 
 
 def test_keys_init_command(tmp_path, corpus_dir, tiny_model_dir, capsys):
-    from flows.cli import main
+    from fedlib_cli.main import main
     from tests.conftest import tiny_config_dict, write_config
 
     path = write_config(tmp_path, tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir))
@@ -139,7 +139,7 @@ def test_each_party_holds_only_its_own_key_from_its_source(tmp_path, monkeypatch
     publics = {"clients": {}}
     for party in (AGGREGATOR, "aws", "gcp"):
         done = subprocess.run(
-            [sys.executable, "-m", "flows.cli", "keys", "init", "--party", party, "--out", str(tmp_path / f"{party}.pem")],
+            [sys.executable, "-m", "fedlib_cli", "keys", "init", "--party", party, "--out", str(tmp_path / f"{party}.pem")],
             capture_output=True, text=True, check=True,
         )
         printed = yaml.safe_load(done.stdout)
@@ -169,7 +169,7 @@ def test_each_party_holds_only_its_own_key_from_its_source(tmp_path, monkeypatch
     (tmp_path / "gcp.pem").chmod(0o644)
     with pytest.raises(PermissionError, match="chmod 600"):
         keyring(config, "gcp")
-    again = subprocess.run([sys.executable, "-m", "flows.cli", "keys", "init", "--party", "aws", "--out", str(tmp_path / "aws.pem")],
+    again = subprocess.run([sys.executable, "-m", "fedlib_cli", "keys", "init", "--party", "aws", "--out", str(tmp_path / "aws.pem")],
                            capture_output=True, text=True)
     assert again.returncode == 1 and "a party's key is made once" in again.stderr
 

@@ -18,7 +18,7 @@ from fedlib.config import load_config
 from fedlib.federation import load_data
 from fedlib.model import base_revision, load_base_model
 from fedlib.training import evaluate_loss
-from flows.cli import main as fedlib_cli
+from fedlib_cli.main import main as fedlib_cli
 from flows.federated_training import federated_training
 from tasks.artifacts import round_table_key, summary_key
 from tests.conftest import ROOT, tiny_config_dict, write_config
@@ -169,3 +169,17 @@ def test_the_demo_registers_each_round_and_its_champion_exports(tmp_path):
     assert int(client.get_model_version_by_alias(config.registered_model_name, "champion").tags["round"]) == best.round
 
     _assert_exports_reproduce(path, config, best.eval_loss, tmp_path)
+
+
+def test_the_champion_is_an_mlflow_model_that_answers_a_prompt(federation):
+    """`mlflow.pyfunc.load_model("models:/<name>@champion")`, as an MLflow user would, with the
+    signature it was logged with."""
+    import mlflow.pyfunc
+
+    path, config = federation[0], federation[1]
+    mlflow.set_tracking_uri(config.tracking_uri)
+    mlflow.set_registry_uri(config.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{config.registered_model_name}@{config.tracking.champion_alias}")
+    assert [c.name for c in model.metadata.get_input_schema().inputs] == ["prompt"]
+    answers = model.predict(["Who is the king of Denmark?", "Speak, ghost."], params={"max_new_tokens": 6})
+    assert len(answers) == 2 and all(isinstance(a, str) and a.strip() for a in answers)

@@ -26,7 +26,7 @@ def test_killed_federation_resumes_from_last_committed_round(tmp_path, corpus_di
 
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-killed")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", str(path)], cwd=ROOT, env=env,
+        [sys.executable, "-m", "fedlib_cli", "run", str(path)], cwd=ROOT, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlib.aggregator import AggregationReport, Expected, check_quorum, read_updates
+from fedlib.aggregator import AggregationReport, Expected, check_quorum, read_updates, update_limit
 from fedlib.config import FederationConfig
 from fedlib.decode import bounded_int, load_tensors
 from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed
@@ -87,7 +87,8 @@ def sum_masked_updates(
 
     total: Tensors = {name: torch.zeros(value.shape, dtype=torch.int64) for name, value in template.items()}
     weight = weighted_steps = 0
-    updates = read_updates(config, round_number, clients, failed, keys, storage_options, report, opener, expected, late, parent, session)
+    limit = update_limit(config, global_adapter)
+    updates = read_updates(config, round_number, clients, failed, keys, storage_options, report, opener, expected, late, parent, session, limit)
     for residues, client_weight, steps in updates:
         started = time.perf_counter()
         for name, value in residues.items():

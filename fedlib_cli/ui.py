@@ -20,6 +20,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from fedlib_cli.common import config_or_report
+
 
 def ui_commands(tracking_uri: str, prefect_port: int, mlflow_port: int) -> dict[str, list[str]]:
     bin_dir = Path(sys.executable).parent
@@ -74,8 +76,6 @@ def stop(processes: dict[str, subprocess.Popen]) -> None:
 
 
 def ui_command(args: argparse.Namespace) -> int:
-    from flows.cli import config_or_report  # here, not at the top: the CLI imports this module
-
     console = Console()
     config = config_or_report(args.config, console)
     if config is None:

@@ -4,67 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flows.ui import add_parser as add_ui_parser
+from fedlib_cli.common import config_or_report, embedded_defaults
+from fedlib_cli.live import LiveProgress
+from fedlib_cli.ui import add_parser as add_ui_parser
 
 if TYPE_CHECKING:
     from fedlib.manifest import Manifest
-
-
-def _embedded_defaults(verbose: bool) -> None:
-    """Prefect's ephemeral API needs no server; these keep it quiet and patient on small machines.
-    Set before Prefect is imported, and never over a user's own settings."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if not verbose:
-        import warnings
-
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # per-load weight bars, three clients at a time
-        hf_logging.set_verbosity_error()
-        warnings.filterwarnings("ignore", category=FutureWarning)
-
-
-class _ProgressHandler(logging.Handler):
-    """Turns `fedlib.progress` records into lines above a rounds progress bar."""
-
-    def __init__(self, console: Console, bar: Progress) -> None:
-        super().__init__(logging.INFO)
-        self.console, self.bar, self.task = console, bar, None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        style = "yellow" if record.levelno >= logging.WARNING else None
-        self.bar.console.log(message, style=style)
-        if message.startswith("plan: rounds"):
-            first, last = (int(x) for x in message.split()[-1].split(".."))
-            self.task = self.bar.add_task("rounds", total=last - first + 1)
-        elif message.startswith("round") and " done:" in message and self.task is not None:
-            self.bar.advance(self.task)
-
-
-def config_or_report(path: Path, console: Console):
-    """The validated config, or None after printing why not (callers exit with 2): a bad config
-    fails before Prefect or a model is started."""
-    from fedlib.config import ConfigError, load_config
-
-    try:
-        return load_config(path)
-    except ConfigError as err:
-        console.print(f"[red]{err}[/red]")
-        return None
 
 
 def _summary_table(manifests: list[Manifest]) -> Table:
@@ -94,24 +46,23 @@ def _ui_hint(config_path: Path) -> str:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    _embedded_defaults(args.verbose)
+    embedded_defaults(args.verbose)
     console = Console()
     config = config_or_report(args.config, console)
     if config is None:
         return 2
     from flows.federated_training import federated_training
 
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console)
-    handler = _ProgressHandler(console, bar)
+    live = LiveProgress(console)
     progress_log = logging.getLogger("fedlib.progress")
     progress_log.setLevel(logging.INFO)
-    progress_log.propagate = False  # the bar's console shows it; Prefect's handler would repeat it
-    progress_log.addHandler(handler)
+    progress_log.propagate = False  # the live view shows it; Prefect's console handler would repeat it
+    progress_log.addHandler(live)
     try:
-        with bar:
+        with live:
             manifests = federated_training(str(args.config))
     finally:
-        progress_log.removeHandler(handler)
+        progress_log.removeHandler(live)
     console.print(_summary_table(manifests))
     base, final = manifests[0].perplexity, manifests[-1].perplexity
     console.print(f"held-out perplexity: base model {base:.2f} → round {manifests[-1].round} {final:.2f}")
@@ -122,7 +73,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def split_command(args: argparse.Namespace) -> int:
     """Split fine-tuning: this process plays the clients, a child process the server."""
-    _embedded_defaults(args.verbose)
+    embedded_defaults(args.verbose)
     console = Console()
     config = config_or_report(args.config, console)
     if config is None:
@@ -142,7 +93,7 @@ def split_command(args: argparse.Namespace) -> int:
 
 def export_command(args: argparse.Namespace) -> int:
     """A registered adapter version to a folder: PEFT's adapter folder, or merged into the base."""
-    _embedded_defaults(args.verbose)
+    embedded_defaults(args.verbose)
     console = Console()
     config = config_or_report(args.config, console)
     if config is None:
