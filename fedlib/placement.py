@@ -2,8 +2,9 @@
 `quantization` resolved against this machine.
 
 `auto` means what a user would pick by hand: the GPU if there is one (CUDA, then Apple's MPS),
-bf16 where the GPU supports it, fp32 on a CPU (bf16 was slower than fp32 on the 2-core CPUs we
-test on; see `bench/throughput.py`). QLoRA (`4bit`, `8bit`) goes through bitsandbytes and needs
+bf16 where the GPU supports it, and fp32 on a CPU, where results stay exact and comparable
+across machines (`dtype: bf16` trains about 1.9× faster on our 2-core test CPU, see
+`bench/throughput.py`, at bf16's precision). QLoRA (`4bit`, `8bit`) goes through bitsandbytes and needs
 CUDA; asking for it elsewhere fails when the config is read, naming the field.
 """
 

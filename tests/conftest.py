@@ -28,6 +28,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+CHATML = (  # SmolLM2-Instruct's chat template, as its tokenizer ships it
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 PLAYS = {  # genre -> plays copied into the small test corpus
     "tragedies": ["hamlet", "othello", "macbeth"],
     "comedies": ["twelfth-night", "as-you-like-it"],
@@ -63,6 +69,7 @@ def tiny_model_dir(corpus_dir: Path) -> Path:
     trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<pad>", "<s>", "</s>"])
     tokenizer.train([str(p) for p in sorted(corpus_dir.glob("*/*.md"))], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHATML  # so that chat records render as they do for SmolLM2
     fast.save_pretrained(target)
     config = LlamaConfig(
         vocab_size=fast.vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,

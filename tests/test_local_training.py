@@ -19,14 +19,8 @@ from fedlib.model_pool import ModelKey
 from fedlib.placement import CPU_FP32, Placement
 from fedlib.records import assistant_spans, tokenize_records
 from fedlib.training import TrainingPlan, evaluate_loss, train_lora
-from tests.conftest import tiny_config_dict
+from tests.conftest import CHATML, ROOT, tiny_config_dict, write_config
 
-CHATML = (  # SmolLM2-Instruct's chat template, as its tokenizer ships it
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
-    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 LORA = LoraSettings(r=4, alpha=8)
 CONVERSATION = [
     {"role": "user", "content": "Who is Hamlet's mother?"},
@@ -39,7 +33,7 @@ CONVERSATION = [
 @pytest.fixture
 def tokenizer(tiny_model_dir):
     tok = load_tokenizer(str(tiny_model_dir))
-    tok.chat_template = CHATML
+    assert tok.chat_template == CHATML
     return tok
 
 
@@ -198,3 +192,32 @@ def test_records_in_three_formats_load_from_files(tmp_path, tokenizer):
     assert (len(chat), len(text), len(pc)) == (3, 2, 5)
     assert text.loss_tokens == int((text.lengths - 1).sum())  # plain text: every token after the first
     assert isinstance(chat, Examples) and chat.loss_tokens < int(chat.lengths.sum()) // 2
+
+
+def test_the_shipped_instruction_records_train_a_federation(tmp_path, corpus_dir, tiny_model_dir):
+    """configs/instruct's records (chat and prompt/completion) as each cloud's own data, scored on
+    the aggregator's own evaluation file: the loss on the answers falls; MLflow gets each client's
+    data as a dataset (digest and size only) and its system metrics."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.federated_training import federated_training
+
+    folder = ROOT / "configs" / "instruct"
+    raw = tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir)
+    raw["data"] = {"seq_len": 128}
+    raw["evaluation"] = {"data": [str(folder / "eval.jsonl")], "max_blocks": 32, "batch_size": 16}
+    raw["training"] = {"rounds": 2, "local_steps": 8, "batch_size": 8, "learning_rate": 0.02}
+    raw["clouds"][0]["data"] = [str(folder / "aws.jsonl")]
+    raw["clouds"][1]["data"] = [str(folder / "gcp.jsonl")]
+    manifests = federated_training(str(write_config(tmp_path, raw)))
+    assert [m.round for m in manifests] == [0, 1, 2]
+    assert manifests[-1].eval_loss < manifests[0].eval_loss - 0.25
+    report = manifests[1].clients["aws"]
+    assert report.num_examples == 320 and len(report.data_digest) == 16 and report.peak_memory_mib > 100
+
+    config = parse_config(raw)
+    run = MlflowClient(config.tracking_uri).get_run(manifests[-1].mlflow_run_id)
+    datasets = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+    assert set(datasets) == {"aws-train", "gcp-train", "evaluation"}
+    assert datasets["aws-train"].digest == report.data_digest and "Hamlet" not in datasets["aws-train"].profile
+    assert run.data.metrics["system/aws/peak_memory_mib"] > 100 and run.data.metrics["client/aws/tokens_per_s"] > 0
