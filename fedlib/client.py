@@ -49,6 +49,8 @@ class SealedUpdate:
 
 
 def training_plan(config: FederationConfig, client: str, round_number: int, steps: int) -> TrainingPlan:
+    """The part of the config one client's local run uses, with its seed for this round and
+    its cloud's pacing and process count."""
     t = config.training
     slowdown, min_step_s = emulated_pacing(config, client)
     return TrainingPlan(

@@ -79,7 +79,11 @@ class SaidByClient:
     data_digest: str = ""
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        """Compact: it rides in every update, and a compressed LoRA update is a few kB."""
+        coarse = {"tokens_per_s": 1, "peak_memory_mib": 0, "gpu_memory_mib": 0, "cpu_util": 2}  # system metrics: what a chart shows
+        fields_ = {k: round(v, coarse.get(k, 6)) if isinstance(v, float) else v for k, v in asdict(self).items()}
+        fields_ |= {k: int(fields_[k]) for k, digits in coarse.items() if digits == 0}
+        return json.dumps(fields_, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | None) -> SaidByClient:

@@ -26,7 +26,7 @@ class AdapterModel(PythonModel):
     def predict(self, context, model_input, params=None) -> list[str]:
         import torch
 
-        prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else [str(p) for p in model_input]
+        prompts = [str(p) for p in model_input.iloc[:, 0]] if hasattr(model_input, "iloc") else [str(p) for p in model_input]
         max_new_tokens = int((params or {}).get("max_new_tokens", 48))
         answers = []
         for prompt in prompts:

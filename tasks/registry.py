@@ -81,7 +81,7 @@ def register_round(config: FederationConfig, run_id: str, manifest: Manifest, ad
     return champion
 
 
-PROMPTS = Schema([ColSpec("string", "prompt")])
+PROMPTS = Schema([ColSpec("string")])  # one string per prompt: predict(["..."]) or a one-column frame
 ANSWERS = Schema([ColSpec("string")])
 
 

@@ -15,7 +15,7 @@ from fedlib.config import ConfigError, LoraSettings, parse_config
 from fedlib.distributed import train_in_processes
 from fedlib.examples import IGNORE, Examples
 from fedlib.model import adapter_state, attach_lora, load_base_model, load_tokenizer
-from fedlib.model_pool import ModelKey
+from fedlib.model_pool import POOL, ModelKey
 from fedlib.placement import CPU_FP32, Placement
 from fedlib.records import assistant_spans, tokenize_records
 from fedlib.training import TrainingPlan, evaluate_loss, train_lora
@@ -209,8 +209,12 @@ def test_the_shipped_instruction_records_train_a_federation(tmp_path, corpus_dir
     raw["training"] = {"rounds": 2, "local_steps": 8, "batch_size": 8, "learning_rate": 0.02}
     raw["clouds"][0]["data"] = [str(folder / "aws.jsonl")]
     raw["clouds"][1]["data"] = [str(folder / "gcp.jsonl")]
+    loads = POOL.loads
     manifests = federated_training(str(write_config(tmp_path, raw)))
     assert [m.round for m in manifests] == [0, 1, 2]
+    # Two clients training at once need two models; every other round and every evaluation
+    # borrows one of them (loading per client per round and per evaluation would be 7).
+    assert POOL.loads - loads <= 2
     assert manifests[-1].eval_loss < manifests[0].eval_loss - 0.25
     report = manifests[1].clients["aws"]
     assert report.num_examples == 320 and len(report.data_digest) == 16 and report.peak_memory_mib > 100

@@ -171,15 +171,15 @@ def test_the_demo_registers_each_round_and_its_champion_exports(tmp_path):
     _assert_exports_reproduce(path, config, best.eval_loss, tmp_path)
 
 
-def test_the_champion_is_an_mlflow_model_that_answers_a_prompt(federation):
+def test_the_champion_is_an_mlflow_model_that_answers_a_prompt(federation, monkeypatch):
     """`mlflow.pyfunc.load_model("models:/<name>@champion")`, as an MLflow user would, with the
     signature it was logged with."""
     import mlflow.pyfunc
 
-    path, config = federation[0], federation[1]
-    mlflow.set_tracking_uri(config.tracking_uri)
-    mlflow.set_registry_uri(config.tracking_uri)
+    _, config, _ = federation
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", config.tracking_uri)  # not mlflow.set_*: those outlive the test
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", config.tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{config.registered_model_name}@{config.tracking.champion_alias}")
-    assert [c.name for c in model.metadata.get_input_schema().inputs] == ["prompt"]
+    assert [c.type.name for c in model.metadata.get_input_schema().inputs] == ["string"]
     answers = model.predict(["Who is the king of Denmark?", "Speak, ghost."], params={"max_new_tokens": 6})
     assert len(answers) == 2 and all(isinstance(a, str) and a.strip() for a in answers)

@@ -372,6 +372,7 @@ def test_parties_share_only_the_stores_and_the_api(drill):
     state = parties[AGGREGATOR].drill / "state"
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{state / 'mlflow.db'}")
+    uri = f"sqlite:///{state / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     rounds = [v.tags.get("round") for v in client.search_model_versions("name='fedlib-drill'")]
     assert sorted(rounds, key=int) == [str(r) for r in range(1, ROUNDS + 2)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from fedlib.config import LoraSettings
 from fedlib.data import shakespeare_documents, tokenize_blocks
