@@ -144,7 +144,8 @@ def train_and_seal(
         tensors, weight = masked_update(config, client, delta, len(shard), steps, secure)
         metadata["weight"] = str(weight)
     else:
-        tensors, metadata["codecs"] = chain.encode(delta)
+        rounding = torch.Generator().manual_seed(client_seed(config, client, round_number) ^ 0x5EED)
+        tensors, metadata["codecs"] = chain.encode(delta, rounding)
         if residuals is not None and chain.lossy:
             decoded = chain.decode(tensors, metadata["codecs"], delta)
             residual_blob = residuals.store.sealed(round_number, {n: delta[n] - decoded[n] for n in delta})

@@ -207,3 +207,64 @@ def test_a_federation_with_compressed_updates_and_error_feedback(tmp_path, corpu
         assert set(residual) == set(checkpoint_store(config).adapter(2))
         assert sum(float(t.abs().sum()) for t in residual.values()) > 0
         assert store.load(1) == {}  # written in round 2: never added back as round 1's
+
+
+@pytest.mark.parametrize(("codec", "bits"), [("int4", 4), ("int2", 2), ("sign", 1)])
+def test_low_bit_codecs_are_bounded_unbiased_and_small(codec, bits):
+    """Each entry lands on one of the two grid points around it (a step is 2s/(2^bits − 1) of its
+    block's largest magnitude s); rounding is stochastic, so the mean of many encodings is the
+    input; the payload is bits/8 bytes per entry plus a bf16 scale per 64."""
+    delta = _delta()
+    chain = CodecChain((codec,))
+    encoded, description = chain.encode(delta, torch.Generator().manual_seed(1))
+    decoded = chain.decode(encoded, description, delta)
+    for name, value in delta.items():
+        assert decoded[name].shape == value.shape and decoded[name].dtype == torch.float32
+        if not value.numel():
+            continue
+        flat = value.flatten()
+        blocks = torch.cat([flat, flat.new_zeros((-flat.numel()) % 64)]).reshape(-1, 64)
+        s = blocks.abs().amax(dim=1, keepdim=True).expand(-1, 64).flatten()[: flat.numel()]
+        step = 2 * s / (2**bits - 1)
+        assert torch.all((decoded[name].flatten() - flat).abs() <= step + 0.01 * s)  # + the bf16 scale's rounding
+        assert encoded[f"{name}::codes"].numel() == math.ceil(flat.numel() / 64) * 64 * bits // 8
+    draws = 300
+    mean = sum(chain.decode(*chain.encode(delta, torch.Generator().manual_seed(i)), delta)["a.lora_A.weight"] for i in range(draws)) / draws
+    single = (decoded["a.lora_A.weight"] - delta["a.lora_A.weight"]).abs().mean()
+    assert (mean - delta["a.lora_A.weight"]).abs().mean() < single / 8  # √300 ≈ 17 for an unbiased code
+    data_bytes = sum(v.numel() * v.element_size() for v in encoded.values())
+    blocks = sum(math.ceil(v.numel() / 64) for v in delta.values())
+    assert data_bytes == blocks * 64 * bits // 8 + 2 * blocks  # codes and bf16 scales, nothing else
+    assert data_bytes < sum(4 * v.numel() for v in delta.values()) * (bits + 0.6) / 32
+
+
+@pytest.mark.parametrize("codec", ["int4", "int2", "sign"])
+def test_malformed_low_bit_encodings_are_named_rejections(codec):
+    delta = _delta()
+    chain = CodecChain((codec,))
+    encoded, description = chain.encode(delta)
+    name = "a.lora_A.weight"
+
+    def rejected(tensors, desc=description) -> UpdateRejected:
+        with pytest.raises(UpdateRejected) as caught:
+            chain.decode(tensors, desc, delta)
+        return caught.value
+
+    assert rejected({**encoded, f"{name}::codes": encoded[f"{name}::codes"][:-1]}).reason == Reason.MALFORMED
+    assert rejected({**encoded, f"{name}::scale": encoded[f"{name}::scale"].float()}).reason == Reason.MALFORMED
+    bad_scale = encoded[f"{name}::scale"].clone()
+    bad_scale[0] = float("inf")
+    assert rejected({**encoded, f"{name}::scale": bad_scale}).reason == Reason.MALFORMED
+    huge = json.loads(description)
+    huge[0][1]["shapes"][name] = [2**20, 2**20]  # declared before anything of that size exists
+    assert rejected(encoded, json.dumps(huge)).reason == Reason.SHAPE_MISMATCH
+    missing = {k: v for k, v in encoded.items() if k != f"{name}::scale"}
+    assert rejected(missing).reason == Reason.MALFORMED
+
+
+def test_one_quantiser_and_no_half_cast_of_low_bit_scales():
+    with pytest.raises(ValueError, match="one quantiser at most"):
+        CodecChain(("int8", "int2"))
+    with pytest.raises(ValueError, match="low-bit block scales"):
+        CodecChain(("int4", "fp16"))
+    CodecChain(("topk", "int2", "zstd"))  # top-k's values, then quantised: allowed
