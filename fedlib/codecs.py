@@ -316,8 +316,10 @@ class CodecChain:
             raise ValueError(f"fp16/bf16 narrow what the other codecs leave: at most one, after int8 and topk ({list(self.names)})")
         if sum(n in QUANTISERS for n in self.names) > 1:
             raise ValueError(f"one quantiser at most ({', '.join(QUANTISERS)}), got {list(self.names)}")
-        if halves and any(n in LOW_BITS for n in self.names):
-            raise ValueError(f"fp16/bf16 would cast the low-bit block scales: use one or the other ({list(self.names)})")
+        low = [i for i, n in enumerate(self.tensor_codecs) if n in LOW_BITS]
+        if low and low[0] != len(self.tensor_codecs) - 1:
+            # a codec after it would recast or sparsify the bf16 block scales
+            raise ValueError(f"a low-bit codec ({', '.join(LOW_BITS)}) is the last tensor codec ({list(self.names)})")
         if not 0 < self.topk_fraction <= 1:
             raise ValueError(f"topk_fraction must be in (0, 1], got {self.topk_fraction}")
 
