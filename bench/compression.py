@@ -1,62 +1,170 @@
-"""Bytes per client per round against final perplexity, for each update codec, on the demo.
+"""Bytes a client moves per round, up and down, against final held-out perplexity, per scheme.
 
-    .venv/bin/python bench/compression.py [--rounds 3] [--steps 10] [--fractions 0.1 0.03]
+    .venv/bin/python bench/compression.py [--schemes fp32 ffa-int2 ...] [--seeds 0 1 2]
+        [--schedules demo long] [--dtype bf16] [--results .fedlib/bench/compression.jsonl]
 
-Runs the demo federation (SmolLM2-135M, LoRA r=8, 3 clouds) once per codec chain, each in a
-fresh folder, and prints the mean encrypted bytes a client uploads per round, the ratio to
-fp32 LoRA and to full-model FedAvg (every base weight in fp32), and the held-out perplexity
-after the last round. Top-k runs use int8 values and zstd, with error feedback unless marked.
+Runs the demo federation (SmolLM2-135M, LoRA r=8 on q/v, 3 clouds) once per scheme, schedule
+and seed, each in a fresh folder, and appends one JSON line per run to `--results`: a run
+already there (same scheme, schedule, seed, dtype) is not run again, so the table can be built
+up over several sittings. Bytes are what the clients said they moved, envelopes, headers, block
+scales and indices included: up, the sealed update; down, what a client read to hold the global
+adapter it trains from. The ratio is fp32 LoRA's bytes (up + down) over the scheme's, on the
+same schedule; perplexity is the mean over seeds, ± half its range.
+
+Schedules: `demo` is 3 rounds × 10 local steps, `long` 10 rounds × 3. The last line names the
+scheme with the most fewer bytes whose mean perplexity is within 1% of fp32 LoRA's on every
+schedule measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import subprocess
 import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from demo_runs import demo_config, run_variant
+from demo_runs import ROOT, demo_config, run_variant
+
+SCHEDULES = {"demo": (3, 10), "long": (10, 3)}
+_EF = {"error_feedback": True}
+SCHEMES: dict[str, dict] = {
+    "fp32": {},
+    "int8": {"compression": {"codecs": ["int8"]}},
+    "int2": {"compression": {"codecs": ["int2", "zstd"], **_EF}},
+    "int2+down": {"compression": {"codecs": ["int2", "zstd"], "broadcast": ["int2", "zstd"], **_EF}},
+    "ffa": {"lora": {"freeze_a": True}},
+    "ffa-int4+down": {"lora": {"freeze_a": True}, "compression": {"codecs": ["int4", "zstd"], "broadcast": ["int4", "zstd"], **_EF}},
+    "ffa-int2+down": {"lora": {"freeze_a": True}, "compression": {"codecs": ["int2", "zstd"], "broadcast": ["int2", "zstd"], **_EF}},
+    "ffa-sign+down": {"lora": {"freeze_a": True}, "compression": {"codecs": ["sign", "zstd"], "broadcast": ["int2", "zstd"], **_EF}},
+    "secagg-int32": {"secure_aggregation": {"enabled": True}},
+    "secagg-2bit": {"secure_aggregation": {"enabled": True, "bits": 2}, "compression": _EF},
+    "secagg-ffa-2bit+down": {
+        "lora": {"freeze_a": True},
+        "secure_aggregation": {"enabled": True, "bits": 2},
+        "compression": {"broadcast": ["int2", "zstd"], **_EF},
+    },
+}
 
 
-def full_model_bytes(source: str) -> int:
-    from fedlib.model import load_base_model
+@dataclass(frozen=True)
+class Run:
+    scheme: str
+    schedule: str
+    seed: int
+    dtype: str
+    up: float  # bytes per client per round
+    down: float
+    perplexity: float
+    curve: list[float]
+    wall_s: float
+    commit: str
 
-    return sum(p.numel() * p.element_size() for p in load_base_model(source).parameters())
+
+def _commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
+def _merged(base: dict, overrides: dict) -> dict:
+    out = {**base}
+    for section, value in overrides.items():
+        out[section] = {**out.get(section, {}), **value}
+    return out
+
+
+def run_one(scheme: str, schedule: str, seed: int, dtype: str) -> Run:
+    rounds, steps = SCHEDULES[schedule]
+    base = demo_config(rounds=rounds, steps=steps)
+    overrides = _merged({"federation": {"seed": seed}, "training": {"dtype": dtype}}, SCHEMES[scheme])
+    manifests, wall = run_variant(base, overrides, f"{scheme} · {schedule} · seed {seed} · {dtype}")
+    reports = [c for m in manifests[1:] for c in m.clients.values()]
+    return Run(
+        scheme, schedule, seed, dtype,
+        up=statistics.fmean(r.bytes_uploaded for r in reports),
+        down=statistics.fmean(r.bytes_downloaded for r in reports),
+        perplexity=manifests[-1].perplexity,
+        curve=[m.perplexity for m in manifests],
+        wall_s=wall,
+        commit=_commit(),
+    )
+
+
+def load_runs(path: Path) -> list[Run]:
+    if not path.exists():
+        return []
+    return [Run(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def table(runs: list[Run], dtype: str) -> list[str]:
+    """The markdown table and, last, the `best within 1%` line."""
+    by: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        if run.dtype == dtype:
+            by.setdefault((run.scheme, run.schedule), []).append(run)
+    lines = [
+        "| scheme | schedule | seeds | up B/client/round | down B/client/round | × fewer than fp32 (up+down) | final perplexity (mean ± half range) | vs fp32 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    verdicts: dict[str, list[tuple[float, float]]] = {}
+    for schedule in SCHEDULES:
+        reference = by.get(("fp32", schedule))
+        for scheme in SCHEMES:
+            group = by.get((scheme, schedule))
+            if not group:
+                continue
+            seeds = sorted(r.seed for r in group)
+            up, down = statistics.fmean(r.up for r in group), statistics.fmean(r.down for r in group)
+            ppl = [r.perplexity for r in group]
+            mean, spread = statistics.fmean(ppl), (max(ppl) - min(ppl)) / 2
+            ratio = delta = None
+            if reference:
+                same = [r for r in reference if r.seed in seeds]
+                if same and len(same) == len(seeds):
+                    ratio = (statistics.fmean(r.up for r in same) + statistics.fmean(r.down for r in same)) / (up + down)
+                    delta = 100 * (mean / statistics.fmean(r.perplexity for r in same) - 1)
+                    verdicts.setdefault(scheme, []).append((ratio, delta))
+            lines.append(
+                f"| {scheme} | {schedule} | {','.join(map(str, seeds))} | {up:,.0f} | {down:,.0f} | "
+                f"{'—' if ratio is None else f'{ratio:.1f}'} | {mean:.2f} ± {spread:.2f} | {'—' if delta is None else f'{delta:+.2f}%'} |"
+            )
+    measured = {s for (_, s) in by}
+    eligible = [
+        (min(r for r, _ in v), max(d for _, d in v), scheme)
+        for scheme, v in verdicts.items()
+        if scheme != "fp32" and len(v) == len(measured) and all(d <= 1.0 for _, d in v)
+    ]
+    if eligible:
+        ratio, delta, scheme = max(eligible)
+        lines.append(f"best within 1%: {scheme} {ratio:.1f}x ({delta:+.2f}%)")
+    else:
+        lines.append("best within 1%: none measured")
+    return lines
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.03])
+    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
+    parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="training.dtype of every run (bf16 is ~2x faster on a CPU)")
+    parser.add_argument("--results", type=Path, default=ROOT / ".fedlib" / "bench" / "compression.jsonl")
+    parser.add_argument("--table-only", action="store_true", help="print the table of what --results holds, run nothing")
     args = parser.parse_args()
-    base = demo_config(rounds=args.rounds, steps=args.steps)
-    variants: list[tuple[str, dict]] = [
-        ("fp32 (no codec)", {"codecs": []}),
-        ("fp16", {"codecs": ["fp16"]}),
-        ("int8", {"codecs": ["int8"]}),
-    ]
-    for f in args.fractions:
-        variants.append((f"top-{f:g} + int8 + zstd, EF", {"codecs": ["topk", "int8", "zstd"], "topk_fraction": f}))
-    smallest = min(args.fractions)
-    variants.append(
-        (f"top-{smallest:g} + int8 + zstd, no EF", {"codecs": ["topk", "int8", "zstd"], "topk_fraction": smallest, "error_feedback": False})
-    )
-
-    results = []
-    for label, compression in variants:
-        manifests, wall = run_variant(base, {"compression": compression}, label)
-        sizes = [c.bytes_uploaded for m in manifests[1:] for c in m.clients.values()]
-        results.append((label, sum(sizes) / len(sizes), manifests[-1].perplexity, [m.perplexity for m in manifests], wall))
-
-    full = full_model_bytes(base["model"]["source"])
-    fp32_bytes, fp32_ppl = results[0][1], results[0][2]
-    print(f"demo: {len(base['clouds'])} clouds, {args.rounds} rounds × {args.steps} local steps; full model fp32 = {full:,} bytes")
-    print("| codec | bytes/client/round | × fewer than fp32 LoRA | × fewer than full model | perplexity by round | final vs fp32 | wall |")
-    print("|---|---|---|---|---|---|---|")
-    for label, size, ppl, curve, wall in results:
-        print(
-            f"| {label} | {size:,.0f} | {fp32_bytes / size:.1f} | {full / size:,.0f} | "
-            f"{' → '.join(f'{p:.2f}' for p in curve)} | {100 * (ppl / fp32_ppl - 1):+.2f}% | {wall:.0f} s |"
-        )
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    done = {(r.scheme, r.schedule, r.seed, r.dtype) for r in load_runs(args.results)}
+    if not args.table_only:
+        todo = [(sc, sd, seed) for sd in args.schedules for seed in args.seeds for sc in args.schemes if (sc, sd, seed, args.dtype) not in done]
+        for i, (scheme, schedule, seed) in enumerate(todo, 1):
+            print(f"[{i}/{len(todo)}] {scheme} · {schedule} · seed {seed}", file=sys.stderr, flush=True)
+            run = run_one(scheme, schedule, seed, args.dtype)
+            with args.results.open("a") as out:
+                out.write(json.dumps(asdict(run)) + "\n")
+            print(f"    up {run.up:,.0f} B, down {run.down:,.0f} B, perplexity {run.perplexity:.2f}, {run.wall_s:.0f} s", file=sys.stderr, flush=True)
+    print(f"demo federation, 3 clouds, training.dtype {args.dtype}; results in {args.results}")
+    print("\n".join(table(load_runs(args.results), args.dtype)))
     return 0
 
 

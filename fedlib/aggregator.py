@@ -20,6 +20,7 @@ from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed
 from fedlib.federation import Tensors, update_url
 from fedlib.progress import ClientRejected, emit
 from fedlib.manifest import ClientReport, SaidByClient
+from fedlib.model import trained_part
 from fedlib.rejection import QuorumNotMet, Reason, UpdateRejected
 from fedlib.storage import Options
 from fedlib.privacy.dp import DifferentialPrivacy, noise_generator
@@ -203,14 +204,16 @@ def aggregate_updates(
     chain, max_bytes = config.compression.chain, update_limit(config, global_adapter)
     limits = expected or expected_of(config, {}, {c: config.training.local_steps for c in clients})
 
+    template = trained_part(config.lora, global_adapter)  # what an update holds, and all it may change
+
     def opener(blob: bytes, key: UpdateKey, ctx: EnvelopeContext) -> tuple[ClientUpdate, dict[str, str]]:
-        return open_client_update(blob, key, ctx, global_adapter, limits[ctx.client], chain, max_bytes)
+        return open_client_update(blob, key, ctx, template, limits[ctx.client], chain, max_bytes)
 
     updates = read_updates(config, round_number, clients, failed, keys, storage_options, report, opener, limits, late, parent, max_bytes=max_bytes)
     started = time.perf_counter()
     strategy = strategy or build_strategy(config, round_number)
     try:
-        new_adapter = strategy.aggregate(round_number, global_adapter, updates)
+        new_adapter = {**global_adapter, **strategy.aggregate(round_number, template, updates)}
     except ValueError:
         if report.accepted:
             raise

@@ -21,6 +21,7 @@ from fedlib.federation import Tensors, model_key, update_url
 from fedlib.heterogeneity import emulated_pacing
 from fedlib.lora_ranks import pad_adapter, truncate_adapter
 from fedlib.manifest import ClientReport, SaidByClient
+from fedlib.model import trained_part
 from fedlib.model_pool import POOL
 from fedlib.progress import ClientStep, ClientTrained, emit
 from fedlib.privacy.dp import clip_update_inplace, update_norm
@@ -81,7 +82,8 @@ def train_delta(
     validation: Examples | torch.Tensor | None = None,
 ) -> tuple[Tensors, LocalTraining, Validation | None]:
     """Local training from the global adapter (cut to this cloud's LoRA rank); returns trained,
-    padded back to the global rank, minus global, and the received adapter's validation score.
+    padded back to the global rank, minus global (over the tensors training changes: with
+    FFA-LoRA only the B matrices), and the received adapter's validation score.
     The base model is this process's pooled one (loaded once, adapters swapped), or with
     `clouds[].processes` > 1, one per training process (`fedlib.distributed`)."""
     rank = config.cloud(client).lora_rank or config.lora.r
@@ -98,7 +100,8 @@ def train_delta(
         with POOL.lora_model(model_key(config, rank), received) as model:
             run = score_and_train(model, as_examples(shard), validation, plan, batch, on_step)
     local = pad_adapter(run.adapter, global_adapter, config.lora.r, rank)
-    return {name: local[name] - global_adapter[name] for name in global_adapter}, run.training, run.validation
+    trained = trained_part(config.lora, global_adapter)
+    return {name: local[name] - trained[name] for name in trained}, run.training, run.validation
 
 
 def train_and_seal(

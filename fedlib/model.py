@@ -187,13 +187,27 @@ def save_adapter_folder(settings: LoraSettings, source: str, adapter: Tensors, f
 
 def attach_lora(model: PreTrainedModel, settings: LoraSettings, seed: int) -> PeftModel:
     """LoRA's A matrices start random; drawing them under a forked, seeded RNG makes the
-    initial global adapter a function of the config alone."""
+    initial global adapter a function of the config alone. With `freeze_a` (FFA-LoRA) they stay
+    there: only B is given to the optimizer."""
     with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            return get_peft_model(model, lora_config(settings))
+            peft_model = get_peft_model(model, lora_config(settings))
         except ValueError as err:
             raise ValueError(f"lora.target_modules {list(settings.target_modules)}: {err}") from None
+    if settings.freeze_a:
+        for name, parameter in peft_model.named_parameters():
+            if ".lora_A." in name:
+                parameter.requires_grad_(False)
+    return peft_model
+
+
+def trained_part(settings: LoraSettings, adapter: Tensors) -> Tensors:
+    """The tensors of `adapter` that training changes, and so the only ones sent either way:
+    all of them, or with `freeze_a` only the B matrices."""
+    if not settings.freeze_a:
+        return dict(adapter)
+    return {name: value for name, value in adapter.items() if ".lora_A." not in name}
 
 
 def adapter_state(model: PeftModel) -> Tensors:

@@ -12,6 +12,7 @@ import torch
 from fedlib.aggregator import AggregationReport, Expected, check_quorum, read_updates, update_limit
 from fedlib.config import FederationConfig
 from fedlib.decode import bounded_int, load_tensors
+from fedlib.model import trained_part
 from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.secagg.fixedpoint import MODULUS, Tensors, decode, from_wire
@@ -79,7 +80,7 @@ def sum_masked_updates(
     `secagg_min_survivors` updates, or the masks could not be removed. Every update must be of
     this `session` and trained from `parent`."""
     report = AggregationReport()
-    template = wire_template(global_adapter)
+    template = wire_template(trained_part(config.lora, global_adapter))
     dp = config.privacy.enabled
 
     def opener(blob: bytes, key: UpdateKey, ctx: EnvelopeContext) -> tuple[tuple[Tensors, int, int], dict[str, str]]:
@@ -122,4 +123,5 @@ def finish_secure_round(
         name: (value * factor).to(global_adapter[name].dtype)
         for name, value in decode(total, config.secure_aggregation.frac_bits).items()
     }
-    return strategy.aggregate(session.round, global_adapter, [ClientUpdate("secure-sum", masked.weight, mean)])
+    trained = trained_part(config.lora, global_adapter)
+    return {**global_adapter, **strategy.aggregate(session.round, trained, [ClientUpdate("secure-sum", masked.weight, mean)])}
