@@ -74,9 +74,15 @@ class CheckpointStore:
     def strategy_state_url(self, round_number: int, digest: str) -> str:
         return storage.join(self.round_url(round_number), f"strategy-state-{digest[:16]}.safetensors")
 
-    def commit(self, adapter: Tensors, manifest: Manifest, strategy_state: Tensors | None = None) -> Manifest:
-        """Adapter (and the strategy's state, if it keeps any) first, manifest last; the
-        manifest records their digests and sizes. It must name this federation, and (after
+    def broadcast_url(self, round_number: int, digest: str) -> str:
+        return storage.join(self.round_url(round_number), f"broadcast-{digest[:16]}.bin")
+
+    def commit(
+        self, adapter: Tensors, manifest: Manifest, strategy_state: Tensors | None = None, broadcast: bytes | None = None
+    ) -> Manifest:
+        """Adapter (and the strategy's state, if it keeps any, and the compressed change a
+        client downloads instead of the adapter, if sent) first, manifest last; the manifest
+        records their digests and sizes. It must name this federation, and (after
         round 0) the digest of the committed adapter it was aggregated from.
 
         The signed manifest is one object, created only if the round has none (a conditional
@@ -97,6 +103,10 @@ class CheckpointStore:
             state_digest = hashlib.sha256(state).hexdigest()
             storage.write_atomic(self.strategy_state_url(round_number, state_digest), state, self.options)
             manifest = replace(manifest, strategy_state_sha256=state_digest, strategy_state_bytes=len(state))
+        if broadcast is not None:
+            broadcast_digest = hashlib.sha256(broadcast).hexdigest()
+            storage.write_atomic(self.broadcast_url(round_number, broadcast_digest), broadcast, self.options)
+            manifest = replace(manifest, broadcast_sha256=broadcast_digest, broadcast_bytes=len(broadcast))
         body = json.dumps(to_json(manifest), indent=2)
         signature = self.signer.sign(body.encode()).hex() if self.signer is not None else ""
         record = json.dumps({"manifest": body, "signature": signature}, indent=2).encode()
@@ -146,9 +156,14 @@ class CheckpointStore:
     def manifest(self, round_number: int) -> Manifest:
         """The signed manifest of `round_number`, refused unless it names this federation and
         this round (a signature says who wrote it, not where it belongs)."""
+        return self.manifest_read(round_number)[0]
+
+    def manifest_read(self, round_number: int) -> tuple[Manifest, int]:
+        """`manifest`, and how many bytes were read for it (a client counts what it downloads)."""
         url = self.manifest_url(round_number)
         try:
-            record = expect(parse_json(storage.read_limited(url, _MAX_MANIFEST, self.options), "manifest", _MAX_MANIFEST, 1), dict, "manifest")
+            raw = storage.read_limited(url, _MAX_MANIFEST, self.options)
+            record = expect(parse_json(raw, "manifest", _MAX_MANIFEST, 1), dict, "manifest")
             body, signature = expect(record.get("manifest"), str, "manifest body"), expect(record.get("signature"), str, "signature")
         except UpdateRejected as err:
             if err.reason is Reason.MISSING:
@@ -170,7 +185,7 @@ class CheckpointStore:
                 f"{self.manifest_url(round_number)}: signed for federation {manifest.federation!r} round "
                 f"{manifest.round!r}, not {self.federation!r} round {round_number}"
             )
-        return manifest
+        return manifest, len(raw)
 
     def last_accepted_round(self, client: str, before: int) -> int | None:
         """The last round before `before` whose committed manifest accepted `client`'s update."""
@@ -197,6 +212,13 @@ class CheckpointStore:
         url = self.adapter_url(manifest.round, manifest.adapter_sha256)
         data = self._verified(url, manifest.adapter_sha256, manifest.adapter_bytes)
         return bytes_to_tensors(data), len(data)
+
+    def broadcast_of(self, manifest: Manifest) -> bytes:
+        """The compressed change a verified manifest names (`fedlib.broadcast`)."""
+        if not manifest.broadcast_sha256:
+            raise FileNotFoundError(f"round {manifest.round} sent no broadcast")
+        url = self.broadcast_url(manifest.round, manifest.broadcast_sha256)
+        return self._verified(url, manifest.broadcast_sha256, manifest.broadcast_bytes)
 
     def strategy_state_of(self, manifest: Manifest) -> Tensors:
         """The server optimiser's state the manifest names (empty for stateless strategies)."""

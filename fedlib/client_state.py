@@ -103,3 +103,34 @@ class RevealLedger:
                 Reason.ALREADY_REVEALED,
                 f"session {session}: already revealed for {earlier.decode()[:200]}; refusing {request.decode()[:200]}",
             )
+
+
+@dataclass(frozen=True)
+class HeldGlobal:
+    """The last global adapter a client rebuilt, kept in its own bucket and sealed under its own
+    key, so that next time only the change need cross a cloud (`fedlib.broadcast`). It holds the
+    adapter's committed bytes: whatever the bucket serves is trusted only if it hashes to a
+    digest in a signed manifest."""
+
+    url: str
+    key: UpdateKey
+    federation: str
+    client: str
+    options: Options | None = None
+
+    def _context(self) -> EnvelopeContext:
+        return EnvelopeContext(f"{self.federation}/held-global", 0, self.client)
+
+    def load(self) -> bytes | None:
+        """The held adapter's committed bytes, or None (nothing held, or what is there does not
+        open: the client then reads the full adapter)."""
+        if not storage.exists(self.url, self.options):
+            return None
+        try:
+            return open_sealed(storage.read_limited(self.url, _MAX_RESIDUAL, self.options), self.key, self._context())
+        except UpdateRejected as err:
+            log.warning("client %s: held global adapter left out (%s): %s", self.client, err.reason.value, err.detail)
+            return None
+
+    def save(self, committed: bytes) -> None:
+        storage.write_atomic(self.url, bytes(seal(committed, self.key, self._context())), self.options)

@@ -291,15 +291,24 @@ class CompressionConfig(_Strict):
     topk_fraction: float = Field(0.01, gt=0, le=1)
     zstd_level: int = Field(3, ge=1, le=22)
     error_feedback: bool = True
+    broadcast: tuple[str, ...] = ()  # codecs for the global adapter's change, sent down (`fedlib.broadcast`)
 
     @model_validator(mode="after")
     def _valid_chain(self) -> CompressionConfig:
         self.chain  # noqa: B018 - raises ValueError naming the problem
+        try:
+            self.broadcast_chain  # noqa: B018
+        except ValueError as err:
+            raise ValueError(f"compression.broadcast: {err}") from None
         return self
 
     @property
     def chain(self) -> CodecChain:
         return CodecChain(tuple(self.codecs), self.topk_fraction, self.zstd_level)
+
+    @property
+    def broadcast_chain(self) -> CodecChain:
+        return CodecChain(tuple(self.broadcast), self.topk_fraction, self.zstd_level)
 
 
 class SplitConfig(_Strict):

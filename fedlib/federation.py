@@ -14,14 +14,16 @@ import torch
 
 from fedlib import storage
 from fedlib.checkpoint import CheckpointStore
-from fedlib.client_state import ResidualStore, RevealLedger
+from fedlib.manifest import Manifest
+from fedlib.broadcast import NextGlobal, Received, next_global, receive_global
+from fedlib.client_state import HeldGlobal, ResidualStore, RevealLedger
 from fedlib.config import FederationConfig
 from fedlib.data import BlockSet, cached_blocks, shakespeare_documents, tokenize_blocks, url_documents
 from fedlib.examples import Examples
 from fedlib.envelope import UpdateKey
 from fedlib.keys import AGGREGATOR, KeyRing, fingerprint, init_keys, load_keyring, party_keyring, read_key_source
 from fedlib.outbox import Outbox
-from fedlib.model import adapter_state, attach_lora, load_adapter_state, load_base_model, load_tokenizer
+from fedlib.model import adapter_state, attach_lora, load_adapter_state, load_base_model, load_tokenizer, trained_part
 from fedlib.model_pool import POOL, ModelKey
 from fedlib.own_data import own_examples
 from fedlib.partition import Assignment, partition
@@ -133,6 +135,13 @@ def residual_store(config: FederationConfig, ring: KeyRing, client: str, options
     return ResidualStore(url, key, config.federation.id, client, options)
 
 
+def held_global(config: FederationConfig, ring: KeyRing, client: str, options: storage.Options | None) -> HeldGlobal:
+    """The last global adapter the client rebuilt: in its own bucket, under a key only it holds."""
+    url = storage.join(config.storage_url(config.cloud(client)), config.federation.id, "client-state", f"{client}.global")
+    key = UpdateKey(ring.client_derived_secret(client, "held-global"), fingerprint(ring.public_key(client)))
+    return HeldGlobal(url, key, config.federation.id, client, options)
+
+
 def reveal_ledger(config: FederationConfig, ring: KeyRing, client: str, options: storage.Options | None) -> RevealLedger:
     """What the client revealed per secure-aggregation session: in its own bucket, its own key."""
     root = storage.join(config.storage_url(config.cloud(client)), config.federation.id, "client-state", f"{client}-secagg")
@@ -228,3 +237,37 @@ def model_key(config: FederationConfig, rank: int | None = None) -> ModelKey:
     settings = config.lora if rank is None else config.lora.model_copy(update={"r": rank})
     t = config.training
     return ModelKey(config.model.source, t.placement, settings, config.federation.seed, t.gradient_checkpointing)
+
+
+def round_global(
+    config: FederationConfig, round_number: int, previous: Tensors, target: Tensors, state: Tensors, residual: Tensors
+) -> NextGlobal:
+    """The global the aggregator commits for a round: the strategy's `target`, or, with
+    `compression.broadcast`, the previous global plus the change as clients decode it."""
+    chain = config.compression.broadcast_chain
+    names = list(trained_part(config.lora, target))
+    return next_global(chain, config.federation.seed, round_number, previous, target, names, state, residual)
+
+
+def global_for_client(
+    config: FederationConfig, ring: KeyRing, store: CheckpointStore, target: Manifest, client: str, options: storage.Options | None
+) -> Received:
+    """The global adapter `client` trains from: read in full, or with `compression.broadcast`
+    rebuilt from the one it holds in its own bucket (the seeded initial one at first) and the
+    broadcasts since, then held for next time."""
+    chain = config.compression.broadcast_chain
+    if not chain.names:
+        adapter, size = store.adapter_of(target)
+        return Received(adapter, b"", size)
+    held = held_global(config, ring, client, options)
+    received = receive_global(
+        store,
+        target,
+        chain,
+        lambda adapter: list(trained_part(config.lora, adapter)),
+        held.load(),
+        lambda: POOL.initial_adapter(model_key(config)),
+        2 * target.adapter_bytes + 2**20,
+    )
+    held.save(received.committed)
+    return received

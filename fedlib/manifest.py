@@ -38,7 +38,7 @@ class ClientReport:
     encrypt_upload_s: float
     update_norm: float  # L2 norm of the delta before any clipping: what DP's clip_norm is tuned against
     local_steps: int = 0
-    bytes_downloaded: int = 0  # the global adapter this client read
+    bytes_downloaded: int = 0  # what it read of the aggregator's store: the manifest, and the adapter or the broadcasts since the one it held
     validation_loss: float | None = None  # the client's score of the adapter it received, on its own split
     validation_tokens: int = 0
     tokens_per_s: float = 0.0  # system metrics of the client's training, as it measured them
@@ -152,6 +152,8 @@ class Manifest:
     adapter_bytes: int = 0
     strategy_state_sha256: str | None = None
     strategy_state_bytes: int | None = None
+    broadcast_sha256: str = ""  # the compressed change from the parent adapter (`fedlib.broadcast`), if sent
+    broadcast_bytes: int = 0
     # Rounds after 0.
     prefect_flow_run_id: str | None = None
     strategy: str = "fedavg"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from peft import PeftModel
 
 from fedlib.config import LoraSettings
-from fedlib.model import Tensors, attach_lora, load_adapter_state, load_base_model
+from fedlib.model import Tensors, adapter_state, attach_lora, load_adapter_state, load_base_model
 from fedlib.placement import Placement
 
 
@@ -36,6 +36,7 @@ class ModelPool:
         self.max_idle = max_idle
         self._idle: list[tuple[ModelKey, PeftModel]] = []
         self._lock = threading.Lock()
+        self._initial: dict[ModelKey, Tensors] = {}  # each key's adapter as LoRA's seeded init drew it
         self.loads = 0  # base models built by this pool: what reuse saves
 
     def _take(self, key: ModelKey) -> PeftModel | None:
@@ -62,11 +63,21 @@ class ModelPool:
             model = attach_lora(base, key.lora, key.seed)
             with self._lock:
                 self.loads += 1
+                self._initial.setdefault(key, adapter_state(model))
         if adapter is not None:
             load_adapter_state(model, {k: v.to(next(model.parameters()).device) for k, v in adapter.items()})
         yield model
         model.zero_grad(set_to_none=True)
         self._give_back(key, model)
+
+
+    def initial_adapter(self, key: ModelKey) -> Tensors:
+        """The adapter a model of `key` starts with (the seeded round-0 global), without a base
+        model load of its own when one of this key was built before."""
+        if key not in self._initial:
+            with self.lora_model(key, None):
+                pass
+        return dict(self._initial[key])
 
 
 POOL = ModelPool()  # this process's

@@ -16,7 +16,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from fedlib.aggregator import AggregationReport, Expected, expected_of
 from fedlib.manifest import Manifest, Rejection, round_manifest
 from fedlib.config import FederationConfig
-from fedlib.federation import Tensors, checkpoint_store
+from fedlib.broadcast import NextGlobal
+from fedlib.federation import checkpoint_store
 from fedlib.progress import RoundDone, RoundStarted, emit
 from fedlib.heterogeneity import sample_clients, step_budgets
 from fedlib.privacy.accountant import participation_after, privacy_spent
@@ -32,7 +33,7 @@ from tasks.secagg import parse_setups, read_client_messages, sum_masked_round, u
 
 def secure_round(
     steps: ClientSteps, clients: list[str], expected: dict[str, Expected]
-) -> tuple[Tensors, Tensors, AggregationReport, dict[str, Any]]:
+) -> tuple[NextGlobal, AggregationReport, dict[str, Any]]:
     """setup → train and mask → masked sum → reveal → unmask. A client that fails its setup is
     left out of everyone's masks; one that fails after it is unmasked from the survivors' reveals.
     A fresh session per attempt: an upload left from an earlier attempt is refused by name."""
@@ -68,7 +69,7 @@ def secure_round(
     bodies, unread = read_client_messages(config, round_number, "reveal", session_id, revealed.done)
     reveals = {c: body.decode("ascii", "replace") for c, body in bodies.items()}
     publics = {c: s.mask_public for c, s in setups.items()}
-    adapter, state = unmask_round(config, round_number, session_id, masked, publics, survivors, dropped, reveals)
+    committed = unmask_round(config, round_number, session_id, masked, publics, survivors, dropped, reveals)
     info = {
         "session": session_id,
         "threshold": config.secagg_threshold,
@@ -82,7 +83,7 @@ def secure_round(
             "secagg_reveal_unmask_s": time.perf_counter() - reveal_started,
         },
     }
-    return adapter, state, report, info
+    return committed, report, info
 
 
 @flow(name="federated-round", flow_run_name="round-{round_number}", task_runner=ThreadPoolTaskRunner(max_workers=8))
@@ -106,15 +107,15 @@ def federated_round(
     expected = expected_of(config, {c: len(assignment[c]) for c in clients if c in assignment}, budgets)
     secure: dict[str, Any] = {}
     if config.secure_aggregation.enabled:
-        adapter, state, report, secure = secure_round(steps, clients, expected)
+        next_global, report, secure = secure_round(steps, clients, expected)
         client_timings = secure.pop("timings")
     else:
         training = steps.run("train", clients, deadline_s=config.orchestration.round_deadline_s)
         client_timings = {"clients_wall_s": time.perf_counter() - partitioned}
-        adapter, report, state = aggregate_round(config, round_number, clients, training.failed, training.late, expected)
+        next_global, report = aggregate_round(config, round_number, clients, training.failed, training.late, expected)
     reports = report.reports
     eval_started = time.perf_counter()
-    eval_loss = evaluate_global(config, round_number, adapter)
+    eval_loss = evaluate_global(config, round_number, next_global.adapter)
     evaluated = time.perf_counter()
     rejected = {c: Rejection(r["reason"], r["detail"]) for c, r in report.rejected.items()}
     timings = {
@@ -132,7 +133,7 @@ def federated_round(
         config, round_number, previous, clients, budgets, reports, report.accepted, rejected, eval_loss, timings,
         (run_id, str(flow_run.id)), target_round, privacy_spent(config.privacy, participation), secure,
     )
-    committed = commit_round(config, adapter, manifest, state)
+    committed = commit_round(config, next_global, manifest)
     publish_round_table(config, round_number, clients, reports, rejected)
     emit(RoundDone(round_number, committed.perplexity))
     return committed

@@ -24,6 +24,7 @@ from fedlib.manifest import Manifest, base_manifest
 from fedlib.model import base_revision
 from fedlib.privacy.accountant import over_budget
 from flows.federated_round import federated_round
+from fedlib.broadcast import NextGlobal
 from tasks.aggregate import commit_round, evaluate_global, make_initial_adapter
 from tasks.artifacts import publish_summary
 from tasks.credentials import party_keys
@@ -77,7 +78,7 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
         base_loss = evaluate_global(config, 0, None)
         timings = {"partition_s": partition_s, "evaluate_s": time.perf_counter() - eval_started}
         manifest = base_manifest(config.federation.id, plan.last, run_id, base_loss, timings, base_revision(config.model.source))
-        manifests = [commit_round(config, make_initial_adapter(config), manifest)]
+        manifests = [commit_round(config, NextGlobal(make_initial_adapter(config), {}), manifest)]
         track_round(config, run_id, 0, manifests)
         emit(BaseScored(manifests[0].perplexity))
 

@@ -8,8 +8,10 @@ from prefect.cache_policies import NO_CACHE
 from fedlib.config import FederationConfig
 from fedlib.manifest import Manifest
 from fedlib.aggregator import AggregationReport, Expected, aggregate_updates, build_strategy
+from fedlib.broadcast import NextGlobal, split_state
 from fedlib.federation import (
     Tensors,
+    round_global,
     checkpoint_store,
     evaluate_adapter,
     aggregator_update_key,
@@ -28,14 +30,15 @@ def aggregate_round(
     failed: dict[str, str],
     late: list[str],
     expected: dict[str, Expected],
-) -> tuple[Tensors, AggregationReport, Tensors]:
-    """The next adapter, the report, and the strategy's state for the next round."""
+) -> tuple[NextGlobal, AggregationReport]:
+    """What to commit (the next adapter, the state for the next round, the broadcast), and the report."""
     ring = party_keys(config, AGGREGATOR)
     store = checkpoint_store(config, ring)
     previous = store.manifest(round_number - 1)
     global_adapter, _ = store.adapter_of(previous)
     parent = previous.adapter_sha256
-    strategy = build_strategy(config, round_number, store.strategy_state_of(previous))
+    own_state, residual = split_state(store.strategy_state_of(previous))
+    strategy = build_strategy(config, round_number, own_state)
     options = storage_options(config, clients)
     keys = {client: aggregator_update_key(ring, client) for client in clients}
     adapter, report = aggregate_updates(
@@ -45,7 +48,7 @@ def aggregate_round(
     for client, why in report.rejected.items():
         logger.warning("round %d: update from %s rejected (%s): %s", round_number, client, why["reason"], why["detail"])
     logger.info("round %d: aggregated %s", round_number, report.accepted)
-    return adapter, report, strategy.state_dict()
+    return round_global(config, round_number, global_adapter, adapter, strategy.state_dict(), residual), report
 
 
 @task(name="evaluate", task_run_name="evaluate-round-{round_number}", cache_policy=NO_CACHE)
@@ -61,5 +64,6 @@ def make_initial_adapter(config: FederationConfig) -> Tensors:
 
 
 @task(name="checkpoint", task_run_name="checkpoint-round-{manifest.round}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def commit_round(config: FederationConfig, adapter: Tensors, manifest: Manifest, strategy_state: Tensors | None = None) -> Manifest:
-    return checkpoint_store(config, party_keys(config, AGGREGATOR)).commit(adapter, manifest, strategy_state)
+def commit_round(config: FederationConfig, round_global: NextGlobal, manifest: Manifest) -> Manifest:
+    store = checkpoint_store(config, party_keys(config, AGGREGATOR))
+    return store.commit(round_global.adapter, manifest, round_global.state, round_global.broadcast)

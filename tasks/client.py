@@ -18,7 +18,7 @@ from fedlib.config import FederationConfig
 from fedlib.client import SealedUpdate, train_and_seal, upload_sealed
 from fedlib.manifest import ClientReport
 from fedlib.client_state import CarriedResidual, ResidualStore
-from fedlib.federation import checkpoint_store, client_update_key, residual_store, secagg_session
+from fedlib.federation import checkpoint_store, client_update_key, global_for_client, residual_store, secagg_session
 from fedlib.model import check_base_model
 from fedlib.shards import client_data
 from fedlib.secagg.client import SecureRound
@@ -39,9 +39,10 @@ def train_client(
     and the weight scale), the update is masked."""
     ring = party_keys(config, client)
     store = checkpoint_store(config, ring)
-    previous = store.manifest(round_number - 1)  # signature, federation and round checked
+    previous, manifest_bytes = store.manifest_read(round_number - 1)  # signature, federation and round checked
     check_base_model(previous.base_model, config.model.source)
-    global_adapter, downloaded = store.adapter_of(previous)
+    received = global_for_client(config, ring, store, previous, client, storage_options(config, [client])[client])
+    global_adapter, downloaded = received.adapter, manifest_bytes + received.downloaded
     parent = previous.adapter_sha256
     key = client_update_key(ring, client)
     data = client_data(config, client, key, storage_options(config, [client])[client])

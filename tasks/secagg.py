@@ -14,8 +14,9 @@ from prefect.cache_policies import NO_CACHE
 from fedlib.aggregator import AggregationReport, Expected, build_strategy
 from fedlib.config import FederationConfig
 from fedlib.decode import parse_json
+from fedlib.broadcast import NextGlobal, split_state
 from fedlib.federation import (
-    Tensors,
+    round_global,
     aggregator_update_key,
     checkpoint_store,
     client_update_key,
@@ -124,15 +125,16 @@ def unmask_round(
     survivors: list[str],
     dropped: list[str],
     reveals: dict[str, str],
-) -> tuple[Tensors, Tensors]:
-    """The next adapter and the strategy's state for the next round."""
+) -> NextGlobal:
+    """What to commit: the next adapter, the state for the next round, the broadcast."""
     ring = party_keys(config, AGGREGATOR)
     store = checkpoint_store(config, ring)
     previous = store.manifest(round_number - 1)
     global_adapter, _ = store.adapter_of(previous)
-    strategy = build_strategy(config, round_number, store.strategy_state_of(previous), secure_sum=True)
+    own_state, residual = split_state(store.strategy_state_of(previous))
+    strategy = build_strategy(config, round_number, own_state, secure_sum=True)
     keys = {client: aggregator_update_key(ring, client) for client in reveals}
     session = secagg_session(config, round_number, session_id)
     adapter = finish_secure_round(config, global_adapter, masked, session, mask_publics, survivors, dropped, reveals, keys, strategy)
     get_run_logger().info("round %d: secure sum of %s unmasked (%d dropped after setup)", round_number, survivors, len(dropped))
-    return adapter, strategy.state_dict()
+    return round_global(config, round_number, global_adapter, adapter, strategy.state_dict(), residual)

@@ -20,6 +20,11 @@ def _federation(tmp_path, corpus_dir, tiny_model_dir, clouds=("aws", "gcp"), **s
     return federated_training(str(path)), load_config(path)
 
 
+def _remove(url: str) -> None:
+    fs, path = storage.filesystem(url)
+    fs.rm(path)
+
+
 def test_ffa_lora_trains_and_sends_only_b(tmp_path, corpus_dir, tiny_model_dir):
     manifests, config = _federation(tmp_path, corpus_dir, tiny_model_dir, lora={"freeze_a": True})
     store = checkpoint_store(config)
@@ -49,3 +54,41 @@ def test_ffa_lora_refuses_what_would_move_a(tmp_path, corpus_dir, tiny_model_dir
     raw["clouds"][0]["lora_rank"] = 2
     with pytest.raises(ConfigError, match="lora.freeze_a"):
         parse_config(raw)
+
+
+def test_the_global_goes_down_as_a_quantised_change_that_clients_rebuild_exactly(tmp_path, corpus_dir, tiny_model_dir):
+    compression = {"codecs": ["int2", "zstd"], "broadcast": ["int2", "zstd"], "error_feedback": True}
+    manifests, config = _federation(tmp_path, corpus_dir, tiny_model_dir, compression=compression, training={"rounds": 3})
+    store = checkpoint_store(config)
+    full = manifests[0].adapter_bytes
+    for m in manifests[1:]:
+        assert 0 < m.broadcast_bytes < full / 4  # 2-bit codes and bf16 block scales, zstd'd
+        # Round 1 starts from the seeded initial adapter, built where the client is: only the
+        # manifest crosses. Later rounds read the manifest and that round's broadcast.
+        parent = manifests[m.round - 1]
+        expected = store.manifest_read(parent.round)[1] + parent.broadcast_bytes
+        assert all(r.bytes_downloaded == expected for r in m.clients.values())
+    assert manifests[-1].perplexity < manifests[0].perplexity
+    # The aggregator keeps what the broadcast codecs held back, for the next round's change.
+    from fedlib.broadcast import split_state
+
+    _, residual = split_state(store.strategy_state_of(manifests[-1]))
+    assert residual and sum(float(v.abs().sum()) for v in residual.values()) > 0
+    # What a client holds sits in its own bucket, sealed.
+    from fedlib.federation import global_for_client, held_global
+
+    ring = keyring(config)
+    held = held_global(config, ring, "aws", None)
+    assert b'"dtype"' not in storage.read_limited(held.url, 1 << 30) and held.load() is not None
+    # Without it, a client rebuilds from the seeded start; a broadcast tampered with in the
+    # aggregator's store breaks the chain of digests, and the client reads the full adapter.
+    _remove(held.url)
+    rebuilt = global_for_client(config, ring, store, manifests[2], "aws", None)
+    assert rebuilt.downloaded < full and all(rebuilt.adapter[n].equal(v) for n, v in store.adapter(2).items())
+    _remove(held.url)
+    url = store.broadcast_url(2, manifests[2].broadcast_sha256)
+    blob = bytearray(storage.read_limited(url, 1 << 30))
+    blob[-1] ^= 1
+    storage.write_atomic(url, bytes(blob))
+    fallback = global_for_client(config, ring, store, manifests[2], "aws", None)
+    assert fallback.downloaded > full and all(fallback.adapter[n].equal(v) for n, v in store.adapter(2).items())
