@@ -134,7 +134,7 @@ def train_and_seal(
         delta, result, scored = train_delta(config, client, round_number, global_adapter, shard, steps, data.validation)
     norm = update_norm(delta)
     chain = config.compression.chain
-    if residuals is not None and chain.lossy:
+    if residuals is not None and config.lossy_updates:
         for name, value in residuals.store.load(residuals.carried_from).items():
             if name in delta and value.shape == delta[name].shape:
                 delta[name] = delta[name] + value
@@ -143,15 +143,16 @@ def train_and_seal(
     trained = time.perf_counter()
     metadata = {"num_examples": str(len(shard)), "local_steps": str(steps)}
     residual_blob = None
+    rounding = torch.Generator().manual_seed(client_seed(config, client, round_number) ^ 0x5EED)
     if secure is not None:
-        tensors, weight = masked_update(config, client, delta, len(shard), steps, secure)
-        metadata["weight"] = str(weight)
+        masked = masked_update(config, client, delta, len(shard), steps, secure, rounding)
+        tensors, counted = masked.tensors, masked.counted
+        metadata["weight"] = str(masked.weight)
     else:
-        rounding = torch.Generator().manual_seed(client_seed(config, client, round_number) ^ 0x5EED)
         tensors, metadata["codecs"] = chain.encode(delta, rounding)
-        if residuals is not None and chain.lossy:
-            decoded = chain.decode(tensors, metadata["codecs"], delta)
-            residual_blob = residuals.store.sealed(round_number, {n: delta[n] - decoded[n] for n in delta})
+        counted = chain.decode(tensors, metadata["codecs"], delta) if chain.lossy else None
+    if residuals is not None and counted is not None:
+        residual_blob = residuals.store.sealed(round_number, {n: delta[n] - counted[n] for n in delta})
     said = SaidByClient(
         train_loss=result.mean_loss,
         train_s=trained - started,

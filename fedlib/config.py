@@ -340,11 +340,15 @@ class SecureAggregationConfig(_Strict):
     """Pairwise masking so that the aggregator learns only the sum of the updates. `threshold`
     reveals are needed to remove the masks (default: a majority of the clients, at least 2);
     `frac_bits` is the fixed-point precision (2^-frac_bits), traded against the largest entry a
-    client's update may hold: 2^(31 - frac_bits) / clients (at 24 bits and 3 clients, 42)."""
+    client's update may hold: 2^(31 - frac_bits) / clients (at 24 bits and 3 clients, 42).
+    With `bits`, updates are sent instead as stochastically rounded codes of that many bits,
+    masked in a ring just large enough for their sum (3 bits per entry for 2-bit codes and 3
+    clients, against 32)."""
 
     enabled: bool = False
     threshold: int | None = Field(None, ge=2)
     frac_bits: int = Field(24, ge=4, le=28)
+    bits: int | None = Field(None, ge=2, le=8)  # low-bit codes in a small ring (`fedlib.secagg.quantised`) instead of fixed point
 
 
 class OrchestrationConfig(_Strict):
@@ -500,7 +504,10 @@ class FederationConfig(_Strict):
                 )
             if self.compression.codecs:
                 raise ValueError("compression.codecs: masked updates are uniform noise, which no codec can shrink; "
-                                 "leave codecs empty with secure aggregation")
+                                 "leave codecs empty with secure aggregation (secure_aggregation.bits codes them before masking)")
+            if secure.bits is not None and self.privacy.enabled:
+                raise ValueError("secure_aggregation.bits: not with privacy.enabled (the code scale bounds a training "
+                                 "change, not the Gaussian noise added to it)")
             if not self.aggregation.from_mean_only:
                 raise ValueError(
                     f"aggregation.strategy={self.aggregation.strategy!r} needs each update, but secure aggregation "
@@ -513,6 +520,12 @@ class FederationConfig(_Strict):
                 f"privacy.enabled: DP-FedAvg adds noise to a mean, and {self.aggregation.strategy!r} does not aggregate one"
             )
         return self
+
+    @property
+    def lossy_updates(self) -> bool:
+        """Whether what a client sends loses part of its update (what error feedback carries)."""
+        secure = self.secure_aggregation
+        return self.compression.chain.lossy or (secure.enabled and secure.bits is not None)
 
     @property
     def proximal_mu(self) -> float:

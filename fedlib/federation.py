@@ -28,6 +28,7 @@ from fedlib.model_pool import POOL, ModelKey
 from fedlib.own_data import own_examples
 from fedlib.partition import Assignment, partition
 from fedlib.secagg.protocol import Session
+from fedlib.secagg.quantised import Codes, code_scale
 from fedlib.training import evaluate_loss
 
 Tensors = dict[str, torch.Tensor]
@@ -271,3 +272,13 @@ def global_for_client(
     )
     held.save(received.committed)
     return received
+
+
+def round_codes(config: FederationConfig, parties: int, largest_share: float, steps: int) -> Codes | None:
+    """How a secure round codes its updates, with `secure_aggregation.bits`: the scale the
+    aggregator announces before training, from what it knows (`fedlib.secagg.quantised`)."""
+    bits = config.secure_aggregation.bits
+    if bits is None:
+        return None
+    per_step = 1 if config.aggregation.normalize_steps else steps  # FedNova's clients send Δ/τ
+    return Codes(bits, parties, code_scale(config.training.learning_rate, per_step, largest_share, bits))

@@ -24,6 +24,7 @@ from fedlib.privacy.accountant import participation_after, privacy_spent
 from fedlib.rejection import QuorumNotMet
 from fedlib.secagg.messages import RevealRequest, SetupRequest, TrainRequest
 from fedlib.secagg.protocol import relay_setups
+from fedlib.federation import round_codes
 from flows.client_steps import ClientSteps
 from tasks.aggregate import aggregate_round, commit_round, evaluate_global
 from tasks.artifacts import publish_round_table
@@ -51,17 +52,19 @@ def secure_round(
     # Every participant's weight over their sum: the unmasked sum is the mean if nobody drops.
     # Each client said its count in its setup; a count past the round's cap is refused later,
     # when its masked update's weight must match it.
-    scale = float(len(setups) if config.privacy.enabled else sum(min(s.num_examples, expected[c].max_examples) for c, s in setups.items()))
+    weights = {c: 1 if config.privacy.enabled else min(s.num_examples, expected[c].max_examples) for c, s in setups.items()}
+    scale = float(sum(weights.values()))
+    codes = round_codes(config, len(setups), max(weights.values()) / scale, max(steps.local_steps.get(c, config.training.local_steps) for c in setups))
     setup_s = time.perf_counter() - started
     training = steps.run(
         "train",
         sorted(setups),
-        lambda c: TrainRequest(session_id, inboxes[c], scale),
+        lambda c: TrainRequest(session_id, inboxes[c], scale, codes.scale if codes else 0.0),
         config.orchestration.round_deadline_s,
     )
     trained = time.perf_counter()
     all_failed = {**failed, **training.failed}
-    masked, report = sum_masked_round(config, round_number, clients, all_failed, training.late, scale, session_id, expected)
+    masked, report = sum_masked_round(config, round_number, clients, all_failed, training.late, scale, session_id, expected, codes)
     survivors = list(report.accepted)
     dropped = [c for c in sorted(setups) if c not in survivors]
     reveal_started = time.perf_counter()

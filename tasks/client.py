@@ -51,9 +51,9 @@ def train_client(
     masking = None
     if secure:
         session = secagg_session(config, round_number, secure.session_id)
-        masking = SecureRound(ring, session, secure.inbox, secure.weight_scale)
+        masking = SecureRound(ring, session, secure.inbox, secure.weight_scale, secure.code_scale)
     residuals = None
-    if config.compression.error_feedback and config.compression.chain.lossy:
+    if config.compression.error_feedback and config.lossy_updates:
         residuals = CarriedResidual(_residuals(config, client), store.last_accepted_round(client, round_number))
     return train_and_seal(config, client, round_number, global_adapter, data, key, masking, residuals, local_steps, parent, downloaded)
 

@@ -29,6 +29,7 @@ from fedlib.rejection import UpdateRejected
 from fedlib.secagg.aggregator import MaskedSum, finish_secure_round, sum_masked_updates
 from fedlib.secagg.messages import RevealRequest, SetupMessage, SetupRequest
 from fedlib.secagg.protocol import make_reveal, make_setup, open_inbox
+from fedlib.secagg.quantised import Codes
 from fedlib.shards import client_data
 from tasks.credentials import party_keys, storage_options
 
@@ -98,6 +99,7 @@ def sum_masked_round(
     weight_scale: float,
     session_id: str,
     expected: dict[str, Expected],
+    codes: Codes | None = None,
 ) -> tuple[MaskedSum, AggregationReport]:
     ring = party_keys(config, AGGREGATOR)
     store = checkpoint_store(config, ring)
@@ -107,7 +109,7 @@ def sum_masked_round(
     keys = {client: aggregator_update_key(ring, client) for client in clients}
     options = storage_options(config, clients)
     masked, report = sum_masked_updates(
-        config, round_number, global_adapter, clients, failed, keys, weight_scale, session_id, parent, expected, options, late
+        config, round_number, global_adapter, clients, failed, keys, weight_scale, session_id, parent, expected, options, late, codes
     )
     logger = get_run_logger()
     for client, why in report.rejected.items():

@@ -17,6 +17,7 @@ from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.secagg.fixedpoint import MODULUS, Tensors, decode, from_wire
 from fedlib.secagg.protocol import Session, unmask_sum
+from fedlib.secagg.quantised import Codes
 from fedlib.storage import Options
 from fedlib.strategies import ClientUpdate, Strategy
 from fedlib.validation import check_update
@@ -28,6 +29,7 @@ class MaskedSum:
     weight: int  # Σ the survivors' weights (examples, or 1 each under DP)
     weighted_steps: int  # Σ weight × local steps, for step normalisation
     weight_scale: float  # the scale every client divided its weight by
+    codes: Codes | None = None  # how the clients coded their updates, with `secure_aggregation.bits`
 
     def mean_factor(self, normalize_steps: bool) -> float:
         """What turns the unmasked sum into the (step-normalised) weighted mean."""
@@ -41,25 +43,27 @@ def wire_template(global_adapter: Tensors) -> Tensors:
 
 
 def open_masked_update(
-    blob: bytes, key: UpdateKey, ctx: EnvelopeContext, template: Tensors, expected: Expected, dp: bool
+    blob: bytes, key: UpdateKey, ctx: EnvelopeContext, template: Tensors, expected: Expected, dp: bool, codes: Codes | None = None
 ) -> tuple[tuple[Tensors, int, int], dict[str, str]]:
     """(residues, weight, local steps) of one masked update, and its authenticated metadata. `ctx` names the session: an upload
     left from another attempt of the round was masked against other masks, and would turn the
     unmasked sum into noise. The weight must be what the client's role allows (1 under DP, its
     example count otherwise), since it scales the mean."""
     payload = open_sealed(blob, key, ctx)
+    wire = wire_template(template) if codes is None else codes.wire_template(template)
 
     def allowed(name: str, spec) -> str | None:
-        ref = template.get(name)
+        ref = wire.get(name)
         return None if ref is not None and spec.shape == tuple(ref.shape) and spec.dtype == ref.dtype else "not in the adapter's layout"
 
     tensors, meta = load_tensors(payload, "masked update", allowed)
-    check_update(tensors, template)
+    check_update(tensors, wire)
     num_examples, local_steps = expected.counts(meta)
     weight = bounded_int(meta, "weight", 1, expected.max_examples, "masked update")
     if weight != (1 if dp else num_examples):
         raise UpdateRejected(Reason.OUT_OF_RANGE, f"masked update: weight {weight} for {num_examples} examples")
-    return (from_wire(tensors), weight, local_steps), meta
+    residues = from_wire(tensors) if codes is None else codes.unpack(tensors, template)
+    return (residues, weight, local_steps), meta
 
 
 def sum_masked_updates(
@@ -75,16 +79,17 @@ def sum_masked_updates(
     expected: Mapping[str, Expected],
     storage_options: Mapping[str, Options] | None = None,
     late: Sequence[str] = (),
+    codes: Codes | None = None,
 ) -> tuple[MaskedSum, AggregationReport]:
     """Streamed like plain aggregation: one update in memory at a time. Needs at least
     `secagg_min_survivors` updates, or the masks could not be removed. Every update must be of
     this `session` and trained from `parent`."""
     report = AggregationReport()
-    template = wire_template(trained_part(config.lora, global_adapter))
+    template = trained_part(config.lora, global_adapter)
     dp = config.privacy.enabled
 
     def opener(blob: bytes, key: UpdateKey, ctx: EnvelopeContext) -> tuple[tuple[Tensors, int, int], dict[str, str]]:
-        return open_masked_update(blob, key, ctx, template, expected[ctx.client], dp)
+        return open_masked_update(blob, key, ctx, template, expected[ctx.client], dp, codes)
 
     total: Tensors = {name: torch.zeros(value.shape, dtype=torch.int64) for name, value in template.items()}
     weight = weighted_steps = 0
@@ -100,7 +105,7 @@ def sum_masked_updates(
     needed = config.secagg_min_survivors
     rule = f"secure aggregation needs {needed} (aggregation.min_clients, secure_aggregation.threshold)"
     check_quorum(round_number, clients, report, needed, rule)
-    return MaskedSum(total, weight, weighted_steps, weight_scale), report
+    return MaskedSum(total, weight, weighted_steps, weight_scale, codes), report
 
 
 def finish_secure_round(
@@ -119,9 +124,7 @@ def finish_secure_round(
     the clients already normalised, clipped and noised what they masked."""
     total = unmask_sum(masked.residues, session, mask_publics, survivors, dropped, reveals, keys)
     factor = masked.mean_factor(config.aggregation.normalize_steps)
-    mean = {
-        name: (value * factor).to(global_adapter[name].dtype)
-        for name, value in decode(total, config.secure_aggregation.frac_bits).items()
-    }
+    summed = decode(total, config.secure_aggregation.frac_bits) if masked.codes is None else masked.codes.decode_sum(total)
+    mean = {name: (value * factor).to(global_adapter[name].dtype) for name, value in summed.items()}
     trained = trained_part(config.lora, global_adapter)
     return {**global_adapter, **strategy.aggregate(session.round, trained, [ClientUpdate("secure-sum", masked.weight, mean)])}

@@ -10,7 +10,8 @@ import torch
 from fedlib.config import FederationConfig
 from fedlib.keys import KeyRing
 from fedlib.privacy.dp import add_noise_share_inplace, noise_generator
-from fedlib.secagg.fixedpoint import Tensors, encode, to_wire
+from fedlib.secagg.fixedpoint import MODULUS, Tensors, encode, to_wire
+from fedlib.secagg.quantised import Codes
 from fedlib.secagg.protocol import Session, mask_update, open_inbox
 
 
@@ -22,18 +23,34 @@ class SecureRound:
     session: Session
     inbox: Mapping[str, str]
     weight_scale: float  # Σ of every participant's weight, announced by the aggregator
+    code_scale: float = 0.0  # the value of code 1 with `secure_aggregation.bits`, announced too
+
+
+@dataclass(frozen=True)
+class MaskedUpdate:
+    tensors: Tensors  # what is uploaded: int32 residues, or packed low-bit residues
+    weight: int
+    counted: Tensors | None  # the delta as the aggregator will count it, when codes lose some of it
 
 
 def masked_update(
-    config: FederationConfig, me: str, delta: Tensors, num_examples: int, local_steps: int, secure: SecureRound
-) -> tuple[Tensors, int]:
-    """The masked, fixed-point update as int32 residues, and the weight it carries.
+    config: FederationConfig,
+    me: str,
+    delta: Tensors,
+    num_examples: int,
+    local_steps: int,
+    secure: SecureRound,
+    rounding: torch.Generator | None = None,
+) -> MaskedUpdate:
+    """The masked update, and the weight it carries.
 
     Each client encodes weight/weight_scale · delta, so the unmasked sum is already the mean when
     nobody drops, and every encoded value is at most the largest delta entry: the fixed-point
     range does not depend on the shard sizes. Without DP the weight is the example count
     (FedAvg). With DP every client weighs 1 (as DP-FedAvg does) and adds its share of the
-    Gaussian noise, since the aggregator never sees an update to add noise to."""
+    Gaussian noise, since the aggregator never sees an update to add noise to. With
+    `secure_aggregation.bits` the encoding is low-bit codes at the announced scale, stochastically
+    rounded by `rounding` (`fedlib.secagg.quantised`)."""
     peers = open_inbox(secure.ring, me, secure.session, secure.inbox)
     p = config.privacy
     weighted = {name: value.detach().to(torch.float64).clone() for name, value in delta.items()}
@@ -44,7 +61,15 @@ def masked_update(
     else:
         weight = num_examples
     per_step = local_steps if config.aggregation.normalize_steps else 1  # FedNova: Δ/τ, rescaled by the aggregator
+    share = weight / secure.weight_scale / per_step
     for value in weighted.values():
-        value.mul_(weight / secure.weight_scale / per_step)
-    encoded = encode(weighted, config.secure_aggregation.frac_bits, parties=len(peers) + 1)
-    return to_wire(mask_update(secure.ring, me, secure.session, peers, encoded)), weight
+        value.mul_(share)
+    bits = config.secure_aggregation.bits
+    if bits is None:
+        encoded = encode(weighted, config.secure_aggregation.frac_bits, parties=len(peers) + 1)
+        return MaskedUpdate(to_wire(mask_update(secure.ring, me, secure.session, peers, encoded)), weight, None)
+    codes = Codes(bits, len(peers) + 1, secure.code_scale)
+    quantised = codes.quantise(weighted, rounding or torch.Generator().manual_seed(0))
+    masked = mask_update(secure.ring, me, secure.session, peers, {n: torch.remainder(q, MODULUS) for n, q in quantised.items()})
+    counted = {n: (q.to(torch.float64) * codes.scale / share).to(delta[n].dtype) for n, q in quantised.items()}
+    return MaskedUpdate(codes.pack(masked), weight, counted)

@@ -84,23 +84,27 @@ class SetupMessage:
 
 @dataclass(frozen=True)
 class TrainRequest:
-    """Train and mask: the session, the setups the aggregator relayed to this client, and the
-    sum of every participant's weight (so the unmasked sum is already the mean)."""
+    """Train and mask: the session, the setups the aggregator relayed to this client, the sum
+    of every participant's weight (so the unmasked sum is already the mean), and the scale of
+    the codes, when they are low-bit."""
 
     session_id: str
     inbox: dict[str, str]
     weight_scale: float
+    code_scale: float = 0.0  # the value of code 1 under `secure_aggregation.bits`, else 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, value: Any) -> TrainRequest:
-        data = _fields(value, {"session_id", "inbox", "weight_scale"}, "train request")
-        scale = data["weight_scale"]
+        data = _fields(value, {"session_id", "inbox", "weight_scale", "code_scale"}, "train request")
+        scale, code = data["weight_scale"], data["code_scale"]
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < 1e15:
             raise malformed("weight_scale", "not a positive number")
-        return cls(_hex(data["session_id"], "session_id"), _inbox(data["inbox"], "inbox"), float(scale))
+        if isinstance(code, bool) or not isinstance(code, (int, float)) or not 0 <= code < 1e15:
+            raise malformed("code_scale", "not a number ≥ 0")
+        return cls(_hex(data["session_id"], "session_id"), _inbox(data["inbox"], "inbox"), float(scale), float(code))
 
 
 @dataclass(frozen=True)
