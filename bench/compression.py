@@ -32,20 +32,16 @@ SCHEDULES = {"demo": (3, 10), "long": (10, 3)}
 _EF = {"error_feedback": True}
 SCHEMES: dict[str, dict] = {
     "fp32": {},
-    "int8": {"compression": {"codecs": ["int8"]}},
-    "int2": {"compression": {"codecs": ["int2", "zstd"], **_EF}},
     "int2+down": {"compression": {"codecs": ["int2", "zstd"], "broadcast": ["int2", "zstd"], **_EF}},
-    "ffa": {"lora": {"freeze_a": True}},
-    "ffa-int4+down": {"lora": {"freeze_a": True}, "compression": {"codecs": ["int4", "zstd"], "broadcast": ["int4", "zstd"], **_EF}},
-    "ffa-int2+down": {"lora": {"freeze_a": True}, "compression": {"codecs": ["int2", "zstd"], "broadcast": ["int2", "zstd"], **_EF}},
-    "ffa-sign+down": {"lora": {"freeze_a": True}, "compression": {"codecs": ["sign", "zstd"], "broadcast": ["int2", "zstd"], **_EF}},
-    "secagg-int32": {"secure_aggregation": {"enabled": True}},
-    "secagg-2bit": {"secure_aggregation": {"enabled": True, "bits": 2}, "compression": _EF},
-    "secagg-ffa-2bit+down": {
+    "sign+down": {"compression": {"codecs": ["sign", "zstd"], "broadcast": ["sign", "zstd"], **_EF}},
+    # FFA-LoRA at 4x the learning rate, the best of 1x, 4x, 8x and 16x on the demo (seed 0: 36.58, 33.81, 34.56, 35.88 against 32.34)
+    "ffa-int2+down": {
         "lora": {"freeze_a": True},
-        "secure_aggregation": {"enabled": True, "bits": 2},
-        "compression": {"broadcast": ["int2", "zstd"], **_EF},
+        "training": {"learning_rate": 0.008},
+        "compression": {"codecs": ["int2", "zstd"], "broadcast": ["int2", "zstd"], **_EF},
     },
+    "secagg-int32": {"secure_aggregation": {"enabled": True}},
+    "secagg-2bit+down": {"secure_aggregation": {"enabled": True, "bits": 2}, "compression": {"broadcast": ["int2", "zstd"], **_EF}},
 }
 
 
