@@ -140,6 +140,27 @@ def table(runs: list[Run], dtype: str) -> list[str]:
     return lines
 
 
+def plot(runs: list[Run], dtype: str, path: Path) -> None:
+    """Perplexity against bytes moved (up + down, log scale), one point per run, per schedule."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(9, 4))
+    for i, schedule in enumerate(SCHEDULES):
+        ax = figure.add_subplot(1, len(SCHEDULES), i + 1)
+        for scheme in SCHEMES:
+            group = [r for r in runs if r.scheme == scheme and r.schedule == schedule and r.dtype == dtype]
+            if group:
+                ax.scatter([r.up + r.down for r in group], [r.perplexity for r in group], label=scheme, s=18)
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes per client per round, up + down")
+        ax.set_ylabel("final held-out perplexity")
+        ax.set_title(f"{schedule}: {SCHEDULES[schedule][0]} rounds × {SCHEDULES[schedule][1]} steps")
+        ax.grid(alpha=0.3)
+    figure.axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
@@ -148,6 +169,7 @@ def main() -> int:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="training.dtype of every run (bf16 is ~2x faster on a CPU)")
     parser.add_argument("--results", type=Path, default=ROOT / ".fedlib" / "bench" / "compression.jsonl")
     parser.add_argument("--table-only", action="store_true", help="print the table of what --results holds, run nothing")
+    parser.add_argument("--plot", type=Path, help="also draw perplexity against bytes to this PNG")
     args = parser.parse_args()
     args.results.parent.mkdir(parents=True, exist_ok=True)
     done = {(r.scheme, r.schedule, r.seed, r.dtype) for r in load_runs(args.results)}
@@ -160,6 +182,8 @@ def main() -> int:
                 out.write(json.dumps(asdict(run)) + "\n")
             print(f"    up {run.up:,.0f} B, down {run.down:,.0f} B, perplexity {run.perplexity:.2f}, {run.wall_s:.0f} s", file=sys.stderr, flush=True)
     print(f"demo federation, 3 clouds, training.dtype {args.dtype}; results in {args.results}")
+    if args.plot:
+        plot(load_runs(args.results), args.dtype, args.plot)
     print("\n".join(table(load_runs(args.results), args.dtype)))
     return 0
 

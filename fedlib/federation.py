@@ -23,7 +23,7 @@ from fedlib.examples import Examples
 from fedlib.envelope import UpdateKey
 from fedlib.keys import AGGREGATOR, KeyRing, fingerprint, init_keys, load_keyring, party_keyring, read_key_source
 from fedlib.outbox import Outbox
-from fedlib.model import adapter_state, attach_lora, load_adapter_state, load_base_model, load_tokenizer, trained_part
+from fedlib.model import attach_lora, load_adapter_state, load_base_model, load_tokenizer, trained_part
 from fedlib.model_pool import POOL, ModelKey
 from fedlib.own_data import own_examples
 from fedlib.partition import Assignment, partition
@@ -210,7 +210,12 @@ def partition_clients(config: FederationConfig, data: FederationData) -> dict[st
 
 
 def initial_adapter(config: FederationConfig) -> Tensors:
-    return adapter_state(attach_lora(load_base_model(config.model.source), config.lora, config.federation.seed))
+    """The round-0 global: LoRA's seeded initialisation on the configured placement, as this
+    process's pooled model drew it. A client on the same placement draws the same tensors, so
+    with `compression.broadcast` it builds round 0's adapter instead of downloading it (a bf16
+    model rounds its adapter's initial values to bf16 before PEFT casts them back to fp32, so the
+    placement matters; a client whose draw does not hash to round 0's digest reads it)."""
+    return POOL.initial_adapter(model_key(config))
 
 
 def load_global_model(config: FederationConfig, adapter: Tensors | None, rank: int | None = None):

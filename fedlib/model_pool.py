@@ -77,7 +77,7 @@ class ModelPool:
         if key not in self._initial:
             with self.lora_model(key, None):
                 pass
-        return dict(self._initial[key])
+        return {name: value.clone() for name, value in self._initial[key].items()}
 
 
 POOL = ModelPool()  # this process's

@@ -156,3 +156,16 @@ def test_low_bit_secure_codes_refuse_dp(tmp_path, corpus_dir, tiny_model_dir):
     raw["privacy"] = {"enabled": True, "clip_norm": 1.0, "noise_multiplier": 0.5}
     with pytest.raises(ConfigError, match="secure_aggregation.bits"):
         parse_config(raw)
+
+
+def test_a_bf16_client_builds_the_initial_adapter_it_would_have_downloaded(tmp_path, corpus_dir, tiny_model_dir):
+    """PEFT rounds a bf16 model's initial LoRA weights to bf16 before casting them back to fp32,
+    so round 0's adapter is drawn on the configured placement: a client there rebuilds it, and
+    round 1 costs it the manifest alone."""
+    manifests, config = _federation(
+        tmp_path, corpus_dir, tiny_model_dir,
+        compression={"codecs": ["int4"], "broadcast": ["int4"]}, training={"rounds": 1, "dtype": "bf16"},
+    )
+    manifest_bytes = checkpoint_store(config).manifest_read(0)[1]
+    assert [r.bytes_downloaded for r in manifests[1].clients.values()] == [manifest_bytes] * 2
+    assert all(v.equal(initial_adapter(config)[n]) for n, v in checkpoint_store(config).adapter(0).items())
