@@ -126,6 +126,11 @@ def table(runs: list[Run], dtype: str) -> list[str]:
                 f"| {scheme} | {schedule} | {','.join(map(str, seeds))} | {up:,.0f} | {down:,.0f} | "
                 f"{'—' if ratio is None else f'{ratio:.1f}'} | {mean:.2f} ± {spread:.2f} | {'—' if delta is None else f'{delta:+.2f}%'} |"
             )
+    plain = by.get(("secagg-int32", "demo"))
+    for (scheme, schedule), group in by.items():
+        if plain and scheme.startswith("secagg-") and scheme != "secagg-int32":
+            fewer = statistics.fmean(r.up for r in plain) / statistics.fmean(r.up for r in group)
+            lines.append(f"under secure aggregation, {scheme} ({schedule}) uploads {fewer:.1f}x fewer bytes than secagg-int32's masked int32")
     measured = {s for (_, s) in by}
     eligible = [
         (min(r for r, _ in v), max(d for _, d in v), scheme)

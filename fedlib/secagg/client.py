@@ -68,6 +68,8 @@ def masked_update(
     if bits is None:
         encoded = encode(weighted, config.secure_aggregation.frac_bits, parties=len(peers) + 1)
         return MaskedUpdate(to_wire(mask_update(secure.ring, me, secure.session, peers, encoded)), weight, None)
+    if not secure.code_scale > 0:  # an aggregator that announced no scale gets no update
+        raise ValueError(f"secure_aggregation.bits={bits}: the aggregator announced code scale {secure.code_scale}")
     codes = Codes(bits, len(peers) + 1, secure.code_scale)
     quantised = codes.quantise(weighted, rounding or torch.Generator().manual_seed(0))
     masked = mask_update(secure.ring, me, secure.session, peers, {n: torch.remainder(q, MODULUS) for n, q in quantised.items()})
