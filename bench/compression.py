@@ -146,22 +146,26 @@ def table(runs: list[Run], dtype: str) -> list[str]:
 
 
 def plot(runs: list[Run], dtype: str, path: Path) -> None:
-    """Perplexity against bytes moved (up + down, log scale), one point per run, per schedule."""
+    """Perplexity against bytes moved (up + down, log scale), one point per run, per schedule;
+    a run that diverged (perplexity past 100) is left out of the drawing, not of the table."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
-    figure = Figure(figsize=(9, 4))
+    figure = Figure(figsize=(10, 4))
+    colours = {scheme: f"C{i}" for i, scheme in enumerate(SCHEMES)}
     for i, schedule in enumerate(SCHEDULES):
         ax = figure.add_subplot(1, len(SCHEDULES), i + 1)
         for scheme in SCHEMES:
-            group = [r for r in runs if r.scheme == scheme and r.schedule == schedule and r.dtype == dtype]
+            group = [r for r in runs if r.scheme == scheme and r.schedule == schedule and r.dtype == dtype and r.perplexity < 100]
             if group:
-                ax.scatter([r.up + r.down for r in group], [r.perplexity for r in group], label=scheme, s=18)
+                ax.scatter([r.up + r.down for r in group], [r.perplexity for r in group], label=scheme, s=18, color=colours[scheme])
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.legend(fontsize=7)
         ax.set_xlabel("bytes per client per round, up + down")
         ax.set_ylabel("final held-out perplexity")
         ax.set_title(f"{schedule}: {SCHEDULES[schedule][0]} rounds × {SCHEDULES[schedule][1]} steps")
         ax.grid(alpha=0.3)
-    figure.axes[0].legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
