@@ -16,7 +16,16 @@ from fedlib_cli.live import LiveProgress
 from fedlib_cli.ui import add_parser as add_ui_parser
 
 if TYPE_CHECKING:
+    from fedlib.config import FederationConfig
     from fedlib.manifest import Manifest
+
+
+def _prepared(args: argparse.Namespace) -> tuple[Console, FederationConfig | None]:
+    """What every command that reads a config starts with: the embedded defaults, a console, and
+    the config (None once its errors are reported; the command then exits 2)."""
+    embedded_defaults(args.verbose)
+    console = Console()
+    return console, config_or_report(args.config, console)
 
 
 def _summary_table(manifests: list[Manifest]) -> Table:
@@ -46,9 +55,7 @@ def _ui_hint(config_path: Path) -> str:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    embedded_defaults(args.verbose)
-    console = Console()
-    config = config_or_report(args.config, console)
+    console, config = _prepared(args)
     if config is None:
         return 2
     from flows.federated_training import federated_training
@@ -73,9 +80,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def split_command(args: argparse.Namespace) -> int:
     """Split fine-tuning: this process plays the clients, a child process the server."""
-    embedded_defaults(args.verbose)
-    console = Console()
-    config = config_or_report(args.config, console)
+    console, config = _prepared(args)
     if config is None:
         return 2
     from flows.split_finetune import split_finetune
@@ -93,9 +98,7 @@ def split_command(args: argparse.Namespace) -> int:
 
 def export_command(args: argparse.Namespace) -> int:
     """A registered adapter version to a folder: PEFT's adapter folder, or merged into the base."""
-    embedded_defaults(args.verbose)
-    console = Console()
-    config = config_or_report(args.config, console)
+    console, config = _prepared(args)
     if config is None:
         return 2
     from tasks.registry import export_version
