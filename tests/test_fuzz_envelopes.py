@@ -122,7 +122,7 @@ def _description_edits(rng: random.Random, chain: CodecChain, tensors, descripti
     elif kind == 3 and "shapes" in meta:
         meta["shapes"][rng.choice(["zz", "a.lora_A.weight::values", "b.bias", ""])] = _lying_shape(rng)
     elif kind == 4 and "cast" in meta:
-        meta["cast"] = rng.choice([[1], ["nope"], [None], list(TEMPLATE) * 3, "a"])
+        meta["cast"] = rng.choice([[1], ["nope"], {"nope": [3]}, {n: [10**9] for n in TEMPLATE}, {n: "x" for n in TEMPLATE}, "a"])
     elif kind == 5:
         step[0] = rng.choice(["int9", "", None, 4, "zstd", "topk", "fp16"])
     elif kind == 6:
