@@ -13,10 +13,8 @@ from typing import TypeVar
 
 
 from fedlib import storage
-from fedlib.codecs import CodecChain, SizeBound
 from fedlib.config import FederationConfig
-from fedlib.decode import bounded_int, load_tensors
-from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed
+from fedlib.envelope import EnvelopeContext, UpdateKey
 from fedlib.federation import Tensors, update_url
 from fedlib.progress import ClientRejected, emit
 from fedlib.manifest import ClientReport, SaidByClient
@@ -26,26 +24,9 @@ from fedlib.storage import Options
 from fedlib.privacy.dp import DifferentialPrivacy, noise_generator
 from fedlib.strategies import ClientUpdate, Strategy, make_strategy
 from fedlib.strategies.normalized import StepNormalized
-from fedlib.validation import check_update
+from fedlib.update_path import Expected, open_client_update
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Expected:
-    """What the round asked of one client. Counts in an update are the client's own word, so
-    they are held to this: a FedAvg weight of 10**400 examples, or more local steps than the
-    budget, is a named rejection, not an overflow or a client that outweighs everyone."""
-
-    max_examples: int
-    max_local_steps: int
-
-    def counts(self, meta: Mapping[str, str]) -> tuple[int, int]:
-        """(num_examples, local_steps) from an update's authenticated metadata."""
-        return (
-            bounded_int(meta, "num_examples", 1, self.max_examples, "update"),
-            bounded_int(meta, "local_steps", 1, self.max_local_steps, "update"),
-        )
 
 
 def expected_of(config: FederationConfig, shard_sizes: Mapping[str, int], budgets: Mapping[str, int]) -> dict[str, Expected]:
@@ -56,28 +37,6 @@ def expected_of(config: FederationConfig, shard_sizes: Mapping[str, int], budget
         client: Expected(min(cap, shard_sizes.get(client, cap)), budgets.get(client, config.training.local_steps))
         for client in budgets
     }
-
-
-def open_client_update(
-    blob: bytes,
-    key: UpdateKey,
-    ctx: EnvelopeContext,
-    template: Tensors,
-    expected: Expected,
-    chain: CodecChain = CodecChain(),
-    max_bytes: int = 1 << 30,
-) -> tuple[ClientUpdate, dict[str, str]]:
-    """Authenticate, decrypt, decompress, decode and check one update (and return its
-    authenticated metadata); any failure is an `UpdateRejected`. Declared sizes are checked
-    against `template` before tensors are built."""
-    payload = chain.decompress(open_sealed(blob, key, ctx), max_bytes)
-    bound = SizeBound.of(template)
-    tensors, meta = load_tensors(payload, "update", bound.why_not)
-    del payload
-    num_examples, local_steps = expected.counts(meta)
-    tensors = chain.decode(tensors, meta.get("codecs"), template)
-    check_update(tensors, template)
-    return ClientUpdate(client=ctx.client, num_examples=num_examples, delta=tensors, local_steps=local_steps), meta
 
 
 @dataclass

@@ -24,13 +24,13 @@ from fedlib.manifest import ClientReport, SaidByClient
 from fedlib.model import trained_part
 from fedlib.model_pool import POOL
 from fedlib.progress import ClientStep, ClientTrained, emit
-from fedlib.privacy.dp import clip_update_inplace, update_norm
-from fedlib.secagg.client import SecureRound, masked_update
-from fedlib.serialization import tensors_to_bytes
+from fedlib.privacy.dp import update_norm
+from fedlib.secagg.client import SecureRound
 from fedlib.storage import Options
 from fedlib.system_use import measured
 from fedlib.shards import ClientData
 from fedlib.training import LocalTraining, StepProgress, TrainingPlan, Validation
+from fedlib.update_path import client_filters, send_update, wire_payload
 
 
 def client_seed(config: FederationConfig, client: str, round_number: int) -> int:
@@ -117,9 +117,9 @@ def train_and_seal(
     parent: str = "",
     downloaded: int = 0,
 ) -> SealedUpdate:
-    """Train, then seal the delta for the aggregator: masked (with `secure`), or through the
-    configured codecs, with the residual of the client's last accepted round added back when
-    `residuals` is given.
+    """Train, then send the delta down the update path (`fedlib.update_path`): the residual of
+    the client's last accepted round added back when `residuals` is given, clipped under DP,
+    masked (with `secure`) or through the configured codecs, serialised, compressed, sealed.
 
     The example and step counts, and the client's report (loss, timings, norm, its score of the
     received adapter), travel inside the authenticated payload: a storage provider cannot
@@ -133,26 +133,13 @@ def train_and_seal(
     with measured() as use:
         delta, result, scored = train_delta(config, client, round_number, global_adapter, shard, steps, data.validation)
     norm = update_norm(delta)
-    chain = config.compression.chain
-    if residuals is not None and config.lossy_updates:
-        for name, value in residuals.store.load(residuals.carried_from).items():
-            if name in delta and value.shape == delta[name].shape:
-                delta[name] = delta[name] + value
-    if config.privacy.enabled:  # the unclipped update never leaves the client
-        clip_update_inplace(delta, config.privacy.clip_norm)
     trained = time.perf_counter()
-    metadata = {"num_examples": str(len(shard)), "local_steps": str(steps)}
-    residual_blob = None
     rounding = torch.Generator().manual_seed(client_seed(config, client, round_number) ^ 0x5EED)
-    if secure is not None:
-        masked = masked_update(config, client, delta, len(shard), steps, secure, rounding)
-        tensors, counted = masked.tensors, masked.counted
-        metadata["weight"] = str(masked.weight)
-    else:
-        tensors, metadata["codecs"] = chain.encode(delta, rounding)
-        counted = chain.decode(tensors, metadata["codecs"], delta) if chain.lossy else None
-    if residuals is not None and counted is not None:
-        residual_blob = residuals.store.sealed(round_number, {n: delta[n] - counted[n] for n in delta})
+    carried = residuals.store.load(residuals.carried_from) if residuals is not None and config.lossy_updates else None
+    filters = client_filters(config, client, len(shard), steps, rounding, carried, secure)
+    sent = send_update(filters, delta, {"num_examples": str(len(shard)), "local_steps": str(steps)})
+    residual = sent.residual if residuals is not None else None
+    residual_blob = residuals.store.sealed(round_number, residual) if residuals is not None and residual is not None else None
     said = SaidByClient(
         train_loss=result.mean_loss,
         train_s=trained - started,
@@ -167,8 +154,7 @@ def train_and_seal(
         cpu_util=use.cpu_util,
         data_digest=shard.digest(),
     )
-    metadata["report"] = said.to_json()
-    payload = chain.compress(tensors_to_bytes(tensors, metadata=metadata))
+    payload = wire_payload(replace(sent, metadata={**sent.metadata, "report": said.to_json()}), config.compression.chain)
     session = secure.session.id if secure is not None else ""
     blob = seal(payload, key, EnvelopeContext(config.federation.id, round_number, client, session, parent))
     emit(ClientTrained(client, round_number, result.mean_loss))

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from fedlib.codecs import CodecChain
+from fedlib.secagg.weights import WeightRule
 from fedlib.placement import Device, DType, Placement, Quantization, resolve
 from fedlib.redaction import REDACTED, loggable, secrets_in
 from fedlib.strategies import make_strategy
@@ -526,6 +527,11 @@ class FederationConfig(_Strict):
         """Whether what a client sends loses part of its update (what error feedback carries)."""
         secure = self.secure_aggregation
         return self.compression.chain.lossy or (secure.enabled and secure.bits is not None)
+
+    @property
+    def weight_rule(self) -> WeightRule:
+        """How much each update counts under secure aggregation (`fedlib.secagg.weights`)."""
+        return WeightRule(dp=self.privacy.enabled, normalize_steps=self.aggregation.normalize_steps)
 
     @property
     def proximal_mu(self) -> float:

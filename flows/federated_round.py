@@ -13,7 +13,8 @@ from prefect import flow
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from fedlib.aggregator import AggregationReport, Expected, expected_of
+from fedlib.aggregator import AggregationReport, expected_of
+from fedlib.update_path import Expected
 from fedlib.manifest import Manifest, Rejection, round_manifest
 from fedlib.config import FederationConfig
 from fedlib.broadcast import NextGlobal
@@ -52,8 +53,7 @@ def secure_round(
     # Every participant's weight over their sum: the unmasked sum is the mean if nobody drops.
     # Each client said its count in its setup; a count past the round's cap is refused later,
     # when its masked update's weight must match it.
-    weights = {c: 1 if config.privacy.enabled else min(s.num_examples, expected[c].max_examples) for c, s in setups.items()}
-    scale = float(sum(weights.values()))
+    weights, scale = config.weight_rule.announced({c: min(s.num_examples, expected[c].max_examples) for c, s in setups.items()})
     codes = round_codes(config, len(setups), max(weights.values()) / scale, max(steps.local_steps.get(c, config.training.local_steps) for c in setups))
     setup_s = time.perf_counter() - started
     training = steps.run(

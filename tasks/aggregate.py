@@ -7,7 +7,8 @@ from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
 from fedlib.manifest import Manifest
-from fedlib.aggregator import AggregationReport, Expected, aggregate_updates, build_strategy
+from fedlib.aggregator import AggregationReport, aggregate_updates, build_strategy
+from fedlib.update_path import Expected
 from fedlib.broadcast import NextGlobal, split_state
 from fedlib.federation import (
     Tensors,

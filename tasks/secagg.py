@@ -11,7 +11,8 @@ from dataclasses import replace
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from fedlib.aggregator import AggregationReport, Expected, build_strategy
+from fedlib.aggregator import AggregationReport, build_strategy
+from fedlib.update_path import Expected
 from fedlib.config import FederationConfig
 from fedlib.decode import parse_json
 from fedlib.broadcast import NextGlobal, split_state

@@ -11,7 +11,8 @@ import torch
 
 from fedlib import storage
 from fedlib.config import parse_config
-from fedlib.aggregator import Expected, aggregate_updates, open_client_update
+from fedlib.aggregator import aggregate_updates
+from fedlib.update_path import Expected, open_client_update
 from fedlib.client import train_client_update
 from fedlib.federation import (
     aggregator_update_key,

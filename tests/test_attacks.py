@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from fedlib import storage
-from fedlib.aggregator import Expected, aggregate_updates, expected_of
+from fedlib.aggregator import aggregate_updates, expected_of
+from fedlib.update_path import Expected
 from fedlib.checkpoint import CheckpointStore, ManifestRejected, plan_rounds
 from fedlib.client import train_and_seal, upload_sealed
 from fedlib.shards import ClientData

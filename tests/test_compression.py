@@ -36,7 +36,7 @@ def test_ffa_lora_trains_and_sends_only_b(tmp_path, corpus_dir, tiny_model_dir):
     assert all(float(end[n].abs().sum()) > 0 for n in b_names)  # B learnt from zero
     assert manifests[-1].perplexity < manifests[0].perplexity
     # What a client uploads holds B only (the rest is the envelope and the client's report).
-    from fedlib.aggregator import Expected, open_client_update
+    from fedlib.update_path import Expected, open_client_update
     from fedlib.federation import aggregator_update_key
 
     blob = storage.read_limited(manifests[1].clients["aws"].object_url, 1 << 30)

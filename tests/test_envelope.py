@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedlib.envelope import MAGIC, EnvelopeContext, UpdateKey, open_sealed, seal
-from fedlib.aggregator import Expected, open_client_update
+from fedlib.update_path import Expected, open_client_update
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.serialization import bytes_to_tensors, read_metadata, tensors_to_bytes
 

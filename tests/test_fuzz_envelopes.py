@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from fedlib.aggregator import Expected, open_client_update
+from fedlib.update_path import Expected, open_client_update
 from fedlib.codecs import TENSOR_CODECS, CodecChain
 from fedlib.envelope import MAGIC, EnvelopeContext, UpdateKey, seal
 from fedlib.rejection import UpdateRejected

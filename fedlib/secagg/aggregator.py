@@ -9,15 +9,16 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlib.aggregator import AggregationReport, Expected, check_quorum, read_updates, update_limit
+from fedlib.aggregator import AggregationReport, check_quorum, read_updates, update_limit
+from fedlib.update_path import Expected
 from fedlib.config import FederationConfig
 from fedlib.decode import bounded_int, load_tensors
 from fedlib.model import trained_part
 from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed
-from fedlib.rejection import Reason, UpdateRejected
 from fedlib.secagg.fixedpoint import MODULUS, Tensors, decode, from_wire
 from fedlib.secagg.protocol import Session, unmask_sum
 from fedlib.secagg.quantised import Codes
+from fedlib.secagg.weights import WeightRule
 from fedlib.storage import Options
 from fedlib.strategies import ClientUpdate, Strategy
 from fedlib.validation import check_update
@@ -31,10 +32,8 @@ class MaskedSum:
     weight_scale: float  # the scale every client divided its weight by
     codes: Codes | None = None  # how the clients coded their updates, with `secure_aggregation.bits`
 
-    def mean_factor(self, normalize_steps: bool) -> float:
-        """What turns the unmasked sum into the (step-normalised) weighted mean."""
-        factor = self.weight_scale / self.weight
-        return factor * self.weighted_steps / self.weight if normalize_steps else factor
+    def mean_factor(self, rule: WeightRule) -> float:
+        return rule.mean_factor(self.weight_scale, self.weight, self.weighted_steps)
 
 
 def wire_template(global_adapter: Tensors) -> Tensors:
@@ -43,12 +42,12 @@ def wire_template(global_adapter: Tensors) -> Tensors:
 
 
 def open_masked_update(
-    blob: bytes, key: UpdateKey, ctx: EnvelopeContext, template: Tensors, expected: Expected, dp: bool, codes: Codes | None = None
+    blob: bytes, key: UpdateKey, ctx: EnvelopeContext, template: Tensors, expected: Expected, rule: WeightRule, codes: Codes | None = None
 ) -> tuple[tuple[Tensors, int, int], dict[str, str]]:
-    """(residues, weight, local steps) of one masked update, and its authenticated metadata. `ctx` names the session: an upload
-    left from another attempt of the round was masked against other masks, and would turn the
-    unmasked sum into noise. The weight must be what the client's role allows (1 under DP, its
-    example count otherwise), since it scales the mean."""
+    """(residues, weight, local steps) of one masked update, and its authenticated metadata: the
+    mask filter's receiving side (`fedlib.update_path`). `ctx` names the session: an upload left
+    from another attempt of the round was masked against other masks, and would turn the
+    unmasked sum into noise. The weight is held to `rule`, since it scales the mean."""
     payload = open_sealed(blob, key, ctx)
     wire = wire_template(template) if codes is None else codes.wire_template(template)
 
@@ -60,8 +59,7 @@ def open_masked_update(
     check_update(tensors, wire)
     num_examples, local_steps = expected.counts(meta)
     weight = bounded_int(meta, "weight", 1, expected.max_examples, "masked update")
-    if weight != (1 if dp else num_examples):
-        raise UpdateRejected(Reason.OUT_OF_RANGE, f"masked update: weight {weight} for {num_examples} examples")
+    rule.check(weight, num_examples)
     residues = from_wire(tensors) if codes is None else codes.unpack(tensors, template)
     return (residues, weight, local_steps), meta
 
@@ -86,10 +84,10 @@ def sum_masked_updates(
     this `session` and trained from `parent`."""
     report = AggregationReport()
     template = trained_part(config.lora, global_adapter)
-    dp = config.privacy.enabled
+    rule = config.weight_rule
 
     def opener(blob: bytes, key: UpdateKey, ctx: EnvelopeContext) -> tuple[tuple[Tensors, int, int], dict[str, str]]:
-        return open_masked_update(blob, key, ctx, template, expected[ctx.client], dp, codes)
+        return open_masked_update(blob, key, ctx, template, expected[ctx.client], rule, codes)
 
     total: Tensors = {name: torch.zeros(value.shape, dtype=torch.int64) for name, value in template.items()}
     weight = weighted_steps = 0
@@ -123,7 +121,7 @@ def finish_secure_round(
     """The next global adapter from the unmasked sum, by a strategy built with `secure_sum`:
     the clients already normalised, clipped and noised what they masked."""
     total = unmask_sum(masked.residues, session, mask_publics, survivors, dropped, reveals, keys)
-    factor = masked.mean_factor(config.aggregation.normalize_steps)
+    factor = masked.mean_factor(config.weight_rule)
     summed = decode(total, config.secure_aggregation.frac_bits) if masked.codes is None else masked.codes.decode_sum(total)
     mean = {name: (value * factor).to(global_adapter[name].dtype) for name, value in summed.items()}
     trained = trained_part(config.lora, global_adapter)

@@ -44,24 +44,21 @@ def masked_update(
 ) -> MaskedUpdate:
     """The masked update, and the weight it carries.
 
-    Each client encodes weight/weight_scale · delta, so the unmasked sum is already the mean when
-    nobody drops, and every encoded value is at most the largest delta entry: the fixed-point
-    range does not depend on the shard sizes. Without DP the weight is the example count
-    (FedAvg). With DP every client weighs 1 (as DP-FedAvg does) and adds its share of the
-    Gaussian noise, since the aggregator never sees an update to add noise to. With
+    Each client encodes its share (`WeightRule.share`) of its delta, so the unmasked sum is already
+    the mean when nobody drops, and every encoded value is at most the largest delta entry: the
+    fixed-point range does not depend on the shard sizes. With DP each client also adds its share
+    of the Gaussian noise, since the aggregator never sees an update to add noise to. With
     `secure_aggregation.bits` the encoding is low-bit codes at the announced scale, stochastically
     rounded by `rounding` (`fedlib.secagg.quantised`)."""
     peers = open_inbox(secure.ring, me, secure.session, secure.inbox)
     p = config.privacy
     weighted = {name: value.detach().to(torch.float64).clone() for name, value in delta.items()}
     if p.enabled:
-        weight = 1
         generator = noise_generator(p.noise_seed, secure.session.round, me)
         add_noise_share_inplace(weighted, p.noise_multiplier * p.clip_norm, config.secagg_min_survivors, generator)
-    else:
-        weight = num_examples
-    per_step = local_steps if config.aggregation.normalize_steps else 1  # FedNova: Δ/τ, rescaled by the aggregator
-    share = weight / secure.weight_scale / per_step
+    rule = config.weight_rule
+    weight = rule.weight(num_examples)
+    share = rule.share(weight, secure.weight_scale, local_steps)
     for value in weighted.values():
         value.mul_(share)
     bits = config.secure_aggregation.bits
