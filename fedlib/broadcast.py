@@ -6,7 +6,8 @@ round r's change. With `compression.broadcast` set, the aggregator encodes that 
 the broadcast codecs, and the round's global *is* the previous global plus the decoded change:
 the aggregator commits exactly what every client rebuilds, so the signed digest checks the
 rebuild bit for bit. What the codecs held back is the aggregator's residual (error feedback on
-the way down), added to the next round's change, and kept in the round's strategy state.
+the way down), added to the next round's change, and kept in the round's strategy state; the
+run's last round broadcasts nothing and commits its global with the residual added back.
 
 A client that holds nothing usable (it missed rounds past what the checkpoints still chain, or
 its copy does not match) reads the full adapter instead: the broadcast saves bytes, it never
@@ -25,7 +26,7 @@ import torch
 from fedlib.checkpoint import CheckpointStore, ManifestRejected
 from fedlib.codecs import CodecChain, SizeBound
 from fedlib.decode import bounded_int, load_tensors
-from fedlib.manifest import Manifest
+from fedlib.manifest import ManifestHead
 from fedlib.rejection import UpdateRejected
 from fedlib.serialization import Tensors, bytes_to_tensors, read_metadata, tensors_to_bytes
 from fedlib.validation import check_update
@@ -102,11 +103,17 @@ def next_global(
     names: list[str],
     state: Mapping[str, torch.Tensor],
     residual: Mapping[str, torch.Tensor],
+    final: bool = False,
 ) -> NextGlobal:
     """The round's global as the strategy computed it (`target`), or, with broadcast codecs,
-    as every client will rebuild it from `previous`."""
+    as every client will rebuild it from `previous`. In the run's `final` round no client trains
+    from the result, so nothing is broadcast: the aggregator commits `target` plus the residual
+    its broadcasts held back (the flush), and a client that later needs it reads it in full."""
     if not chain.names:
         return NextGlobal(target, dict(state))
+    if final:
+        flushed = {name: target[name] + residual[name] for name in names if name in residual and residual[name].shape == target[name].shape}
+        return NextGlobal({**target, **flushed}, dict(state))
     sent = compress_broadcast(chain, previous, target, names, residual, rounding_generator(seed, round_number), round_number)
     return NextGlobal(sent.adapter, joined_state(state, sent.residual), sent.payload)
 
@@ -135,7 +142,7 @@ def _digest(data: bytes) -> str:
 
 def receive_global(
     store: CheckpointStore,
-    target: Manifest,
+    target: ManifestHead,
     chain: CodecChain,
     names: Callable[[Tensors], list[str]],
     held: bytes | None,
@@ -161,7 +168,7 @@ def receive_global(
             if round_number == target.round:
                 manifest = target
             else:
-                manifest, size = store.manifest_read(round_number)
+                manifest, size = store.head_read(round_number)
                 downloaded += size
             if manifest.parent_adapter_sha256 != _digest(committed):
                 raise ManifestRejected(f"round {round_number} was not aggregated from the adapter held")

@@ -4,8 +4,9 @@ A round is committed when its manifest exists; the adapter is written first (nam
 digest), so a crash between the two leaves an uncommitted round that the next run simply redoes.
 The manifest and the aggregator's signature of it are one object, `round-NNNN/manifest.json`
 ({"manifest": the JSON text, "signature": hex}), created only where there is none: two runs
-racing to commit the same round cannot both succeed. `round-0000` is the initial adapter drawn
-from the seed, with the base model's evaluation.
+racing to commit the same round cannot both succeed. Beside it the winner writes `head.json`, the
+part a client reads (`ManifestHead`), signed the same way. `round-0000` is the initial adapter
+drawn from the seed, with the base model's evaluation.
 
 Whoever holds the bucket can copy, delete or restore objects, so a signature alone proves only
 that the aggregator wrote a manifest *once*, not that it belongs here. Every read therefore checks
@@ -30,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from fedlib import storage
 from fedlib.decode import expect, parse_json
-from fedlib.manifest import Manifest, manifest_from_json, to_json
+from fedlib.manifest import Manifest, ManifestHead, head_from_json, head_to_json, manifest_from_json, to_json
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.serialization import bytes_to_tensors, tensors_to_bytes
 
@@ -71,6 +72,14 @@ class CheckpointStore:
     def manifest_url(self, round_number: int) -> str:
         return storage.join(self.round_url(round_number), "manifest.json")
 
+    def head_url(self, round_number: int) -> str:
+        return storage.join(self.round_url(round_number), "head.json")
+
+    def _signed(self, body: dict) -> bytes:
+        text = json.dumps(body, separators=(",", ":"))
+        signature = self.signer.sign(text.encode()).hex() if self.signer is not None else ""
+        return json.dumps({"manifest": text, "signature": signature}, separators=(",", ":")).encode()
+
     def strategy_state_url(self, round_number: int, digest: str) -> str:
         return storage.join(self.round_url(round_number), f"strategy-state-{digest[:16]}.safetensors")
 
@@ -107,11 +116,10 @@ class CheckpointStore:
             broadcast_digest = hashlib.sha256(broadcast).hexdigest()
             storage.write_atomic(self.broadcast_url(round_number, broadcast_digest), broadcast, self.options)
             manifest = replace(manifest, broadcast_sha256=broadcast_digest, broadcast_bytes=len(broadcast))
-        body = json.dumps(to_json(manifest), indent=2)
-        signature = self.signer.sign(body.encode()).hex() if self.signer is not None else ""
-        record = json.dumps({"manifest": body, "signature": signature}, indent=2).encode()
-        if not storage.write_exclusive(self.manifest_url(round_number), record, self.options):
+        if not storage.write_exclusive(self.manifest_url(round_number), self._signed(to_json(manifest)), self.options):
             raise RoundAlreadyCommitted(f"{self.manifest_url(round_number)}: round {round_number} is already committed")
+        # Only the run whose manifest won writes the head; a crash before it leaves none, and readers fall back.
+        storage.write_atomic(self.head_url(round_number), self._signed(head_to_json(manifest.head())), self.options)
         return manifest
 
     def _listed_rounds(self) -> list[int]:
@@ -161,6 +169,33 @@ class CheckpointStore:
     def manifest_read(self, round_number: int) -> tuple[Manifest, int]:
         """`manifest`, and how many bytes were read for it (a client counts what it downloads)."""
         url = self.manifest_url(round_number)
+        body, size = self._verified_body(url)
+        try:
+            manifest = manifest_from_json(body)
+        except ValueError as err:
+            raise ManifestRejected(f"{url}: {err}") from None
+        self._check_place(url, manifest.federation, manifest.round, round_number)
+        return manifest, size
+
+    def head_read(self, round_number: int) -> tuple[ManifestHead, int]:
+        """What a client needs of a committed round (`ManifestHead`), verified as a manifest is,
+        and the bytes read for it; from the manifest itself if the round has no head (a commit
+        that crashed between the two, or a store written before heads)."""
+        url = self.head_url(round_number)
+        try:
+            body, size = self._verified_body(url)
+        except FileNotFoundError:
+            manifest, size = self.manifest_read(round_number)
+            return manifest.head(), size
+        try:
+            head = head_from_json(body)
+        except ValueError as err:
+            raise ManifestRejected(f"{url}: {err}") from None
+        self._check_place(url, head.federation, head.round, round_number)
+        return head, size
+
+    def _verified_body(self, url: str) -> tuple[object, int]:
+        """The JSON body of a signed record at `url`, its signature checked, and its size."""
         try:
             raw = storage.read_limited(url, _MAX_MANIFEST, self.options)
             record = expect(parse_json(raw, "manifest", _MAX_MANIFEST, 1), dict, "manifest")
@@ -175,22 +210,21 @@ class CheckpointStore:
             except (InvalidSignature, ValueError):
                 raise ManifestSignatureError(f"{url}: signature missing or not the aggregator's") from None
         try:
-            manifest = manifest_from_json(parse_json(body, "manifest", _MAX_MANIFEST, max_depth=8, constants=True))
+            return parse_json(body, "manifest", _MAX_MANIFEST, max_depth=8, constants=True), len(raw)
         except UpdateRejected as err:
             raise ManifestRejected(f"{url}: {err.detail}") from None
-        except ValueError as err:
-            raise ManifestRejected(f"{url}: {err}") from None
-        if manifest.federation != self.federation or manifest.round != round_number:
+
+    def _check_place(self, url: str, federation: object, round_seen: object, round_number: int) -> None:
+        """A signature says who wrote a record, not where it belongs."""
+        if federation != self.federation or round_seen != round_number:
             raise ManifestRejected(
-                f"{self.manifest_url(round_number)}: signed for federation {manifest.federation!r} round "
-                f"{manifest.round!r}, not {self.federation!r} round {round_number}"
+                f"{url}: signed for federation {federation!r} round {round_seen!r}, not {self.federation!r} round {round_number}"
             )
-        return manifest, len(raw)
 
     def last_accepted_round(self, client: str, before: int) -> int | None:
         """The last round before `before` whose committed manifest accepted `client`'s update."""
         for round_number in range(before - 1, 0, -1):
-            if client in self.manifest(round_number).accepted:
+            if client in self.head_read(round_number)[0].accepted:
                 return round_number
         return None
 
@@ -205,7 +239,7 @@ class CheckpointStore:
             raise ManifestRejected(f"{url}: digest does not match its manifest")
         return data
 
-    def adapter_of(self, manifest: Manifest) -> tuple[Tensors, int]:
+    def adapter_of(self, manifest: Manifest | ManifestHead) -> tuple[Tensors, int]:
         """The adapter a verified manifest names, and how many bytes were read for it (what a
         client downloads). Taking the manifest, not the round, spares its callers a second read
         and verification of it."""
@@ -213,7 +247,7 @@ class CheckpointStore:
         data = self._verified(url, manifest.adapter_sha256, manifest.adapter_bytes)
         return bytes_to_tensors(data), len(data)
 
-    def broadcast_of(self, manifest: Manifest) -> bytes:
+    def broadcast_of(self, manifest: Manifest | ManifestHead) -> bytes:
         """The compressed change a verified manifest names (`fedlib.broadcast`)."""
         if not manifest.broadcast_sha256:
             raise FileNotFoundError(f"round {manifest.round} sent no broadcast")

@@ -14,7 +14,7 @@ import torch
 
 from fedlib import storage
 from fedlib.checkpoint import CheckpointStore
-from fedlib.manifest import Manifest
+from fedlib.manifest import ManifestHead
 from fedlib.broadcast import NextGlobal, Received, next_global, receive_global
 from fedlib.client_state import HeldGlobal, ResidualStore, RevealLedger
 from fedlib.config import FederationConfig
@@ -246,17 +246,18 @@ def model_key(config: FederationConfig, rank: int | None = None) -> ModelKey:
 
 
 def round_global(
-    config: FederationConfig, round_number: int, previous: Tensors, target: Tensors, state: Tensors, residual: Tensors
+    config: FederationConfig, round_number: int, previous: Tensors, target: Tensors, state: Tensors, residual: Tensors, final: bool = False
 ) -> NextGlobal:
     """The global the aggregator commits for a round: the strategy's `target`, or, with
-    `compression.broadcast`, the previous global plus the change as clients decode it."""
+    `compression.broadcast`, the previous global plus the change as clients decode it (in the
+    run's `final` round, `target` plus the residual held back: `fedlib.broadcast.next_global`)."""
     chain = config.compression.broadcast_chain
     names = list(trained_part(config.lora, target))
-    return next_global(chain, config.federation.seed, round_number, previous, target, names, state, residual)
+    return next_global(chain, config.federation.seed, round_number, previous, target, names, state, residual, final)
 
 
 def global_for_client(
-    config: FederationConfig, ring: KeyRing, store: CheckpointStore, target: Manifest, client: str, options: storage.Options | None
+    config: FederationConfig, ring: KeyRing, store: CheckpointStore, target: ManifestHead, client: str, options: storage.Options | None
 ) -> Received:
     """The global adapter `client` trains from: read in full, or with `compression.broadcast`
     rebuilt from the one it holds in its own bucket (the seeded initial one at first) and the

@@ -34,11 +34,12 @@ from tasks.secagg import parse_setups, read_client_messages, sum_masked_round, u
 
 
 def secure_round(
-    steps: ClientSteps, clients: list[str], expected: dict[str, Expected]
+    steps: ClientSteps, clients: list[str], expected: dict[str, Expected], final: bool = False
 ) -> tuple[NextGlobal, AggregationReport, dict[str, Any]]:
     """setup → train and mask → masked sum → reveal → unmask. A client that fails its setup is
     left out of everyone's masks; one that fails after it is unmasked from the survivors' reveals.
-    A fresh session per attempt: an upload left from an earlier attempt is refused by name."""
+    A fresh session per attempt: an upload left from an earlier attempt is refused by name.
+    `final`: the run's last round (nothing is broadcast after it)."""
     config, round_number = steps.config, steps.round_number
     session_id = secrets.token_hex(8)
     started = time.perf_counter()
@@ -72,7 +73,7 @@ def secure_round(
     bodies, unread = read_client_messages(config, round_number, "reveal", session_id, revealed.done)
     reveals = {c: body.decode("ascii", "replace") for c, body in bodies.items()}
     publics = {c: s.mask_public for c, s in setups.items()}
-    committed = unmask_round(config, round_number, session_id, masked, publics, survivors, dropped, reveals)
+    committed = unmask_round(config, round_number, session_id, masked, publics, survivors, dropped, reveals, final)
     info = {
         "session": session_id,
         "threshold": config.secagg_threshold,
@@ -110,12 +111,12 @@ def federated_round(
     expected = expected_of(config, {c: len(assignment[c]) for c in clients if c in assignment}, budgets)
     secure: dict[str, Any] = {}
     if config.secure_aggregation.enabled:
-        next_global, report, secure = secure_round(steps, clients, expected)
+        next_global, report, secure = secure_round(steps, clients, expected, round_number == target_round)
         client_timings = secure.pop("timings")
     else:
         training = steps.run("train", clients, deadline_s=config.orchestration.round_deadline_s)
         client_timings = {"clients_wall_s": time.perf_counter() - partitioned}
-        next_global, report = aggregate_round(config, round_number, clients, training.failed, training.late, expected)
+        next_global, report = aggregate_round(config, round_number, clients, training.failed, training.late, expected, round_number == target_round)
     reports = report.reports
     eval_started = time.perf_counter()
     eval_loss = evaluate_global(config, round_number, next_global.adapter)

@@ -39,7 +39,7 @@ def train_client(
     and the weight scale), the update is masked."""
     ring = party_keys(config, client)
     store = checkpoint_store(config, ring)
-    previous, manifest_bytes = store.manifest_read(round_number - 1)  # signature, federation and round checked
+    previous, manifest_bytes = store.head_read(round_number - 1)  # signature, federation and round checked
     check_base_model(previous.base_model, config.model.source)
     received = global_for_client(config, ring, store, previous, client, storage_options(config, [client])[client])
     global_adapter, downloaded = received.adapter, manifest_bytes + received.downloaded
@@ -54,7 +54,8 @@ def train_client(
         masking = SecureRound(ring, session, secure.inbox, secure.weight_scale, secure.code_scale)
     residuals = None
     if config.compression.error_feedback and config.lossy_updates:
-        residuals = CarriedResidual(_residuals(config, client), store.last_accepted_round(client, round_number))
+        carried_from = round_number - 1 if client in previous.accepted else store.last_accepted_round(client, round_number - 1)
+        residuals = CarriedResidual(_residuals(config, client), carried_from)
     return train_and_seal(config, client, round_number, global_adapter, data, key, masking, residuals, local_steps, parent, downloaded)
 
 

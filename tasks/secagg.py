@@ -128,8 +128,10 @@ def unmask_round(
     survivors: list[str],
     dropped: list[str],
     reveals: dict[str, str],
+    final: bool = False,
 ) -> NextGlobal:
-    """What to commit: the next adapter, the state for the next round, the broadcast."""
+    """What to commit: the next adapter, the state for the next round, the broadcast unless the
+    round is the run's `final` one."""
     ring = party_keys(config, AGGREGATOR)
     store = checkpoint_store(config, ring)
     previous = store.manifest(round_number - 1)
@@ -140,4 +142,4 @@ def unmask_round(
     session = secagg_session(config, round_number, session_id)
     adapter = finish_secure_round(config, global_adapter, masked, session, mask_publics, survivors, dropped, reveals, keys, strategy)
     get_run_logger().info("round %d: secure sum of %s unmasked (%d dropped after setup)", round_number, survivors, len(dropped))
-    return round_global(config, round_number, global_adapter, adapter, strategy.state_dict(), residual)
+    return round_global(config, round_number, global_adapter, adapter, strategy.state_dict(), residual, final)

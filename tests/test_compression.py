@@ -62,18 +62,22 @@ def test_the_global_goes_down_as_a_quantised_change_that_clients_rebuild_exactly
     store = checkpoint_store(config)
     full = manifests[0].adapter_bytes
     for m in manifests[1:]:
-        assert 0 < m.broadcast_bytes < full / 4  # 2-bit codes and bf16 block scales, zstd'd
+        # 2-bit codes and bf16 block scales, zstd'd; the run's last round broadcasts nothing (no client trains from it)
+        assert 0 < m.broadcast_bytes < full / 4 if m.round < 3 else m.broadcast_bytes == 0
         # Round 1 starts from the seeded initial adapter, built where the client is: only the
-        # manifest crosses. Later rounds read the manifest and that round's broadcast.
+        # signed head of round 0 crosses. Later rounds read the head and that round's broadcast.
         parent = manifests[m.round - 1]
-        expected = store.manifest_read(parent.round)[1] + parent.broadcast_bytes
-        assert all(r.bytes_downloaded == expected for r in m.clients.values())
+        head_bytes = store.head_read(parent.round)[1]
+        assert head_bytes < store.manifest_read(parent.round)[1] / 2 or parent.round == 0
+        assert all(r.bytes_downloaded == head_bytes + parent.broadcast_bytes for r in m.clients.values())
     assert manifests[-1].perplexity < manifests[0].perplexity
-    # The aggregator keeps what the broadcast codecs held back, for the next round's change.
+    # The aggregator keeps what the broadcast codecs held back, for the next round's change, and
+    # flushes it into the last round's global.
     from fedlib.broadcast import split_state
 
-    _, residual = split_state(store.strategy_state_of(manifests[-1]))
+    _, residual = split_state(store.strategy_state_of(manifests[2]))
     assert residual and sum(float(v.abs().sum()) for v in residual.values()) > 0
+    assert split_state(store.strategy_state_of(manifests[3]))[1] == {}
     # What a client holds sits in its own bucket, sealed.
     from fedlib.federation import global_for_client, held_global
 
@@ -83,15 +87,37 @@ def test_the_global_goes_down_as_a_quantised_change_that_clients_rebuild_exactly
     # Without it, a client rebuilds from the seeded start; a broadcast tampered with in the
     # aggregator's store breaks the chain of digests, and the client reads the full adapter.
     _remove(held.url)
-    rebuilt = global_for_client(config, ring, store, manifests[2], "aws", None)
+    rebuilt = global_for_client(config, ring, store, manifests[2].head(), "aws", None)
     assert rebuilt.downloaded < full and all(rebuilt.adapter[n].equal(v) for n, v in store.adapter(2).items())
     _remove(held.url)
     url = store.broadcast_url(2, manifests[2].broadcast_sha256)
     blob = bytearray(storage.read_limited(url, 1 << 30))
     blob[-1] ^= 1
     storage.write_atomic(url, bytes(blob))
-    fallback = global_for_client(config, ring, store, manifests[2], "aws", None)
+    fallback = global_for_client(config, ring, store, manifests[2].head(), "aws", None)
     assert fallback.downloaded > full and all(fallback.adapter[n].equal(v) for n, v in store.adapter(2).items())
+
+
+def test_the_last_round_flushes_the_broadcast_residual_and_sends_nothing():
+    """Error feedback on the way down leaves the aggregator holding what its broadcasts have not
+    yet delivered. No client trains from the run's last global, so that round sends no broadcast
+    and commits the strategy's global plus everything held back (a flush, not a lossy step)."""
+    import torch
+
+    from fedlib.broadcast import next_global
+    from fedlib.codecs import CodecChain
+
+    gen = torch.Generator().manual_seed(0)
+    previous = {"b": torch.randn(64, 8, generator=gen), "a": torch.randn(8, 64, generator=gen)}
+    target = {n: v + 0.01 * torch.randn(v.shape, generator=gen) for n, v in previous.items()}
+    residual = {"b": 0.003 * torch.randn(64, 8, generator=gen)}
+    chain = CodecChain(("sign", "zstd"))
+    sent = next_global(chain, 0, 4, previous, target, ["a", "b"], {"momentum": torch.ones(2)}, residual)
+    assert sent.broadcast and set(sent.state) == {"momentum", "broadcast-residual/a", "broadcast-residual/b"}
+    assert not torch.equal(sent.adapter["b"], target["b"] + residual["b"])  # a lossy step: the rest is held back
+    last = next_global(chain, 0, 4, previous, target, ["a", "b"], {"momentum": torch.ones(2)}, residual, final=True)
+    assert last.broadcast is None and set(last.state) == {"momentum"}
+    assert torch.equal(last.adapter["b"], target["b"] + residual["b"]) and torch.equal(last.adapter["a"], target["a"])
 
 
 def test_low_bit_codes_masked_in_a_small_ring_sum_exactly():
@@ -161,11 +187,11 @@ def test_low_bit_secure_codes_refuse_dp(tmp_path, corpus_dir, tiny_model_dir):
 def test_a_bf16_client_builds_the_initial_adapter_it_would_have_downloaded(tmp_path, corpus_dir, tiny_model_dir):
     """PEFT rounds a bf16 model's initial LoRA weights to bf16 before casting them back to fp32,
     so round 0's adapter is drawn on the configured placement: a client there rebuilds it, and
-    round 1 costs it the manifest alone."""
+    round 1 costs it round 0's signed head alone."""
     manifests, config = _federation(
         tmp_path, corpus_dir, tiny_model_dir,
         compression={"codecs": ["int4"], "broadcast": ["int4"]}, training={"rounds": 1, "dtype": "bf16"},
     )
-    manifest_bytes = checkpoint_store(config).manifest_read(0)[1]
-    assert [r.bytes_downloaded for r in manifests[1].clients.values()] == [manifest_bytes] * 2
+    head_bytes = checkpoint_store(config).head_read(0)[1]
+    assert [r.bytes_downloaded for r in manifests[1].clients.values()] == [head_bytes] * 2
     assert all(v.equal(initial_adapter(config)[n]) for n, v in checkpoint_store(config).adapter(0).items())

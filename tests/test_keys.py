@@ -8,7 +8,7 @@ import stat
 import pytest
 import torch
 
-from fedlib.checkpoint import CheckpointStore, ManifestSignatureError
+from fedlib.checkpoint import CheckpointStore, ManifestRejected, ManifestSignatureError
 from fedlib.manifest import Manifest
 from fedlib.envelope import EnvelopeContext, open_sealed, seal
 from fedlib.federation import aggregator_update_key, client_update_key
@@ -97,6 +97,37 @@ def test_manifests_are_signed_and_checked(tmp_path):
     path.write_text(json.dumps({**record, "signature": ""}))
     with pytest.raises(ManifestSignatureError):
         reader.manifest(1)
+
+
+def test_the_head_a_client_reads_is_signed_placed_and_falls_back_to_the_manifest(tmp_path):
+    """`head.json` is what a client reads of a round: the lineage and digests, a tenth of the
+    manifest. It is signed and placed like the manifest; a forged one is refused, another round's
+    is refused, and a missing one (a commit that crashed before it) is read from the manifest."""
+    init_keys(tmp_path / "keys", CLIENTS)
+    ring = load_keyring(tmp_path / "keys", CLIENTS)
+    root = (tmp_path / "ckpt").as_uri()
+    store = CheckpointStore(root, "fed", signer=ring.signing_private, verifier=ring.signing_public)
+    base = store.commit({"w": torch.zeros(2)}, Manifest("fed", 0, 2, "run", 2.0, 7.4))
+    one = store.commit({"w": torch.ones(2)}, Manifest("fed", 1, 2, "run", 1.5, 4.5, parent_adapter_sha256=base.adapter_sha256, accepted=["aws"]))
+    store.commit({"w": torch.ones(2) * 2}, Manifest("fed", 2, 2, "run", 1.4, 4.1, parent_adapter_sha256=one.adapter_sha256))
+    reader = CheckpointStore(root, "fed", verifier=ring.signing_public)
+    head, size = reader.head_read(1)
+    assert head == one.head() and head.accepted == ("aws",) and size < reader.manifest_read(1)[1]
+    assert torch.equal(reader.adapter_of(head)[0]["w"], torch.ones(2))
+    assert reader.last_accepted_round("aws", 3) == 1 and reader.last_accepted_round("gcp", 3) is None
+
+    path = tmp_path / "ckpt" / "round-0001" / "head.json"
+    record = json.loads(path.read_text())
+    forged = json.loads(record["manifest"])
+    forged["accepted"] = ["aws", "gcp"]
+    path.write_text(json.dumps({**record, "manifest": json.dumps(forged)}))
+    with pytest.raises(ManifestSignatureError, match="round-0001/head.json: signature"):
+        reader.head_read(1)
+    path.write_text((tmp_path / "ckpt" / "round-0002" / "head.json").read_text())  # round 2's, signed, in round 1's place
+    with pytest.raises(ManifestRejected, match="round 2, not 'fed' round 1"):
+        reader.head_read(1)
+    path.unlink()
+    assert reader.head_read(1) == (one.head(), reader.manifest_read(1)[1])
 
 
 def test_keys_init_command(tmp_path, corpus_dir, tiny_model_dir, capsys):
