@@ -246,14 +246,13 @@ def model_key(config: FederationConfig, rank: int | None = None) -> ModelKey:
 
 
 def round_global(
-    config: FederationConfig, round_number: int, previous: Tensors, target: Tensors, state: Tensors, residual: Tensors, final: bool = False
+    config: FederationConfig, round_number: int, previous: Tensors, target: Tensors, state: Tensors, residual: Tensors
 ) -> NextGlobal:
     """The global the aggregator commits for a round: the strategy's `target`, or, with
-    `compression.broadcast`, the previous global plus the change as clients decode it (in the
-    run's `final` round, `target` plus the residual held back: `fedlib.broadcast.next_global`)."""
+    `compression.broadcast`, the previous global plus the change as clients decode it."""
     chain = config.compression.broadcast_chain
     names = list(trained_part(config.lora, target))
-    return next_global(chain, config.federation.seed, round_number, previous, target, names, state, residual, final)
+    return next_global(chain, config.federation.seed, round_number, previous, target, names, state, residual)
 
 
 def global_for_client(

@@ -139,6 +139,16 @@ class Rejection:
 
 
 @dataclass(frozen=True)
+class MessageBytes:
+    """Secure aggregation's protocol messages, per client per round, as the aggregator read and
+    relayed them: up, the sealed setup and reveal the client posted to its bucket; down, the
+    requests relayed to it through the orchestrator (the peers' setups, the survivors)."""
+
+    up: int
+    down: int
+
+
+@dataclass(frozen=True)
 class ManifestHead:
     """What a client reads of a committed round, signed like the manifest and written beside it
     (`round-NNNN/head.json`): the lineage, the digests and sizes of what it names, the base
@@ -187,6 +197,7 @@ class Manifest:
     rejected: dict[str, Rejection] = field(default_factory=dict)
     privacy: PrivacySpent | None = None
     secure_aggregation: dict[str, Any] | None = None
+    protocol_bytes: dict[str, MessageBytes] = field(default_factory=dict)  # secure aggregation's messages, per client
     timings: dict[str, float] = field(default_factory=dict)
     base_model: str = ""  # the base weights' revision (`fedlib.model.base_revision`), the same for the whole lineage
 
@@ -202,8 +213,10 @@ class Manifest:
 
     @property
     def bytes_crossing_clouds(self) -> int:
-        """Updates up and global adapters down: every byte that left a cloud in this round."""
-        return sum(r.bytes_uploaded + r.bytes_downloaded for r in self.clients.values())
+        """Updates up, global adapters down, and secure aggregation's messages both ways: every
+        byte that left a cloud in this round."""
+        messages = sum(m.up + m.down for m in self.protocol_bytes.values())
+        return sum(r.bytes_uploaded + r.bytes_downloaded for r in self.clients.values()) + messages
 
     @property
     def federated_eval_loss(self) -> float | None:
@@ -269,6 +282,7 @@ def round_manifest(
     target_round: int,
     privacy: PrivacySpent | None = None,
     secure: Mapping[str, Any] | None = None,
+    protocol_bytes: Mapping[str, MessageBytes] | None = None,
 ) -> Manifest:
     """A trained round. `reports` are every client's that reported (accepted or not: a
     rejected client's compute still cost money); `run_ids` are the MLflow run and the Prefect
@@ -297,5 +311,6 @@ def round_manifest(
         rejected=dict(rejected),
         privacy=privacy,
         secure_aggregation=dict(secure) if secure else None,
+        protocol_bytes=dict(protocol_bytes or {}),
         timings=dict(timings),
     )

@@ -35,7 +35,9 @@ class Outbox:
         storage.write_atomic(url, seal(body, self.key, ctx), self.options)
         return url
 
-    def fetch(self, kind: str, session: str) -> bytes:
-        """The message, authenticated; any failure is an `UpdateRejected` naming why."""
+    def fetch(self, kind: str, session: str) -> tuple[bytes, int]:
+        """The message, authenticated, and the bytes read for it (what crossed from the client's
+        cloud); any failure is an `UpdateRejected` naming why."""
         url, ctx = self._where(kind, session)
-        return open_sealed(storage.read_limited(url, MAX_MESSAGE_BYTES, self.options), self.key, ctx)
+        sealed = storage.read_limited(url, MAX_MESSAGE_BYTES, self.options)
+        return open_sealed(sealed, self.key, ctx), len(sealed)

@@ -15,7 +15,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from fedlib.aggregator import AggregationReport, expected_of
 from fedlib.update_path import Expected
-from fedlib.manifest import Manifest, Rejection, round_manifest
+from fedlib.manifest import Manifest, MessageBytes, Rejection, round_manifest
 from fedlib.config import FederationConfig
 from fedlib.broadcast import NextGlobal
 from fedlib.federation import checkpoint_store
@@ -23,7 +23,7 @@ from fedlib.progress import RoundDone, RoundStarted, emit
 from fedlib.heterogeneity import sample_clients, step_budgets
 from fedlib.privacy.accountant import participation_after, privacy_spent
 from fedlib.rejection import QuorumNotMet
-from fedlib.secagg.messages import RevealRequest, SetupRequest, TrainRequest
+from fedlib.secagg.messages import RevealRequest, SetupRequest, TrainRequest, relayed_bytes
 from fedlib.secagg.protocol import relay_setups
 from fedlib.federation import round_codes
 from flows.client_steps import ClientSteps
@@ -34,19 +34,19 @@ from tasks.secagg import parse_setups, read_client_messages, sum_masked_round, u
 
 
 def secure_round(
-    steps: ClientSteps, clients: list[str], expected: dict[str, Expected], final: bool = False
+    steps: ClientSteps, clients: list[str], expected: dict[str, Expected]
 ) -> tuple[NextGlobal, AggregationReport, dict[str, Any]]:
     """setup → train and mask → masked sum → reveal → unmask. A client that fails its setup is
     left out of everyone's masks; one that fails after it is unmasked from the survivors' reveals.
-    A fresh session per attempt: an upload left from an earlier attempt is refused by name.
-    `final`: the run's last round (nothing is broadcast after it)."""
+    A fresh session per attempt: an upload left from an earlier attempt is refused by name."""
     config, round_number = steps.config, steps.round_number
     session_id = secrets.token_hex(8)
     started = time.perf_counter()
-    setup = steps.run("setup", clients, lambda _: SetupRequest(session_id))
-    bodies, unread = read_client_messages(config, round_number, "setup", session_id, setup.done)
-    setups, unparsed = parse_setups(bodies)
-    failed = {**setup.failed, **{c: "secagg setup not done in time" for c in setup.late}, **unread, **unparsed}
+    setup_request = SetupRequest(session_id)
+    setup = steps.run("setup", clients, lambda _: setup_request)
+    posted_setups = read_client_messages(config, round_number, "setup", session_id, setup.done)
+    setups, unparsed = parse_setups(posted_setups.bodies)
+    failed = {**setup.failed, **{c: "secagg setup not done in time" for c in setup.late}, **posted_setups.failed, **unparsed}
     if len(setups) < config.secagg_min_survivors:
         raise QuorumNotMet(f"round {round_number}: {len(setups)} clients completed the secure-aggregation setup, "
                            f"{config.secagg_min_survivors} needed ({failed})")
@@ -57,34 +57,38 @@ def secure_round(
     weights, scale = config.weight_rule.announced({c: min(s.num_examples, expected[c].max_examples) for c, s in setups.items()})
     codes = round_codes(config, len(setups), max(weights.values()) / scale, max(steps.local_steps.get(c, config.training.local_steps) for c in setups))
     setup_s = time.perf_counter() - started
-    training = steps.run(
-        "train",
-        sorted(setups),
-        lambda c: TrainRequest(session_id, inboxes[c], scale, codes.scale if codes else 0.0),
-        config.orchestration.round_deadline_s,
-    )
+    train_requests = {c: TrainRequest(session_id, inboxes[c], scale, codes.scale if codes else 0.0) for c in setups}
+    training = steps.run("train", sorted(setups), train_requests.__getitem__, config.orchestration.round_deadline_s)
     trained = time.perf_counter()
     all_failed = {**failed, **training.failed}
     masked, report = sum_masked_round(config, round_number, clients, all_failed, training.late, scale, session_id, expected, codes)
     survivors = list(report.accepted)
     dropped = [c for c in sorted(setups) if c not in survivors]
     reveal_started = time.perf_counter()
-    revealed = steps.run("reveal", survivors, lambda c: RevealRequest(session_id, inboxes[c], tuple(survivors), tuple(dropped)))
-    bodies, unread = read_client_messages(config, round_number, "reveal", session_id, revealed.done)
-    reveals = {c: body.decode("ascii", "replace") for c, body in bodies.items()}
+    reveal_requests = {c: RevealRequest(session_id, inboxes[c], tuple(survivors), tuple(dropped)) for c in survivors}
+    revealed = steps.run("reveal", survivors, reveal_requests.__getitem__)
+    posted_reveals = read_client_messages(config, round_number, "reveal", session_id, revealed.done)
+    reveals = {c: body.decode("ascii", "replace") for c, body in posted_reveals.bodies.items()}
     publics = {c: s.mask_public for c, s in setups.items()}
-    committed = unmask_round(config, round_number, session_id, masked, publics, survivors, dropped, reveals, final)
+    committed = unmask_round(config, round_number, session_id, masked, publics, survivors, dropped, reveals)
     info = {
         "session": session_id,
         "threshold": config.secagg_threshold,
         "setup_failed": sorted(failed),
         "dropped_after_setup": dropped,
         "revealed_by": sorted(reveals),
-        "reveal_failed": {**revealed.failed, **{c: "not done" for c in revealed.late}, **unread},
+        "reveal_failed": {**revealed.failed, **{c: "not done" for c in revealed.late}, **posted_reveals.failed},
         "timings": {
             "secagg_setup_s": setup_s,
             "clients_wall_s": trained - started - setup_s,
             "secagg_reveal_unmask_s": time.perf_counter() - reveal_started,
+        },
+        "protocol_bytes": {
+            c: MessageBytes(
+                up=posted_setups.sizes.get(c, 0) + posted_reveals.sizes.get(c, 0),
+                down=sum(relayed_bytes(r) for r in (setup_request, train_requests.get(c), reveal_requests.get(c)) if r is not None),
+            )
+            for c in clients
         },
     }
     return committed, report, info
@@ -111,12 +115,14 @@ def federated_round(
     expected = expected_of(config, {c: len(assignment[c]) for c in clients if c in assignment}, budgets)
     secure: dict[str, Any] = {}
     if config.secure_aggregation.enabled:
-        next_global, report, secure = secure_round(steps, clients, expected, round_number == target_round)
+        next_global, report, secure = secure_round(steps, clients, expected)
         client_timings = secure.pop("timings")
+        protocol_bytes = secure.pop("protocol_bytes")
     else:
         training = steps.run("train", clients, deadline_s=config.orchestration.round_deadline_s)
         client_timings = {"clients_wall_s": time.perf_counter() - partitioned}
-        next_global, report = aggregate_round(config, round_number, clients, training.failed, training.late, expected, round_number == target_round)
+        protocol_bytes = {}
+        next_global, report = aggregate_round(config, round_number, clients, training.failed, training.late, expected)
     reports = report.reports
     eval_started = time.perf_counter()
     eval_loss = evaluate_global(config, round_number, next_global.adapter)
@@ -135,7 +141,7 @@ def federated_round(
     participation = participation_after(previous.privacy.participation if previous.privacy else {}, clients)
     manifest = round_manifest(
         config, round_number, previous, clients, budgets, reports, report.accepted, rejected, eval_loss, timings,
-        (run_id, str(flow_run.id)), target_round, privacy_spent(config.privacy, participation), secure,
+        (run_id, str(flow_run.id)), target_round, privacy_spent(config.privacy, participation), secure, protocol_bytes,
     )
     committed = commit_round(config, next_global, manifest)
     publish_round_table(config, round_number, clients, reports, rejected)

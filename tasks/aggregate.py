@@ -31,10 +31,8 @@ def aggregate_round(
     failed: dict[str, str],
     late: list[str],
     expected: dict[str, Expected],
-    final: bool = False,
 ) -> tuple[NextGlobal, AggregationReport]:
-    """What to commit (the next adapter, the state for the next round, the broadcast unless the
-    round is the run's `final` one), and the report."""
+    """What to commit (the next adapter, the state for the next round, the broadcast), and the report."""
     ring = party_keys(config, AGGREGATOR)
     store = checkpoint_store(config, ring)
     previous = store.manifest(round_number - 1)
@@ -51,7 +49,7 @@ def aggregate_round(
     for client, why in report.rejected.items():
         logger.warning("round %d: update from %s rejected (%s): %s", round_number, client, why["reason"], why["detail"])
     logger.info("round %d: aggregated %s", round_number, report.accepted)
-    return round_global(config, round_number, global_adapter, adapter, strategy.state_dict(), residual, final), report
+    return round_global(config, round_number, global_adapter, adapter, strategy.state_dict(), residual), report
 
 
 @task(name="evaluate", task_run_name="evaluate-round-{round_number}", cache_policy=NO_CACHE)

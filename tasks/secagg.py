@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -61,23 +61,30 @@ def secagg_reveal(config: FederationConfig, client: str, round_number: int, requ
     return box.post("reveal", request.session_id, reveal.encode())
 
 
+@dataclass(frozen=True)
+class Posted:
+    """The messages of one kind the aggregator read: each client's authenticated body and the
+    bytes read for it, and why the others were not read."""
+
+    bodies: dict[str, bytes]
+    sizes: dict[str, int]
+    failed: dict[str, str]
+
+
 @task(name="read-client-messages", task_run_name="read-{kind}-round-{round_number}", cache_policy=NO_CACHE)
-def read_client_messages(
-    config: FederationConfig, round_number: int, kind: str, session_id: str, clients: Iterable[str]
-) -> tuple[dict[str, bytes], dict[str, str]]:
-    """({client: authenticated body}, {client: why not}) of the clients that posted `kind`."""
+def read_client_messages(config: FederationConfig, round_number: int, kind: str, session_id: str, clients: Iterable[str]) -> Posted:
     ring = party_keys(config, AGGREGATOR)
     clients = list(clients)
     options = storage_options(config, clients)
-    bodies, failed = {}, {}
+    posted = Posted({}, {}, {})
     for client in clients:
         box = outbox(config, client, round_number, aggregator_update_key(ring, client), options[client])
         try:
-            bodies[client] = box.fetch(kind, session_id)
+            posted.bodies[client], posted.sizes[client] = box.fetch(kind, session_id)
         except UpdateRejected as err:
-            failed[client] = f"{kind} message {err.reason.value}: {err.detail}"
-            get_run_logger().warning("round %d: %s's %s message refused: %s", round_number, client, kind, failed[client])
-    return bodies, failed
+            posted.failed[client] = f"{kind} message {err.reason.value}: {err.detail}"
+            get_run_logger().warning("round %d: %s's %s message refused: %s", round_number, client, kind, posted.failed[client])
+    return posted
 
 
 def parse_setups(bodies: dict[str, bytes]) -> tuple[dict[str, SetupMessage], dict[str, str]]:
@@ -128,10 +135,8 @@ def unmask_round(
     survivors: list[str],
     dropped: list[str],
     reveals: dict[str, str],
-    final: bool = False,
 ) -> NextGlobal:
-    """What to commit: the next adapter, the state for the next round, the broadcast unless the
-    round is the run's `final` one."""
+    """What to commit: the next adapter, the state for the next round, the broadcast."""
     ring = party_keys(config, AGGREGATOR)
     store = checkpoint_store(config, ring)
     previous = store.manifest(round_number - 1)
@@ -142,4 +147,4 @@ def unmask_round(
     session = secagg_session(config, round_number, session_id)
     adapter = finish_secure_round(config, global_adapter, masked, session, mask_publics, survivors, dropped, reveals, keys, strategy)
     get_run_logger().info("round %d: secure sum of %s unmasked (%d dropped after setup)", round_number, survivors, len(dropped))
-    return round_global(config, round_number, global_adapter, adapter, strategy.state_dict(), residual, final)
+    return round_global(config, round_number, global_adapter, adapter, strategy.state_dict(), residual)

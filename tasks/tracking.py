@@ -73,6 +73,9 @@ def round_metrics(manifest: Manifest) -> dict[str, float]:
             metrics[f"system/{client}/{name}"] = getattr(report, name)
         if report.validation_loss is not None:
             metrics[f"client/{client}/validation_loss"] = report.validation_loss
+    for client, sent in manifest.protocol_bytes.items():  # secure aggregation's setup and reveal messages
+        metrics[f"client/{client}/protocol_bytes_up"] = sent.up
+        metrics[f"client/{client}/protocol_bytes_down"] = sent.down
     for client, money in manifest.cost.items():
         metrics[f"cost/{client}"] = money
     if manifest.round > 0:

@@ -5,6 +5,7 @@ peers or non-hex blobs are named rejections)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -131,3 +132,8 @@ class RevealRequest:
 
 
 REQUESTS = {"setup": SetupRequest, "train": TrainRequest, "reveal": RevealRequest}
+
+
+def relayed_bytes(message: SetupRequest | TrainRequest | RevealRequest) -> int:
+    """A request's size as the JSON it travels as: what relaying it to a client costs."""
+    return len(json.dumps(message.to_json(), separators=(",", ":")).encode())
