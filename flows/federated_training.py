@@ -31,7 +31,7 @@ from tasks.credentials import party_keys
 from flows.progress_logs import progress_in_run_logs
 from tasks.data import distribute_data, partition_data
 from tasks.registry import register_round, registered_rounds
-from tasks.tracking import finish_tracking, open_tracking, track_final_adapter, track_round
+from tasks.tracking import finish_tracking, open_tracking, track_final_adapter, track_round, tracked_rounds
 
 
 def _run_name() -> str:
@@ -82,6 +82,10 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
         track_round(config, run_id, 0, manifests)
         emit(BaseScored(manifests[0].perplexity))
 
+    tracked = tracked_rounds(config, run_id)
+    for i, missed in enumerate(manifests):
+        if missed.round not in tracked:  # a crash came between commit and tracking
+            track_round(config, run_id, missed.round, manifests[: i + 1])
     registered = registered_rounds(config)
     for missed in [m for m in manifests[1:] if m.round not in registered]:
         register_round(config, run_id, missed, store.adapter_of(missed)[0])  # a crash came between commit and registry

@@ -113,6 +113,13 @@ def evaluation_dataset(config: FederationConfig, examples_digest: str, size: int
     return DatasetInput(dataset, [InputTag("mlflow.data.context", "evaluation")])
 
 
+@task(name="tracked-rounds", cache_policy=NO_CACHE)
+def tracked_rounds(config: FederationConfig, run_id: str) -> set[int]:
+    """The rounds whose metrics the run already holds (a crash can come between a round's
+    commit and its tracking; the resumed run logs what is missing, once)."""
+    return {m.step for m in _client(config).get_metric_history(run_id, "eval/perplexity")}
+
+
 @task(name="track-round", task_run_name="track-round-{round_number}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def track_round(config: FederationConfig, run_id: str, round_number: int, manifests: list[Manifest]) -> None:
     """Metrics and manifest of `round_number`, and the progress plot redrawn over all rounds."""
