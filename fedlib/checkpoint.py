@@ -22,8 +22,9 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import torch
 from cryptography.exceptions import InvalidSignature
@@ -39,6 +40,7 @@ Tensors = dict[str, torch.Tensor]
 _ROUND_DIR = re.compile(r"round-(\d{4,})$")
 _MAX_MANIFEST = 16 << 20
 log = logging.getLogger("fedlib.checkpoint")
+_Signed = TypeVar("_Signed", Manifest, ManifestHead)
 
 
 class ManifestRejected(ValueError):
@@ -168,31 +170,31 @@ class CheckpointStore:
 
     def manifest_read(self, round_number: int) -> tuple[Manifest, int]:
         """`manifest`, and how many bytes were read for it (a client counts what it downloads)."""
-        url = self.manifest_url(round_number)
-        body, size = self._verified_body(url)
-        try:
-            manifest = manifest_from_json(body)
-        except ValueError as err:
-            raise ManifestRejected(f"{url}: {err}") from None
-        self._check_place(url, manifest.federation, manifest.round, round_number)
-        return manifest, size
+        return self._read_signed(self.manifest_url(round_number), manifest_from_json, round_number)
 
     def head_read(self, round_number: int) -> tuple[ManifestHead, int]:
         """What a client needs of a committed round (`ManifestHead`), verified as a manifest is,
         and the bytes read for it; from the manifest itself if the round has no head (a commit
         that crashed between the two, or a store written before heads)."""
-        url = self.head_url(round_number)
         try:
-            body, size = self._verified_body(url)
+            return self._read_signed(self.head_url(round_number), head_from_json, round_number)
         except FileNotFoundError:
             manifest, size = self.manifest_read(round_number)
             return manifest.head(), size
+
+    def _read_signed(self, url: str, parse: Callable[[object], _Signed], round_number: int) -> tuple[_Signed, int]:
+        """A signed record (manifest or head) of `round_number`, and its size. A signature says
+        who wrote a record, not where it belongs, so it must also name this federation and round."""
+        body, size = self._verified_body(url)
         try:
-            head = head_from_json(body)
+            record = parse(body)
         except ValueError as err:
             raise ManifestRejected(f"{url}: {err}") from None
-        self._check_place(url, head.federation, head.round, round_number)
-        return head, size
+        if record.federation != self.federation or record.round != round_number:
+            raise ManifestRejected(
+                f"{url}: signed for federation {record.federation!r} round {record.round!r}, not {self.federation!r} round {round_number}"
+            )
+        return record, size
 
     def _verified_body(self, url: str) -> tuple[object, int]:
         """The JSON body of a signed record at `url`, its signature checked, and its size."""
@@ -213,13 +215,6 @@ class CheckpointStore:
             return parse_json(body, "manifest", _MAX_MANIFEST, max_depth=8, constants=True), len(raw)
         except UpdateRejected as err:
             raise ManifestRejected(f"{url}: {err.detail}") from None
-
-    def _check_place(self, url: str, federation: object, round_seen: object, round_number: int) -> None:
-        """A signature says who wrote a record, not where it belongs."""
-        if federation != self.federation or round_seen != round_number:
-            raise ManifestRejected(
-                f"{url}: signed for federation {federation!r} round {round_seen!r}, not {self.federation!r} round {round_number}"
-            )
 
     def last_accepted_round(self, client: str, before: int) -> int | None:
         """The last round before `before` whose committed manifest accepted `client`'s update."""

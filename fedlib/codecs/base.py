@@ -126,3 +126,17 @@ def from_rows(rows: torch.Tensor, shape: list[int]) -> torch.Tensor:
     if len(shape) == 2 and shape[1] < shape[0]:
         rows = rows.T
     return rows.flatten()[: math.prod(shape)].reshape(shape)
+
+
+def encode_each(tensors: Tensors, encode_one: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> tuple[Tensors, dict]:
+    """A `shapes` step: `encode_one` turns each floating-point tensor `w` into its parts (named
+    `w::part` on the wire), integer tensors pass through, and the step records each encoded
+    tensor's shape for the decoder to check before it builds anything."""
+    out, shapes = {}, {}
+    for name, value in tensors.items():
+        if not value.is_floating_point():
+            out[name] = value
+            continue
+        out |= {f"{name}::{part}": encoded for part, encoded in encode_one(value).items()}
+        shapes[name] = list(value.shape)
+    return out, {"shapes": shapes}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fedlib.codecs.base import CodecOptions, SizeBound, Tensors, as_rows, bad, codecs, declared_shape, from_rows, row_layout, take
+from fedlib.codecs.base import CodecOptions, SizeBound, Tensors, as_rows, bad, codecs, declared_shape, encode_each, from_rows, row_layout, take
 
 
 class Int8:
@@ -15,17 +15,12 @@ class Int8:
     meta_field = "shapes"
 
     def encode(self, tensors: Tensors, rounding: torch.Generator) -> tuple[Tensors, dict]:
-        out, shapes = {}, {}
-        for name, value in tensors.items():
-            if not value.is_floating_point():
-                out[name] = value
-                continue
+        def one(value: torch.Tensor) -> dict[str, torch.Tensor]:
             rows = as_rows(value.to(torch.float32))
             scale = rows.abs().amax(dim=1).clamp_min(1e-30) / 127.0
-            out[f"{name}::q"] = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8)
-            out[f"{name}::scale"] = scale
-            shapes[name] = list(value.shape)
-        return out, {"shapes": shapes}
+            return {"q": torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8), "scale": scale}
+
+        return encode_each(tensors, one)
 
     def decode(self, tensors: Tensors, meta: dict, bound: SizeBound) -> Tensors:
         for name, shape in meta["shapes"].items():

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from fedlib.codecs.base import CodecOptions, SizeBound, Tensors, as_rows, bad, codecs, declared_shape, from_rows, row_layout, take
+from fedlib.codecs.base import CodecOptions, SizeBound, Tensors, as_rows, bad, codecs, declared_shape, encode_each, from_rows, row_layout, take
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -55,20 +55,16 @@ class StochasticLevels:
 
     def encode(self, tensors: Tensors, rounding: torch.Generator) -> tuple[Tensors, dict]:
         levels = 2**self.bits
-        out, shapes = {}, {}
-        for name, value in tensors.items():
-            if not value.is_floating_point():
-                out[name] = value
-                continue
+
+        def one(value: torch.Tensor) -> dict[str, torch.Tensor]:
             blocks = blocked(value, self.block)
             scale = blocks.abs().amax(dim=1).clamp_min(1e-30).to(torch.bfloat16)
             position = ((blocks / scale.to(torch.float32)[:, None]).clamp(-1, 1) + 1) * (levels - 1) / 2
             low = position.floor()
             up = torch.rand(position.shape, generator=rounding) < (position - low)
-            out[f"{name}::codes"] = pack((low + up).clamp(0, levels - 1).flatten().to(torch.uint8), self.bits)
-            out[f"{name}::scale"] = scale
-            shapes[name] = list(value.shape)
-        return out, {"shapes": shapes}
+            return {"codes": pack((low + up).clamp(0, levels - 1).flatten().to(torch.uint8), self.bits), "scale": scale}
+
+        return encode_each(tensors, one)
 
     def decode(self, tensors: Tensors, meta: dict, bound: SizeBound) -> Tensors:
         levels, block = 2**self.bits, self.block
@@ -107,18 +103,13 @@ class ScaledSign:
     meta_field = "shapes"
 
     def encode(self, tensors: Tensors, rounding: torch.Generator) -> tuple[Tensors, dict]:
-        out, shapes = {}, {}
-        for name, value in tensors.items():
-            if not value.is_floating_point():
-                out[name] = value
-                continue
+        def one(value: torch.Tensor) -> dict[str, torch.Tensor]:
             rows = as_rows(value.to(torch.float32))
             real = from_rows(torch.ones_like(rows), list(value.shape))  # the 1-D layout's padding is not averaged in
             counts = as_rows(real).sum(dim=1).clamp_min(1)
-            out[f"{name}::codes"] = pack((rows >= 0).flatten().to(torch.uint8), 1)
-            out[f"{name}::scale"] = (rows.abs().sum(dim=1) / counts).to(torch.bfloat16)
-            shapes[name] = list(value.shape)
-        return out, {"shapes": shapes}
+            return {"codes": pack((rows >= 0).flatten().to(torch.uint8), 1), "scale": (rows.abs().sum(dim=1) / counts).to(torch.bfloat16)}
+
+        return encode_each(tensors, one)
 
     def decode(self, tensors: Tensors, meta: dict, bound: SizeBound) -> Tensors:
         for name, shape in meta["shapes"].items():

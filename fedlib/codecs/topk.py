@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from fedlib.codecs.base import CodecOptions, SizeBound, Tensors, bad, codecs, declared_shape, take
+from fedlib.codecs.base import CodecOptions, SizeBound, Tensors, bad, codecs, declared_shape, encode_each, take
 
 
 def gap_tokens(index: torch.Tensor) -> torch.Tensor:
@@ -52,18 +52,13 @@ class TopK:
         return max(1, math.ceil(self.fraction * numel)) if numel else 0
 
     def encode(self, tensors: Tensors, rounding: torch.Generator) -> tuple[Tensors, dict]:
-        out, shapes = {}, {}
-        for name, value in tensors.items():
-            if not value.is_floating_point():
-                out[name] = value
-                continue
+        def one(value: torch.Tensor) -> dict[str, torch.Tensor]:
             flat = value.flatten()
             k = self.kept(flat.numel())
             index = torch.topk(flat.abs(), k, sorted=False).indices.sort().values if k else flat.new_zeros(0, dtype=torch.long)
-            out[f"{name}::gaps"] = gap_tokens(index)
-            out[f"{name}::values"] = flat[index].to(torch.float32)
-            shapes[name] = list(value.shape)
-        return out, {"shapes": shapes}
+            return {"gaps": gap_tokens(index), "values": flat[index].to(torch.float32)}
+
+        return encode_each(tensors, one)
 
     def decode(self, tensors: Tensors, meta: dict, bound: SizeBound) -> Tensors:
         for name, shape in meta["shapes"].items():
