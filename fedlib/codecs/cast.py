@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlib.codecs.base import CodecOptions, SizeBound, Tensors, bad, codecs, declared_shape
+from fedlib.codecs.base import SizeBound, Tensors, bad, codecs, declared_shape
 
 
 @dataclass(frozen=True)
@@ -43,4 +43,4 @@ class HalfCast:
 codecs.register("fp16")(lambda options: HalfCast("fp16", torch.float16, 10))
 codecs.register("bf16")(lambda options: HalfCast("bf16", torch.bfloat16, 7))
 
-__all__ = ["CodecOptions", "HalfCast"]
+__all__ = ["HalfCast"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from fedlib.codecs.base import CodecOptions, SizeBound, Tensors, as_rows, bad, codecs, declared_shape, encode_each, from_rows, row_layout, take
+from fedlib.codecs.base import SizeBound, Tensors, as_rows, bad, codecs, declared_shape, encode_each, from_rows, row_layout, take
 
 
 class Int8:
@@ -44,4 +44,4 @@ class Int8:
 
 codecs.register("int8")(lambda options: Int8())
 
-__all__ = ["CodecOptions", "Int8"]
+__all__ = ["Int8"]

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from fedlib.codecs.base import CodecOptions, SizeBound, Tensors, as_rows, bad, codecs, declared_shape, encode_each, from_rows, row_layout, take
+from fedlib.codecs.base import SizeBound, Tensors, as_rows, bad, codecs, declared_shape, encode_each, from_rows, row_layout, take
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -138,4 +138,4 @@ codecs.register("int4")(lambda options: StochasticLevels("int4", 4))
 codecs.register("int2")(lambda options: StochasticLevels("int2", 2))
 codecs.register("sign")(lambda options: ScaledSign())
 
-__all__ = ["CodecOptions", "ScaledSign", "StochasticLevels"]
+__all__ = ["ScaledSign", "StochasticLevels"]

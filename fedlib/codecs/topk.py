@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from fedlib.codecs.base import CodecOptions, SizeBound, Tensors, bad, codecs, declared_shape, encode_each, take
+from fedlib.codecs.base import SizeBound, Tensors, bad, codecs, declared_shape, encode_each, take
 
 
 def gap_tokens(index: torch.Tensor) -> torch.Tensor:
@@ -90,4 +90,4 @@ class TopK:
 
 codecs.register("topk")(lambda options: TopK(options.topk_fraction))
 
-__all__ = ["CodecOptions", "TopK"]
+__all__ = ["TopK"]
