@@ -285,7 +285,7 @@ class PrivacyConfig(_Strict):
 
 class CompressionConfig(_Strict):
     """Codecs applied to every update inside the envelope, in order (see `fedlib.codecs`):
-    fp16 | bf16 | int8 | int4 | int2 | sign | topk, then optionally zstd. `error_feedback` carries what a lossy chain
+    fp16 | bf16 | int8 | int4 | int2 | sign | sign-proj | topk, then optionally zstd. `error_feedback` carries what a lossy chain
     dropped into the client's next update."""
 
     codecs: tuple[str, ...] = ()

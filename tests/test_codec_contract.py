@@ -38,7 +38,7 @@ def _chain(name: str) -> CodecChain:
 
 
 def test_every_codec_is_registered_with_what_a_chain_needs():
-    assert set(NAMES) == {"fp16", "bf16", "int8", "int4", "int2", "sign", "topk"}
+    assert set(NAMES) == {"fp16", "bf16", "int8", "int4", "int2", "sign", "sign-proj", "topk"}
     for name in NAMES:
         codec = tensor_codec(name, CodecOptions(topk_fraction=0.1))
         assert codec.name == name and codec.role in ("cast", "quantiser", "sparsifier")

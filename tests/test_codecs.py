@@ -263,7 +263,29 @@ def test_scaled_sign_is_a_deterministic_contraction_at_one_bit_and_a_scale_per_r
     assert (close - steps).norm() < 0.05 * steps.norm()
 
 
-@pytest.mark.parametrize("codec", ["int4", "int2", "sign"])
+def test_projected_sign_delivers_the_whole_row_along_itself_and_stays_a_contraction():
+    """`sign-proj` scales a row's signs by Σx²/Σ|x|, so the decoded row's projection onto the input
+    is the input (where `sign` delivers only κ = (Σ|x|)²/(n·Σx²) of it, 2/π for a Gaussian row);
+    on a row whose mass sits in a few entries that scale would overshoot, and the cap at 1.75 ×
+    the mean |x| keeps the decoded row closer to the input than zero is."""
+    gen = torch.Generator().manual_seed(4)
+    gaussian = torch.randn(8, 576, generator=gen) * 1e-3
+    chain, plain = CodecChain(("sign-proj",)), CodecChain(("sign",))
+    got = chain.decode(*chain.encode({"a": gaussian}), {"a": gaussian})["a"]
+    along = (got * gaussian).sum(dim=1) / gaussian.square().sum(dim=1)
+    assert torch.allclose(along, torch.ones(8), atol=0.01)
+    mean_scaled = plain.decode(*plain.encode({"a": gaussian}), {"a": gaussian})["a"]
+    kappa = gaussian.abs().sum(dim=1).square() / (576 * gaussian.square().sum(dim=1))
+    assert torch.allclose((mean_scaled * gaussian).sum(dim=1) / gaussian.square().sum(dim=1), kappa, atol=0.01)
+    assert torch.all((got - gaussian).norm(dim=1) < gaussian.norm(dim=1))
+    spiky = torch.full((2, 576), 1e-5)
+    spiky[:, :4] = 1e-2  # κ ≈ 0.009: uncapped, the decoded row would be 10 times as far from it as zero is
+    capped = chain.decode(*chain.encode({"a": spiky}), {"a": spiky})["a"]
+    assert torch.allclose(capped.abs(), 1.75 * spiky.abs().mean(dim=1, keepdim=True).expand_as(spiky), rtol=0.01)
+    assert torch.all((capped - spiky).norm(dim=1) < spiky.norm(dim=1))
+
+
+@pytest.mark.parametrize("codec", ["int4", "int2", "sign", "sign-proj"])
 def test_malformed_low_bit_encodings_are_named_rejections(codec):
     delta = _delta()
     chain = CodecChain((codec,))
