@@ -33,7 +33,7 @@ CTX = EnvelopeContext("fed", 2, "aws", "", "ab" * 32)
 LIMITS = Expected(max_examples=1000, max_local_steps=10)
 MAX_BYTES = 16 << 20
 TEMPLATE = {"a.lora_A.weight": torch.zeros(4, 32), "a.lora_B.weight": torch.zeros(32, 4), "b.bias": torch.zeros(40)}
-SCALE = 5  # each mutation family's count is multiplied by this: 42 chains × 165 × 5 cases
+SCALE = 5  # each mutation family's count is multiplied by this: 46 chains × 165 × 5 cases
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -237,7 +237,7 @@ def test_every_hostile_object_is_a_named_rejection_within_bounded_memory():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     print(json.dumps({k: v for k, v in result.items() if k != "escaped"}))
     assert result["escaped"] == [], result["escaped"][:10]
-    assert result["chains"] == len(chains()) == 42 and result["distinct"] >= 20_000
+    assert result["chains"] == len(chains()) == 46 and result["distinct"] >= 20_000
     assert result["keyless"] >= 5_000 and result["keyed"] >= 10_000
     assert {"malformed", "truncated", "authentication_failed", "out_of_range", "unexpected_tensors"} <= result["reasons"].keys()
     assert result["peak_over_baseline"] < 4 * MAX_BYTES, result["peak_over_baseline"]
