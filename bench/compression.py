@@ -37,8 +37,10 @@ SCHEMES: dict[str, dict] = {
     # scaled sign (a scale per LoRA rank component) both ways; zstd at 19 folds the safetensors header and report into ~0.5 kB
     "sign+down": {"compression": {"codecs": ["sign", "zstd"], "broadcast": ["sign", "zstd"], "zstd_level": 19, **_EF}},
     # the same bytes, with uploads scaled to deliver their whole row (their noise averages over clients); the broadcast keeps
-    # sign's mean scale (sign-proj down too, demo seed 0: 33.18 against 32.83)
+    # sign's mean scale (sign-proj down too, demo, seeds 0-2: 33.18 against 33.06)
     "sign-proj-up+sign-down": {"compression": {"codecs": ["sign-proj", "zstd"], "broadcast": ["sign", "zstd"], "zstd_level": 19, **_EF}},
+    # what the 1-bit uploads alone cost: sign-proj up, the global read in full (a yardstick for the broadcast, not a scheme to run)
+    "sign-proj-up": {"compression": {"codecs": ["sign-proj", "zstd"], "zstd_level": 19, **_EF}},
     # FFA-LoRA at 4x the learning rate, the best of 1x, 4x, 8x and 16x on the demo (seed 0: 36.58, 33.81, 34.56, 35.88 against 32.34)
     "ffa-int2+down": {
         "lora": {"freeze_a": True},
