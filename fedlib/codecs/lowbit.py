@@ -19,7 +19,9 @@
   it and adds noise across the direction, which averages out over the clients' uploads; the
   broadcast, which every client takes as it is, stays with `sign` (measured in
   `bench/compression.py`). The cap keeps it a contraction for any row: the decoded row's error is
-  (1/κ − 1)·|x|² uncapped, under |x|² only while κ > 1/2.
+  (1/κ − 1)·|x|² uncapped, under |x|² only while κ > 1/2. It is not lower: a cap of 1.32, the
+  scale that minimises the error of an average of three uploads at κ ≈ 0.64, ended the demo at
+  33.42 against 33.06 (seeds 0–2): the lag it leaves costs more than the noise it saves.
 """
 
 from __future__ import annotations
