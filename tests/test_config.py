@@ -108,3 +108,21 @@ def test_model_sources_and_config_as_data(tmp_path, tiny_model_dir):
     check_base_model(base_revision(str(tiny_model_dir)), fetched)
     with pytest.raises(BaseModelMismatch, match="the federation trains sha256:0+"):
         check_base_model("sha256:" + "0" * 64, fetched)
+
+
+def test_every_compression_bench_scheme_is_a_valid_config():
+    """A scheme of `bench/compression.py` that the config refuses would be found only minutes
+    into a benchmark run; each is merged into the demo config on each schedule, as the bench does."""
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("compression_bench", ROOT / "bench" / "compression.py")
+    bench = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # its dataclasses look themselves up there
+    spec.loader.exec_module(bench)
+    for scheme, overrides in bench.SCHEMES.items():
+        for schedule, (rounds, steps) in bench.SCHEDULES.items():
+            raw = bench._merged(bench.demo_config(rounds=rounds, steps=steps), overrides)
+            config = parse_config(raw, f"{scheme} ({schedule})")
+            assert (config.training.rounds, config.training.local_steps) == (rounds, steps)
+            assert list(config.compression.codecs) == overrides.get("compression", {}).get("codecs", [])
