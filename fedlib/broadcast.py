@@ -114,7 +114,7 @@ def next_global(
     back overshoots. Committing the last round's `target` as it is (no broadcast, no residual),
     with `sign-proj` up and `sign` down, seeds 0–2: 32.96, 33.05, 32.82 against 32.83, 33.41,
     32.94, and with the projected scale capped at 1.32: 32.85, 33.17, 32.91 against 32.87, 33.84,
-    33.54. Better in five pairs of six, but the demo stays over 1% (+1.24%), and a run extended
+    33.54. Better in five pairs of six, but the demo stays over 1% (+1.25%), and a run extended
     later (`flows/federated_training.py` extends a finished one) would then find no broadcast
     from the global its clients hold and cost each of them the full adapter once: not taken."""
     if not chain.names:
