@@ -110,15 +110,16 @@ def test_model_sources_and_config_as_data(tmp_path, tiny_model_dir):
         check_base_model("sha256:" + "0" * 64, fetched)
 
 
-def test_every_compression_bench_scheme_is_a_valid_config():
+def test_every_compression_bench_scheme_is_a_valid_config(monkeypatch):
     """A scheme of `bench/compression.py` that the config refuses would be found only minutes
     into a benchmark run; each is merged into the demo config on each schedule, as the bench does."""
     import importlib.util
     import sys
 
-    sys.path.insert(0, str(ROOT / "bench"))
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # the bench imports its neighbour demo_runs
     spec = importlib.util.spec_from_file_location("compression_bench", ROOT / "bench" / "compression.py")
-    bench = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # its dataclasses look themselves up there
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up there
     spec.loader.exec_module(bench)
     for scheme, overrides in bench.SCHEMES.items():
         for schedule, (rounds, steps) in bench.SCHEDULES.items():
