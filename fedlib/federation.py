@@ -5,8 +5,6 @@ the data, the key, the models. The client's side is in `fedlib.client`, the aggr
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from fedlib.partition import Assignment, partition
 from fedlib.secagg.protocol import Session
 from fedlib.secagg.quantised import Codes, code_scale
 from fedlib.training import evaluate_loss
+from fedlib.trust import trust_record
 
 Tensors = dict[str, torch.Tensor]
 
@@ -60,47 +59,23 @@ def key_folder(config: FederationConfig) -> Path:
 def keyring(config: FederationConfig, party: str | None = None, create: bool = False, read_secret=None) -> KeyRing:
     """The keys this process may hold. With a `keyring` section (each party on its own machine):
     every public key from the config, and `party`'s own private key from its key source (none
-    for `party=None`, which can seal for the aggregator and verify manifests only). Without one,
-    the embedded default: every party's keys in `data_dir/keys`, made by `create`."""
+    for `party=None`, which can seal for the aggregator and verify manifests only), provided the
+    party trusted exactly these public keys on this machine (`fedlib.trust`). Without one, the
+    embedded default: every party's keys in `data_dir/keys`, made by `create`."""
     if config.keyring is None:
         names = [c.name for c in config.clouds]
         if create:
             init_keys(key_folder(config), names)
         return load_keyring(key_folder(config), names)
-    pin_keyring(config)
+    publics = config.keyring.publics
     if party is None:
-        return party_keyring(config.keyring.publics, None, None)
+        return party_keyring(publics, None, None)  # holds no secret: nothing to redirect
     source = config.keyring.key_source
     if party != AGGREGATOR:
         source = config.cloud(party).key_source or source
-    return party_keyring(config.keyring.publics, party, read_key_source(source, party, read_secret))
-
-
-class KeyringChanged(ValueError):
-    """The config's keyring is not the one this machine pinned for the federation."""
-
-
-def pin_keyring(config: FederationConfig) -> None:
-    """Trust on first use, then never a swap: the first time this machine sees the federation's
-    keyring it records its digest in its own `data_dir`; a later config with other public keys
-    is refused, so whoever hands a party its config (the orchestrator) cannot redirect updates to
-    a key of its own. Rotating keys means deleting the pin, deliberately."""
-    assert config.keyring is not None
-    publics = config.keyring.model_dump(mode="json", include={"aggregator", "clients"})
-    digest = hashlib.sha256(json.dumps(publics, sort_keys=True).encode()).hexdigest()
-    pin = config.data_path / f"keyring-{config.federation.id}.pin"
-    pin.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with pin.open("x") as handle:
-            handle.write(digest)
-        return
-    except FileExistsError:
-        pinned = pin.read_text().strip()
-    if pinned != digest:
-        raise KeyringChanged(
-            f"keyring: the config's public keys (digest {digest[:16]}) are not the ones this machine pinned for federation "
-            f"{config.federation.id!r} ({pinned[:16]}, in {pin}); if the federation rotated its keys, delete that file"
-        )
+    ring = party_keyring(publics, party, read_key_source(source, party, read_secret))
+    trust_record(publics, party).require(publics, party)
+    return ring
 
 
 def client_update_key(ring: KeyRing, client: str) -> UpdateKey:

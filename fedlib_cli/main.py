@@ -136,6 +136,45 @@ def keys_init_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def keys_trust_command(args: argparse.Namespace) -> int:
+    """The explicit local action that makes a party trust a federation's public keys: it prints
+    their fingerprints and records their digest under the party's own key, in its own home."""
+    from fedlib.keys import AGGREGATOR, fingerprint, party_keyring, read_key_source
+    from fedlib.trust import keyring_digest, trust_record
+
+    def read_secret(name: str):  # Prefect is imported only for a secret:BLOCK key source
+        from tasks.credentials import read_secret as read
+
+        return read(name)
+
+    config = config_or_report(args.config, Console())
+    if config is None:
+        return 2
+    if config.keyring is None:
+        print(f"{args.config}: keyring: missing; trust is for a federation whose parties hold their own keys", file=sys.stderr)
+        return 2
+    publics = config.keyring.publics
+    if args.party != AGGREGATOR and args.party not in publics.clients:
+        print(f"--party: {args.party!r} is neither aggregator nor one of keyring.clients {sorted(publics.clients)}", file=sys.stderr)
+        return 2
+    source = config.keyring.key_source if args.party == AGGREGATOR else config.cloud(args.party).key_source or config.keyring.key_source
+    try:
+        party_keyring(publics, args.party, read_key_source(source, args.party, read_secret))
+    except (OSError, KeyError, ValueError) as err:
+        print(f"keyring.key_source: {err}", file=sys.stderr)
+        return 2
+    record = trust_record(publics, args.party)
+    trusted = record.trusted_digest()
+    if trusted is not None and trusted != keyring_digest(publics) and not args.replace:
+        print(f"{record.path}: {args.party} trusts other keys for this key; add --replace to trust these instead", file=sys.stderr)
+        return 1
+    print(f"aggregator exchange {fingerprint(publics.aggregator_exchange)}, signing {fingerprint(publics.aggregator_signing)}")
+    for name, key in sorted(publics.clients.items()):
+        print(f"client {name} {fingerprint(key)}")
+    print(f"trusted by {args.party}: {record.write(publics, args.party)}")
+    return 0
+
+
 def _party_key(party: str, out: Path | None) -> int:
     """One party's key on its own machine: the private half stays in `out` (0600), the public
     half is printed as the config's `keyring` section takes it, with its fingerprint."""
@@ -184,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     init.add_argument("--party", help="aggregator, or a cloud's name: make that party's key on this machine")
     init.add_argument("--out", type=Path, help="where the private key goes (default ~/.fedlib/keys/<party>.pem)")
     init.set_defaults(handler=keys_init_command)
+    trust = keys.add_parser("trust", help="trust a federation's public keys as this party, on this machine (check the fingerprints it prints)")
+    trust.add_argument("config", type=Path, help="the federation's config, with its keyring section")
+    trust.add_argument("--party", required=True, help="this machine's party: aggregator or a client's name")
+    trust.add_argument("--replace", action="store_true", help="the federation rotated its keys: trust these instead")
+    trust.set_defaults(handler=keys_trust_command)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -19,6 +19,7 @@ from fedlib.manifest import Manifest, MessageBytes, Rejection, round_manifest
 from fedlib.config import FederationConfig
 from fedlib.broadcast import NextGlobal
 from fedlib.federation import checkpoint_store
+from fedlib.keys import AGGREGATOR
 from fedlib.progress import RoundDone, RoundStarted, emit
 from fedlib.heterogeneity import sample_clients, step_budgets
 from fedlib.privacy.accountant import participation_after, privacy_spent
@@ -29,6 +30,7 @@ from fedlib.federation import round_codes
 from flows.client_steps import ClientSteps
 from tasks.aggregate import aggregate_round, commit_round, evaluate_global
 from tasks.artifacts import publish_round_table
+from tasks.credentials import party_keys
 from tasks.data import partition_data
 from tasks.secagg import parse_setups, read_client_messages, sum_masked_round, unmask_round
 
@@ -106,7 +108,7 @@ def federated_round(
     started = time.perf_counter()
     assignment = partition_data(config) if config.simulated else {}  # cached: once per lineage
     partitioned = time.perf_counter()
-    store = checkpoint_store(config)
+    store = checkpoint_store(config, party_keys(config, AGGREGATOR))  # verified with the key the aggregator trusts
     previous = store.manifest(round_number - 1)
     clients = sample_clients(config, round_number)
     budgets = step_budgets(config, clients, previous)

@@ -642,3 +642,64 @@ def test_10_nan_is_refused_by_fixed_point_and_counts_by_the_round(fed):
     fed.plant("gcp", _sealed_payload(fed, "gcp", _payload(fed, num_examples=str(len(fed.shards["gcp"]) + 1))))
     adapter, report = fed.aggregate()
     assert report.rejected["gcp"]["reason"] == "out_of_range" and report.accepted == ["aws", "azure"]
+
+
+# ---- The second review (issue 27): each finding as its attacker performs it. ----
+
+
+def _keyring_config(tmp_path: Path, aggregator, clients: dict, key_source: str, federation: str = "trust", data_dir: str = "data") -> dict:
+    from fedlib.keys import public_text
+
+    return {
+        "federation": {"id": federation, "data_dir": str(tmp_path / data_dir)},
+        "keyring": {
+            "aggregator": {"exchange": public_text(aggregator[0].public_key()), "signing": public_text(aggregator[1].public_key())},
+            "clients": {name: public_text(keys[0].public_key()) for name, keys in clients.items()},
+            "key_source": key_source,
+        },
+        "clouds": [{"name": name} for name in clients],
+    }
+
+
+def test_r1_no_config_change_makes_a_party_trust_a_new_aggregator_key(tmp_path, capsys, monkeypatch):
+    """The orchestrator hands aws a keyring with an aggregator key of its own, and moves whatever
+    the config decides (`federation.id`, `data_dir`, the key source) so that no earlier record is
+    found. aws trusts only what it trusted with `fedlib keys trust` on its own machine."""
+    import yaml
+
+    from fedlib.keys import AGGREGATOR, new_party_keys, party_pem
+    from fedlib.trust import KeyringNotTrusted
+    from fedlib_cli.main import main
+
+    aws, gcp = new_party_keys("aws"), new_party_keys("gcp")
+    honest, attacker = new_party_keys(AGGREGATOR), new_party_keys(AGGREGATOR)
+    key_file = tmp_path / "aws.pem"
+    key_file.write_bytes(party_pem(aws))
+    key_file.chmod(0o600)
+    source = f"file:{key_file}"
+    honest_config = _keyring_config(tmp_path, honest, {"aws": aws, "gcp": gcp}, source)
+    with pytest.raises(KeyringNotTrusted, match="fedlib keys trust"):  # nothing is trusted on first sight
+        keyring(parse_config(honest_config), "aws")
+    (tmp_path / "federation.yaml").write_text(yaml.safe_dump(honest_config))
+    assert main(["keys", "trust", str(tmp_path / "federation.yaml"), "--party", "aws"]) == 0
+    assert keyring(parse_config(honest_config), "aws").client_private  # the trusted keyring: fine
+
+    swaps = {
+        "same place": _keyring_config(tmp_path, attacker, {"aws": aws, "gcp": gcp}, source),
+        "another federation.id and data_dir": _keyring_config(
+            tmp_path, attacker, {"aws": aws, "gcp": gcp}, source, federation="fresh", data_dir="elsewhere"
+        ),
+    }
+    stolen = new_party_keys("aws")  # the orchestrator also hands aws a key of its own, through the job's environment
+    monkeypatch.setenv("FEDLIB_PLANTED_KEY", party_pem(stolen).decode())
+    swaps["a key source the orchestrator filled"] = _keyring_config(
+        tmp_path, attacker, {"aws": stolen, "gcp": gcp}, "env:FEDLIB_PLANTED_KEY", federation="fresh2", data_dir="elsewhere2"
+    )
+    for what, config in swaps.items():
+        with pytest.raises(KeyringNotTrusted):
+            keyring(parse_config(config), "aws")
+        assert not list((tmp_path / config["federation"]["data_dir"]).glob("**/*.pin")), what
+    capsys.readouterr()
+    (tmp_path / "swap.yaml").write_text(yaml.safe_dump(swaps["same place"]))
+    assert main(["keys", "trust", str(tmp_path / "swap.yaml"), "--party", "aws"]) == 1  # a rotation needs --replace
+    assert "--replace" in capsys.readouterr().err

@@ -122,6 +122,13 @@ class Party:
         assert done.returncode == 0, done.stderr
         return yaml.safe_load(done.stdout)
 
+    def trust(self, config: dict) -> None:
+        """The party checks the federation's fingerprints and trusts its keyring, on its own machine."""
+        path = self.write_private("federation.yaml", yaml.safe_dump(config))
+        done = as_party(self.name, str(VENV_BIN / "fedlib"), "keys", "trust", str(path), "--party", self.name,
+                        env=self.env, cwd=self.work, timeout=120)
+        assert done.returncode == 0, done.stderr
+
     def start_worker(self, logs: Path) -> None:
         pool, self.killed = self.pool, False
         log = open(logs / f"{pool}.log", "a")
@@ -177,6 +184,9 @@ def drill(tmp_path_factory, corpus_dir, tiny_model_dir, emulators):
         for party in parties.values():
             party.prepare()
         publics = {name: party.key_init() for name, party in parties.items()}
+        federation = drill_config({"emulators": emulators, "publics": publics, "model": shared / "model"}, ROUNDS)
+        for party in parties.values():
+            party.trust(federation)
         for name, genre in CLIENT_PLAYS.items():
             parties[name].write_private("data/train.md", _corpus_text(corpus_dir, genre))
         held_out = (corpus_dir / "tragedies" / "macbeth.md").read_text()
