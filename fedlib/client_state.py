@@ -1,8 +1,8 @@
-"""What a client keeps between rounds: the error-feedback residual of its lossy codecs, and what it
-revealed in each secure-aggregation session.
+"""What a client keeps between rounds: the error-feedback residual of its lossy codecs, the last
+global it rebuilt, and what it revealed in each secure-aggregation session.
 
-It lives in the client's own bucket, so it survives a client that runs in a fresh container
-each round, and it is sealed with a key derived from the client's private key alone: neither
+The first two live in the client's own bucket, so they survive a client that runs in a fresh container
+each round; they are sealed with a key derived from the client's private key alone: neither
 the storage provider nor the aggregator can read it. The envelope binds the round it was written
 in, and a client adds back only the residual of the last round whose signed manifest accepted
 its update: an older residual restored into the bucket (or one from a round that never counted)
@@ -72,9 +72,10 @@ class CarriedResidual:
 
 @dataclass(frozen=True)
 class RevealLedger:
-    """What a client revealed in each secure-aggregation session, kept in its own bucket and
-    sealed under its own key (a client's steps run as separate processes, so its memory cannot
-    hold this). One answer per session: the same request again is answered the same (a retry);
+    """What a client revealed in each secure-aggregation session, kept on its own machine
+    (`fedlib.trust.reveal_folder`: a bucket's objects can be deleted, and a request can name
+    another bucket) and sealed under its own key (a client's steps run as separate processes, so
+    its memory cannot hold this). One answer per session: the same request again is answered the same (a retry);
     a request for other survivor/dropped sets is refused, because together the two answers
     could hold both secrets of one peer. An entry that does not open counts as an answer given
     (fail closed: the storage provider must not be able to reset it)."""

@@ -28,7 +28,7 @@ from fedlib.partition import Assignment, partition
 from fedlib.secagg.protocol import Session
 from fedlib.secagg.quantised import Codes, code_scale
 from fedlib.training import evaluate_loss
-from fedlib.trust import trust_record
+from fedlib.trust import reveal_folder, trust_record
 
 Tensors = dict[str, torch.Tensor]
 
@@ -118,11 +118,13 @@ def held_global(config: FederationConfig, ring: KeyRing, client: str, options: s
     return HeldGlobal(url, key, config.federation.id, client, options)
 
 
-def reveal_ledger(config: FederationConfig, ring: KeyRing, client: str, options: storage.Options | None) -> RevealLedger:
-    """What the client revealed per secure-aggregation session: in its own bucket, its own key."""
-    root = storage.join(config.storage_url(config.cloud(client)), config.federation.id, "client-state", f"{client}-secagg")
-    key = UpdateKey(ring.client_derived_secret(client, "secagg-reveals"), fingerprint(ring.public_key(client)))
-    return RevealLedger(root, key, config.federation.id, client, options)
+def reveal_ledger(config: FederationConfig, ring: KeyRing, client: str) -> RevealLedger:
+    """What the client revealed per secure-aggregation session: on its own machine, under its own
+    key's fingerprint (`fedlib.trust`), so that no request, config or bucket can point it at an
+    empty ledger."""
+    own = fingerprint(ring.public_key(client))
+    key = UpdateKey(ring.client_derived_secret(client, "secagg-reveals"), own)
+    return RevealLedger(reveal_folder(own).as_uri(), key, config.federation.id, client, None)
 
 
 def round_folder(config: FederationConfig, client: str, round_number: int) -> str:

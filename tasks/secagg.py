@@ -56,7 +56,7 @@ def secagg_reveal(config: FederationConfig, client: str, round_number: int, requ
     ring, box = _client_outbox(config, client, round_number)
     session = secagg_session(config, round_number, request.session_id)
     peers = open_inbox(ring, client, session, request.inbox)
-    ledger = reveal_ledger(config, ring, client, box.options)
+    ledger = reveal_ledger(config, ring, client)
     reveal = make_reveal(ring, client, session, peers, request.survivors, request.dropped, client_update_key(ring, client), ledger)
     return box.post("reveal", request.session_id, reveal.encode())
 

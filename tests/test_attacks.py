@@ -153,7 +153,7 @@ def test_1_a_masked_upload_from_an_earlier_session_is_refused_and_the_round_goes
     survivors, dropped = ["gcp", "azure"], ["aws"]
     peers = {c: open_inbox(ring, c, session_b, inboxes_b[c]) for c in survivors}
     reveals = {
-        c: make_reveal(ring, c, session_b, peers[c], survivors, dropped, client_update_key(ring, c), reveal_ledger(config, ring, c, None))
+        c: make_reveal(ring, c, session_b, peers[c], survivors, dropped, client_update_key(ring, c), reveal_ledger(config, ring, c))
         for c in survivors
     }
     publics = {c: make_setup(ring, c, session_b).mask_public for c in CLOUDS}
@@ -542,7 +542,7 @@ def test_9_a_second_reveal_that_would_unmask_a_client_is_refused(fed):
     session = secagg_session(config, 1, "cc" * 8)
     inboxes = relay_setups({c: make_setup(ring, c, session) for c in CLOUDS})
     peers = open_inbox(ring, "aws", session, inboxes["aws"])
-    key, ledger = client_update_key(ring, "aws"), reveal_ledger(config, ring, "aws", None)
+    key, ledger = client_update_key(ring, "aws"), reveal_ledger(config, ring, "aws")
     first = make_reveal(ring, "aws", session, peers, ["aws", "gcp", "azure"], [], key, ledger)
     # The same request again (a retry) is answered; gcp "dropped" now would add its mask key to
     # the self-mask share already given: both secrets of gcp, its update unmasked.
@@ -551,7 +551,7 @@ def test_9_a_second_reveal_that_would_unmask_a_client_is_refused(fed):
         make_reveal(ring, "aws", session, peers, ["aws", "azure"], ["gcp"], key, ledger)
     assert info.value.reason is Reason.ALREADY_REVEALED
     # The ledger lives in aws's own bucket, sealed: a fresh process of aws refuses too.
-    again = reveal_ledger(parse_config(config.model_dump()), keyring(config), "aws", None)
+    again = reveal_ledger(parse_config(config.model_dump()), keyring(config), "aws")
     with pytest.raises(UpdateRejected, match="already_revealed"):
         make_reveal(ring, "aws", session, peers, ["aws", "azure"], ["gcp"], key, again)
 
@@ -703,3 +703,32 @@ def test_r1_no_config_change_makes_a_party_trust_a_new_aggregator_key(tmp_path, 
     (tmp_path / "swap.yaml").write_text(yaml.safe_dump(swaps["same place"]))
     assert main(["keys", "trust", str(tmp_path / "swap.yaml"), "--party", "aws"]) == 1  # a rotation needs --replace
     assert "--replace" in capsys.readouterr().err
+
+
+def test_r2_a_second_reveal_is_refused_whatever_the_request_points_at_or_the_bucket_holds(fed):
+    """The malicious aggregator asks aws again in the same session, calling gcp dropped (both of
+    gcp's secrets: its update unmasked), after moving aws's storage in the config to a fresh
+    path, and after deleting everything aws keeps in its bucket."""
+    config, ring = fed.config, fed.ring
+    session = secagg_session(config, 1, "dd" * 8)
+    inboxes = relay_setups({c: make_setup(ring, c, session) for c in CLOUDS})
+    peers = open_inbox(ring, "aws", session, inboxes["aws"])
+    key = client_update_key(ring, "aws")
+    make_reveal(ring, "aws", session, peers, list(CLOUDS), [], key, reveal_ledger(config, ring, "aws"))
+
+    moved = config.model_dump()
+    aws_bucket = config.storage_url(config.cloud("aws"))
+    moved["clouds"] = [{**c, "storage": aws_bucket + "/again"} if c["name"] == "aws" else c for c in moved["clouds"]]
+    moved = parse_config(moved)
+    assert moved.storage_url(moved.cloud("aws")) != config.storage_url(config.cloud("aws"))
+    with pytest.raises(UpdateRejected) as info:
+        make_reveal(ring, "aws", session, peers, ["aws", "azure"], ["gcp"], key, reveal_ledger(moved, keyring(moved), "aws"))
+    assert info.value.reason is Reason.ALREADY_REVEALED
+
+    bucket = config.storage_url(config.cloud("aws"))
+    fs, root = storage.filesystem(bucket, None)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)  # the storage provider (or the aggregator, with write access) empties aws's bucket
+    with pytest.raises(UpdateRejected) as info:
+        make_reveal(ring, "aws", session, peers, ["aws", "azure"], ["gcp"], key, reveal_ledger(config, ring, "aws"))
+    assert info.value.reason is Reason.ALREADY_REVEALED

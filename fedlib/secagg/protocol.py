@@ -9,7 +9,7 @@ relayed by the aggregator, which can open none of the clients' messages to each 
 3. reveal: once the aggregator says who survived, each survivor hands it, sealed, the shares of
    every survivor's self seed and of every dropped client's mask key, and never both for one
    client. `threshold` reveals let the aggregator take every mask out of the sum. A client
-   answers one reveal per session (its `RevealLedger`, in its own bucket, remembers which): a
+   answers one reveal per session (its `RevealLedger`, on its own machine, remembers which): a
    second request calling a survivor "dropped" would otherwise hand over both of its secrets.
    The threshold is a strict majority, so two disjoint sets of clients cannot both reach it.
 
