@@ -22,6 +22,7 @@ from fedlib.model import trained_part
 from fedlib.rejection import QuorumNotMet, Reason, UpdateRejected
 from fedlib.storage import Options
 from fedlib.privacy.dp import DifferentialPrivacy, noise_generator
+from fedlib.strategies.shares import capped_updates
 from fedlib.strategies import ClientUpdate, Strategy, make_strategy
 from fedlib.strategies.normalized import StepNormalized
 from fedlib.update_path import Expected, open_client_update
@@ -34,7 +35,7 @@ def expected_of(config: FederationConfig, shard_sizes: Mapping[str, int], budget
     cap, and its step budget for the round."""
     cap = config.aggregation.max_examples
     return {
-        client: Expected(min(cap, shard_sizes.get(client, cap)), budgets.get(client, config.training.local_steps))
+        client: Expected(min(cap, shard_sizes.get(client, cap)), budgets.get(client, config.training.local_steps), client in shard_sizes)
         for client in budgets
     }
 
@@ -169,6 +170,7 @@ def aggregate_updates(
         return open_client_update(blob, key, ctx, template, limits[ctx.client], chain, max_bytes)
 
     updates = read_updates(config, round_number, clients, failed, keys, storage_options, report, opener, limits, late, parent, max_bytes=max_bytes)
+    updates = capped_updates(updates, config.aggregation.max_weight_share, {c for c, e in limits.items() if e.count_known})
     started = time.perf_counter()
     strategy = strategy or build_strategy(config, round_number)
     try:

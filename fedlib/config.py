@@ -153,7 +153,8 @@ class AggregationConfig(_Strict):
     `server_lr` for fedadam, `mu` for fedprox, `byzantine` for krum). `normalize_steps` divides
     each delta by its local steps before averaging (FedNova), for clouds that run unequal steps.
     `max_examples` caps the example count a client may claim (FedAvg's weight); where the
-    aggregator knows a client's shard, the shard's size is the cap."""
+    aggregator knows a client's shard, the shard's size is the cap. `max_weight_share` bounds the
+    share of the round's weight any one client holds, whatever it claims (`fedlib.strategies.shares`)."""
 
     strategy: str = "fedavg"
     options: dict[str, Any] = Field(default_factory=dict)
@@ -161,6 +162,7 @@ class AggregationConfig(_Strict):
     min_clients: int = Field(1, ge=1)
     max_update_bytes: int | None = Field(None, ge=1024)  # default: from the adapter's size (fedlib.aggregator.update_limit)
     max_examples: int = Field(10**9, ge=1, le=2**53)
+    max_weight_share: float = Field(0.5, gt=0, le=1)
 
     @model_validator(mode="after")
     def _known(self) -> AggregationConfig:

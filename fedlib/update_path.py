@@ -160,6 +160,7 @@ class Expected:
 
     max_examples: int
     max_local_steps: int
+    count_known: bool = False  # max_examples is the shard the aggregator dealt, not the configured cap
 
     def counts(self, meta: Mapping[str, str]) -> tuple[int, int]:
         """(num_examples, local_steps) from an update's authenticated metadata."""

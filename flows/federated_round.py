@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from dataclasses import replace
 from typing import Any
 
 from prefect import flow
@@ -26,6 +27,7 @@ from fedlib.privacy.accountant import participation_after, privacy_spent
 from fedlib.rejection import QuorumNotMet
 from fedlib.secagg.messages import RevealRequest, SetupRequest, TrainRequest, relayed_bytes
 from fedlib.secagg.protocol import relay_setups
+from fedlib.strategies.shares import capped_weights
 from fedlib.federation import round_codes
 from flows.client_steps import ClientSteps
 from tasks.aggregate import aggregate_round, commit_round, evaluate_global
@@ -56,10 +58,15 @@ def secure_round(
     # Every participant's weight over their sum: the unmasked sum is the mean if nobody drops.
     # Each client said its count in its setup; a count past the round's cap is refused later,
     # when its masked update's weight must match it.
-    weights, scale = config.weight_rule.announced({c: min(s.num_examples, expected[c].max_examples) for c, s in setups.items()})
+    # No client's weight past `aggregation.max_weight_share`: each is told its capped count, and
+    # its masked update is held to it.
+    counts = capped_weights({c: min(s.num_examples, expected[c].max_examples) for c, s in setups.items()},
+                            config.aggregation.max_weight_share, {c for c in setups if expected[c].count_known})
+    expected = {**expected, **{c: replace(expected[c], max_examples=n) for c, n in counts.items()}}
+    weights, scale = config.weight_rule.announced(counts)
     codes = round_codes(config, len(setups), max(weights.values()) / scale, max(steps.local_steps.get(c, config.training.local_steps) for c in setups))
     setup_s = time.perf_counter() - started
-    train_requests = {c: TrainRequest(session_id, inboxes[c], scale, codes.scale if codes else 0.0) for c in setups}
+    train_requests = {c: TrainRequest(session_id, inboxes[c], scale, codes.scale if codes else 0.0, counts[c]) for c in setups}
     training = steps.run("train", sorted(setups), train_requests.__getitem__, config.orchestration.round_deadline_s)
     trained = time.perf_counter()
     all_failed = {**failed, **training.failed}

@@ -51,7 +51,7 @@ def train_client(
     masking = None
     if secure:
         session = secagg_session(config, round_number, secure.session_id)
-        masking = SecureRound(ring, session, secure.inbox, secure.weight_scale, secure.code_scale)
+        masking = SecureRound(ring, session, secure.inbox, secure.weight_scale, secure.code_scale, secure.max_examples)
     residuals = None
     if config.compression.error_feedback and config.lossy_updates:
         carried_from = round_number - 1 if client in previous.accepted else store.last_accepted_round(client, round_number - 1)

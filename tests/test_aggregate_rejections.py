@@ -51,14 +51,16 @@ def _path(url: str) -> Path:
 
 
 def _expected(config, key, global_adapter, clients):
-    """The FedAvg of exactly these clients' authentic updates."""
+    """The FedAvg of exactly these clients' authentic updates, their claimed counts held to
+    `aggregation.max_weight_share` (this aggregator was not told the shards)."""
     from fedlib.envelope import EnvelopeContext
+    from fedlib.strategies.shares import capped_updates
 
     updates = [
         open_client_update(storage.read_limited(update_url(config, c, 1), 1 << 30), key[c], EnvelopeContext("test", 1, c), global_adapter, LIMITS)[0]
         for c in clients
     ]
-    return make_strategy("fedavg").aggregate(1, global_adapter, updates)
+    return make_strategy("fedavg").aggregate(1, global_adapter, capped_updates(updates, config.aggregation.max_weight_share))
 
 
 def _aggregate(config, key, global_adapter, failed=None):

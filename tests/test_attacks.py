@@ -44,7 +44,8 @@ from fedlib.federation import (
     secagg_session,
     update_url,
 )
-from fedlib.manifest import Manifest, to_json
+from fedlib.manifest import Manifest, SaidByClient, to_json
+from fedlib.model import trained_part
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.secagg.aggregator import finish_secure_round, sum_masked_updates
 from fedlib.secagg.client import SecureRound, masked_update
@@ -732,3 +733,38 @@ def test_r2_a_second_reveal_is_refused_whatever_the_request_points_at_or_the_buc
     with pytest.raises(UpdateRejected) as info:
         make_reveal(ring, "aws", session, peers, ["aws", "azure"], ["gcp"], key, reveal_ledger(config, ring, "aws"))
     assert info.value.reason is Reason.ALREADY_REVEALED
+
+
+def test_r3_a_codec_description_of_the_wrong_types_is_a_named_rejection_and_the_round_goes_on(fed):
+    """gcp, with its real key, describes its (default, empty) codec chain as `[[{}, {}]]` and
+    other type-confused steps; once this raised TypeError out of the decode path and aborted the
+    round under the default config."""
+    for description in ('[[{}, {}]]', '[[[], {}]]', '[[null, {"cast": {}}]]', '[[1, 2]]', '[{"int8": {}}]'):
+        for client in ("aws", "azure"):
+            fed.upload(client)
+        fed.plant("gcp", _sealed_payload(fed, "gcp", _payload(fed, codecs=description)))
+        adapter, report = fed.aggregate()
+        assert report.accepted == ["aws", "azure"], description
+        assert report.rejected["gcp"]["reason"] == "malformed", (description, report.rejected)
+
+
+def test_r4_a_client_claiming_the_example_cap_moves_the_mean_by_at_most_its_share(fed):
+    """gcp, with its real key, claims `aggregation.max_examples` (10^9) examples, the most a
+    deployed aggregator, which does not know its shard, lets it claim, and sends a delta of its
+    choosing. Without a bound it owns the FedAvg mean (share 10^9 / (10^9 + 2·shard) ≈ 1)."""
+    config = fed.config
+    cap = config.aggregation.max_examples
+    poison = {name: torch.full_like(value, 0.5) for name, value in trained_part(config.lora, fed.adapter).items()}
+    for client in ("aws", "azure"):
+        fed.upload(client)
+    honest = _fedavg_of(fed, ["aws", "azure"])
+    said = SaidByClient(train_loss=1.0, train_s=1.0, encode_s=0.1, update_norm=1.0).to_json()
+    fed.plant("gcp", _sealed_payload(fed, "gcp", _payload(fed, poison, num_examples=str(cap), report=said)))
+    adapter, report = aggregate_updates(config, 1, fed.adapter, list(CLOUDS), {}, fed.keys(), parent=fed.parent)
+    assert report.accepted == list(CLOUDS) and report.reports["gcp"].num_examples == cap  # within the limits: accepted
+    # adapter = share·(global + poison) + (1 − share)·honest, so share is read off the poisoned entries
+    name = next(iter(poison))
+    moved = (adapter[name] - honest[name]).double()
+    towards = (fed.adapter[name] + poison[name] - honest[name]).double()
+    share = float((moved * towards).sum() / (towards * towards).sum())
+    assert 0.3 < share <= config.aggregation.max_weight_share + 1e-6, share

@@ -132,6 +132,42 @@ def _description_edits(rng: random.Random, chain: CodecChain, tensors, descripti
     return json.dumps(steps)
 
 
+JUNK: tuple = ({}, [], 0, -1, 2.5, 10**30, None, True, "", "x", [{}, {}], {"a": []}, [[]], {"": None})
+
+
+def _slots(value, path=()):
+    """Every position in a decoded JSON value, the value itself first: where a type can lie."""
+    yield path
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _slots(item, (*path, i))
+    elif isinstance(value, dict):
+        for k, item in value.items():
+            yield from _slots(item, (*path, k))
+
+
+def _replaced(value, path, junk):
+    if not path:
+        return junk
+    head, *rest = path
+    copy = list(value) if isinstance(value, list) else dict(value)
+    copy[head] = _replaced(value[head], tuple(rest), junk)
+    return copy
+
+
+def _type_confused(description: str):
+    """The codec description with each slot (the list, each step, each name, each field, each
+    shape and each of its numbers) replaced in turn by a dict, list, number, null, bool or string;
+    and a list of steps that are not [name, description] pairs, such as `[[{}, {}]]`."""
+    steps = json.loads(description)
+    for path in _slots(steps):
+        for junk in JUNK:
+            yield json.dumps(_replaced(steps, path, junk))
+    for junk in JUNK:
+        yield json.dumps([[junk, junk]])
+        yield json.dumps([[junk, {}], *steps])
+
+
 def _mutations(rng: random.Random, chain: CodecChain):
     """About 165 × SCALE hostile objects for one chain, and one valid one first."""
     tensors, description = chain.encode(_update(rng))
@@ -165,6 +201,8 @@ def _mutations(rng: random.Random, chain: CodecChain):
     for _ in range(30 * SCALE):  # real key: the codec description lies
         lying = _description_edits(rng, chain, tensors, description)
         yield "keyed", sealed(_payload(tensors, {**meta, "codecs": lying}))
+    for lying in _type_confused(description):  # real key: every slot of the codec description of the wrong type
+        yield "typed", sealed(_payload(tensors, {**meta, "codecs": lying}))
     for _ in range(12 * SCALE):  # real key: counts that are not counts
         key = rng.choice(["num_examples", "local_steps"])
         value = rng.choice(["1" + "0" * rng.randrange(5, 500), "-3", "0", "", "3.5", "0x10", " 7", "١٢", "99999999999"])
@@ -202,7 +240,7 @@ def run(seed: int = 20261123) -> dict:
             open_client_update(blob, KEY, CTX, TEMPLATE, LIMITS, chain, MAX_BYTES)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     seen: set[bytes] = set()
-    counts = {"keyless": 0, "keyed": 0, "accepted": 0, "rejected": 0}
+    counts = {"keyless": 0, "keyed": 0, "type_confused": 0, "accepted": 0, "rejected": 0}
     reasons: dict[str, int] = {}
     escaped: list[str] = []
     for chain, kind, blob in cases:
@@ -210,7 +248,8 @@ def run(seed: int = 20261123) -> dict:
         if kind == "valid" or digest in seen:
             continue
         seen.add(digest)
-        counts[kind] += 1
+        counts["keyed" if kind == "typed" else kind] += 1
+        counts["type_confused"] += kind == "typed"
         try:
             update, _ = open_client_update(blob, KEY, CTX, TEMPLATE, LIMITS, chain, MAX_BYTES)
         except UpdateRejected as err:
@@ -237,7 +276,7 @@ def test_every_hostile_object_is_a_named_rejection_within_bounded_memory():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     print(json.dumps({k: v for k, v in result.items() if k != "escaped"}))
     assert result["escaped"] == [], result["escaped"][:10]
-    assert result["chains"] == len(chains()) == 46 and result["distinct"] >= 20_000
+    assert result["chains"] == len(chains()) == 46 and result["distinct"] >= 20_000 and result["type_confused"] >= 5_000
     assert result["keyless"] >= 5_000 and result["keyed"] >= 10_000
     assert {"malformed", "truncated", "authentication_failed", "out_of_range", "unexpected_tensors"} <= result["reasons"].keys()
     assert result["peak_over_baseline"] < 4 * MAX_BYTES, result["peak_over_baseline"]

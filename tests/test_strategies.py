@@ -190,3 +190,18 @@ def test_a_smaller_client_rank_keeps_the_applied_product():
     torch.testing.assert_close(padded[B] @ padded[A], glob[B][:, :2] @ glob[A][:2])
     torch.testing.assert_close(padded[A][2:], glob[A][2:])  # untouched rows: zero delta on the wire
     assert truncate_adapter(glob, 4, 4) is glob
+
+
+def test_capped_weights_hold_every_claimed_count_to_its_share():
+    from fedlib.strategies.shares import capped_weights
+
+    # a claims 10^9 against 100 and 50: lowered to c = ½·(c + 150), so c = 150, half of the total
+    assert capped_weights({"a": 10**9, "b": 100, "c": 50}, 0.5) == {"a": 150, "b": 100, "c": 50}
+    # counts the aggregator knows (it dealt the shards) are facts: a majority shard stays a majority
+    assert capped_weights({"a": 7931, "b": 2901, "c": 2179}, 0.5, known={"a", "b", "c"}) == {"a": 7931, "b": 2901, "c": 2179}
+    # a claim beside known counts: c = ½·(7931 + 2179 + c) = 10110
+    assert capped_weights({"a": 7931, "b": 10**9, "c": 2179}, 0.5, known={"a", "c"})["b"] == 10110
+    # two inflated claims under a third each: c = 0.34·(2c + 2), c = 2.125, rounded down
+    assert capped_weights({"a": 10**9, "b": 10**9, "c": 1, "d": 1}, 0.34) == {"a": 2, "b": 2, "c": 1, "d": 1}
+    assert capped_weights({"a": 10**9, "b": 3}, 1.0) == {"a": 10**9, "b": 3}  # no bound asked
+    assert capped_weights({"a": 10**9}, 0.5) == {"a": 10**9}  # one client is the whole round whatever it claims

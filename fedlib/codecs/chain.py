@@ -40,7 +40,9 @@ def parse_description(description: str) -> list[tuple[str, dict[str, Any]]]:
     steps = expect(parse_json(description, "codec description", 1 << 20, max_depth=5), list, "codec description")
     out = []
     for step in steps:
-        if not (isinstance(step, list) and len(step) == 2 and step[0] in codecs.items and isinstance(step[1], dict)):
+        # the name's type first: `{} in codecs.items` would raise TypeError (unhashable), not reject
+        if not (isinstance(step, list) and len(step) == 2 and isinstance(step[0], str) and step[0] in codecs.items
+                and isinstance(step[1], dict)):
             raise bad("each step must be [codec name, description]")
         name, meta = step
         field = tensor_codec(name).meta_field

@@ -24,6 +24,7 @@ class SecureRound:
     inbox: Mapping[str, str]
     weight_scale: float  # Σ of every participant's weight, announced by the aggregator
     code_scale: float = 0.0  # the value of code 1 with `secure_aggregation.bits`, announced too
+    max_examples: int = 0  # the count my weight is capped to, announced so no client outweighs its share; 0: none
 
 
 @dataclass(frozen=True)

@@ -93,19 +93,22 @@ class TrainRequest:
     inbox: dict[str, str]
     weight_scale: float
     code_scale: float = 0.0  # the value of code 1 under `secure_aggregation.bits`, else 0
+    max_examples: int = 0  # the count this client's weight is capped to (`fedlib.strategies.shares`), 0 for none
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, value: Any) -> TrainRequest:
-        data = _fields(value, {"session_id", "inbox", "weight_scale", "code_scale"}, "train request")
-        scale, code = data["weight_scale"], data["code_scale"]
+        data = _fields(value, {"session_id", "inbox", "weight_scale", "code_scale", "max_examples"}, "train request")
+        scale, code, cap = data["weight_scale"], data["code_scale"], data["max_examples"]
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < 1e15:
             raise malformed("weight_scale", "not a positive number")
         if isinstance(code, bool) or not isinstance(code, (int, float)) or not 0 <= code < 1e15:
             raise malformed("code_scale", "not a number ≥ 0")
-        return cls(_hex(data["session_id"], "session_id"), _inbox(data["inbox"], "inbox"), float(scale), float(code))
+        if type(cap) is not int or not 0 <= cap <= 2**53:
+            raise malformed("max_examples", "not a count")
+        return cls(_hex(data["session_id"], "session_id"), _inbox(data["inbox"], "inbox"), float(scale), float(code), cap)
 
 
 @dataclass(frozen=True)
