@@ -113,6 +113,22 @@ def open_sealed(blob: bytes, key: UpdateKey, expected: EnvelopeContext) -> bytes
         ) from None
 
 
+def check_addressed(blob: bytes, expected: EnvelopeContext) -> None:
+    """Whoever relays a sealed message it cannot open can still check that it is an envelope of
+    the right length addressed to `expected` (a sender's junk is then named at the relay, before
+    any recipient spends a step on it); only the recipient's `open_sealed` authenticates it."""
+    fixed = len(MAGIC) + _LEN.size
+    if len(blob) < fixed or blob[: len(MAGIC)] != MAGIC:
+        raise UpdateRejected(Reason.MALFORMED, "not a fedlib envelope (bad magic)")
+    (header_len,) = _LEN.unpack_from(blob, len(MAGIC))
+    if header_len > _MAX_HEADER or len(blob) < fixed + header_len:
+        raise UpdateRejected(Reason.TRUNCATED, "the envelope ends inside its header")
+    header = _parse_header(blob[fixed : fixed + header_len])
+    _check_context(header, expected)
+    if len(blob) != fixed + header_len + header["length"] + _TAG:
+        raise UpdateRejected(Reason.TRUNCATED, "the ciphertext is not the length its header promises")
+
+
 def peek_header(blob: bytes) -> dict:
     """The header of an envelope, unauthenticated: for choosing how to report a rejection,
     never for trusting anything (`open_sealed` checks it all again)."""

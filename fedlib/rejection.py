@@ -29,6 +29,7 @@ class Reason(str, Enum):
     SESSION_REUSED = "session_reused"  # a split hello for a session id the server has seen
     TOO_MANY_SESSIONS = "too_many_sessions"
     UNKNOWN_SESSION = "unknown_session"  # no live session by that id (never opened, or expired)
+    BAD_SETUP = "bad_setup"  # secure-aggregation setup messages its peers cannot open
     ALREADY_REVEALED = "already_revealed"  # a second reveal that would expose a peer's update
 
 

@@ -10,7 +10,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -24,32 +24,42 @@ from fedlib.keys import AGGREGATOR
 from fedlib.progress import RoundDone, RoundStarted, emit
 from fedlib.heterogeneity import sample_clients, step_budgets
 from fedlib.privacy.accountant import participation_after, privacy_spent
-from fedlib.rejection import QuorumNotMet
+from fedlib.rejection import QuorumNotMet, Reason
 from fedlib.secagg.messages import RevealRequest, SetupRequest, TrainRequest, relayed_bytes
 from fedlib.secagg.protocol import relay_setups
 from fedlib.strategies.shares import capped_weights
-from fedlib.federation import round_codes
+from fedlib.federation import round_codes, secagg_session
 from flows.client_steps import ClientSteps
 from tasks.aggregate import aggregate_round, commit_round, evaluate_global
 from tasks.artifacts import publish_round_table
 from tasks.credentials import party_keys
 from tasks.data import partition_data
-from tasks.secagg import parse_setups, read_client_messages, sum_masked_round, unmask_round
+from tasks.secagg import junk_setups, parse_setups, read_client_messages, read_complaints, sum_masked_round, unmask_round
 
 
 def secure_round(
-    steps: ClientSteps, clients: list[str], expected: dict[str, Expected]
+    steps: ClientSteps, clients: list[str], expected: dict[str, Expected], bad_setups: dict[str, str] | None = None
 ) -> tuple[NextGlobal, AggregationReport, dict[str, Any]]:
     """setup → train and mask → masked sum → reveal → unmask. A client that fails its setup is
     left out of everyone's masks; one that fails after it is unmasked from the survivors' reveals.
-    A fresh session per attempt: an upload left from an earlier attempt is refused by name."""
+    A fresh session per attempt: an upload left from an earlier attempt is refused by name.
+
+    A setup message that is junk is its sender's (it reached the aggregator sealed under the
+    sender's key): named at the relay where its envelopes are visibly wrong, or by the peers that
+    cannot open it, who mask nothing and post an authenticated complaint. Either way the sender is
+    rejected (`bad_setup`, in `bad_setups`) and the round runs again without it, in a new session."""
     config, round_number = steps.config, steps.round_number
+    bad_setups = dict(bad_setups or {})
     session_id = secrets.token_hex(8)
+    session = secagg_session(config, round_number, session_id)
     started = time.perf_counter()
     setup_request = SetupRequest(session_id)
     setup = steps.run("setup", clients, lambda _: setup_request)
     posted_setups = read_client_messages(config, round_number, "setup", session_id, setup.done)
     setups, unparsed = parse_setups(posted_setups.bodies)
+    for sender, why in junk_setups(session, setups).items():
+        bad_setups[sender] = why
+        del setups[sender]
     failed = {**setup.failed, **{c: "secagg setup not done in time" for c in setup.late}, **posted_setups.failed, **unparsed}
     if len(setups) < config.secagg_min_survivors:
         raise QuorumNotMet(f"round {round_number}: {len(setups)} clients completed the secure-aggregation setup, "
@@ -69,8 +79,18 @@ def secure_round(
     train_requests = {c: TrainRequest(session_id, inboxes[c], scale, codes.scale if codes else 0.0, counts[c]) for c in setups}
     training = steps.run("train", sorted(setups), train_requests.__getitem__, config.orchestration.round_deadline_s)
     trained = time.perf_counter()
+    accused = read_complaints(config, round_number, session, list(training.failed))
+    if accused:
+        get_run_logger().warning("round %d: setup messages that peers could not open, from %s; again without them",
+                                 round_number, sorted(accused))
+        remaining = [c for c in clients if c not in accused]
+        return secure_round(steps, remaining, expected, {**bad_setups, **accused})
     all_failed = {**failed, **training.failed}
-    masked, report = sum_masked_round(config, round_number, clients, all_failed, training.late, scale, session_id, expected, codes)
+    masked, report = sum_masked_round(
+        config, round_number, [c for c in clients if c not in bad_setups], all_failed, training.late, scale, session_id, expected, codes
+    )
+    for sender, why in bad_setups.items():
+        report.reject(sender, Reason.BAD_SETUP, why)
     survivors = list(report.accepted)
     dropped = [c for c in sorted(setups) if c not in survivors]
     reveal_started = time.perf_counter()

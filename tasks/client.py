@@ -18,11 +18,13 @@ from fedlib.config import FederationConfig
 from fedlib.client import SealedUpdate, train_and_seal, upload_sealed
 from fedlib.manifest import ClientReport
 from fedlib.client_state import CarriedResidual, ResidualStore
-from fedlib.federation import checkpoint_store, client_update_key, global_for_client, residual_store, secagg_session
+from fedlib.federation import checkpoint_store, client_update_key, global_for_client, outbox, residual_store, secagg_session
+from fedlib.keys import KeyRing
 from fedlib.model import check_base_model
 from fedlib.shards import client_data
 from fedlib.secagg.client import SecureRound
 from fedlib.secagg.messages import TrainRequest
+from fedlib.secagg.protocol import BadSetups, open_inbox
 from tasks.credentials import party_keys, storage_options
 
 
@@ -38,6 +40,8 @@ def train_client(
     bucket). With `secure` (the secure-aggregation session, the peers' relayed setup messages,
     and the weight scale), the update is masked."""
     ring = party_keys(config, client)
+    if secure:  # before training: a peer's setup that does not open is reported, and nothing is masked
+        _open_or_complain(config, ring, client, round_number, secure)
     store = checkpoint_store(config, ring)
     previous, manifest_bytes = store.head_read(round_number - 1)  # signature, federation and round checked
     check_base_model(previous.base_model, config.model.source)
@@ -57,6 +61,17 @@ def train_client(
         carried_from = round_number - 1 if client in previous.accepted else store.last_accepted_round(client, round_number - 1)
         residuals = CarriedResidual(_residuals(config, client), carried_from)
     return train_and_seal(config, client, round_number, global_adapter, data, key, masking, residuals, local_steps, parent, downloaded)
+
+
+def _open_or_complain(config: FederationConfig, ring: KeyRing, client: str, round_number: int, secure: TrainRequest) -> None:
+    """Open every relayed setup message; if any does not, post the senders, sealed for the
+    aggregator, as this client's complaint (`fedlib.secagg.protocol.BadSetups`), and fail."""
+    try:
+        open_inbox(ring, client, secagg_session(config, round_number, secure.session_id), secure.inbox)
+    except BadSetups as bad:
+        options = storage_options(config, [client])[client]
+        outbox(config, client, round_number, client_update_key(ring, client), options).post("complaint", secure.session_id, bad.complaint_json())
+        raise
 
 
 def _residuals(config: FederationConfig, client: str) -> ResidualStore:

@@ -26,10 +26,10 @@ from fedlib.federation import (
     secagg_session,
 )
 from fedlib.keys import AGGREGATOR
-from fedlib.rejection import UpdateRejected
+from fedlib.rejection import Reason, UpdateRejected
 from fedlib.secagg.aggregator import MaskedSum, finish_secure_round, sum_masked_updates
 from fedlib.secagg.messages import RevealRequest, SetupMessage, SetupRequest
-from fedlib.secagg.protocol import make_reveal, make_setup, open_inbox
+from fedlib.secagg.protocol import Session, check_setup, make_reveal, make_setup, open_inbox, read_complaint
 from fedlib.secagg.quantised import Codes
 from fedlib.shards import client_data
 from tasks.credentials import party_keys, storage_options
@@ -85,6 +85,41 @@ def read_client_messages(config: FederationConfig, round_number: int, kind: str,
             posted.failed[client] = f"{kind} message {err.reason.value}: {err.detail}"
             get_run_logger().warning("round %d: %s's %s message refused: %s", round_number, client, kind, posted.failed[client])
     return posted
+
+
+def junk_setups(session: Session, setups: dict[str, SetupMessage]) -> dict[str, str]:
+    """The senders whose setup envelopes are visibly wrong (`check_setup`), with why."""
+    junk = {}
+    for sender, setup in setups.items():
+        try:
+            check_setup(session, sender, setup, setups)
+        except UpdateRejected as err:
+            junk[sender] = f"setup message {err.reason.value}: {err.detail}"
+            get_run_logger().warning("round %d: %s's setup refused at the relay: %s", session.round, sender, junk[sender])
+    return junk
+
+
+@task(name="read-complaints", task_run_name="read-complaints-round-{round_number}", cache_policy=NO_CACHE)
+def read_complaints(config: FederationConfig, round_number: int, session: Session, clients: list[str]) -> dict[str, str]:
+    """The senders named in the authenticated complaints of clients whose training failed: each
+    accused sender, with who could not open its setup message and why. A client that failed
+    for another reason posted none."""
+    if not clients:
+        return {}
+    ring = party_keys(config, AGGREGATOR)
+    options = storage_options(config, clients)
+    accused: dict[str, str] = {}
+    for author in clients:
+        box = outbox(config, author, round_number, aggregator_update_key(ring, author), options[author])
+        try:
+            complaint = read_complaint(box.fetch("complaint", session.id)[0], session, author)
+        except UpdateRejected as err:
+            if err.reason is not Reason.MISSING:
+                get_run_logger().warning("round %d: %s's complaint refused: %s", round_number, author, err.detail)
+            continue
+        for sender, why in complaint.items():
+            accused[sender] = f"{author} could not open its setup message ({why})"
+    return accused
 
 
 def parse_setups(bodies: dict[str, bytes]) -> tuple[dict[str, SetupMessage], dict[str, str]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import struct
 import threading
@@ -768,3 +769,44 @@ def test_r4_a_client_claiming_the_example_cap_moves_the_mean_by_at_most_its_shar
     towards = (fed.adapter[name] + poison[name] - honest[name]).double()
     share = float((moved * towards).sum() / (towards * towards).sum())
     assert 0.3 < share <= config.aggregation.max_weight_share + 1e-6, share
+
+
+def _junk_setups(monkeypatch, sender: str, junk) -> None:
+    """`sender`'s setup step as a hostile client writes it: well-formed, its per-peer blobs junk."""
+    import tasks.secagg
+
+    honest = tasks.secagg.make_setup
+
+    def hostile(ring, me, session):
+        message = honest(ring, me, session)
+        if me != sender:
+            return message
+        return type(message)(message.mask_public, {peer: junk(blob) for peer, blob in message.sealed.items()})
+
+    monkeypatch.setattr(tasks.secagg, "make_setup", hostile)
+
+
+def _flipped_tail(blob: str) -> str:
+    raw = bytearray(bytes.fromhex(blob))
+    raw[-1] ^= 0x01  # the envelope is addressed right; its ciphertext does not authenticate
+    return raw.hex()
+
+
+@pytest.mark.parametrize("junk", [lambda blob: os.urandom(len(blob) // 2).hex(), _flipped_tail], ids=["random", "ciphertext"])
+def test_r5_junk_setup_messages_reject_their_sender_and_the_round_completes(tmp_path, corpus_dir, tiny_model_dir, monkeypatch, junk):
+    """gcp's setup is well-formed, but the blobs it seals for its peers are junk: random bytes
+    (named at the relay), or envelopes addressed right whose ciphertext does not open (named by the
+    peers, whose authenticated complaints the aggregator reads). Once every honest peer refused
+    to mask, every attempt failed, and nothing named gcp."""
+    from flows.federated_training import federated_training
+    from tests.conftest import write_config
+
+    raw = tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir, clouds=CLOUDS)
+    raw["training"]["rounds"] = 1
+    raw["aggregation"]["min_clients"] = 2
+    raw["secure_aggregation"] = {"enabled": True, "threshold": 2}
+    _junk_setups(monkeypatch, "gcp", junk)
+    manifest = federated_training(str(write_config(tmp_path, raw)))[-1]
+    assert manifest.round == 1 and sorted(manifest.accepted) == ["aws", "azure"]
+    assert manifest.rejected["gcp"].reason == "bad_setup", manifest.rejected
+    assert manifest.perplexity < math.inf

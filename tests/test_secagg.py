@@ -170,7 +170,7 @@ def test_a_client_never_reveals_both_secrets_of_one_peer(tmp_path):
     from fedlib.federation import client_update_key
     from fedlib.keys import init_keys, load_keyring
     from fedlib.rejection import UpdateRejected
-    from fedlib.secagg.protocol import Session, make_reveal, make_setup, open_inbox, relay_setups
+    from fedlib.secagg.protocol import BadSetups, Session, make_reveal, make_setup, open_inbox, relay_setups
 
     init_keys(tmp_path, CLIENTS)
     ring = load_keyring(tmp_path, CLIENTS)
@@ -185,7 +185,9 @@ def test_a_client_never_reveals_both_secrets_of_one_peer(tmp_path):
         make_reveal(ring, "aws", session, peers, ["gcp"], ["azure"], key, ledger)
     # A relayed message swapped to another recipient, or from another session, does not open.
     swapped = {**inboxes["aws"], "gcp": inboxes["azure"]["gcp"]}
-    with pytest.raises(UpdateRejected):
+    with pytest.raises(BadSetups) as bad:
         open_inbox(ring, "aws", session, swapped)
-    with pytest.raises(UpdateRejected):
+    assert set(bad.value.complaints) == {"gcp"}  # the sender whose message does not open is named
+    with pytest.raises(BadSetups) as bad:
         open_inbox(ring, "aws", Session("fed", 1, "01", session.clients, 3), inboxes["aws"])
+    assert set(bad.value.complaints) == set(session.clients) - {"aws"}  # another session: nothing opens

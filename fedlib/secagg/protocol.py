@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedlib.client_state import RevealLedger
 from fedlib.decode import expect, parse_json
-from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed, seal
+from fedlib.envelope import EnvelopeContext, UpdateKey, check_addressed, open_sealed, seal
 from fedlib.keys import KeyRing, fingerprint
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.secagg.messages import SetupMessage
@@ -41,6 +41,20 @@ from fedlib.secagg.shamir import PRIME, Share, combine_shares, split_secret
 
 class SecureAggregationFailed(RuntimeError):
     """Too few reveals to take the masks out of the sum (or reveals that do not agree)."""
+
+
+class BadSetups(RuntimeError):
+    """Setup messages this client could not open, by sender. Masking with a peer whose shares it
+    does not hold could leave masks nobody can remove, so the client masks nothing and reports
+    the senders (`complaint_json`, posted authenticated to the aggregator), which leaves them out
+    and runs the round again in a fresh session."""
+
+    def __init__(self, complaints: Mapping[str, str]) -> None:
+        self.complaints = dict(complaints)
+        super().__init__("setup messages that do not open: " + "; ".join(f"{s}: {w}" for s, w in sorted(self.complaints.items())))
+
+    def complaint_json(self) -> bytes:
+        return json.dumps(self.complaints, sort_keys=True).encode()
 
 
 @dataclass(frozen=True)
@@ -146,32 +160,66 @@ def make_setup(ring: KeyRing, me: str, session: Session) -> SetupMessage:
     return SetupMessage(public, sealed)
 
 
+def check_setup(session: Session, sender: str, setup: SetupMessage, participants: Iterable[str]) -> None:
+    """The relay's check of a setup it cannot open: one envelope for every other participant,
+    addressed from `sender` to that peer in this session. Junk is named here, as the sender's
+    (its setup reached the aggregator sealed under its own key, so it is the sender's)."""
+    for peer in participants:
+        if peer == sender:
+            continue
+        blob = setup.sealed.get(peer)
+        if blob is None:
+            raise UpdateRejected(Reason.MALFORMED, f"setup message has nothing for {peer}", sender)
+        try:
+            check_addressed(bytes.fromhex(blob), session.envelope("setup", sender, peer))
+        except ValueError:
+            raise UpdateRejected(Reason.MALFORMED, f"setup message for {peer} is not hex", sender) from None
+        except UpdateRejected as err:
+            raise UpdateRejected(err.reason, f"setup message for {peer}: {err.detail}", sender) from None
+
+
+def read_complaint(body: bytes, session: Session, author: str) -> dict[str, str]:
+    """A client's authenticated complaint: {sender: why}, senders being its peers in the session."""
+    data = expect(parse_json(body, f"complaint from {author}", 1 << 16, max_depth=1), dict, "complaint")
+    if not data or any(s == author or s not in session.clients or not isinstance(w, str) for s, w in data.items()):
+        raise UpdateRejected(Reason.MALFORMED, "a complaint names peers of this session, each with a reason", author)
+    return {sender: why[:200] for sender, why in data.items()}
+
+
 def relay_setups(setups: Mapping[str, SetupMessage]) -> dict[str, dict[str, str]]:
     """The aggregator's relay: each client's inbox, {sender: sealed message for that client}.
     A setup that leaves out a participant is the sender's failure, not the round's."""
     return {me: {sender: s.sealed[me] for sender, s in setups.items() if sender != me and me in s.sealed} for me in setups}
 
 
+def _open_setup(ring: KeyRing, me: str, session: Session, sender: str, blob: str) -> PeerSetup:
+    try:
+        body = open_sealed(bytes.fromhex(blob), _pair_key(ring, me, sender, sender), session.envelope("setup", sender, me))
+    except ValueError:
+        raise UpdateRejected(Reason.MALFORMED, "not hex", sender) from None
+    try:
+        data = expect(parse_json(body, f"setup message from {sender}", 4096, max_depth=2), dict, "setup message")
+        return PeerSetup(
+            X25519PublicKey.from_public_bytes(bytes.fromhex(data["mask_public"])), _share(data["mask_share"]), _share(data["self_share"])
+        )
+    except (ValueError, KeyError, TypeError) as err:
+        raise UpdateRejected(Reason.MALFORMED, str(err)[:120], sender) from None
+
+
 def open_inbox(ring: KeyRing, me: str, session: Session, inbox: Mapping[str, str]) -> dict[str, PeerSetup]:
     """Every peer's message must open, or this client refuses to mask: masking against a set of
-    peers the aggregator did not announce would leave masks nobody can remove."""
-    peers = {}
+    peers the aggregator did not announce would leave masks nobody can remove. Each sender whose
+    message does not open is named (`BadSetups`), all of them at once."""
+    peers, complaints = {}, {}
     for sender, blob in sorted(inbox.items()):
         if sender == me or sender not in session.clients:
             raise UpdateRejected(Reason.WRONG_CLIENT, f"setup message from {sender!r}, not a peer in this session", sender)
         try:
-            body = open_sealed(bytes.fromhex(blob), _pair_key(ring, me, sender, sender), session.envelope("setup", sender, me))
-        except ValueError:
-            raise UpdateRejected(Reason.MALFORMED, f"setup message from {sender} is not hex", sender) from None
-        try:
-            data = expect(parse_json(body, f"setup message from {sender}", 4096, max_depth=2), dict, "setup message")
-            peers[sender] = PeerSetup(
-                X25519PublicKey.from_public_bytes(bytes.fromhex(data["mask_public"])),
-                _share(data["mask_share"]),
-                _share(data["self_share"]),
-            )
-        except (ValueError, KeyError, TypeError) as err:
-            raise UpdateRejected(Reason.MALFORMED, f"setup message from {sender}: {err}", sender) from None
+            peers[sender] = _open_setup(ring, me, session, sender, blob)
+        except UpdateRejected as err:
+            complaints[sender] = f"{err.reason.value}: {err.detail}"
+    if complaints:
+        raise BadSetups(complaints)
     if len(peers) + 1 < session.threshold:
         raise SecureAggregationFailed(f"{len(peers) + 1} clients in the session, below the threshold {session.threshold}")
     return peers
