@@ -136,6 +136,8 @@ def train_and_seal(
     trained = time.perf_counter()
     rounding = torch.Generator().manual_seed(client_seed(config, client, round_number) ^ 0x5EED)
     carried = residuals.store.load(residuals.carried_from) if residuals is not None and config.lossy_updates else None
+    if secure is not None:
+        secure = replace(secure, parent=parent)  # the release, and its DP noise, are of this parent
     examples = min(len(shard), secure.max_examples) if secure is not None and secure.max_examples else len(shard)
     filters = client_filters(config, client, examples, steps, rounding, carried, secure)
     sent = send_update(filters, delta, {"num_examples": str(examples), "local_steps": str(steps)})

@@ -810,3 +810,49 @@ def test_r5_junk_setup_messages_reject_their_sender_and_the_round_completes(tmp_
     assert manifest.round == 1 and sorted(manifest.accepted) == ["aws", "azure"]
     assert manifest.rejected["gcp"].reason == "bad_setup", manifest.rejected
     assert manifest.perplexity < math.inf
+
+
+def test_r6_rerunning_a_secure_session_releases_nothing_new(tmp_path, corpus_dir, tiny_model_dir):
+    """A curious aggregator runs round 1's secure session 16 times. Training is deterministic, so
+    each client releases the same clipped delta each time; with fresh noise per release, the
+    average of the unmasked sums closes in on the noiseless mean (1/√16 of the noise), while ε
+    counts one release. Each release must be the same, so averaging gains nothing and the
+    reported ε is the true one."""
+    from fedlib.privacy.accountant import epsilon_after, participation_after, privacy_spent
+    from fedlib.secagg.fixedpoint import MODULUS, decode, from_wire
+    from fedlib.secagg.client import masked_update
+    from fedlib.secagg.protocol import unmask_sum
+
+    privacy = {"enabled": True, "clip_norm": 0.5, "noise_multiplier": 1.0, "delta": 1e-5}
+    fed = _federation(tmp_path, corpus_dir, tiny_model_dir, secure_aggregation={"enabled": True, "threshold": 2}, privacy=privacy)
+    config, ring = fed.config, fed.ring
+    template = trained_part(config.lora, fed.adapter)
+    generator = torch.Generator().manual_seed(7)
+    deltas = {c: {n: torch.randn(v.shape, generator=generator) for n, v in template.items()} for c in CLOUDS}
+    # what the update path's clip filter hands the mask filter: each delta at norm C
+    clipped = {c: {n: v * (0.5 / math.sqrt(sum(float(t.pow(2).sum()) for t in d.values()))) for n, v in d.items()} for c, d in deltas.items()}
+    noiseless = {n: sum(clipped[c][n] for c in CLOUDS).double() / len(CLOUDS) for n in template}
+    keys = {c: aggregator_update_key(ring, c) for c in CLOUDS}
+    releases = []
+    for attempt in range(16):
+        session = secagg_session(config, 1, f"{attempt + 1:016x}")
+        setups = {c: make_setup(ring, c, session) for c in CLOUDS}
+        inboxes = relay_setups(setups)
+        masked = {c: masked_update(config, c, clipped[c], 10, 1, SecureRound(ring, session, inboxes[c], float(len(CLOUDS)), parent=fed.parent))
+                  for c in CLOUDS}
+        total = {n: sum(from_wire(m.tensors)[n] for m in masked.values()) % MODULUS for n in template}
+        peers = {c: open_inbox(ring, c, session, inboxes[c]) for c in CLOUDS}
+        reveals = {c: make_reveal(ring, c, session, peers[c], list(CLOUDS), [], client_update_key(ring, c), reveal_ledger(config, ring, c))
+                   for c in CLOUDS}
+        clean = unmask_sum(total, session, {c: s.mask_public for c, s in setups.items()}, list(CLOUDS), [], reveals, keys)
+        releases.append(decode(clean, config.secure_aggregation.frac_bits))
+
+    def distance(release) -> float:
+        return math.sqrt(sum(float((release[n].double() - noiseless[n]).pow(2).sum()) for n in template))
+
+    averaged = {n: sum(r[n].double() for r in releases) / len(releases) for n in template}
+    assert distance(releases[0]) > 0.1  # the noise is there
+    assert distance(averaged) > 0.99 * distance(releases[0])  # and 16 releases strip none of it
+    spent = privacy_spent(config.privacy, participation_after({}, CLOUDS))
+    assert spent.epsilon == pytest.approx(epsilon_after(1, 1.0, 1.0, 1e-5))  # one release counted, one made
+    assert epsilon_after(16, 1.0, 1.0, 1e-5) > 3 * spent.epsilon  # what 16 fresh releases would have cost

@@ -11,11 +11,14 @@ data move the mean by more than C/n.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import secrets
 from collections.abc import Iterable
 
 import torch
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedlib.strategies.base import ClientUpdate, Strategy, Tensors
 
@@ -42,6 +45,18 @@ def noise_generator(noise_seed: int | None, round_number: int, party: str) -> to
         return torch.Generator().manual_seed(secrets.randbits(63))
     digest = hashlib.sha256(f"{noise_seed}/{round_number}/{party}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def release_noise_generator(client_secret: bytes, federation: str, round_number: int, parent: str) -> torch.Generator:
+    """A client's noise for one round's release under secure aggregation, drawn from a secret
+    only the client holds and fixed by the federation, the round and the global adapter it trained
+    from. Training is deterministic, so a curious aggregator that runs a round's secure session
+    again gets the same clipped delta; with fresh noise each time, averaging the releases would
+    strip the noise (16 re-runs took the distance to the noiseless mean from 0.45 to 0.11). With
+    this noise a re-run releases nothing new, and one release per round is what ε counts."""
+    info = json.dumps(["fedlib/dp-release/v1", federation, round_number, parent]).encode()
+    seed = HKDF(hashes.SHA256(), 8, salt=None, info=info).derive(client_secret)
+    return torch.Generator().manual_seed(int.from_bytes(seed, "little") >> 1)
 
 
 def add_noise_share_inplace(delta: Tensors, std: float, shares: int, generator: torch.Generator) -> None:

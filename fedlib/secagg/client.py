@@ -9,7 +9,7 @@ import torch
 
 from fedlib.config import FederationConfig
 from fedlib.keys import KeyRing
-from fedlib.privacy.dp import add_noise_share_inplace, noise_generator
+from fedlib.privacy.dp import add_noise_share_inplace, noise_generator, release_noise_generator
 from fedlib.secagg.fixedpoint import MODULUS, Tensors, encode, to_wire
 from fedlib.secagg.quantised import Codes
 from fedlib.secagg.protocol import Session, mask_update, open_inbox
@@ -25,6 +25,7 @@ class SecureRound:
     weight_scale: float  # Σ of every participant's weight, announced by the aggregator
     code_scale: float = 0.0  # the value of code 1 with `secure_aggregation.bits`, announced too
     max_examples: int = 0  # the count my weight is capped to, announced so no client outweighs its share; 0: none
+    parent: str = ""  # the digest of the global adapter I trained from: it fixes my DP noise for the round
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,11 @@ def masked_update(
     p = config.privacy
     weighted = {name: value.detach().to(torch.float64).clone() for name, value in delta.items()}
     if p.enabled:
-        generator = noise_generator(p.noise_seed, secure.session.round, me)
+        generator = (
+            noise_generator(p.noise_seed, secure.session.round, me)  # tests only
+            if p.noise_seed is not None
+            else release_noise_generator(secure.ring.client_derived_secret(me, "dp-noise"), secure.session.federation, secure.session.round, secure.parent)
+        )
         add_noise_share_inplace(weighted, p.noise_multiplier * p.clip_norm, config.secagg_min_survivors, generator)
     rule = config.weight_rule
     weight = rule.weight(num_examples)
