@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from fedlib.manifest import ClientReport, Manifest, Rejection
@@ -102,6 +103,42 @@ def lineage_tags(manifest: Manifest, base_model: str, base_revision: str) -> dic
     if manifest.prefect_flow_run_id:
         tags["prefect_flow_run_id"] = manifest.prefect_flow_run_id
     return tags
+
+
+def adapter_artifact_path(round_number: int) -> str:
+    """Where the registry task logs a round's adapter in the federation's MLflow run."""
+    return f"adapters/round-{round_number:04d}"
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    """A registry version as the registry lists it: tags anyone with registry write can set."""
+
+    version: str
+    tags: Mapping[str, str]
+    run_id: str
+    source: str
+
+
+def signed_versions(entries: Iterable[RegistryEntry], signed: Mapping[int, Manifest]) -> dict[int, tuple[str, float]]:
+    """round → (version, held-out perplexity), only for versions that are a signed round's adapter:
+    the round's digest, logged by the round's MLflow run at the path the registry task writes.
+    The perplexity is the signed manifest's, never the version's tag; the earliest such version
+    of a round stands for it. Anything else in the registry (a version planted with a low
+    `perplexity` tag, or one claiming a round's tags over another artifact) is not a candidate."""
+    found: dict[int, tuple[str, float]] = {}
+    for entry in sorted(entries, key=lambda e: int(e.version)):
+        try:
+            round_number = int(entry.tags.get("round", ""))
+        except ValueError:
+            continue
+        manifest = signed.get(round_number)
+        if manifest is None or round_number in found or entry.tags.get("adapter_sha256") != manifest.adapter_sha256:
+            continue
+        if entry.run_id != manifest.mlflow_run_id or entry.source != f"runs:/{entry.run_id}/{adapter_artifact_path(round_number)}":
+            continue
+        found[round_number] = (entry.version, float(manifest.perplexity))
+    return found
 
 
 def champion_of(versions: Iterable[tuple[str, float]]) -> str | None:

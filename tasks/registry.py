@@ -1,6 +1,7 @@
 """MLflow's model registry: every round's global adapter is a version of the federation's
 registered model, tagged with its lineage; the best one by held-out perplexity carries the
-champion alias. `export_version` turns a version back into a folder PEFT (or plain
+champion alias, chosen only among the versions that are signed rounds' adapters (the registry's
+tags are anyone's with registry write; the signed manifests are the aggregator's alone). `export_version` turns a version back into a folder PEFT (or plain
 transformers, merged) loads."""
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
@@ -22,21 +22,30 @@ from fedlib.config import FederationConfig
 from fedlib.manifest import Manifest
 from fedlib.federation import Tensors
 from fedlib.model import base_revision, load_base_model, load_tokenizer, save_adapter_folder
-from fedlib.reports import champion_of, lineage_tags
+from fedlib.federation import checkpoint_store
+from fedlib.keys import AGGREGATOR
+from fedlib.reports import RegistryEntry, adapter_artifact_path, champion_of, lineage_tags, signed_versions
+from tasks.credentials import party_keys
 
 
 def _client(config: FederationConfig) -> MlflowClient:
     return MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
 
 
-def versions_by_round(client: MlflowClient, name: str) -> dict[int, ModelVersion]:
+def signed_manifests(config: FederationConfig) -> dict[int, Manifest]:
+    """The lineage as the aggregator signed it, each manifest verified with the key it trusts."""
+    return {m.round: m for m in checkpoint_store(config, party_keys(config, AGGREGATOR)).manifests()}
+
+
+def versions_by_round(client: MlflowClient, name: str, signed: dict[int, Manifest]) -> dict[int, tuple[str, float]]:
+    """round → (version, signed perplexity) of the versions that are signed rounds' adapters."""
     found = client.search_model_versions(f"name = '{name}'")
-    return {int(v.tags["round"]): v for v in found if "round" in v.tags}
+    return signed_versions((RegistryEntry(v.version, v.tags, v.run_id or "", v.source or "") for v in found), signed)
 
 
 def registered_rounds(config: FederationConfig) -> set[int]:
     try:
-        return set(versions_by_round(_client(config), config.registered_model_name))
+        return set(versions_by_round(_client(config), config.registered_model_name, signed_manifests(config)))
     except MlflowException:
         return set()
 
@@ -53,6 +62,7 @@ def register_round(config: FederationConfig, run_id: str, manifest: Manifest, ad
     """Registers the round's adapter once (a resumed or retried round finds its version and
     adds none) and moves the champion alias; returns the champion's version."""
     round_number = manifest.round
+    run_id = manifest.mlflow_run_id or run_id  # the run the signed manifest names: the version's source is checked against it
     client = _client(config)
     name = config.registered_model_name
     try:
@@ -61,21 +71,26 @@ def register_round(config: FederationConfig, run_id: str, manifest: Manifest, ad
         client.create_registered_model(
             name, tags={"federation": config.federation.id}, description=f"Global LoRA adapters of federation {config.federation.id}, one version per round."
         )
-    versions = versions_by_round(client, name)
+    signed = signed_manifests(config)
+    versions = versions_by_round(client, name, signed)
     if round_number not in versions:
-        path = f"adapters/round-{round_number:04d}"
+        path = adapter_artifact_path(round_number)
         with tempfile.TemporaryDirectory() as tmp:
             save_pyfunc_model(config, adapter, Path(tmp) / "model")
             client.log_artifacts(run_id, str(Path(tmp) / "model"), path)
         tags = lineage_tags(manifest, config.model.source, base_revision(config.model.source))
-        versions[round_number] = client.create_model_version(
+        created = client.create_model_version(
             name,
             f"runs:/{run_id}/{path}",
             run_id=run_id,
             tags=tags,
             description=f"Round {round_number}: held-out perplexity {manifest.perplexity:.2f}, from {tags['clients'] or 'no clients'}.",
         )
-    champion = champion_of((v.version, float(v.tags["perplexity"])) for v in versions.values())
+        versions = versions_by_round(client, name, signed)
+        if round_number not in versions:  # its tags or source do not match the signed manifest: a bug, not an attack
+            raise RuntimeError(f"round {round_number}: version {created.version} does not match the signed manifest")
+    # The champion is chosen among signed rounds' adapters only, by their signed perplexity.
+    champion = champion_of(versions.values())
     assert champion is not None  # the round just registered is there
     client.set_registered_model_alias(name, config.tracking.champion_alias, champion)
     return champion

@@ -856,3 +856,34 @@ def test_r6_rerunning_a_secure_session_releases_nothing_new(tmp_path, corpus_dir
     spent = privacy_spent(config.privacy, participation_after({}, CLOUDS))
     assert spent.epsilon == pytest.approx(epsilon_after(1, 1.0, 1.0, 1e-5))  # one release counted, one made
     assert epsilon_after(16, 1.0, 1.0, 1e-5) > 3 * spent.epsilon  # what 16 fresh releases would have cost
+
+
+def test_r7_a_version_planted_in_the_registry_never_becomes_champion(tmp_path, corpus_dir, tiny_model_dir):
+    """Someone with registry write plants versions with a perplexity tag of 1.0: one tagged as a
+    round that never was, one copying a real round's tags over another round's artifact. The
+    champion is chosen among signed rounds' adapters only, by their signed perplexity."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.federated_training import federated_training
+    from tasks.registry import register_round
+    from tests.conftest import write_config
+
+    raw = tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir, clouds=CLOUDS)
+    raw["training"]["rounds"] = 2
+    config_path = write_config(tmp_path, raw)
+    manifests = federated_training(str(config_path))
+    config = parse_config(raw)
+    client = MlflowClient(config.tracking_uri, registry_uri=config.tracking_uri)
+    name = config.registered_model_name
+    real = {int(v.tags["round"]): v for v in client.search_model_versions(f"name = '{name}'")}
+    run_id = manifests[-1].mlflow_run_id
+    planted = [
+        client.create_model_version(name, f"runs:/{run_id}/adapters/round-0001", run_id=run_id,
+                                    tags={**real[2].tags, "round": "9", "perplexity": "1.0"}),
+        client.create_model_version(name, f"runs:/{run_id}/adapters/round-0001", run_id=run_id,
+                                    tags={**real[2].tags, "perplexity": "1.0"}),  # round 2's tags over round 1's adapter
+    ]
+    champion = register_round.fn(config, run_id, manifests[-1], checkpoint_store(config).adapter_of(manifests[-1])[0])
+    assert champion not in {v.version for v in planted}
+    best = min(manifests[1:], key=lambda m: (m.perplexity, m.round))
+    assert champion == real[best.round].version
