@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fedlib.codecs import CodecChain
 from fedlib.secagg.weights import WeightRule
 from fedlib.placement import Device, DType, Placement, Quantization, resolve
-from fedlib.redaction import REDACTED, loggable, secrets_in
+from fedlib.redaction import REDACTED, loggable, redact_text, secrets_in
 from fedlib.strategies import make_strategy
 
 NOISE_SEED_ENV = "FEDLIB_ALLOW_NOISE_SEED"
@@ -28,7 +28,11 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
 class ConfigError(ValueError):
-    """A configuration file that cannot describe a federation; the message names file and field."""
+    """A configuration file that cannot describe a federation; the message names file and field,
+    and never a credential of a URL it quotes (the config's own URL included)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact_text(message))
 
 
 class _Strict(BaseModel):

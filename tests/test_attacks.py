@@ -887,3 +887,38 @@ def test_r7_a_version_planted_in_the_registry_never_becomes_champion(tmp_path, c
     assert champion not in {v.version for v in planted}
     best = min(manifests[1:], key=lambda m: (m.perplexity, m.round))
     assert champion == real[best.round].version
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "secret"),
+    [
+        ("data.urls", ["https://acct.blob.core.windows.net/c/train.jsonl?sv=2024-08-04&sp=r&sig=SASSIGNATURE"], "SASSIGNATURE"),
+        ("evaluation.data", ["https://bucket.s3.amazonaws.com/eval.jsonl?X-Amz-Credential=AKIAXXX&X-Amz-Signature=PRESIGNED"], "PRESIGNED"),
+        ("data.urls", ["https://ghp_TOKENASUSER@files.internal/train.jsonl"], "ghp_TOKENASUSER"),
+        ("clouds[0].storage_options", {"headers": {"Authorization": "Bearer AUTHTOKEN"}}, "AUTHTOKEN"),
+        ("tracking.uri", "https://mlflow.internal/?token=TRACKINGTOKEN", "TRACKINGTOKEN"),
+    ],
+)
+def test_r8_credentials_in_urls_headers_and_queries_are_refused_and_never_echoed(tmp_path, corpus_dir, tiny_model_dir, where, value, secret):
+    """Each of these was accepted and then logged to MLflow params and Prefect parameters."""
+    from fedlib.redaction import loggable
+
+    raw = tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir)
+    section, _, field = where.partition(".")
+    if section == "clouds[0]":
+        raw["clouds"][0][field] = value
+    else:
+        raw.setdefault(section, {})[field] = value
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, "fed.yaml")
+    assert where in str(info.value) and secret not in str(info.value)
+    assert secret not in json.dumps(loggable(raw))  # and what slips past is redacted on the way out
+
+
+def test_r8_a_config_url_with_a_password_is_not_echoed_in_errors():
+    from fedlib.config import load_config
+
+    for url in ("https://alice:HUNTER2@127.0.0.1:9/fed.yaml", "http://127.0.0.1:9/fed.yaml?sig=CONFIGSAS"):
+        with pytest.raises(ConfigError) as info:
+            load_config(url)
+        assert "HUNTER2" not in str(info.value) and "CONFIGSAS" not in str(info.value) and "127.0.0.1:9" in str(info.value)
