@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from collections.abc import Mapping, Sequence
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -220,11 +221,12 @@ class Manifest:
 
     @property
     def federated_eval_loss(self) -> float | None:
-        """The token-weighted loss of the global adapter this round *started from* (round − 1's),
-        as the accepted clients scored it on their own validation splits; None if none did."""
-        scored = [(r.validation_loss, r.validation_tokens) for r in self.clients.values() if r.validation_loss is not None]
-        tokens = sum(t for _, t in scored)
-        return sum(loss * t for loss, t in scored) / tokens if tokens else None
+        """The median loss of the global adapter this round *started from* (round − 1's), as the
+        accepted clients scored it on their own validation splits; None if none did. Each score
+        is a client's word, so the median: one client cannot move it past an honest one's (a
+        token-weighted mean let one client claiming many tokens set it)."""
+        scored = [r.validation_loss for r in self.clients.values() if r.validation_loss is not None]
+        return statistics.median(scored) if scored else None
 
 
 _SCHEMA = TypeAdapter(Manifest)
@@ -267,6 +269,21 @@ def base_manifest(
     )
 
 
+def download_bound(previous: Manifest) -> int:
+    """The most a client can have read of the aggregator's store to start a round: the head or
+    manifest, and the adapter, or broadcasts up to twice its size (`global_for_client`'s limit).
+    A client's own count of its downloads is held to it, so it cannot inflate the federation's
+    byte count past what the aggregator wrote (and trip `budget.bytes`)."""
+    return 2 * previous.adapter_bytes + (1 << 20) + (64 << 10)
+
+
+def held_to_measurements(report: ClientReport, previous: Manifest, round_trip_s: float | None) -> ClientReport:
+    """A client's report with what it says held to what the aggregator measured: its downloads
+    to `download_bound`, its training time to the aggregator's own clock from dispatch to done."""
+    train_s = report.train_s if round_trip_s is None else min(report.train_s, round_trip_s)
+    return replace(report, bytes_downloaded=min(report.bytes_downloaded, download_bound(previous)), train_s=train_s)
+
+
 def round_manifest(
     config: FederationConfig,
     round_number: int,
@@ -283,11 +300,14 @@ def round_manifest(
     privacy: PrivacySpent | None = None,
     secure: Mapping[str, Any] | None = None,
     protocol_bytes: Mapping[str, MessageBytes] | None = None,
+    round_trip_s: Mapping[str, float] | None = None,
 ) -> Manifest:
     """A trained round. `reports` are every client's that reported (accepted or not: a
-    rejected client's compute still cost money); `run_ids` are the MLflow run and the Prefect
-    flow run."""
+    rejected client's compute still cost money), held to what the aggregator measured
+    (`round_trip_s`: its clock from dispatch to each client's step done); `run_ids` are the
+    MLflow run and the Prefect flow run."""
     stragglers = sorted(c for c, r in rejected.items() if r.reason == "straggler")
+    reports = {c: held_to_measurements(r, previous, (round_trip_s or {}).get(c)) for c, r in reports.items()}
     mlflow_run_id, flow_run_id = run_ids
     return Manifest(
         federation=config.federation.id,

@@ -30,6 +30,9 @@ class StepResults:
     done: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # client -> what went wrong
     late: list[str] = field(default_factory=list)  # not done by the deadline
+    # seconds from dispatch until the aggregator saw each done client's step finish: its own clock,
+    # an upper bound of the client's time (a client waited on after another is counted late)
+    elapsed: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,8 @@ class ClientSteps:
         """`secure(client)` gives that client's secagg inputs; `deadline_s` counts from now. A
         deployment run past the deadline is cancelled by its dispatch task, which then reports
         it late; local tasks past it are left to finish unread."""
-        deadline = None if deadline_s is None else time.time() + deadline_s
+        started = time.time()
+        deadline = None if deadline_s is None else started + deadline_s
         futures = {client: self._submit(client, step, secure(client), deadline) for client in clients}
         out = StepResults()
         local = self.config.orchestration.dispatch == "local"
@@ -69,6 +73,7 @@ class ClientSteps:
             try:
                 future.result(timeout=timeout)
                 out.done.append(client)
+                out.elapsed[client] = time.time() - started
             except (TimeoutError, ClientRunLate) as err:
                 out.late.append(client)
                 get_run_logger().warning("round %d: %s is a straggler: no %s within %.0f s (%s)",

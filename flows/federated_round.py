@@ -107,6 +107,7 @@ def secure_round(
         "dropped_after_setup": dropped,
         "revealed_by": sorted(reveals),
         "reveal_failed": {**revealed.failed, **{c: "not done" for c in revealed.late}, **posted_reveals.failed},
+        "round_trip_s": training.elapsed,
         "timings": {
             "secagg_setup_s": setup_s,
             "clients_wall_s": trained - started - setup_s,
@@ -147,10 +148,12 @@ def federated_round(
         next_global, report, secure = secure_round(steps, clients, expected)
         client_timings = secure.pop("timings")
         protocol_bytes = secure.pop("protocol_bytes")
+        round_trip_s = secure.pop("round_trip_s")
     else:
         training = steps.run("train", clients, deadline_s=config.orchestration.round_deadline_s)
         client_timings = {"clients_wall_s": time.perf_counter() - partitioned}
         protocol_bytes = {}
+        round_trip_s = training.elapsed
         next_global, report = aggregate_round(config, round_number, clients, training.failed, training.late, expected)
     reports = report.reports
     eval_started = time.perf_counter()
@@ -171,6 +174,7 @@ def federated_round(
     manifest = round_manifest(
         config, round_number, previous, clients, budgets, reports, report.accepted, rejected, eval_loss, timings,
         (run_id, str(flow_run.id)), target_round, privacy_spent(config.privacy, participation), secure, protocol_bytes,
+        round_trip_s,
     )
     committed = commit_round(config, next_global, manifest)
     publish_round_table(config, round_number, clients, reports, rejected)

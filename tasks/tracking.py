@@ -51,13 +51,18 @@ def open_tracking(config: FederationConfig, run_id: str | None, run_name: str | 
         if experiment is not None
         else client.create_experiment(config.experiment_name, artifact_location=config.artifact_location)
     )
-    run = client.create_run(experiment_id, run_name=run_name or config.federation.id, tags={"fedlib.federation": config.federation.id})
+    tags = {"fedlib.federation": config.federation.id, "fedlib.client_stated": CLIENT_STATED}
+    run = client.create_run(experiment_id, run_name=run_name or config.federation.id, tags=tags)
     params: dict[str, str] = {}
     _flatten("", config.model_dump(mode="json"), params)
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in sorted(params.items())])
     return run.info.run_id
 
 
+# What only the clients can know, as they state it inside their sealed updates: shown, never
+# relied on (the aggregator holds train_s and bytes_downloaded to its own measurements).
+CLIENT_STATED = ("client/<c>/{train_loss,train_s,update_norm,bytes_downloaded,validation_loss,validation_tokens,tokens_per_s}, "
+                 "system/<c>/*, client_stated/federated_loss, client_stated/federated_perplexity")
 _CLIENT_METRICS = ("train_loss", "num_examples", "bytes_uploaded", "bytes_downloaded", "train_s", "encrypt_upload_s", "update_norm", "local_steps", "validation_tokens",
                    "tokens_per_s")
 _SYSTEM_METRICS = ("peak_memory_mib", "gpu_memory_mib", "cpu_util")
@@ -128,9 +133,9 @@ def track_round(config: FederationConfig, run_id: str, round_number: int, manife
     now = int(time.time() * 1000)
     metrics = [Metric(k, v, now, round_number) for k, v in round_metrics(manifest).items() if math.isfinite(v)]
     federated = manifest.federated_eval_loss
-    if federated is not None:  # the clients scored the adapter they received: round − 1's
-        metrics += [Metric("eval/federated_loss", federated, now, round_number - 1),
-                    Metric("eval/federated_perplexity", math.exp(federated), now, round_number - 1)]
+    if federated is not None:  # the clients scored the adapter they received: round − 1's; their word, so labelled
+        metrics += [Metric("client_stated/federated_loss", federated, now, round_number - 1),
+                    Metric("client_stated/federated_perplexity", math.exp(federated), now, round_number - 1)]
     client.log_batch(run_id, metrics=metrics)
     client.log_dict(run_id, to_json(manifest), f"manifests/round-{round_number:04d}.json")
     datasets = round_datasets(manifest)

@@ -922,3 +922,41 @@ def test_r8_a_config_url_with_a_password_is_not_echoed_in_errors():
         with pytest.raises(ConfigError) as info:
             load_config(url)
         assert "HUNTER2" not in str(info.value) and "CONFIGSAS" not in str(info.value) and "127.0.0.1:9" in str(info.value)
+
+
+def test_r9_what_one_client_says_of_itself_does_not_steer_the_federation(tmp_path, corpus_dir, tiny_model_dir):
+    """gcp states a download of 10^12 bytes (to trip `budget.bytes`), a training time of an hour
+    in a round the aggregator saw take 3 s, and a validation loss of 0.001 over 10^9 tokens (to
+    fake the federation's score). The aggregator holds what it can measure to its measurements,
+    and a median bounds the rest; the figures stay labelled as the clients' word in MLflow."""
+    from fedlib.heterogeneity import budget_stop, step_budgets
+    from fedlib.manifest import ClientReport, round_manifest
+    from tasks.tracking import CLIENT_STATED
+
+    raw = tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir, clouds=CLOUDS)
+    raw["budget"] = {"bytes": 50 << 20}
+    raw["training"].update(step_budget="deadline")
+    raw["orchestration"] = {"round_deadline_s": 60}
+    config = parse_config(raw)
+    previous = Manifest(config.federation.id, 0, 3, "run", 1.0, math.e, adapter_bytes=1 << 20)
+
+    def report(client: str, **said) -> ClientReport:
+        honest = dict(num_examples=10, train_loss=2.0, bytes_uploaded=1 << 20, object_url="x", train_s=2.0, encrypt_upload_s=0.1,
+                      update_norm=1.0, local_steps=10, bytes_downloaded=(1 << 20) + 600, validation_loss=2.0 + 0.1 * len(client),
+                      validation_tokens=1000)
+        return ClientReport(client, 1, **{**honest, **said})
+
+    def manifest(gcp: ClientReport) -> Manifest:
+        reports = {"aws": report("aws"), "azure": report("azure"), "gcp": gcp}
+        return round_manifest(config, 1, previous, list(CLOUDS), {c: 10 for c in CLOUDS}, reports, list(CLOUDS), {}, 1.0, {},
+                              ("run", None), 5, round_trip_s={c: 3.0 for c in CLOUDS})
+
+    honest, lying = manifest(report("gcp")), manifest(report("gcp", bytes_downloaded=10**12, train_s=3600.0,
+                                                                validation_loss=0.001, validation_tokens=10**9))
+    assert budget_stop(config, [previous, honest]) is None
+    assert budget_stop(config, [previous, lying]) is None  # its downloads held to what the aggregator wrote
+    assert lying.clients["gcp"].train_s == 3.0  # no longer than the aggregator's own clock saw
+    assert step_budgets(config, ["aws", "azure"], lying) == step_budgets(config, ["aws", "azure"], honest)
+    scores = sorted(honest.clients[c].validation_loss for c in ("aws", "azure"))
+    assert scores[0] <= lying.federated_eval_loss <= scores[1]  # the median: between honest scores
+    assert "client_stated/federated_loss" in CLIENT_STATED and "bytes_downloaded" in CLIENT_STATED

@@ -59,7 +59,7 @@ def test_mlflow_holds_metrics_params_and_artifacts(finished_run):
     # aggregator does not score), and the token-weighted mean is logged at that adapter's round.
     for manifest in manifests[1:]:
         assert all(r.validation_tokens == 8 * 31 and r.validation_loss > 0 for r in manifest.clients.values())
-    federated = history("eval/federated_perplexity")
+    federated = history("client_stated/federated_perplexity")
     assert set(federated) == {0, 1} and federated[0] == pytest.approx(math.exp(manifests[1].federated_eval_loss))
     for stage in ("train_s", "encrypt_upload_s", "download_decrypt_s", "aggregate_s", "evaluate_s", "round_s", "partition_s"):
         assert history(f"time/{stage}")[2] >= 0, stage
