@@ -1,7 +1,9 @@
 """A client's local run, in this process or as N processes on its machine (`clouds[].processes`).
 
-N processes are one per GPU: `torch.distributed.run` starts them, transformers' `Trainer`
-(through accelerate) runs DDP between them, over NCCL on GPUs and gloo on a CPU, and they still
+N processes are one per GPU, started here (not by `torch.distributed.run`, whose rendezvous
+store listens on every interface, unauthenticated, for the run's length). They meet through a
+file store in the private scratch folder, so nothing listens for the rendezvous, and gloo binds
+to loopback only. Transformers' `Trainer` (through accelerate) then runs DDP between them, over NCCL on GPUs and gloo on a CPU, and they still
 yield one update: the global batch is split across them and their gradients averaged, so the
 result is the one-process run's on the same global batch. Rank 0 scores the received adapter on
 the validation split and writes the trained adapter back; everything travels through a private
@@ -15,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -75,22 +76,24 @@ def train_in_processes(
         tensors = {f"adapter.{k}": v.contiguous() for k, v in adapter.items()} | examples.tensors("train.")
         if validation is not None and len(validation):
             tensors |= as_examples(validation).tensors("validation.")
+        tensors = _unshared(tensors)
         save_file(tensors, str(job / "inputs.safetensors"))
         (job / "job.json").write_text(json.dumps({"key": _key_json(key), "plan": dataclasses.asdict(plan), "eval_batch": eval_batch}))
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(plan.processes),
-            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "fedlib.distributed", str(job),
-        ]  # fmt: skip
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
-            tail: list[str] = []
-            for line in process.stdout:  # type: ignore[union-attr]
-                if line.startswith(_PROGRESS):
-                    if on_step is not None:
-                        on_step(StepProgress(**json.loads(line[len(_PROGRESS):])))
-                else:
-                    tail = [*tail[-40:], line]
-        if process.returncode != 0:
-            raise RuntimeError(f"training in {plan.processes} processes failed (exit {process.returncode}):\n{''.join(tail)}")
+        workers = [_spawn(job, rank, plan.processes) for rank in range(plan.processes)]
+        tail: list[str] = []
+        for line in workers[0].stdout:  # type: ignore[union-attr]  # rank 0 reports the steps
+            if line.startswith(_PROGRESS):
+                if on_step is not None:
+                    on_step(StepProgress(**json.loads(line[len(_PROGRESS):])))
+            else:
+                tail = [*tail[-40:], line]
+        codes = [worker.wait() for worker in workers]
+        for worker in workers:
+            if worker.stdout is not None:
+                tail += worker.stdout.readlines()[-20:]
+                worker.stdout.close()
+        if any(codes):
+            raise RuntimeError(f"training in {plan.processes} processes failed (exits {codes}):\n{''.join(tail[-60:])}")
         result = json.loads((job / "result.json").read_text())
         trained = load_file(str(job / "adapter.safetensors"))
     scored = Validation(**result["validation"]) if result["validation"] else None
@@ -102,10 +105,37 @@ def _key_json(key: ModelKey) -> dict:
             "seed": key.seed, "gradient_checkpointing": key.gradient_checkpointing}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _unshared(tensors: Tensors) -> Tensors:
+    """safetensors refuses tensors that share memory (plain text blocks are their own labels):
+    a copy of each one whose storage another already uses."""
+    seen: set[int] = set()
+    out = {}
+    for name, value in tensors.items():
+        pointer = value.untyped_storage().data_ptr()
+        out[name] = value.clone() if pointer in seen else value.contiguous()
+        seen.add(pointer)
+    return out
+
+
+def _spawn(job: Path, rank: int, world: int) -> subprocess.Popen:
+    """One worker of the run: its rank in the environment, as `torch.distributed.run` would set it,
+    and the rendezvous a file in the job's private folder."""
+    env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+           "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"), "MASTER_ADDR": "127.0.0.1"}
+    env.pop("MASTER_PORT", None)
+    return subprocess.Popen([sys.executable, "-m", "fedlib.distributed", str(job)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _join_group(job: Path, placement: Placement) -> None:
+    """The process group, met through `job/rendezvous` (a FileStore), before accelerate looks: it
+    uses a group that exists rather than making its own TCP store."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if placement.device == "cuda" else "gloo"
+        torch.distributed.init_process_group(
+            backend, init_method=f"file://{job / 'rendezvous'}", rank=int(os.environ["RANK"]), world_size=world
+        )
 
 
 def _worker(job: Path) -> None:
@@ -115,6 +145,7 @@ def _worker(job: Path) -> None:
     rank = int(os.environ.get("RANK", "0"))
     if placement.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    _join_group(job, placement)
     inputs = load_file(str(job / "inputs.safetensors"))
     adapter = {k.removeprefix("adapter."): v for k, v in inputs.items() if k.startswith("adapter.")}
     examples = Examples.from_tensors(inputs, "train.")

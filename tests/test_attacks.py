@@ -960,3 +960,37 @@ def test_r9_what_one_client_says_of_itself_does_not_steer_the_federation(tmp_pat
     scores = sorted(honest.clients[c].validation_loss for c in ("aws", "azure"))
     assert scores[0] <= lying.federated_eval_loss <= scores[1]  # the median: between honest scores
     assert "client_stated/federated_loss" in CLIENT_STATED and "bytes_downloaded" in CLIENT_STATED
+
+
+def test_r10_a_multi_process_client_listens_on_loopback_only(tiny_model_dir):
+    """While a client trains in two processes, every socket its process tree listens on is a
+    loopback one: `torch.distributed.run`'s rendezvous store once listened on every interface,
+    unauthenticated, for the whole run."""
+    import psutil
+
+    from fedlib.distributed import train_in_processes
+    from fedlib.examples import Examples
+    from fedlib.model import adapter_state, attach_lora, load_base_model
+    from fedlib.model_pool import ModelKey
+    from fedlib.placement import Placement
+    from fedlib.config import LoraSettings
+    from fedlib.training import TrainingPlan
+
+    lora = LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    placement = Placement("cpu", "fp32")
+    start = adapter_state(attach_lora(load_base_model(str(tiny_model_dir), placement), lora, 3))
+    blocks = torch.randint(3, 1000, (16, 32), generator=torch.Generator().manual_seed(2))
+    listening: list[tuple[str, str]] = []
+
+    def look(_step) -> None:  # called while rank 0 is training: the whole tree is up
+        tree = psutil.Process().children(recursive=True)
+        assert len(tree) >= 2
+        for process in tree:
+            for conn in process.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    listening.append((process.name(), conn.laddr.ip))
+
+    plan = TrainingPlan(steps=2, batch_size=8, learning_rate=1e-2, seed=5, processes=2)
+    train_in_processes(ModelKey(str(tiny_model_dir), placement, lora, 3), start, Examples.from_blocks(blocks), None, plan, 4, look)
+    assert listening, "no listening socket seen: the probe saw nothing"
+    assert all(ip in ("127.0.0.1", "::1") for _, ip in listening), listening
