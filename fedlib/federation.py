@@ -70,12 +70,16 @@ def keyring(config: FederationConfig, party: str | None = None, create: bool = F
     publics = config.keyring.publics
     if party is None:
         return party_keyring(publics, None, None)  # holds no secret: nothing to redirect
-    source = config.keyring.key_source
-    if party != AGGREGATOR:
-        source = config.cloud(party).key_source or source
-    ring = party_keyring(publics, party, read_key_source(source, party, read_secret))
+    ring = party_keyring(publics, party, read_key_source(party_key_source(config, party), party, read_secret))
     trust_record(publics, party).require(publics, party)
     return ring
+
+
+def party_key_source(config: FederationConfig, party: str) -> str:
+    """Where `party`'s private key is on its machine: its cloud's `key_source`, else the keyring's."""
+    assert config.keyring is not None
+    source = config.keyring.key_source
+    return source if party == AGGREGATOR else config.cloud(party).key_source or source
 
 
 def client_update_key(ring: KeyRing, client: str) -> UpdateKey:

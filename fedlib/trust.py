@@ -24,7 +24,7 @@ import pwd
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlib.keys import PublicKeys, fingerprint, public_text
+from fedlib.keys import AGGREGATOR, PublicKeys, fingerprint, public_text
 
 
 def party_home() -> Path:
@@ -96,7 +96,7 @@ class TrustRecord:
 
 def trust_record(own: PublicKeys, party: str, home: Path | None = None) -> TrustRecord:
     """The trust record of `party`, whose public key `own` lists (the aggregator's exchange key)."""
-    key = own.aggregator_exchange if party == "aggregator" else own.clients[party]
+    key = own.aggregator_exchange if party == AGGREGATOR else own.clients[party]
     return TrustRecord(fingerprint(key), home or party_home())
 
 

@@ -139,6 +139,7 @@ def keys_init_command(args: argparse.Namespace) -> int:
 def keys_trust_command(args: argparse.Namespace) -> int:
     """The explicit local action that makes a party trust a federation's public keys: it prints
     their fingerprints and records their digest under the party's own key, in its own home."""
+    from fedlib.federation import party_key_source
     from fedlib.keys import AGGREGATOR, fingerprint, party_keyring, read_key_source
     from fedlib.trust import keyring_digest, trust_record
 
@@ -157,9 +158,8 @@ def keys_trust_command(args: argparse.Namespace) -> int:
     if args.party != AGGREGATOR and args.party not in publics.clients:
         print(f"--party: {args.party!r} is neither aggregator nor one of keyring.clients {sorted(publics.clients)}", file=sys.stderr)
         return 2
-    source = config.keyring.key_source if args.party == AGGREGATOR else config.cloud(args.party).key_source or config.keyring.key_source
     try:
-        party_keyring(publics, args.party, read_key_source(source, args.party, read_secret))
+        party_keyring(publics, args.party, read_key_source(party_key_source(config, args.party), args.party, read_secret))
     except (OSError, KeyError, ValueError) as err:
         print(f"keyring.key_source: {err}", file=sys.stderr)
         return 2
