@@ -632,17 +632,18 @@ def load_config(path: str | Path) -> FederationConfig:
         import fsspec
 
         try:
-            with fsspec.open(path, "rt", encoding="utf-8") as handle:
-                text = handle.read(1 << 20)
+            with fsspec.open(path, "rb") as handle:
+                data = handle.read(MAX_CONFIG_BYTES + 1)
         except (OSError, ValueError) as err:
             raise ConfigError(f"{path}: cannot read configuration ({err})") from None
-        return _parse_yaml(text, path)
+        return _parse_yaml(data, path)
     path = Path(path)
     try:
-        text = path.read_text()
+        with path.open("rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as err:
         raise ConfigError(f"{path}: cannot read configuration ({err.strerror})") from None
-    return _parse_yaml(text, str(path))
+    return _parse_yaml(data, str(path))
 
 
 def config_from(value: FederationConfig | dict | str | Path, source: str = "<parameter>") -> FederationConfig:
@@ -659,9 +660,64 @@ def config_from(value: FederationConfig | dict | str | Path, source: str = "<par
     return load_config(value)
 
 
-def _parse_yaml(text: str, path: str) -> FederationConfig:
+# A config is a page of settings. Bounds that no real one comes near keep a hostile file (from a
+# config URL, or a run's parameter) from costing the aggregator more than it costs to write.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000
+MAX_CONFIG_DEPTH = 32
+
+
+class _ConfigShapeError(yaml.YAMLError):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses aliases and counts nodes and depth while it composes.
+
+    Aliases are where a 500-byte file becomes 10^9 leaves (each `*x` repeats a whole subtree
+    without costing a byte), so none are accepted; a config has nothing to share that a few more
+    lines cannot write out. Counting while composing stops a file before it is built."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._nodes = 0
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise _ConfigShapeError(
+                f"line {mark.line + 1}: YAML aliases (*name, <<: *name) are not accepted in a config; "
+                "write the value out where it is used"
+            )
+        self._nodes += 1
+        if self._nodes > MAX_CONFIG_NODES:
+            raise _ConfigShapeError(f"more than {MAX_CONFIG_NODES:,} values; a config is far smaller")
+        self._depth += 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise _ConfigShapeError(f"nested deeper than {MAX_CONFIG_DEPTH} levels")
+            return super().compose_node(parent, index)  # type: ignore[arg-type]
+        finally:
+            self._depth -= 1
+
+
+def _parse_yaml(data: bytes | str, path: str) -> FederationConfig:
+    if isinstance(data, str):
+        data = data.encode()
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; a config is a page of settings")
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    loader = _BoundedLoader(text)
+    try:
+        raw = loader.get_single_data()
+    except _ConfigShapeError as err:
+        raise ConfigError(f"{path}: refused: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    finally:
+        loader.dispose()
     return parse_config(raw, path)

@@ -994,3 +994,51 @@ def test_r10_a_multi_process_client_listens_on_loopback_only(tiny_model_dir):
     train_in_processes(ModelKey(str(tiny_model_dir), placement, lora, 3), start, Examples.from_blocks(blocks), None, plan, 4, look)
     assert listening, "no listening socket seen: the probe saw nothing"
     assert all(ip in ("127.0.0.1", "::1") for _, ip in listening), listening
+
+
+def _alias_bomb(levels: int) -> str:
+    """The billion-laughs shape as a flow mapping: each level names the one below nine times, so
+    a few hundred bytes stand for 9**levels leaves once anything walks the value."""
+    entries = ['l0: &l0 "lol"']
+    for level in range(1, levels + 1):
+        entries.append(f"l{level}: &l{level} [" + ", ".join([f"*l{level - 1}"] * 9) + "]")
+    return "{" + ", ".join(entries) + "}"
+
+
+def test_r14_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path, corpus_dir, tiny_model_dir):
+    """A config whose `storage_options` hold a nine-level alias bomb (about 10^9 leaves from a
+    few hundred bytes) stalled the aggregator while the config was checked for secrets; from a file
+    and from a config URL it is now a named refusal, as are configs too large, too deep or of too
+    many values to be a page of settings."""
+    import yaml
+
+    from fedlib.config import MAX_CONFIG_BYTES, load_config
+
+    raw = tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir)
+    plain = yaml.safe_dump(raw)
+    raw["clouds"][0]["storage_options"] = "BOMB"
+    bomb = yaml.safe_dump(raw).replace("BOMB", _alias_bomb(9), 1)
+    assert len(_alias_bomb(9)) < 600
+    path = tmp_path / "bomb.yaml"
+    path.write_text(bomb)
+    assert len(_alias_bomb(9)) < 600
+    for source in (str(path), path.as_uri()):
+        with pytest.raises(ConfigError, match=r"aliases .* are not accepted") as info:
+            load_config(source)
+        assert str(info.value).startswith(source)
+
+    deep = tmp_path / "deep.yaml"
+    deep.write_text(plain + "extra: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="nested deeper than"):
+        load_config(deep)
+    wide = tmp_path / "wide.yaml"
+    wide.write_text(plain + "extra: [" + ",".join(["1"] * 150_000) + "]\n")
+    with pytest.raises(ConfigError, match="values; a config is far smaller"):
+        load_config(wide)
+    big = tmp_path / "big.yaml"
+    big.write_text(plain + "# " + "x" * MAX_CONFIG_BYTES + "\n")
+    with pytest.raises(ConfigError, match="larger than 1 MiB"):
+        load_config(big)
+    fine = tmp_path / "fine.yaml"
+    fine.write_text(plain)
+    assert load_config(fine).federation.id == "test"  # an ordinary config still loads
