@@ -91,8 +91,10 @@ def train_delta(
     plan = training_plan(config, client, round_number, steps)
     batch = config.evaluation.batch_size
 
+    private = config.secure_aggregation.enabled  # a client's losses are facts of its data: not logged where the orchestrator reads
+
     def on_step(step: StepProgress) -> None:
-        emit(ClientStep(client, round_number, step.step, step.steps, step.loss, step.tokens_per_s))
+        emit(ClientStep(client, round_number, step.step, step.steps, None if private else step.loss, step.tokens_per_s))
 
     if plan.processes > 1:
         run = train_in_processes(model_key(config, rank), received, as_examples(shard), validation, plan, batch, on_step)
@@ -116,6 +118,7 @@ def train_and_seal(
     local_steps: int | None = None,
     parent: str = "",
     downloaded: int = 0,
+    data_salt: bytes = b"",
 ) -> SealedUpdate:
     """Train, then send the delta down the update path (`fedlib.update_path`): the residual of
     the client's last accepted round added back when `residuals` is given, clipped under DP,
@@ -125,7 +128,9 @@ def train_and_seal(
     received adapter), travel inside the authenticated payload: a storage provider cannot
     re-weight a client, and the aggregator needs no channel but the client's bucket. The envelope
     binds the round, the secure session and `parent`, the digest of the global adapter this
-    update was trained from."""
+    update was trained from. Under secure aggregation the report holds no figure of the client's
+    data (`SaidByClient.for_secure_aggregation`); the data's digest is keyed by `data_salt`, a
+    secret of the client's (none without one)."""
     started = time.perf_counter()
     t = config.training
     steps = local_steps or t.local_steps
@@ -155,12 +160,14 @@ def train_and_seal(
         peak_memory_mib=use.peak_memory_mib,
         gpu_memory_mib=use.gpu_memory_mib,
         cpu_util=use.cpu_util,
-        data_digest=shard.digest(),
+        data_digest=shard.digest(data_salt) if data_salt else "",
     )
+    if secure is not None:
+        said = said.for_secure_aggregation()
     payload = wire_payload(replace(sent, metadata={**sent.metadata, "report": said.to_json()}), config.compression.chain)
     session = secure.session.id if secure is not None else ""
     blob = seal(payload, key, EnvelopeContext(config.federation.id, round_number, client, session, parent))
-    emit(ClientTrained(client, round_number, result.mean_loss))
+    emit(ClientTrained(client, round_number, None if secure is not None else result.mean_loss))
     report = said.report(client, round_number, len(shard), steps, update_url(config, client, round_number), len(blob))
     return SealedUpdate(report=report, blob=blob, residual_blob=residual_blob)
 

@@ -9,6 +9,7 @@ and loss alike. One type for both means one trainer, one shard format and one sc
 from __future__ import annotations
 
 import hashlib
+import hmac
 from dataclasses import dataclass
 
 import torch
@@ -58,9 +59,11 @@ class Examples:
         n = int(self.lengths[i])
         return {"input_ids": self.input_ids[i, :n], "labels": self.labels[i, :n]}
 
-    def digest(self) -> str:
-        """What identifies this data without showing it (logged as a dataset's digest)."""
-        h = hashlib.sha256()
+    def digest(self, salt: bytes = b"") -> str:
+        """What identifies this data without showing it (logged as a dataset's digest). A client
+        salts it with a secret of its own: an unsalted digest would let whoever reads it confirm
+        a guessed dataset by hashing the guess."""
+        h = hmac.new(salt, digestmod=hashlib.sha256) if salt else hashlib.sha256()
         for t in (self.input_ids, self.labels, self.lengths):
             h.update(t.contiguous().numpy().tobytes())
         return h.hexdigest()[:16]

@@ -32,12 +32,12 @@ class ClientReport:
     client: str
     round: int
     num_examples: int
-    train_loss: float
+    train_loss: float | None  # None under secure aggregation: the aggregator learns no client's loss
     bytes_uploaded: int
     object_url: str
     train_s: float
     encrypt_upload_s: float
-    update_norm: float  # L2 norm of the delta before any clipping: what DP's clip_norm is tuned against
+    update_norm: float | None  # L2 norm of the delta before any clipping (what DP's clip_norm is tuned against); None under secure aggregation
     local_steps: int = 0
     bytes_downloaded: int = 0  # what it read of the aggregator's store: the manifest, and the adapter or the broadcasts since the one it held
     validation_loss: float | None = None  # the client's score of the adapter it received, on its own split
@@ -46,10 +46,11 @@ class ClientReport:
     peak_memory_mib: float = 0.0  # its process's peak resident set
     gpu_memory_mib: float = 0.0  # peak GPU memory torch allocated (0 on a CPU)
     cpu_util: float = 0.0  # process CPU seconds per wall second while training (2.0 = two cores busy)
-    data_digest: str = ""  # of the examples it trained on: which data, never the data
+    data_digest: str = ""  # of the examples it trained on, keyed by a secret of the client's: which data, never the data, nor a way to confirm a guess
 
 
-_SAID_FLOATS = ("train_loss", "train_s", "encode_s", "update_norm")
+_SAID_FLOATS = ("train_s", "encode_s")
+_SAID_PRIVATE = ("train_loss", "update_norm")  # facts of the client's data: absent under secure aggregation
 _SYSTEM = ("tokens_per_s", "peak_memory_mib", "gpu_memory_mib", "cpu_util")
 
 
@@ -66,10 +67,10 @@ class SaidByClient:
     is the time from trained to sealed; the upload itself is timed by nobody the aggregator can
     trust, so it is not reported."""
 
-    train_loss: float
+    train_loss: float | None
     train_s: float
     encode_s: float
-    update_norm: float
+    update_norm: float | None
     bytes_downloaded: int = 0
     validation_loss: float | None = None
     validation_tokens: int = 0
@@ -103,13 +104,21 @@ class SaidByClient:
             return value if integer else float(value)
 
         return cls(
-            *(number(name) for name in _SAID_FLOATS),
+            train_s=number("train_s"),
+            encode_s=number("encode_s"),
+            **{name: number(name, optional=True) for name in _SAID_PRIVATE},
             bytes_downloaded=number("bytes_downloaded", integer=True),
             validation_loss=number("validation_loss", optional=True),
             validation_tokens=number("validation_tokens", integer=True),
             **{name: number(name) for name in _SYSTEM},
             data_digest=_digest(data["data_digest"]),
         )
+
+    def for_secure_aggregation(self) -> SaidByClient:
+        """What the aggregator may learn of a client under secure aggregation: how it ran (time,
+        bytes, memory), never a figure of its data (losses, the update's norm before clipping),
+        which is what masking exists to hide."""
+        return replace(self, train_loss=None, update_norm=None, validation_loss=None, validation_tokens=0)
 
     def report(self, client: str, round_number: int, examples: int, steps: int, url: str, size: int) -> ClientReport:
         return ClientReport(

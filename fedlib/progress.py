@@ -48,21 +48,23 @@ class ClientStep:
     round: int
     step: int
     steps: int
-    loss: float
+    loss: float | None  # None under secure aggregation: the logs reach the orchestrator
     tokens_per_s: float
 
     def __str__(self) -> str:
-        return f"client {self.client} round {self.round}: step {self.step}/{self.steps} loss {self.loss:.4f} ({self.tokens_per_s:.0f} tokens/s)"
+        loss = "" if self.loss is None else f" loss {self.loss:.4f}"
+        return f"client {self.client} round {self.round}: step {self.step}/{self.steps}{loss} ({self.tokens_per_s:.0f} tokens/s)"
 
 
 @dataclass(frozen=True)
 class ClientTrained:
     client: str
     round: int
-    loss: float
+    loss: float | None  # None under secure aggregation
 
     def __str__(self) -> str:
-        return f"client {self.client} round {self.round} trained: loss {self.loss:.4f}"
+        loss = "" if self.loss is None else f": loss {self.loss:.4f}"
+        return f"client {self.client} round {self.round} trained{loss}"
 
 
 @dataclass(frozen=True)

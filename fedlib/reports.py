@@ -28,7 +28,7 @@ def round_rows(sampled: Iterable[str], reports: Mapping[str, ClientReport], reje
             {
                 "client": client,
                 "status": "accepted" if rejection is None else f"left out: {rejection.reason}",
-                "train_loss": round(report.train_loss, 4) if report else None,
+                "train_loss": round(report.train_loss, 4) if report and report.train_loss is not None else None,
                 "examples": report.num_examples if report else None,
                 "local_steps": report.local_steps if report else None,
                 "bytes_uploaded": report.bytes_uploaded if report else None,

@@ -50,7 +50,7 @@ class LiveProgress(logging.Handler):
                 c: self.bars.add_task(f"  {c} r{event.round}", total=event.steps.get(c, 1), detail="") for c in event.clients
             }
         elif isinstance(event, ClientTrained) and event.client in self.clients:
-            self.bars.update(self.clients[event.client], detail=f"done, mean loss {event.loss:.3f}")
+            self.bars.update(self.clients[event.client], detail="done" if event.loss is None else f"done, mean loss {event.loss:.3f}")
         elif isinstance(event, RoundDone) and self.rounds is not None:
             self.bars.update(self.rounds, advance=1, detail=f"perplexity {event.perplexity:.2f}")
 
@@ -59,4 +59,4 @@ class LiveProgress(logging.Handler):
         if task is None:
             task = self.clients[event.client] = self.bars.add_task(f"  {event.client} r{event.round}", total=event.steps, detail="")
         self.bars.update(task, completed=event.step, total=event.steps,
-                         detail=f"loss {event.loss:.3f}  {event.tokens_per_s:,.0f} tok/s")  # fmt: skip
+                         detail=("" if event.loss is None else f"loss {event.loss:.3f}  ") + f"{event.tokens_per_s:,.0f} tok/s")  # fmt: skip

@@ -60,7 +60,8 @@ def train_client(
     if config.compression.error_feedback and config.lossy_updates:
         carried_from = round_number - 1 if client in previous.accepted else store.last_accepted_round(client, round_number - 1)
         residuals = CarriedResidual(_residuals(config, client), carried_from)
-    return train_and_seal(config, client, round_number, global_adapter, data, key, masking, residuals, local_steps, parent, downloaded)
+    salt = ring.client_derived_secret(client, f"data-digest/{config.federation.id}")
+    return train_and_seal(config, client, round_number, global_adapter, data, key, masking, residuals, local_steps, parent, downloaded, salt)
 
 
 def _open_or_complain(config: FederationConfig, ring: KeyRing, client: str, round_number: int, secure: TrainRequest) -> None:

@@ -73,7 +73,8 @@ def round_metrics(manifest: Manifest) -> dict[str, float]:
     metrics: dict[str, float] = {"eval/loss": manifest.eval_loss, "eval/perplexity": manifest.perplexity}
     for client, report in manifest.clients.items():
         for name in _CLIENT_METRICS:
-            metrics[f"client/{client}/{name}"] = getattr(report, name)
+            if getattr(report, name) is not None:  # a client's loss and norm are not sent under secure aggregation
+                metrics[f"client/{client}/{name}"] = getattr(report, name)
         for name in _SYSTEM_METRICS:  # measured by the client, sealed in its update
             metrics[f"system/{client}/{name}"] = getattr(report, name)
         if report.validation_loss is not None:

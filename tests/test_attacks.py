@@ -996,6 +996,58 @@ def test_r10_a_multi_process_client_listens_on_loopback_only(tiny_model_dir):
     assert all(ip in ("127.0.0.1", "::1") for _, ip in listening), listening
 
 
+def test_r12_under_secure_aggregation_the_aggregator_learns_no_figure_of_a_clients_data(tmp_path, corpus_dir, tiny_model_dir):
+    """Under secure aggregation the aggregator learned each client's pre-clip update norm, its
+    training and validation losses (in the sealed report, MLflow and the run logs), and a plain
+    sha256 of its examples, which confirms a guessed dataset by hashing the guess. Now it learns
+    what the threat model grants (who took part, the counts, the sum), and a client's data digest
+    is keyed by a secret of the client's."""
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    from fedlib.progress import ClientStep, ClientTrained
+    from fedlib.shards import client_data
+    from flows.federated_training import federated_training
+    from tests.conftest import write_config
+
+    raw = tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir, clouds=CLOUDS)
+    raw["training"]["rounds"] = 1
+    raw["aggregation"]["min_clients"] = 2
+    raw["secure_aggregation"] = {"enabled": True, "threshold": 2}
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.INFO)
+            self.events: list = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if hasattr(record, "event"):
+                self.events.append(record.event)
+
+    progress = logging.getLogger("fedlib.progress")
+    collect = Collect()
+    progress.addHandler(collect)
+    try:
+        manifest = federated_training(str(write_config(tmp_path, raw)))[-1]
+    finally:
+        progress.removeHandler(collect)
+    assert manifest.round == 1 and sorted(manifest.accepted) == sorted(CLOUDS)
+
+    config = parse_config(raw)
+    ring = keyring(config)
+    for client, report in manifest.clients.items():
+        assert report.train_loss is None and report.update_norm is None and report.validation_loss is None, report
+        guessed = client_data(config, client, aggregator_update_key(ring, client), None).train  # the shard the aggregator dealt
+        assert report.data_digest and report.data_digest != guessed.digest()
+    events = collect.events
+    steps = [e for e in events if isinstance(e, ClientStep)]
+    trained = [e for e in events if isinstance(e, ClientTrained)]
+    assert steps and trained and all(e.loss is None for e in steps + trained)
+    metrics = MlflowClient(config.tracking_uri).get_run(manifest.mlflow_run_id).data.metrics
+    assert not [name for name in metrics if name.endswith(("/train_loss", "/update_norm", "/validation_loss"))]
+    assert "client/aws/num_examples" in metrics  # what the threat model grants is still there
+
+
 def test_r13_another_tokenizer_or_chat_template_is_another_base(tmp_path, tiny_model_dir):
     """A party whose folder has the federation's weights but its own chat template, or its own
     token ids, trained a different model and sent the update anyway: the revision the lineage
