@@ -190,9 +190,9 @@ def test_2_a_nested_json_header_is_rejected_and_the_round_goes_on(fed):
 
 
 def test_2_the_split_channel_and_the_residual_loader_share_the_parser(fed, caplog):
-    from fedlib.split.channel import client_hello, server_accept
+    from fedlib.split.channel import HelloChallenges, client_hello, server_accept
 
-    hello, pending = client_hello(fed.ring, "aws")
+    hello, pending = client_hello(fed.ring, "aws", HelloChallenges().issue(0.0))
     server, nonce = server_accept(fed.ring, hello)
     with pytest.raises(UpdateRejected) as info:
         server.open("train-activations", _nested_header_envelope())
@@ -436,7 +436,7 @@ def test_7_a_recorded_session_cannot_be_replayed(fed, split_server, tmp_path):
     client = _connect(fed.config, url, keep_wire=True)
     batch = load_data(fed.config).train.tokens[:2]
     client.calibrate([batch])
-    hello, first = client.transport.wire[0], client.transport.wire[2]  # the hello, then message 0 of the session
+    hello, first = client.transport.wire[2], client.transport.wire[4]  # challenge, answer, hello, answer, message 0
     client.transport.wire.clear()
     client.train_step(batch)
     forward, backward = client.transport.wire[0], client.transport.wire[2]
@@ -444,20 +444,19 @@ def test_7_a_recorded_session_cannot_be_replayed(fed, split_server, tmp_path):
     code, refusal = _post(url, "/hello", hello, {"Content-Type": "application/json"})
     assert (code, refusal["reason"]) == (409, "session_reused")  # and the live session is untouched:
     client.train_step(batch)
-    # A server that has forgotten the session (restarted) opens it again, under a new nonce: the
-    # recorded messages do not open, and its LoRA does not move.
+    # A server that has forgotten the session (restarted) did not issue the hello's challenge:
+    # the hello opens nothing there, and the recorded messages find no session.
     fresh = SplitServer.from_config(fed.config)
     httpd = http_server(fresh)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     other = f"http://127.0.0.1:{httpd.server_address[1]}"
     try:
         before = _middle_state(fresh)
-        assert _post(other, "/hello", hello, {"Content-Type": "application/json"})[0] == 200
+        code, refusal = _post(other, "/hello", hello, {"Content-Type": "application/json"})
+        assert (code, refusal["reason"]) == (400, "stale") and not fresh.sessions
         session = json.loads(hello)["session"]
-        code, refusal = _post(other, f"/{session}/calibrate/forward", first)
-        assert (code, refusal["reason"]) == (400, "authentication_failed")  # sealed under the old session key
-        assert _post(other, f"/{session}/train/forward", forward)[1]["reason"] in ("authentication_failed", "wrong_round")
-        assert _post(other, f"/{session}/train/backward", backward)[1]["reason"] in ("authentication_failed", "wrong_round")
+        for path, blob in ((f"/{session}/calibrate/forward", first), (f"/{session}/train/forward", forward), (f"/{session}/train/backward", backward)):
+            assert _post(other, path, blob) == (404, {"reason": "unknown_session", "detail": f"no open session {session[:16]!r}"})
         assert all(torch.equal(before[k], v) for k, v in _middle_state(fresh).items())
     finally:
         httpd.shutdown()
@@ -465,24 +464,33 @@ def test_7_a_recorded_session_cannot_be_replayed(fed, split_server, tmp_path):
     assert any(not torch.equal(moved[k], v) for k, v in _middle_state(state).items())  # only the genuine steps moved it
 
 
+def _challenge(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(urllib.request.Request(url + "/challenge", data=b"", method="POST"), timeout=30) as response:
+        return json.loads(response.read())["challenge"]
+
+
 def test_7_floods_and_big_bodies_are_refused(fed, split_server):
     from fedlib.split.channel import client_hello
 
     state, url = split_server
-    for i in range(500):  # anonymous hellos: no proof of a client key
+    for i in range(500):  # anonymous hellos: no proof of a client key (with and without a real challenge)
         forged = {"client": "aws", "session": f"{i:032x}", "ephemeral": "00" * 32, "proof": "00" * 64}
+        if i % 2:
+            forged["challenge"] = _challenge(url)
         code, refusal = _post(url, "/hello", json.dumps(forged).encode(), {"Content-Type": "application/json"})
         assert refusal["reason"] in ("malformed", "authentication_failed"), refusal
     assert len(state.sessions) == 0
-    limit = fed.config.split.max_sessions
-    for _ in range(limit):
-        _connect(fed.config, url)
-    hello, _ = client_hello(fed.ring, "gcp")
+    state.limits = state.limits.model_copy(update={"max_sessions": 2})  # a share of one session each, two in all
+    _connect(fed.config, url, "aws")
+    _connect(fed.config, url, "gcp")
+    hello, _ = client_hello(fed.ring, "azure", _challenge(url))
     code, refusal = _post(url, "/hello", json.dumps(hello).encode(), {"Content-Type": "application/json"})
-    assert (code, refusal["reason"]) == (503, "too_many_sessions") and len(state.sessions) == limit
+    assert (code, refusal["reason"]) == (503, "too_many_sessions") and len(state.sessions) == 2
     now = state.clock()
     state.clock = lambda: now + fed.config.split.session_ttl_s + 1  # idle sessions expire
-    _connect(fed.config, url)
+    _connect(fed.config, url, "azure")
     assert len(state.sessions) == 1
     code, refusal = _post(url, "/hello", b"x" * 1024, {"Content-Length": str(fed.config.split.max_body_bytes + 1)})
     assert (code, refusal["reason"]) == (413, "too_large")
@@ -994,6 +1002,36 @@ def test_r10_a_multi_process_client_listens_on_loopback_only(tiny_model_dir):
     train_in_processes(ModelKey(str(tiny_model_dir), placement, lora, 3), start, Examples.from_blocks(blocks), None, plan, 4, look)
     assert listening, "no listening socket seen: the probe saw nothing"
     assert all(ip in ("127.0.0.1", "::1") for _, ip in listening), listening
+
+
+def test_r11_recorded_hellos_reopen_nothing_and_one_key_cannot_hold_every_session(fed, split_server):
+    """Replaying 16 recorded hellos to a restarted split server filled `split.max_sessions` and
+    locked genuine clients out for the TTL; and one client's key alone could hold every session.
+    Now a hello answers a challenge of this server process, and a client holds at most its share."""
+    from fedlib.split.server import SplitServer, http_server
+
+    state, url = split_server
+    limit = fed.config.split.max_sessions
+    recorded = []
+    for _ in range(limit):
+        client = _connect(fed.config, url, "aws", keep_wire=True)
+        recorded.append(client.transport.wire[2])
+    assert sum(s.channel.peer == "aws" for s in state.sessions.values()) == state.share < limit
+    _connect(fed.config, url, "gcp")  # aws's key did not lock gcp out
+    fresh = SplitServer.from_config(fed.config)  # the server restarts: it remembers no session
+    httpd = http_server(fresh)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    other = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        for hello in recorded:
+            code, refusal = _post(other, "/hello", hello, {"Content-Type": "application/json"})
+            assert (code, refusal["reason"]) == (400, "stale"), refusal
+        assert not fresh.sessions
+        genuine = _connect(fed.config, other, "gcp")
+        assert set(genuine.server_state()) == set(fresh.trainer.state())
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def test_r12_under_secure_aggregation_the_aggregator_learns_no_figure_of_a_clients_data(tmp_path, corpus_dir, tiny_model_dir):

@@ -8,14 +8,14 @@ import torch
 
 from fedlib.keys import init_keys, load_keyring
 from fedlib.rejection import Reason, UpdateRejected
-from fedlib.split.channel import client_hello, server_accept
+from fedlib.split.channel import HelloChallenges, client_hello, server_accept
 
 
 @pytest.fixture
 def ends(tmp_path):
     init_keys(tmp_path, ["aws"])
     ring = load_keyring(tmp_path, ["aws"])
-    hello, pending = client_hello(ring, "aws")
+    hello, pending = client_hello(ring, "aws", HelloChallenges().issue(0.0))
     server, nonce = server_accept(ring, hello)
     return pending.finish(nonce), server, ring
 
@@ -64,8 +64,29 @@ def test_bad_messages_are_refused_by_name(ends, attack, reason):
 
 def test_another_session_cannot_open_this_one(ends):
     client, _, ring = ends
-    other_hello, _ = client_hello(ring, "aws")
+    other_hello, _ = client_hello(ring, "aws", HelloChallenges().issue(0.0))
     stranger, _ = server_accept(ring, other_hello)
     with pytest.raises(UpdateRejected) as info:
         stranger.open("activations", client.seal("activations", {"h": torch.ones(2)}))
     assert info.value.reason is Reason.WRONG_FEDERATION  # the session id is bound into every header
+
+
+def test_a_hello_is_bound_to_its_challenge(tmp_path):
+    """The proof covers the challenge: a recorded hello with a freshly issued challenge pasted in
+    does not open, and a challenge is this process's, for a while."""
+    init_keys(tmp_path, ["aws"])
+    ring = load_keyring(tmp_path, ["aws"])
+    challenges = HelloChallenges(ttl_s=60)
+    hello, _ = client_hello(ring, "aws", challenges.issue(1000.0))
+    challenges.check(hello["challenge"], 1030.0)
+    server_accept(ring, hello)
+    for later, other in ((1061.0, challenges), (1000.0, HelloChallenges(ttl_s=60))):
+        with pytest.raises(UpdateRejected) as info:
+            other.check(hello["challenge"], later)
+        assert info.value.reason is Reason.STALE
+    with pytest.raises(UpdateRejected) as info:
+        server_accept(ring, hello | {"challenge": challenges.issue(1000.0)})
+    assert info.value.reason in (Reason.WRONG_FEDERATION, Reason.AUTHENTICATION_FAILED)  # the proof names its challenge
+    with pytest.raises(UpdateRejected) as info:
+        challenges.check({"not": "a string"}, 1000.0)
+    assert info.value.reason is Reason.MALFORMED

@@ -7,14 +7,17 @@ stays closed even if long-term keys leak later) with the static client–server 
 that client and that server can complete it) and a nonce the server draws for each hello, so
 a recorded hello replayed to the server opens a session under a new key, in which none of the
 recorded messages open. The hello carries a proof sealed under the static key (it binds the
-session id and the ephemeral key), so nobody without the client's key can open a session at
-all. A message is accepted only with the next sequence number in its direction, so a replayed
+session id, the ephemeral key and a challenge the server issued moments before), so nobody
+without the client's key can open a session at all, and a hello recorded from one server process
+opens nothing on another or on the same server restarted (its challenge was never issued
+there). A message is accepted only with the next sequence number in its direction, so a replayed
 or reordered one is refused by name.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import secrets
 from dataclasses import dataclass, field
@@ -80,8 +83,45 @@ def _session_key(ephemeral_shared: bytes, static_shared: bytes, session: str, se
     return UpdateKey(secret, fingerprint(client_public))
 
 
-def _hello_context(client: str, session: str, ephemeral: str) -> EnvelopeContext:
-    return EnvelopeContext("split-hello", 0, client, session, ephemeral)
+def _hello_context(client: str, session: str, ephemeral: str, challenge: str) -> EnvelopeContext:
+    return EnvelopeContext(f"split-hello/{challenge}", 0, client, session, ephemeral)
+
+
+CHALLENGE_BYTES = 32  # issue time (8), random (8), MAC (16)
+
+
+@dataclass(frozen=True)
+class HelloChallenges:
+    """The challenges a server hands out before a hello, checked without keeping any: each is
+    its issue time and a random part under a MAC keyed by a secret drawn when this server process
+    started. A restarted server, or another replica, draws another secret, so a recorded hello
+    names a challenge it never issued; a challenge older than `ttl_s` is refused too."""
+
+    ttl_s: float = 120.0
+    secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+
+    def _mac(self, body: bytes) -> bytes:
+        return hmac.new(self.secret, b"fedlib/split/challenge/v1" + body, hashlib.sha256).digest()[:16]
+
+    def issue(self, now: float) -> str:
+        body = int(now * 1000).to_bytes(8, "big", signed=True) + secrets.token_bytes(8)
+        return (body + self._mac(body)).hex()
+
+    def check(self, challenge: Any, now: float) -> None:
+        """Refuses, by name, a challenge this server process did not issue or issued too long
+        ago. A MAC check, so it runs before any key exchange a hello would cost."""
+        if not isinstance(challenge, str) or len(challenge) != 2 * CHALLENGE_BYTES:
+            raise malformed("hello challenge", f"expected {CHALLENGE_BYTES} bytes of hex")
+        try:
+            raw = bytes.fromhex(challenge)
+        except ValueError:
+            raise malformed("hello challenge", "not hex") from None
+        body, mac = raw[:16], raw[16:]
+        if not hmac.compare_digest(mac, self._mac(body)):
+            raise UpdateRejected(Reason.STALE, "hello challenge was not issued by this server process; ask /challenge again")
+        age = now - int.from_bytes(body[:8], "big", signed=True) / 1000
+        if not 0 <= age <= self.ttl_s:
+            raise UpdateRejected(Reason.STALE, f"hello challenge is {age:.0f} s old, over {self.ttl_s:.0f} s; ask /challenge again")
 
 
 def attestation_binding(session: str, ephemeral: str, server_nonce: str, server_public: X25519PublicKey) -> str:
@@ -111,14 +151,15 @@ class PendingHello:
         return attestation_binding(self.session, _raw(self.ephemeral.public_key()).hex(), server_nonce, self.server_public)
 
 
-def client_hello(ring: KeyRing, client: str) -> tuple[dict[str, str], PendingHello]:
-    """What the client sends to open a session (public values and a proof), and its pending end."""
+def client_hello(ring: KeyRing, client: str, challenge: str) -> tuple[dict[str, str], PendingHello]:
+    """What the client sends to open a session (public values and a proof bound to the server's
+    `challenge`), and its pending end."""
     ephemeral = X25519PrivateKey.generate()
     session = secrets.token_hex(16)
     static_shared = ring.client_shared_secret(client)
     ephemeral_hex = _raw(ephemeral.public_key()).hex()
-    proof = seal(b"", UpdateKey(static_shared, fingerprint(ring.public_key(client))), _hello_context(client, session, ephemeral_hex))
-    hello = {"client": client, "session": session, "ephemeral": ephemeral_hex, "proof": bytes(proof).hex()}
+    proof = seal(b"", UpdateKey(static_shared, fingerprint(ring.public_key(client))), _hello_context(client, session, ephemeral_hex, challenge))
+    hello = {"client": client, "session": session, "ephemeral": ephemeral_hex, "challenge": challenge, "proof": bytes(proof).hex()}
     return hello, PendingHello(client, session, ephemeral, static_shared, ring.public_key(client), ring.aggregator_public)
 
 
@@ -135,8 +176,9 @@ def _hex_field(hello: dict[str, Any], name: str, length: int | None) -> str:
 
 def server_accept(ring: KeyRing, hello: Any) -> tuple[ChannelSide, str]:
     """The server's end for a client's hello, and the server's nonce for this session. Refuses a
-    hello whose proof does not open under that client's static key. Needs the server's
-    (aggregator's) private key."""
+    hello whose proof does not open under that client's static key for the challenge it names
+    (whether this server issued that challenge is `HelloChallenges.check`'s to say). Needs the
+    server's (aggregator's) private key."""
     if ring.aggregator_private is None:
         raise KeyError("this key ring has no server private key")
     expect(hello, dict, "hello")
@@ -144,9 +186,10 @@ def server_accept(ring: KeyRing, hello: Any) -> tuple[ChannelSide, str]:
     if client not in ring.client_public:
         raise UpdateRejected(Reason.WRONG_CLIENT, f"hello from {client[:40]!r}, not a client of this federation")
     session, ephemeral = _hex_field(hello, "session", 16), _hex_field(hello, "ephemeral", 32)
+    challenge = _hex_field(hello, "challenge", CHALLENGE_BYTES)
     proof = bytes.fromhex(_hex_field(hello, "proof", None))
     static_shared = ring.aggregator_shared_secret(client)
-    open_sealed(proof, UpdateKey(static_shared, fingerprint(ring.public_key(client))), _hello_context(client, session, ephemeral))
+    open_sealed(proof, UpdateKey(static_shared, fingerprint(ring.public_key(client))), _hello_context(client, session, ephemeral, challenge))
     server_nonce = secrets.token_hex(16)
     ephemeral_shared = ring.aggregator_private.exchange(X25519PublicKey.from_public_bytes(bytes.fromhex(ephemeral)))
     key = _session_key(ephemeral_shared, static_shared, session, server_nonce, ring.public_key(client))

@@ -67,7 +67,8 @@ class SplitClient:
         self.front, self.head = slices.front, slices.head
         self.trainer = SliceTrainer({"front": self.front, "head": self.head}, config.split)
         self.transport = transport
-        hello, pending = client_hello(ring, client)
+        issued = expect(parse_json(transport.post("/challenge", b""), "challenge answer", 1024, max_depth=1), dict, "challenge answer")
+        hello, pending = client_hello(ring, client, expect(issued.get("challenge"), str, "challenge"))
         answer = expect(parse_json(transport.post("/hello", json.dumps(hello).encode(), json_body=True), "hello answer", 1 << 16), dict, "hello answer")
         if answer.get("session") != hello["session"] or not isinstance(answer.get("server_nonce"), str):
             raise UpdateRejected(Reason.WRONG_SESSION, "the server answered for another session")

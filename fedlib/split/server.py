@@ -9,8 +9,13 @@ of its channel, so nothing but `/health` answers a stranger. A message that fail
 answered with its reason and changes nothing. Sessions are capped (`split.max_sessions`), expire
 when idle (`split.session_ttl_s`), and a session id is never opened twice; request bodies over
 `split.max_body_bytes` are refused unread. Several clients may hold sessions at once: they share
-the one middle, and their steps are serialised.
+the one middle, and their steps are serialised. Each client holds at most its share of the
+sessions (`split.max_sessions` over the number of clients): its next hello retires its own least
+recently used one, so one client's key, or a flood of its hellos, never locks another client out.
+A hello answers a challenge the server issued moments before under a secret of this process, so
+hellos recorded from an earlier run of the server open nothing on this one.
 
+    POST /challenge                   (empty) → JSON {challenge}
     POST /hello                       JSON hello → JSON {session, server_nonce, attestation}
     POST /<session>/<mode>/forward    sealed activations → sealed middle output
     POST /<session>/<mode>/backward   sealed gradient at the top cut → sealed gradient at the bottom
@@ -36,12 +41,12 @@ from pathlib import Path
 import torch
 
 from fedlib.config import FederationConfig, SplitConfig, load_config
-from fedlib.decode import parse_json
+from fedlib.decode import expect, parse_json
 from fedlib.federation import keyring, load_global_model
 from fedlib.keys import KeyRing
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.split.attestation import Attestor, NoTEE
-from fedlib.split.channel import ChannelSide, attestation_binding, server_accept
+from fedlib.split.channel import ChannelSide, HelloChallenges, attestation_binding, server_accept
 from fedlib.split.slicing import BlockStack, slice_model
 from fedlib.split.trainer import SliceTrainer
 
@@ -69,6 +74,7 @@ class SplitServer:
     retired: OrderedDict[str, None] = field(default_factory=OrderedDict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     attestor: Attestor = field(default_factory=NoTEE)
+    challenges: HelloChallenges = field(default_factory=HelloChallenges)
     calibrated: bool = False
     clock: Callable[[], float] = time.monotonic
 
@@ -88,14 +94,27 @@ class SplitServer:
         while len(self.retired) > _RETIRED_KEPT:
             self.retired.popitem(last=False)
 
+    @property
+    def share(self) -> int:
+        """How many sessions one client may hold: its part of `split.max_sessions`."""
+        return max(1, self.limits.max_sessions // max(1, len(self.ring.client_public)))
+
+    def challenge(self) -> dict:
+        return {"challenge": self.challenges.issue(self.clock())}
+
     def hello(self, body: bytes) -> dict:
-        hello = parse_json(body, "hello", 4096, max_depth=1)
+        hello = expect(parse_json(body, "hello", 4096, max_depth=1), dict, "hello")
+        self.challenges.check(hello.get("challenge"), self.clock())  # a hello from an earlier server process stops here
         channel, server_nonce = server_accept(self.ring, hello)  # refuses a hello without the client's proof
         with self.lock:
             now = self.clock()
             self._expire(now)
             if channel.session in self.sessions or channel.session in self.retired:
                 raise UpdateRejected(Reason.SESSION_REUSED, f"session {channel.session[:8]}… was opened before")
+            held = sorted((s.last_used, sid) for sid, s in self.sessions.items() if s.channel.peer == channel.peer)
+            for _, sid in held[: max(0, len(held) - self.share + 1)]:
+                log.info("client %s holds its %d sessions: retiring its least recently used", channel.peer, self.share)
+                self._retire(sid)
             if len(self.sessions) >= self.limits.max_sessions:
                 raise UpdateRejected(Reason.TOO_MANY_SESSIONS, f"{len(self.sessions)} sessions open (split.max_sessions)")
             self.sessions[channel.session] = _Session(channel, now)
@@ -189,7 +208,9 @@ def http_server(server_state: SplitServer, port: int = 0) -> ThreadingHTTPServer
             parts = self.path.strip("/").split("/")
             try:
                 body = self._body()
-                if parts == ["hello"]:
+                if parts == ["challenge"]:
+                    self._reply(200, json.dumps(server_state.challenge()).encode(), "application/json")
+                elif parts == ["hello"]:
                     self._reply(200, json.dumps(server_state.hello(body)).encode(), "application/json")
                 elif len(parts) == 2 and parts[1] == "calibrated":
                     self._reply(200, server_state.finish_calibration(parts[0], body))
