@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed, seal  # noqa: E402
-from fedlib.serialization import bytes_to_tensors, tensors_to_bytes  # noqa: E402
+from fedlib.wire.envelope import EnvelopeContext, UpdateKey, open_sealed, seal  # noqa: E402
+from fedlib.wire.serialization import bytes_to_tensors, tensors_to_bytes  # noqa: E402
 
 
 def best_seconds(fn, repeat: int) -> float:

@@ -19,7 +19,7 @@ import sys
 from demo_runs import ROOT, demo_config, run_variant
 
 sys.path.insert(0, str(ROOT))
-from fedlib.heterogeneity import DEADLINE_SHARE  # noqa: E402
+from fedlib.round.planning import DEADLINE_SHARE  # noqa: E402
 
 PROFILES = {
     "aws": {"speed": 1.0, "price_per_hour": 1.20, "egress_per_gb": 0.09},

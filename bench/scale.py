@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fedlib.config import parse_config  # noqa: E402
-from fedlib.federation import aggregator_update_key, client_update_key, keyring, update_url  # noqa: E402
+from tasks.from_config import aggregator_update_key, client_update_key, keyring, update_url  # noqa: E402
 from secagg_overhead import demo_adapter_delta  # noqa: E402
 
 
@@ -42,9 +42,9 @@ def _config(folder: Path, clients: int, strategy: str):
 
 
 def prepare(folder: Path, clients: int) -> None:
-    from fedlib import storage
-    from fedlib.envelope import EnvelopeContext, seal
-    from fedlib.serialization import tensors_to_bytes
+    from fedlib.wire import storage
+    from fedlib.wire.envelope import EnvelopeContext, seal
+    from fedlib.wire.serialization import tensors_to_bytes
 
     config = _config(folder, clients, "fedavg")
     ring = keyring(config, create=True)
@@ -56,7 +56,7 @@ def prepare(folder: Path, clients: int) -> None:
 
 
 def worker(folder: Path, clients: int, strategy: str) -> dict:
-    from fedlib.aggregator import aggregate_updates
+    from fedlib.round.aggregator import aggregate_updates
 
     config = _config(folder, clients, strategy)
     ring = keyring(config)

@@ -22,14 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedlib.envelope import EnvelopeContext, UpdateKey, seal  # noqa: E402
-from fedlib.federation import aggregator_update_key, client_update_key  # noqa: E402
-from fedlib.keys import init_keys, load_keyring  # noqa: E402
+from fedlib.wire.envelope import EnvelopeContext, UpdateKey, seal  # noqa: E402
+from tasks.from_config import aggregator_update_key, client_update_key  # noqa: E402
+from fedlib.wire.keys import init_keys, load_keyring  # noqa: E402
 from fedlib.secagg.fixedpoint import encode, to_wire  # noqa: E402
 from fedlib.secagg.masking import masked_sum  # noqa: E402
-from fedlib.client_state import RevealLedger  # noqa: E402
+from fedlib.wire.sealed_stores import RevealLedger  # noqa: E402
 from fedlib.secagg.protocol import Session, make_reveal, make_setup, mask_update, open_inbox, relay_setups, unmask_sum  # noqa: E402
-from fedlib.serialization import tensors_to_bytes  # noqa: E402
+from fedlib.wire.serialization import tensors_to_bytes  # noqa: E402
 
 LAYERS, HIDDEN, KV, RANK = 30, 576, 192, 8
 

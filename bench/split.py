@@ -31,8 +31,8 @@ from fedlib_cli.common import embedded_defaults as _embedded_defaults  # noqa: E
 
 
 def unsplit_steps(config, batches) -> list[float]:
-    from fedlib.federation import load_global_model
-    from fedlib.training import train_lora
+    from tasks.from_config import load_global_model
+    from fedlib.model.training import train_lora
 
     model = load_global_model(config, None)
     times = []
@@ -44,7 +44,7 @@ def unsplit_steps(config, batches) -> list[float]:
 
 
 def split_steps(config, config_path: str, batches) -> tuple[list[float], list[int]]:
-    from fedlib.federation import keyring
+    from tasks.from_config import keyring
     from tasks.split import connect_client, start_server
 
     keyring(config, create=True)
@@ -66,7 +66,7 @@ def main() -> int:
     args = parser.parse_args()
     _embedded_defaults(verbose=False)
     from fedlib.config import load_config
-    from fedlib.federation import load_data
+    from tasks.from_config import load_data
 
     with tempfile.TemporaryDirectory(prefix="fedlib-split-bench-") as tmp:
         base = demo_config()

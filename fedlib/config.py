@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from fedlib.codecs import CodecChain
-from fedlib.secagg.weights import WeightRule
+from fedlib.wire.layout import Layout
 from fedlib.placement import Device, DType, Placement, Quantization, resolve
 from fedlib.redaction import REDACTED, loggable, redact_text, secrets_in
 from fedlib.strategies import make_strategy
@@ -114,7 +114,7 @@ class LoraSettings(_Strict):
 
 
 class TrainingConfig(_Strict):
-    """Local training, run by transformers' `Trainer` (see `fedlib.training`). `batch_size` is
+    """Local training, run by transformers' `Trainer` (see `fedlib.model.training`). `batch_size` is
     examples per optimizer step, over all of a client's processes and accumulated micro-batches.
     `device`, `dtype` and `quantization` (QLoRA: `4bit`/`8bit`, CUDA only) are resolved on each
     party's own machine (`fedlib.placement`). `step_budget: deadline` gives each cloud as many
@@ -164,7 +164,7 @@ class AggregationConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
     normalize_steps: bool = False
     min_clients: int = Field(1, ge=1)
-    max_update_bytes: int | None = Field(None, ge=1024)  # default: from the adapter's size (fedlib.aggregator.update_limit)
+    max_update_bytes: int | None = Field(None, ge=1024)  # default: from the adapter's size (fedlib.round.aggregator.update_limit)
     max_examples: int = Field(10**9, ge=1, le=2**53)
     max_weight_share: float = Field(0.5, gt=0, le=1)
 
@@ -207,7 +207,7 @@ class CloudConfig(_Strict):
     secret_block: str | None = None
     work_pool: str | None = None
     profile: CloudProfile = CloudProfile()
-    lora_rank: int | None = Field(None, ge=1)  # a smaller LoRA rank for this cloud's clients (see fedlib.lora_ranks)
+    lora_rank: int | None = Field(None, ge=1)  # a smaller LoRA rank for this cloud's clients (see fedlib.model.ranks)
     key_source: str | None = None
     processes: int = Field(1, ge=1, le=64)  # training processes on this client's machine (one per GPU; DDP)
     data: tuple[str, ...] = ()  # this client's own training files (fsspec URLs or globs); only it opens them
@@ -253,7 +253,7 @@ class KeyringConfig(_Strict):
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
         from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-        from fedlib.keys import PublicKeys, parse_public
+        from fedlib.wire.keys import PublicKeys, parse_public
 
         return PublicKeys(
             parse_public(self.aggregator.exchange, X25519PublicKey, "keyring.aggregator.exchange"),
@@ -298,7 +298,7 @@ class CompressionConfig(_Strict):
     topk_fraction: float = Field(0.01, gt=0, le=1)
     zstd_level: int = Field(3, ge=1, le=22)
     error_feedback: bool = True
-    broadcast: tuple[str, ...] = ()  # codecs for the global adapter's change, sent down (`fedlib.broadcast`)
+    broadcast: tuple[str, ...] = ()  # codecs for the global adapter's change, sent down (`fedlib.round.broadcast`)
 
     @model_validator(mode="after")
     def _valid_chain(self) -> CompressionConfig:
@@ -535,11 +535,6 @@ class FederationConfig(_Strict):
         return self.compression.chain.lossy or (secure.enabled and secure.bits is not None)
 
     @property
-    def weight_rule(self) -> WeightRule:
-        """How much each update counts under secure aggregation (`fedlib.secagg.weights`)."""
-        return WeightRule(dp=self.privacy.enabled, normalize_steps=self.aggregation.normalize_steps)
-
-    @property
     def proximal_mu(self) -> float:
         """FedProx's μ for the clients' training (0 for every other strategy)."""
         from fedlib.strategies.fedavg import FedProx
@@ -593,6 +588,11 @@ class FederationConfig(_Strict):
         if cloud.storage:
             return cloud.storage.rstrip("/")
         return (self.data_path / "clouds" / cloud.name).as_uri()
+
+    @property
+    def layout(self) -> Layout:
+        """Where this federation's objects live in each client's bucket (`fedlib.wire.layout`)."""
+        return Layout(self.federation.id, {cloud.name: self.storage_url(cloud) for cloud in self.clouds})
 
     def cloud(self, name: str) -> CloudConfig:
         for cloud in self.clouds:

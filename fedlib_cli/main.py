@@ -17,7 +17,7 @@ from fedlib_cli.ui import add_parser as add_ui_parser
 
 if TYPE_CHECKING:
     from fedlib.config import FederationConfig
-    from fedlib.manifest import Manifest
+    from fedlib.round.manifest import Manifest
 
 
 def _prepared(args: argparse.Namespace) -> tuple[Console, FederationConfig | None]:
@@ -119,8 +119,8 @@ def export_command(args: argparse.Namespace) -> int:
 def keys_init_command(args: argparse.Namespace) -> int:
     if args.party:
         return _party_key(args.party, args.out)
-    from fedlib.federation import key_folder
-    from fedlib.keys import init_keys
+    from tasks.from_config import key_folder
+    from fedlib.wire.keys import init_keys
 
     if args.config is None:
         print("give a CONFIG (every party's keys on this machine) or --party NAME (one party's key)", file=sys.stderr)
@@ -139,9 +139,9 @@ def keys_init_command(args: argparse.Namespace) -> int:
 def keys_trust_command(args: argparse.Namespace) -> int:
     """The explicit local action that makes a party trust a federation's public keys: it prints
     their fingerprints and records their digest under the party's own key, in its own home."""
-    from fedlib.federation import party_key_source
-    from fedlib.keys import AGGREGATOR, fingerprint, party_keyring, read_key_source
-    from fedlib.trust import keyring_digest, trust_record
+    from tasks.from_config import party_key_source
+    from fedlib.wire.keys import AGGREGATOR, fingerprint, party_keyring, read_key_source
+    from fedlib.wire.trust import keyring_digest, trust_record
 
     def read_secret(name: str):  # Prefect is imported only for a secret:BLOCK key source
         from tasks.credentials import read_secret as read
@@ -178,7 +178,7 @@ def keys_trust_command(args: argparse.Namespace) -> int:
 def _party_key(party: str, out: Path | None) -> int:
     """One party's key on its own machine: the private half stays in `out` (0600), the public
     half is printed as the config's `keyring` section takes it, with its fingerprint."""
-    from fedlib.keys import AGGREGATOR, fingerprint, public_text, write_party_key
+    from fedlib.wire.keys import AGGREGATOR, fingerprint, public_text, write_party_key
 
     path = (out or Path(f"~/.fedlib/keys/{party}.pem")).expanduser()
     try:

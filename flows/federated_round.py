@@ -14,21 +14,22 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from fedlib.aggregator import AggregationReport, expected_of
-from fedlib.update_path import Expected
-from fedlib.manifest import Manifest, MessageBytes, Rejection, round_manifest
+from fedlib.round.aggregator import AggregationReport, expected_of
+from fedlib.update.chain import Expected
+from fedlib.round.manifest import Manifest, MessageBytes, Rejection, round_manifest
 from fedlib.config import FederationConfig
-from fedlib.broadcast import NextGlobal
-from fedlib.federation import checkpoint_store
-from fedlib.keys import AGGREGATOR
+from fedlib.round.broadcast import NextGlobal
+from tasks.from_config import checkpoint_store
+from fedlib.wire.keys import AGGREGATOR
 from fedlib.progress import RoundDone, RoundStarted, emit
-from fedlib.heterogeneity import sample_clients, step_budgets
+from fedlib.round.planning import sample_clients, step_budgets
 from fedlib.privacy.accountant import participation_after, privacy_spent
 from fedlib.rejection import QuorumNotMet, Reason
 from fedlib.secagg.messages import RevealRequest, SetupRequest, TrainRequest, relayed_bytes
 from fedlib.secagg.protocol import relay_setups
 from fedlib.strategies.shares import capped_weights
-from fedlib.federation import round_codes, secagg_session
+from tasks.from_config import round_codes, secagg_session
+from fedlib.secagg.weights import WeightRule
 from flows.client_steps import ClientSteps
 from tasks.aggregate import aggregate_round, commit_round, evaluate_global
 from tasks.artifacts import publish_round_table
@@ -73,7 +74,7 @@ def secure_round(
     counts = capped_weights({c: min(s.num_examples, expected[c].max_examples) for c, s in setups.items()},
                             config.aggregation.max_weight_share, {c for c in setups if expected[c].count_known})
     expected = {**expected, **{c: replace(expected[c], max_examples=n) for c, n in counts.items()}}
-    weights, scale = config.weight_rule.announced(counts)
+    weights, scale = WeightRule(dp=config.privacy.enabled, normalize_steps=config.aggregation.normalize_steps).announced(counts)
     codes = round_codes(config, len(setups), max(weights.values()) / scale, max(steps.local_steps.get(c, config.training.local_steps) for c in setups))
     setup_s = time.perf_counter() - started
     train_requests = {c: TrainRequest(session_id, inboxes[c], scale, codes.scale if codes else 0.0, counts[c]) for c in setups}

@@ -14,17 +14,17 @@ import torch
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from fedlib.checkpoint import plan_rounds
+from fedlib.round.checkpoint import plan_rounds
 from fedlib.config import ConfigError, FederationConfig, config_from
-from fedlib.federation import checkpoint_store, keyring
+from tasks.from_config import checkpoint_store, keyring
 from fedlib.progress import BaseScored, PlanMade, Stopped, emit
-from fedlib.heterogeneity import budget_stop
-from fedlib.keys import AGGREGATOR
-from fedlib.manifest import Manifest, base_manifest
-from fedlib.model import base_revision
+from fedlib.round.planning import budget_stop
+from fedlib.wire.keys import AGGREGATOR
+from fedlib.round.manifest import Manifest, base_manifest
+from fedlib.model.base import base_revision
 from fedlib.privacy.accountant import over_budget
 from flows.federated_round import federated_round
-from fedlib.broadcast import NextGlobal
+from fedlib.round.broadcast import NextGlobal
 from tasks.aggregate import commit_round, evaluate_global, make_initial_adapter
 from tasks.artifacts import publish_summary
 from tasks.credentials import party_keys

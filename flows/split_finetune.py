@@ -15,8 +15,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from fedlib.config import load_config
-from fedlib.federation import keyring
-from fedlib.serialization import tensors_to_bytes
+from tasks.from_config import keyring
+from fedlib.wire.serialization import tensors_to_bytes
 from fedlib.strategies import ClientUpdate, make_strategy
 from tasks.data import partition_data
 from tasks.split import fetch_server_part, split_evaluate, split_train_client, start_server

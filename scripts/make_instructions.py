@@ -18,7 +18,7 @@ import random
 import re
 from pathlib import Path
 
-from fedlib.data import shakespeare_documents
+from fedlib.data.corpus import shakespeare_documents
 
 SPEAKER = re.compile(r"^\*\*([A-Z][A-Z .'\-]+)\*\*\s*$")
 CLIENTS = {"aws": ("tragedies", "messages"), "gcp": ("comedies", "prompt_completion"), "azure": ("histories", "messages")}

@@ -6,11 +6,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
-from fedlib.manifest import Manifest
-from fedlib.aggregator import AggregationReport, aggregate_updates, build_strategy
-from fedlib.update_path import Expected
-from fedlib.broadcast import NextGlobal, split_state
-from fedlib.federation import (
+from fedlib.round.manifest import Manifest
+from fedlib.round.aggregator import AggregationReport, aggregate_updates, build_strategy
+from fedlib.update.chain import Expected
+from fedlib.round.broadcast import NextGlobal, split_state
+from tasks.from_config import (
     Tensors,
     round_global,
     checkpoint_store,
@@ -19,7 +19,7 @@ from fedlib.federation import (
     initial_adapter,
     evaluation_examples,
 )
-from fedlib.keys import AGGREGATOR
+from fedlib.wire.keys import AGGREGATOR
 from tasks.credentials import party_keys, storage_options
 
 

@@ -15,13 +15,13 @@ from prefect.futures import PrefectFuture
 from prefect.tasks import exponential_backoff
 
 from fedlib.config import FederationConfig
-from fedlib.client import SealedUpdate, train_and_seal, upload_sealed
-from fedlib.manifest import ClientReport
-from fedlib.client_state import CarriedResidual, ResidualStore
-from fedlib.federation import checkpoint_store, client_update_key, global_for_client, outbox, residual_store, secagg_session
-from fedlib.keys import KeyRing
-from fedlib.model import check_base_model
-from fedlib.shards import client_data
+from fedlib.round.client import SealedUpdate, train_and_seal, upload_sealed
+from fedlib.update.report import ClientReport
+from fedlib.wire.sealed_stores import CarriedResidual, ResidualStore
+from tasks.from_config import checkpoint_store, client_update_key, global_for_client, outbox, residual_store, secagg_session
+from fedlib.wire.keys import KeyRing
+from fedlib.model.base import check_base_model
+from fedlib.data.shards import client_data
 from fedlib.secagg.client import SecureRound
 from fedlib.secagg.messages import TrainRequest
 from fedlib.secagg.protocol import BadSetups, open_inbox

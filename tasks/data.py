@@ -7,10 +7,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
-from fedlib.federation import aggregator_update_key, load_data, partition_clients
-from fedlib.keys import AGGREGATOR
-from fedlib.partition import label_histogram
-from fedlib.shards import distribute_shard, partition_digest
+from tasks.from_config import aggregator_update_key, load_data, partition_clients
+from fedlib.wire.keys import AGGREGATOR
+from fedlib.data.partition import label_histogram
+from fedlib.data.shards import distribute_shard, partition_digest
 from tasks.credentials import party_keys, storage_options
 
 

@@ -16,7 +16,7 @@ class AdapterModel(PythonModel):
     def load_context(self, context) -> None:
         from peft import PeftModel
 
-        from fedlib.model import load_base_model, load_tokenizer
+        from fedlib.model.base import load_base_model, load_tokenizer
 
         source = context.model_config["source"]
         self.tokenizer = load_tokenizer(source)

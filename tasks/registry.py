@@ -19,12 +19,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
-from fedlib.manifest import Manifest
-from fedlib.federation import Tensors
-from fedlib.model import base_revision, load_base_model, load_tokenizer, save_adapter_folder
-from fedlib.federation import checkpoint_store
-from fedlib.keys import AGGREGATOR
-from fedlib.reports import RegistryEntry, adapter_artifact_path, champion_of, lineage_tags, signed_versions
+from fedlib.round.manifest import Manifest
+from tasks.from_config import Tensors
+from fedlib.model.base import base_revision, load_base_model, load_tokenizer, save_adapter_folder
+from tasks.from_config import checkpoint_store
+from fedlib.wire.keys import AGGREGATOR
+from fedlib.reports.tables import RegistryEntry, adapter_artifact_path, champion_of, lineage_tags, signed_versions
 from tasks.credentials import party_keys
 
 

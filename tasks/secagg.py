@@ -1,6 +1,6 @@
 """Secure aggregation's extra steps around a round: the clients' setup and reveal, and the
 aggregator's masked sum and unmasking. The clients' steps run where the clients run and post
-their answer to their own bucket (`fedlib.outbox`), where the aggregator reads it."""
+their answer to their own bucket (`fedlib.wire.outbox`), where the aggregator reads it."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from dataclasses import dataclass, replace
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from fedlib.aggregator import AggregationReport, build_strategy
-from fedlib.update_path import Expected
+from fedlib.round.aggregator import AggregationReport, build_strategy
+from fedlib.update.chain import Expected
 from fedlib.config import FederationConfig
-from fedlib.decode import parse_json
-from fedlib.broadcast import NextGlobal, split_state
-from fedlib.federation import (
+from fedlib.wire.decode import parse_json
+from fedlib.round.broadcast import NextGlobal, split_state
+from tasks.from_config import (
     round_global,
     aggregator_update_key,
     checkpoint_store,
@@ -25,13 +25,13 @@ from fedlib.federation import (
     reveal_ledger,
     secagg_session,
 )
-from fedlib.keys import AGGREGATOR
+from fedlib.wire.keys import AGGREGATOR
 from fedlib.rejection import Reason, UpdateRejected
-from fedlib.secagg.aggregator import MaskedSum, finish_secure_round, sum_masked_updates
+from fedlib.round.secure_aggregator import MaskedSum, finish_secure_round, sum_masked_updates
 from fedlib.secagg.messages import RevealRequest, SetupMessage, SetupRequest
 from fedlib.secagg.protocol import Session, check_setup, make_reveal, make_setup, open_inbox, read_complaint
 from fedlib.secagg.quantised import Codes
-from fedlib.shards import client_data
+from fedlib.data.shards import client_data
 from tasks.credentials import party_keys, storage_options
 
 
@@ -52,7 +52,7 @@ def secagg_setup(config: FederationConfig, client: str, round_number: int, reque
 
 @task(name="secagg-reveal", task_run_name="secagg-reveal-{client}-round-{round_number}", cache_policy=NO_CACHE)
 def secagg_reveal(config: FederationConfig, client: str, round_number: int, request: RevealRequest) -> str:
-    """Answers once per session (see `fedlib.client_state.RevealLedger`); posts the answer."""
+    """Answers once per session (see `fedlib.wire.sealed_stores.RevealLedger`); posts the answer."""
     ring, box = _client_outbox(config, client, round_number)
     session = secagg_session(config, round_number, request.session_id)
     peers = open_inbox(ring, client, session, request.inbox)

@@ -15,9 +15,9 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from fedlib.client import client_seed
+from fedlib.round.client import client_seed
 from fedlib.config import FederationConfig
-from fedlib.federation import load_data
+from tasks.from_config import load_data
 from fedlib.split.client import HttpTransport, SplitClient
 from fedlib.split.trainer import Tensors
 from tasks.credentials import party_keys
@@ -41,7 +41,7 @@ class ServerProcess:
 def start_server(config_path: str, timeout_s: float) -> ServerProcess:
     ready = Path(tempfile.mkdtemp(prefix="fedlib-split-")) / "port"
     process = subprocess.Popen(
-        [sys.executable, "-m", "fedlib.split.server", config_path, "--ready", str(ready)],
+        [sys.executable, "-m", "tasks.split_server", config_path, "--ready", str(ready)],
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])},
     )
     deadline = time.monotonic() + timeout_s

@@ -15,10 +15,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
-from fedlib.federation import Tensors, evaluation_examples
-from fedlib.manifest import Manifest, to_json
-from fedlib.model import save_adapter_folder
-from fedlib.plots import loss_figure, progress_figure
+from tasks.from_config import Tensors, evaluation_examples
+from fedlib.round.manifest import Manifest, to_json
+from fedlib.model.base import save_adapter_folder
+from fedlib.reports.plots import loss_figure, progress_figure
 
 
 def _client(config: FederationConfig) -> MlflowClient:
@@ -51,7 +51,7 @@ def open_tracking(config: FederationConfig, run_id: str | None, run_name: str | 
         if experiment is not None
         else client.create_experiment(config.experiment_name, artifact_location=config.artifact_location)
     )
-    tags = {"fedlib.federation": config.federation.id, "fedlib.client_stated": CLIENT_STATED}
+    tags = {"tasks.from_config": config.federation.id, "fedlib.client_stated": CLIENT_STATED}
     run = client.create_run(experiment_id, run_name=run_name or config.federation.id, tags=tags)
     params: dict[str, str] = {}
     _flatten("", config.model_dump(mode="json"), params)

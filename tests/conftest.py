@@ -44,7 +44,7 @@ PLAYS = {  # genre -> plays copied into the small test corpus
 @pytest.fixture(scope="session")
 def corpus_dir() -> Path:
     """Seven real plays as `<genre>/<play>.md`, read by the same fsspec path users' files take."""
-    from fedlib.data import shakespeare_documents
+    from fedlib.data.corpus import shakespeare_documents
 
     wanted = {p for plays in PLAYS.values() for p in plays}
     target = _SESSION_HOME / "corpus"
@@ -150,8 +150,8 @@ def cloud_clouds(emulators, bucket_suffix: str) -> list[dict]:
 def stored_update_context(config, client: str, round_number: int, blob: bytes):
     """The context the aggregator opens a stored update with: its parent is round n−1's
     committed adapter; its secure session, if any, is read from the header (and bound)."""
-    from fedlib.envelope import EnvelopeContext, peek_header
-    from fedlib.federation import checkpoint_store
+    from fedlib.wire.envelope import EnvelopeContext, peek_header
+    from tasks.from_config import checkpoint_store
 
     parent = checkpoint_store(config).manifest(round_number - 1).adapter_sha256
     return EnvelopeContext(config.federation.id, round_number, client, peek_header(blob).get("session", ""), parent)
@@ -163,10 +163,10 @@ def scan_ciphertext_only(config, options_by_cloud) -> int:
     import re
     import struct
 
-    from fedlib import storage
-    from fedlib.envelope import open_sealed
-    from fedlib.federation import aggregator_update_key, keyring
-    from fedlib.serialization import bytes_to_tensors
+    from fedlib.wire import storage
+    from fedlib.wire.envelope import open_sealed
+    from tasks.from_config import aggregator_update_key, keyring
+    from fedlib.wire.serialization import bytes_to_tensors
 
     ring = keyring(config)
     scanned = 0
@@ -182,7 +182,7 @@ def scan_ciphertext_only(config, options_by_cloud) -> int:
             for marker in (b"__metadata__", b'"dtype"', b'"F32"', b"lora_A", b"num_examples"):
                 assert marker not in blob, (path, marker)
             if path.endswith(".shard"):  # the client's distributed training data, sealed for it
-                from fedlib.shards import shard_context
+                from fedlib.data.shards import shard_context
 
                 plaintext = open_sealed(blob, aggregator_update_key(ring, cloud.name), shard_context(config, cloud.name))
             else:

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlib import storage
+from fedlib.wire import storage
 from fedlib.config import parse_config
-from fedlib.aggregator import aggregate_updates
-from fedlib.update_path import Expected, open_client_update
-from fedlib.client import train_client_update
-from fedlib.federation import (
+from fedlib.round.aggregator import aggregate_updates
+from fedlib.update.chain import Expected, open_client_update
+from fedlib.round.client import train_client_update
+from tasks.from_config import (
     aggregator_update_key,
     client_update_key,
     keyring,
@@ -53,7 +53,7 @@ def _path(url: str) -> Path:
 def _expected(config, key, global_adapter, clients):
     """The FedAvg of exactly these clients' authentic updates, their claimed counts held to
     `aggregation.max_weight_share` (this aggregator was not told the shards)."""
-    from fedlib.envelope import EnvelopeContext
+    from fedlib.wire.envelope import EnvelopeContext
     from fedlib.strategies.shares import capped_updates
 
     updates = [
@@ -152,7 +152,7 @@ def test_examples_travel_inside_the_authenticated_payload(trained_round):
     config, key, global_adapter, reports = trained_round
     shards = {c: len(p) for c, p in partition_clients(config, load_data(config)).items()}
     assert {c: r.num_examples for c, r in reports.items()} == shards
-    from fedlib.envelope import EnvelopeContext
+    from fedlib.wire.envelope import EnvelopeContext
 
     blob = storage.read_limited(update_url(config, "gcp", 1), 1 << 30)
     update, _ = open_client_update(blob, key["gcp"], EnvelopeContext("test", 1, "gcp"), global_adapter, LIMITS)

@@ -23,16 +23,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlib import storage
-from fedlib.aggregator import aggregate_updates, expected_of
-from fedlib.update_path import Expected
-from fedlib.checkpoint import CheckpointStore, ManifestRejected, plan_rounds
-from fedlib.client import train_and_seal, upload_sealed
-from fedlib.shards import ClientData
-from fedlib.client_state import CarriedResidual
+from fedlib.wire import storage
+from fedlib.round.aggregator import aggregate_updates, expected_of
+from fedlib.update.chain import Expected
+from fedlib.round.checkpoint import CheckpointStore, ManifestRejected, plan_rounds
+from fedlib.round.client import train_and_seal, upload_sealed
+from fedlib.data.shards import ClientData
+from fedlib.wire.sealed_stores import CarriedResidual
 from fedlib.config import ConfigError, FederationConfig, parse_config
-from fedlib.envelope import MAGIC, EnvelopeContext, UpdateKey, seal
-from fedlib.federation import (
+from fedlib.wire.envelope import MAGIC, EnvelopeContext, UpdateKey, seal
+from tasks.from_config import (
     aggregator_update_key,
     checkpoint_store,
     client_update_key,
@@ -45,13 +45,14 @@ from fedlib.federation import (
     secagg_session,
     update_url,
 )
-from fedlib.manifest import Manifest, SaidByClient, to_json
-from fedlib.model import trained_part
+from fedlib.round.manifest import Manifest, to_json
+from fedlib.update.report import SaidByClient
+from fedlib.model.base import trained_part
 from fedlib.rejection import Reason, UpdateRejected
-from fedlib.secagg.aggregator import finish_secure_round, sum_masked_updates
+from fedlib.round.secure_aggregator import finish_secure_round, sum_masked_updates
 from fedlib.secagg.client import SecureRound, masked_update
 from fedlib.secagg.protocol import make_reveal, make_setup, open_inbox, relay_setups
-from fedlib.serialization import tensors_to_bytes
+from fedlib.wire.serialization import tensors_to_bytes
 from fedlib.strategies import make_strategy
 from tests.conftest import tiny_config_dict
 
@@ -199,7 +200,7 @@ def test_2_the_split_channel_and_the_residual_loader_share_the_parser(fed, caplo
     assert info.value.reason is Reason.MALFORMED
     store = residual_store(fed.config, fed.ring, "aws", None)
     store.save(_nested_header_envelope())
-    with caplog.at_level("WARNING", logger="fedlib.client_state"):
+    with caplog.at_level("WARNING", logger="fedlib.wire.sealed_stores"):
         assert store.load(1) == {}
     assert "residual left out (malformed)" in caplog.text
 
@@ -293,7 +294,7 @@ def test_4_hostile_payloads_with_a_real_key_are_named_rejections(tmp_path, corpu
 
 # 5. ε is not under-reported when clients are sampled.
 def test_5_epsilon_with_a_public_sample_is_the_worst_clients_at_q_1(tmp_path, corpus_dir, tiny_model_dir):
-    from fedlib.heterogeneity import sample_clients
+    from fedlib.round.planning import sample_clients
     from fedlib.privacy.accountant import epsilon_after, participation_after, privacy_spent
 
     raw = tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir, clouds=tuple(f"c{i}" for i in range(10)))
@@ -355,9 +356,10 @@ def _test_verifier():
 def split_server(fed):
     """The real split server (HTTP on 127.0.0.1) in this process, so a test can set its attestor
     and clock; returns (state, url)."""
-    from fedlib.split.server import SplitServer, http_server
+    from fedlib.split.server import http_server
+    from tasks.split_server import split_server
 
-    state = SplitServer.from_config(fed.config)
+    state = split_server(fed.config)
     httpd = http_server(state)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -430,7 +432,8 @@ def test_7_no_endpoint_answers_without_a_session(fed, split_server):
 
 
 def test_7_a_recorded_session_cannot_be_replayed(fed, split_server, tmp_path):
-    from fedlib.split.server import SplitServer, http_server
+    from fedlib.split.server import http_server
+    from tasks.split_server import split_server
 
     state, url = split_server
     client = _connect(fed.config, url, keep_wire=True)
@@ -446,7 +449,7 @@ def test_7_a_recorded_session_cannot_be_replayed(fed, split_server, tmp_path):
     client.train_step(batch)
     # A server that has forgotten the session (restarted) did not issue the hello's challenge:
     # the hello opens nothing there, and the recorded messages find no session.
-    fresh = SplitServer.from_config(fed.config)
+    fresh = split_server(fed.config)
     httpd = http_server(fresh)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     other = f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -625,7 +628,7 @@ def test_10_an_older_residual_restored_into_the_bucket_is_not_added_back(fed, ca
     store.save(store.sealed(4, {"w": torch.full((3,), 2.0)}))
     assert torch.equal(store.load(4)["w"], torch.full((3,), 2.0))
     storage.write_atomic(store.url, old)  # the storage provider restores round 2's object
-    with caplog.at_level("WARNING", logger="fedlib.client_state"):
+    with caplog.at_level("WARNING", logger="fedlib.wire.sealed_stores"):
         assert store.load(4) == {}
     assert "residual left out (stale)" in caplog.text
     forged = old.replace(b'"round":2', b'"round":4')  # claiming round 4 breaks the seal
@@ -658,7 +661,7 @@ def test_10_nan_is_refused_by_fixed_point_and_counts_by_the_round(fed):
 
 
 def _keyring_config(tmp_path: Path, aggregator, clients: dict, key_source: str, federation: str = "trust", data_dir: str = "data") -> dict:
-    from fedlib.keys import public_text
+    from fedlib.wire.keys import public_text
 
     return {
         "federation": {"id": federation, "data_dir": str(tmp_path / data_dir)},
@@ -677,8 +680,8 @@ def test_r1_no_config_change_makes_a_party_trust_a_new_aggregator_key(tmp_path, 
     found. aws trusts only what it trusted with `fedlib keys trust` on its own machine."""
     import yaml
 
-    from fedlib.keys import AGGREGATOR, new_party_keys, party_pem
-    from fedlib.trust import KeyringNotTrusted
+    from fedlib.wire.keys import AGGREGATOR, new_party_keys, party_pem
+    from fedlib.wire.trust import KeyringNotTrusted
     from fedlib_cli.main import main
 
     aws, gcp = new_party_keys("aws"), new_party_keys("gcp")
@@ -937,8 +940,9 @@ def test_r9_what_one_client_says_of_itself_does_not_steer_the_federation(tmp_pat
     in a round the aggregator saw take 3 s, and a validation loss of 0.001 over 10^9 tokens (to
     fake the federation's score). The aggregator holds what it can measure to its measurements,
     and a median bounds the rest; the figures stay labelled as the clients' word in MLflow."""
-    from fedlib.heterogeneity import budget_stop, step_budgets
-    from fedlib.manifest import ClientReport, round_manifest
+    from fedlib.round.planning import budget_stop, step_budgets
+    from fedlib.round.manifest import round_manifest
+    from fedlib.update.report import ClientReport
     from tasks.tracking import CLIENT_STATED
 
     raw = tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir, clouds=CLOUDS)
@@ -976,13 +980,13 @@ def test_r10_a_multi_process_client_listens_on_loopback_only(tiny_model_dir):
     unauthenticated, for the whole run."""
     import psutil
 
-    from fedlib.distributed import train_in_processes
+    from fedlib.model.distributed import train_in_processes
     from fedlib.examples import Examples
-    from fedlib.model import adapter_state, attach_lora, load_base_model
-    from fedlib.model_pool import ModelKey
+    from fedlib.model.base import adapter_state, attach_lora, load_base_model
+    from fedlib.model.pool import ModelKey
     from fedlib.placement import Placement
     from fedlib.config import LoraSettings
-    from fedlib.training import TrainingPlan
+    from fedlib.model.training import TrainingPlan
 
     lora = LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
     placement = Placement("cpu", "fp32")
@@ -1008,7 +1012,8 @@ def test_r11_recorded_hellos_reopen_nothing_and_one_key_cannot_hold_every_sessio
     """Replaying 16 recorded hellos to a restarted split server filled `split.max_sessions` and
     locked genuine clients out for the TTL; and one client's key alone could hold every session.
     Now a hello answers a challenge of this server process, and a client holds at most its share."""
-    from fedlib.split.server import SplitServer, http_server
+    from fedlib.split.server import http_server
+    from tasks.split_server import split_server
 
     state, url = split_server
     limit = fed.config.split.max_sessions
@@ -1018,7 +1023,7 @@ def test_r11_recorded_hellos_reopen_nothing_and_one_key_cannot_hold_every_sessio
         recorded.append(client.transport.wire[2])
     assert sum(s.channel.peer == "aws" for s in state.sessions.values()) == state.share < limit
     _connect(fed.config, url, "gcp")  # aws's key did not lock gcp out
-    fresh = SplitServer.from_config(fed.config)  # the server restarts: it remembers no session
+    fresh = split_server(fed.config)  # the server restarts: it remembers no session
     httpd = http_server(fresh)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     other = f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -1045,7 +1050,7 @@ def test_r12_under_secure_aggregation_the_aggregator_learns_no_figure_of_a_clien
     from mlflow.tracking import MlflowClient
 
     from fedlib.progress import ClientStep, ClientTrained
-    from fedlib.shards import client_data
+    from fedlib.data.shards import client_data
     from flows.federated_training import federated_training
     from tests.conftest import write_config
 
@@ -1090,7 +1095,7 @@ def test_r13_another_tokenizer_or_chat_template_is_another_base(tmp_path, tiny_m
     """A party whose folder has the federation's weights but its own chat template, or its own
     token ids, trained a different model and sent the update anyway: the revision the lineage
     records covered config and weights only."""
-    from fedlib.model import BaseModelMismatch, base_revision, check_base_model
+    from fedlib.model.base import BaseModelMismatch, base_revision, check_base_model
 
     federation_trains = base_revision(str(tiny_model_dir))
     same = tmp_path / "same"

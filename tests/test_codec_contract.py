@@ -15,7 +15,7 @@ import torch
 from fedlib.codecs import CodecChain, codecs, tensor_codec
 from fedlib.codecs.base import CodecOptions
 from fedlib.rejection import Reason, UpdateRejected
-from fedlib.serialization import tensors_to_bytes
+from fedlib.wire.serialization import tensors_to_bytes
 
 NAMES = sorted(codecs.items)
 

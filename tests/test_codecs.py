@@ -13,7 +13,7 @@ import torch
 from fedlib.codecs import CodecChain
 from fedlib.config import ConfigError, load_config, parse_config
 from fedlib.rejection import Reason, UpdateRejected
-from fedlib.serialization import bytes_to_tensors, tensors_to_bytes
+from fedlib.wire.serialization import bytes_to_tensors, tensors_to_bytes
 from flows.federated_training import federated_training
 from tests.conftest import tiny_config_dict, write_config
 
@@ -195,8 +195,8 @@ def test_a_federation_with_compressed_updates_and_error_feedback(tmp_path, corpu
     assert adapter_bytes > 0 and all(b * 10 < adapter_bytes for b in plain)  # ≥10× smaller than the fp32 adapter
     assert manifests[-1].round == 2 and len(manifests[-1].accepted) == 2
     # Each client's residual sits in its own bucket, sealed: no safetensors header in the clear.
-    from fedlib import storage
-    from fedlib.federation import checkpoint_store, keyring, residual_store
+    from fedlib.wire import storage
+    from tasks.from_config import checkpoint_store, keyring, residual_store
 
     for client in ("aws", "gcp"):
         store = residual_store(config, keyring(config), client, None)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from fedlib import storage
+from fedlib.wire import storage
 from fedlib.config import ConfigError, load_config, parse_config
-from fedlib.federation import checkpoint_store, initial_adapter, keyring
+from tasks.from_config import checkpoint_store, initial_adapter, keyring
 from flows.federated_training import federated_training
 from tests.conftest import stored_update_context, tiny_config_dict, write_config
 
@@ -36,8 +36,8 @@ def test_ffa_lora_trains_and_sends_only_b(tmp_path, corpus_dir, tiny_model_dir):
     assert all(float(end[n].abs().sum()) > 0 for n in b_names)  # B learnt from zero
     assert manifests[-1].perplexity < manifests[0].perplexity
     # What a client uploads holds B only (the rest is the envelope and the client's report).
-    from fedlib.update_path import Expected, open_client_update
-    from fedlib.federation import aggregator_update_key
+    from fedlib.update.chain import Expected, open_client_update
+    from tasks.from_config import aggregator_update_key
 
     blob = storage.read_limited(manifests[1].clients["aws"].object_url, 1 << 30)
     key = aggregator_update_key(keyring(config), "aws")
@@ -71,12 +71,12 @@ def test_the_global_goes_down_as_a_quantised_change_that_clients_rebuild_exactly
         assert all(r.bytes_downloaded == head_bytes + parent.broadcast_bytes for r in m.clients.values())
     assert manifests[-1].perplexity < manifests[0].perplexity
     # The aggregator keeps what the broadcast codecs held back, for the next round's change.
-    from fedlib.broadcast import split_state
+    from fedlib.round.broadcast import split_state
 
     _, residual = split_state(store.strategy_state_of(manifests[-1]))
     assert residual and sum(float(v.abs().sum()) for v in residual.values()) > 0
     # What a client holds sits in its own bucket, sealed.
-    from fedlib.federation import global_for_client, held_global
+    from tasks.from_config import global_for_client, held_global
 
     ring = keyring(config)
     held = held_global(config, ring, "aws", None)
@@ -152,7 +152,7 @@ def test_a_secure_federation_with_low_bit_codes(tmp_path, corpus_dir, tiny_model
         messages = sum(sent.up + sent.down for sent in m.protocol_bytes.values())
         assert m.bytes_crossing_clouds == sum(r.bytes_uploaded + r.bytes_downloaded for r in m.clients.values()) + messages
     # Error feedback carries what the codes lost, in the client's own bucket.
-    from fedlib.federation import residual_store
+    from tasks.from_config import residual_store
 
     residual = residual_store(config, keyring(config), "aws", None).load(3)
     assert residual and sum(float(v.abs().sum()) for v in residual.values()) > 0

@@ -88,7 +88,7 @@ def test_model_sources_and_config_as_data(tmp_path, tiny_model_dir):
     passed as data (as the federation hands it to its clients) arrives with the test-only noise
     seed redacted, and the seed is dropped rather than refused."""
     from fedlib.config import config_from, parse_config
-    from fedlib.model import BaseModelMismatch, base_revision, check_base_model
+    from fedlib.model.base import BaseModelMismatch, base_revision, check_base_model
 
     raw = {"clouds": [{"name": "aws"}], "federation": {"data_dir": str(tmp_path)}}
     for source in ("hf:HuggingFaceTB/SmolLM2-135M-Instruct", "s3://models/smollm2/", "file:///srv/models/llama"):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedlib.checkpoint import CheckpointStore
+from fedlib.round.checkpoint import CheckpointStore
 from fedlib.config import load_config
 from scripts.emulators import free_port
 from tests.conftest import ROOT, cloud_clouds, tiny_config_dict, write_config

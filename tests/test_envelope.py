@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlib.envelope import MAGIC, EnvelopeContext, UpdateKey, open_sealed, seal
-from fedlib.update_path import Expected, open_client_update
+from fedlib.wire.envelope import MAGIC, EnvelopeContext, UpdateKey, open_sealed, seal
+from fedlib.update.chain import Expected, open_client_update
 from fedlib.rejection import Reason, UpdateRejected
-from fedlib.serialization import bytes_to_tensors, read_metadata, tensors_to_bytes
+from fedlib.wire.serialization import bytes_to_tensors, read_metadata, tensors_to_bytes
 
 KEY = UpdateKey(bytes(range(32)), "aws-key-id")
 CTX = EnvelopeContext("fed", 3, "aws")

@@ -14,9 +14,9 @@ from mlflow.tracking import MlflowClient
 from peft import PeftModel
 
 from fedlib.config import load_config
-from fedlib.federation import checkpoint_store, load_data
-from fedlib.model import load_base_model
-from fedlib.training import evaluate_loss
+from tasks.from_config import checkpoint_store, load_data
+from fedlib.model.base import load_base_model
+from fedlib.model.training import evaluate_loss
 from flows.federated_training import federated_training
 from tests.conftest import scan_ciphertext_only, tiny_config_dict, write_config
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from fedlib.update_path import Expected, open_client_update
+from fedlib.update.chain import Expected, open_client_update
 from fedlib.codecs import TENSOR_CODECS, CodecChain
-from fedlib.envelope import MAGIC, EnvelopeContext, UpdateKey, seal
+from fedlib.wire.envelope import MAGIC, EnvelopeContext, UpdateKey, seal
 from fedlib.rejection import UpdateRejected
-from fedlib.serialization import tensors_to_bytes
+from fedlib.wire.serialization import tensors_to_bytes
 
 KEY = UpdateKey(bytes(range(32)), "aws-key-id")
 CTX = EnvelopeContext("fed", 2, "aws", "", "ab" * 32)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import pytest
 
 from fedlib.config import ConfigError, parse_config
-from fedlib.heterogeneity import budget_stop, round_cost, sample_clients, step_budgets
-from fedlib.manifest import ClientReport, Manifest
+from fedlib.round.cost import round_cost
+from fedlib.round.planning import budget_stop, sample_clients, step_budgets
+from fedlib.round.manifest import Manifest
+from fedlib.update.report import ClientReport
 from fedlib.privacy.accountant import epsilon_after, participation_after, privacy_spent
 from flows.federated_training import federated_training
 from tests.conftest import tiny_config_dict, write_config

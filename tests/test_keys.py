@@ -8,11 +8,11 @@ import stat
 import pytest
 import torch
 
-from fedlib.checkpoint import CheckpointStore, ManifestRejected, ManifestSignatureError
-from fedlib.manifest import Manifest
-from fedlib.envelope import EnvelopeContext, open_sealed, seal
-from fedlib.federation import aggregator_update_key, client_update_key
-from fedlib.keys import init_keys, load_keyring
+from fedlib.round.checkpoint import CheckpointStore, ManifestRejected, ManifestSignatureError
+from fedlib.round.manifest import Manifest
+from fedlib.wire.envelope import EnvelopeContext, open_sealed, seal
+from tasks.from_config import aggregator_update_key, client_update_key
+from fedlib.wire.keys import init_keys, load_keyring
 from fedlib.rejection import Reason, UpdateRejected
 
 CLIENTS = ["aws", "gcp"]
@@ -164,8 +164,8 @@ def test_each_party_holds_only_its_own_key_from_its_source(tmp_path, monkeypatch
     import yaml
 
     from fedlib.config import parse_config
-    from fedlib.federation import keyring
-    from fedlib.keys import AGGREGATOR, fingerprint, parse_party_pem
+    from tasks.from_config import keyring
+    from fedlib.wire.keys import AGGREGATOR, fingerprint, parse_party_pem
     from fedlib_cli.main import main
 
     publics = {"clients": {}}
@@ -214,7 +214,7 @@ def test_each_party_holds_only_its_own_key_from_its_source(tmp_path, monkeypatch
 
 def test_a_keyring_section_must_list_every_cloud_and_decode(tmp_path):
     from fedlib.config import ConfigError, parse_config
-    from fedlib.keys import public_text, new_party_keys
+    from fedlib.wire.keys import public_text, new_party_keys
 
     aggregator = [k.public_key() for k in new_party_keys("aggregator")]
     publics = {"aggregator": {"exchange": public_text(aggregator[0]), "signing": public_text(aggregator[1])},

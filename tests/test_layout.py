@@ -28,7 +28,7 @@ def test_core_source_imports_no_orchestration():
 
 def test_core_import_does_not_load_prefect():
     code = (
-        "import sys, fedlib.federation, fedlib.plots, fedlib.strategies\n"
+        "import sys, fedlib.round.client, fedlib.round.aggregator, fedlib.split.server, fedlib.reports.plots\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'mlflow'))\n"
         "assert not bad, bad\n"
     )

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from fedlib.config import ConfigError, LoraSettings, parse_config
-from fedlib.distributed import train_in_processes
+from fedlib.model.distributed import train_in_processes
 from fedlib.examples import IGNORE, Examples
-from fedlib.model import adapter_state, attach_lora, load_base_model, load_tokenizer
-from fedlib.model_pool import POOL, ModelKey
+from fedlib.model.base import adapter_state, attach_lora, load_base_model, load_tokenizer
+from fedlib.model.pool import POOL, ModelKey
 from fedlib.placement import CPU_FP32, Placement
-from fedlib.records import assistant_spans, tokenize_records
-from fedlib.training import TrainingPlan, evaluate_loss, train_lora
+from fedlib.data.records import assistant_spans, tokenize_records
+from fedlib.model.training import TrainingPlan, evaluate_loss, train_lora
 from tests.conftest import CHATML, ROOT, tiny_config_dict, write_config
 
 LORA = LoraSettings(r=4, alpha=8)
@@ -178,7 +178,7 @@ def test_quantization_without_cuda_fails_at_validation_naming_the_field(tmp_path
 
 
 def test_records_in_three_formats_load_from_files(tmp_path, tokenizer):
-    from fedlib.records import load_records
+    from fedlib.data.records import load_records
 
     (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps({"messages": CONVERSATION}) for _ in range(3)))
     (tmp_path / "text.json").write_text(json.dumps([{"text": "a short line"}, {"text": "another"}]))

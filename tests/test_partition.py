@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedlib.partition import label_histogram, partition, partitioners
+from fedlib.data.partition import label_histogram, partition, partitioners
 
 LABELS = [g for g, n in (("tragedy", 300), ("comedy", 200), ("history", 250), ("roman", 150)) for _ in range(n)]
 

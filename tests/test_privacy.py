@@ -11,13 +11,13 @@ import torch
 from mlflow.tracking import MlflowClient
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from fedlib import storage
+from fedlib.wire import storage
 from fedlib.config import load_config
-from fedlib.envelope import open_sealed
-from fedlib.federation import aggregator_update_key, keyring
+from fedlib.wire.envelope import open_sealed
+from tasks.from_config import aggregator_update_key, keyring
 from fedlib.privacy.accountant import epsilon_after, rounds_within_budget
 from fedlib.privacy.dp import DifferentialPrivacy, clip_update_inplace, update_norm
-from fedlib.serialization import bytes_to_tensors
+from fedlib.wire.serialization import bytes_to_tensors
 from fedlib.strategies import ClientUpdate, make_strategy
 from flows.federated_training import federated_training
 from tests.conftest import stored_update_context, tiny_config_dict, write_config

@@ -10,9 +10,9 @@ import time
 
 from mlflow.tracking import MlflowClient
 
-from fedlib.checkpoint import plan_rounds
+from fedlib.round.checkpoint import plan_rounds
 from fedlib.config import load_config
-from fedlib.federation import checkpoint_store, keyring, update_url
+from tasks.from_config import checkpoint_store, keyring, update_url
 from flows.federated_training import federated_training
 from tests.conftest import ROOT, tiny_config_dict, write_config
 
@@ -68,8 +68,8 @@ def test_two_runs_racing_to_commit_a_round_cannot_both_win(tmp_path, corpus_dir,
     import pytest
     import torch
 
-    from fedlib.checkpoint import RoundAlreadyCommitted
-    from fedlib.manifest import Manifest
+    from fedlib.round.checkpoint import RoundAlreadyCommitted
+    from fedlib.round.manifest import Manifest
 
     config = load_config(write_config(tmp_path, tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir)))
     store = checkpoint_store(config, keyring(config, create=True))

@@ -112,8 +112,8 @@ def test_protocol_messages_end_to_end_with_a_dropout(tmp_path):
     """Setup messages sealed per client pair, double masking with authenticated peer keys, a
     client that drops after masking, survivors' reveals sealed for the aggregator, and the
     unmasked sum equal to the survivors' FedAvg."""
-    from fedlib.federation import aggregator_update_key, client_update_key
-    from fedlib.keys import init_keys, load_keyring
+    from tasks.from_config import aggregator_update_key, client_update_key
+    from fedlib.wire.keys import init_keys, load_keyring
     from fedlib.secagg.protocol import Session, make_reveal, make_setup, mask_update, open_inbox, relay_setups, unmask_sum
 
     init_keys(tmp_path, CLIENTS)
@@ -158,17 +158,17 @@ def test_protocol_messages_end_to_end_with_a_dropout(tmp_path):
 
 
 def _ledger(tmp_path, ring, client):
-    from fedlib.client_state import RevealLedger
-    from fedlib.envelope import UpdateKey
-    from fedlib.keys import fingerprint
+    from fedlib.wire.sealed_stores import RevealLedger
+    from fedlib.wire.envelope import UpdateKey
+    from fedlib.wire.keys import fingerprint
 
     key = UpdateKey(ring.client_derived_secret(client, "secagg-reveals"), fingerprint(ring.public_key(client)))
     return RevealLedger((tmp_path / "buckets" / client).as_uri(), key, "fed", client)
 
 
 def test_a_client_never_reveals_both_secrets_of_one_peer(tmp_path):
-    from fedlib.federation import client_update_key
-    from fedlib.keys import init_keys, load_keyring
+    from tasks.from_config import client_update_key
+    from fedlib.wire.keys import init_keys, load_keyring
     from fedlib.rejection import UpdateRejected
     from fedlib.secagg.protocol import BadSetups, Session, make_reveal, make_setup, open_inbox, relay_setups
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedlib.checkpoint import CheckpointStore
+from fedlib.round.checkpoint import CheckpointStore
 from fedlib.config import parse_config
-from fedlib.keys import AGGREGATOR
+from fedlib.wire.keys import AGGREGATOR
 from tests.conftest import PLAYS, ROOT
 from tests.test_deployments import POOLS, PrefectServer
 

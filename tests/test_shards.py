@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlib import storage
+from fedlib.wire import storage
 from fedlib.config import parse_config
-from fedlib.federation import aggregator_update_key, client_update_key, keyring, load_data, partition_clients
+from tasks.from_config import aggregator_update_key, client_update_key, keyring, load_data, partition_clients
 from fedlib.rejection import Reason, UpdateRejected
-from fedlib.shards import distribute_shard, own_data, read_shard, shard_url
+from fedlib.data.shards import distribute_shard, own_data, read_shard, shard_url
 from tests.conftest import tiny_config_dict
 
 

@@ -7,9 +7,9 @@ import math
 import pytest
 
 from fedlib.config import LoraSettings
-from fedlib.data import shakespeare_documents, tokenize_blocks
-from fedlib.model import attach_lora, load_base_model, load_tokenizer, model_folder
-from fedlib.training import TrainingPlan, evaluate_loss, train_lora
+from fedlib.data.corpus import shakespeare_documents, tokenize_blocks
+from fedlib.model.base import attach_lora, load_base_model, load_tokenizer, model_folder
+from fedlib.model.training import TrainingPlan, evaluate_loss, train_lora
 
 pytestmark = pytest.mark.slow
 SOURCE = "smollm2-135m-instruct"

@@ -7,7 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fedlib.config import load_config
-from fedlib.federation import keyring, load_data
+from tasks.from_config import keyring, load_data
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.split.attestation import AttestationFailed, NoTEE, check_attestation
 from flows.split_finetune import split_finetune

@@ -178,7 +178,7 @@ def test_options_are_checked_by_name():
 def test_a_smaller_client_rank_keeps_the_applied_product():
     """Cut to rank k and padded back, the adapter applies the global's first k components:
     PEFT's alpha/r scaling is undone on both sides."""
-    from fedlib.lora_ranks import pad_adapter, truncate_adapter
+    from fedlib.model.ranks import pad_adapter, truncate_adapter
 
     glob = {A: torch.randn(4, 5, dtype=torch.float64), B: torch.randn(6, 4, dtype=torch.float64)}
     cut = truncate_adapter(glob, global_rank=4, rank=2)

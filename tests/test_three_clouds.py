@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from fedlib import storage
+from fedlib.wire import storage
 from fedlib.config import load_config
-from fedlib.shards import shard_url
-from fedlib.federation import checkpoint_store, update_url
+from fedlib.data.shards import shard_url
+from tasks.from_config import checkpoint_store, update_url
 from flows.federated_training import federated_training
 from tasks.credentials import storage_options
 from tests.conftest import cloud_clouds, scan_ciphertext_only, tiny_config_dict, write_config

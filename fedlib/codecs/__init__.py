@@ -11,7 +11,7 @@ name in a registry (`base.codecs`, as strategies are), then `zstd` over the seri
 - `zstd`: lossless compression of the whole serialised payload (`chain`).
 
 Error feedback (Seide et al., 2014; Karimireddy et al., 2019) is the client's business: what a
-lossy chain dropped this round is added back to the next round's delta (`fedlib.client`).
+lossy chain dropped this round is added back to the next round's delta (`fedlib.round.client`).
 """
 
 from fedlib.codecs import cast, int8, lowbit, topk  # noqa: F401  (they register themselves)

@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from fedlib.decode import TensorSpec, shape_of
+from fedlib.wire.decode import TensorSpec, shape_of
 from fedlib.registry import Registry
 from fedlib.rejection import Reason, UpdateRejected
 
@@ -91,7 +91,7 @@ class SizeBound:
             raise UpdateRejected(Reason.SHAPE_MISMATCH, f"codec: {name!r} declares {numel} entries, at most {limit} expected")
 
     def why_not(self, name: str, spec: TensorSpec) -> str | None:
-        """For `fedlib.decode.load_tensors`: why a payload tensor may not be built, if it may not."""
+        """For `fedlib.wire.decode.load_tensors`: why a payload tensor may not be built, if it may not."""
         limit = self.limit(name)
         if limit is None:
             return "not part of any expected tensor"

@@ -21,7 +21,7 @@ import torch
 import zstandard
 
 from fedlib.codecs.base import CodecOptions, SizeBound, TensorCodec, Tensors, bad, codecs
-from fedlib.decode import expect, parse_json
+from fedlib.wire.decode import expect, parse_json
 from fedlib.rejection import Reason, UpdateRejected
 
 ZSTD = "zstd"

@@ -9,7 +9,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from fedlib.decode import expect, malformed
+from fedlib.wire.decode import expect, malformed
 
 _MAX_BLOB_HEX = 1 << 16
 

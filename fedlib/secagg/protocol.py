@@ -28,10 +28,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedlib.client_state import RevealLedger
-from fedlib.decode import expect, parse_json
-from fedlib.envelope import EnvelopeContext, UpdateKey, check_addressed, open_sealed, seal
-from fedlib.keys import KeyRing, fingerprint
+from fedlib.wire.sealed_stores import RevealLedger
+from fedlib.wire.decode import expect, parse_json
+from fedlib.wire.envelope import EnvelopeContext, UpdateKey, check_addressed, open_sealed, seal
+from fedlib.wire.keys import KeyRing, fingerprint
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.secagg.messages import SetupMessage
 from fedlib.secagg.fixedpoint import MODULUS, Tensors

@@ -27,11 +27,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedlib.decode import expect, load_tensors, malformed
-from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed, peek_header, seal
-from fedlib.keys import KeyRing, fingerprint
+from fedlib.wire.decode import expect, load_tensors, malformed
+from fedlib.wire.envelope import EnvelopeContext, UpdateKey, open_sealed, peek_header, seal
+from fedlib.wire.keys import KeyRing, fingerprint
 from fedlib.rejection import Reason, UpdateRejected
-from fedlib.serialization import Tensors, tensors_to_bytes
+from fedlib.wire.serialization import Tensors, tensors_to_bytes
 
 SERVER = "server"
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import torch
 
 from fedlib.config import FederationConfig
-from fedlib.decode import expect, parse_json
-from fedlib.federation import load_global_model
-from fedlib.keys import KeyRing
+from fedlib.wire.decode import expect, parse_json
+from fedlib.model.base import attach_lora, load_base_model
+from fedlib.wire.keys import KeyRing
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.split.attestation import check_attestation
 from fedlib.split.channel import client_hello
@@ -62,7 +62,7 @@ class StepStats:
 class SplitClient:
     def __init__(self, config: FederationConfig, ring: KeyRing, client: str, transport: HttpTransport) -> None:
         self.config = config
-        model = load_global_model(config, None)
+        model = attach_lora(load_base_model(config.model.source), config.lora, config.federation.seed)
         slices = slice_model(model, config.split.cut)
         self.front, self.head = slices.front, slices.head
         self.trainer = SliceTrainer({"front": self.front, "head": self.head}, config.split)

@@ -1,6 +1,5 @@
-"""The server's side of split fine-tuning: the middle blocks, over HTTP on one host and port.
-
-    python -m fedlib.split.server CONFIG --port PORT [--ready FILE]
+"""The server's side of split fine-tuning: the middle blocks, over HTTP on one host and port
+(its process: `python -m tasks.split_server CONFIG --port PORT [--ready FILE]`).
 
 It loads the public base weights, attaches LoRA, keeps only the middle slice and drops the
 client's slices. `/hello` opens a session only for a client that proves its key (see
@@ -27,7 +26,6 @@ mode is `calibrate`, `train` or `eval` (no graph kept, no backward).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import threading
@@ -40,10 +38,11 @@ from pathlib import Path
 
 import torch
 
-from fedlib.config import FederationConfig, SplitConfig, load_config
-from fedlib.decode import expect, parse_json
-from fedlib.federation import keyring, load_global_model
-from fedlib.keys import KeyRing
+from transformers import PreTrainedModel
+
+from fedlib.config import SplitConfig
+from fedlib.wire.decode import expect, parse_json
+from fedlib.wire.keys import KeyRing
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.split.attestation import Attestor, NoTEE
 from fedlib.split.channel import ChannelSide, HelloChallenges, attestation_binding, server_accept
@@ -79,10 +78,11 @@ class SplitServer:
     clock: Callable[[], float] = time.monotonic
 
     @classmethod
-    def from_config(cls, config: FederationConfig) -> SplitServer:
-        model = load_global_model(config, None)
-        middle = slice_model(model, config.split.cut).middle  # the client's slices are not kept
-        return cls(middle, SliceTrainer({"middle": middle}, config.split), keyring(config), config.split)
+    def for_model(cls, model: PreTrainedModel, split: SplitConfig, ring: KeyRing) -> SplitServer:
+        """The server's part of `model` (with LoRA attached): its middle slice; the client's
+        slices are not kept."""
+        middle = slice_model(model, split.cut).middle
+        return cls(middle, SliceTrainer({"middle": middle}, split), ring, split)
 
     def _expire(self, now: float) -> None:
         for sid in [sid for sid, s in self.sessions.items() if now - s.last_used > self.limits.session_ttl_s]:
@@ -232,22 +232,8 @@ def http_server(server_state: SplitServer, port: int = 0) -> ThreadingHTTPServer
     return ThreadingHTTPServer(("127.0.0.1", port), Handler)
 
 
-def serve(config: FederationConfig, port: int, ready: Path | None = None) -> None:
-    httpd = http_server(SplitServer.from_config(config), port)
+def serve(server_state: SplitServer, port: int, ready: Path | None = None) -> None:
+    httpd = http_server(server_state, port)
     if ready is not None:
         ready.write_text(str(httpd.server_address[1]))
     httpd.serve_forever()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="fedlib split fine-tuning server (the middle blocks)")
-    parser.add_argument("config")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--ready", type=Path, help="write the bound port here once serving")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO)
-    serve(load_config(args.config), args.port, args.ready)
-
-
-if __name__ == "__main__":
-    main()

@@ -7,7 +7,7 @@ between clients are noise the adapter never learned. Here each client's factors 
 memory stays O(Σ ranks × (in + out)) rather than O(in × out) per module.
 
 Because the products are what is averaged, clients may train different ranks: a client with a
-smaller rank pads its factors with zeros up to the global shape (see `fedlib.lora_ranks`).
+smaller rank pads its factors with zeros up to the global shape (see `fedlib.model.ranks`).
 """
 
 from __future__ import annotations

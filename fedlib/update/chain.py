@@ -8,7 +8,7 @@ knows the part of the config it uses and nothing else. What a lossy filter (code
 masked codes) will let the aggregator count is recorded on the way, so error feedback's next
 residual is what the chain actually lost. The byte filters (`wire_payload`, then the envelope's
 `seal`) close the chain. The aggregator walks it back in `open_client_update` (plain updates) or
-`fedlib.secagg.aggregator.open_masked_update` (masked ones, whose sum is decoded once), and
+`fedlib.round.secure_aggregator.open_masked_update` (masked ones, whose sum is decoded once), and
 both directions of the mask filter read one weight rule (`fedlib.secagg.weights`).
 """
 
@@ -22,13 +22,13 @@ import torch
 
 from fedlib.codecs import CodecChain, SizeBound
 from fedlib.config import FederationConfig
-from fedlib.decode import bounded_int, load_tensors
-from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed
+from fedlib.wire.decode import bounded_int, load_tensors
+from fedlib.wire.envelope import EnvelopeContext, UpdateKey, open_sealed
 from fedlib.privacy.dp import clip_update_inplace
 from fedlib.secagg.client import SecureRound, masked_update
-from fedlib.serialization import tensors_to_bytes
+from fedlib.wire.serialization import tensors_to_bytes
 from fedlib.strategies import ClientUpdate
-from fedlib.validation import check_update
+from fedlib.update.validation import check_update
 
 Tensors = dict[str, torch.Tensor]
 

@@ -7,13 +7,13 @@ import hashlib
 import math
 import random
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from fedlib.config import FederationConfig
 
-if TYPE_CHECKING:  # the manifest module builds on this one
-    from fedlib.manifest import ClientReport, Manifest
+if TYPE_CHECKING:
+    from fedlib.round.manifest import Manifest
 
 DEADLINE_SHARE = 0.75  # of the round deadline, for local steps
 
@@ -80,21 +80,6 @@ def emulated_pacing(config: FederationConfig, client: str) -> tuple[float, float
     if config.training.seconds_per_step is not None:
         return 1.0, config.training.seconds_per_step / speed
     return max(c.profile.speed for c in config.clouds) / speed, 0.0
-
-
-def round_cost(config: FederationConfig, clients: Mapping[str, ClientReport], stragglers: Sequence[str] = ()) -> dict[str, float]:
-    """Estimated money per cloud for one round: its training time at its hourly price, plus
-    its update leaving the cloud at its egress price (the aggregator reads it from there). A
-    straggler is charged the round deadline's worth of compute, the least it used."""
-    cost = {}
-    for client, report in clients.items():
-        profile = config.cloud(client).profile
-        compute = report.train_s / 3600 * profile.price_per_hour
-        egress = report.bytes_uploaded / 1e9 * profile.egress_per_gb
-        cost[client] = compute + egress
-    for client in stragglers:
-        cost[client] = (config.orchestration.round_deadline_s or 0.0) / 3600 * config.cloud(client).profile.price_per_hour
-    return cost
 
 
 def budget_stop(config: FederationConfig, manifests: Sequence[Manifest]) -> str | None:

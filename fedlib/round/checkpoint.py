@@ -30,16 +30,17 @@ import torch
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedlib import storage
-from fedlib.decode import expect, parse_json
-from fedlib.manifest import Manifest, ManifestHead, head_from_json, head_to_json, manifest_from_json, to_json
+from fedlib.wire import storage
+from fedlib.wire.layout import CheckpointLayout
+from fedlib.wire.decode import expect, parse_json
+from fedlib.round.manifest import Manifest, ManifestHead, head_from_json, head_to_json, manifest_from_json, to_json
 from fedlib.rejection import Reason, UpdateRejected
-from fedlib.serialization import bytes_to_tensors, tensors_to_bytes
+from fedlib.wire.serialization import bytes_to_tensors, tensors_to_bytes
 
 Tensors = dict[str, torch.Tensor]
 _ROUND_DIR = re.compile(r"round-(\d{4,})$")
 _MAX_MANIFEST = 16 << 20
-log = logging.getLogger("fedlib.checkpoint")
+log = logging.getLogger("fedlib.round.checkpoint")
 _Signed = TypeVar("_Signed", Manifest, ManifestHead)
 
 
@@ -63,19 +64,21 @@ class CheckpointStore:
     verifier: Ed25519PublicKey | None = None  # everyone's; reads are checked with it
     options: storage.Options | None = None  # the fsspec options of the store (credentials resolved by the caller)
 
+    @property
+    def layout(self) -> CheckpointLayout:
+        return CheckpointLayout(self.root)
+
     def round_url(self, round_number: int) -> str:
-        return storage.join(self.root, f"round-{round_number:04d}")
+        return self.layout.round_url(round_number)
 
     def adapter_url(self, round_number: int, digest: str) -> str:
-        """Named by content, so a run that loses the race to commit a round (or one that crashed
-        before committing) never overwrites the adapter that the round's manifest names."""
-        return storage.join(self.round_url(round_number), f"adapter-{digest[:16]}.safetensors")
+        return self.layout.adapter_url(round_number, digest)
 
     def manifest_url(self, round_number: int) -> str:
-        return storage.join(self.round_url(round_number), "manifest.json")
+        return self.layout.manifest_url(round_number)
 
     def head_url(self, round_number: int) -> str:
-        return storage.join(self.round_url(round_number), "head.json")
+        return self.layout.head_url(round_number)
 
     def _signed(self, body: dict) -> bytes:
         text = json.dumps(body, separators=(",", ":"))
@@ -83,10 +86,10 @@ class CheckpointStore:
         return json.dumps({"manifest": text, "signature": signature}, separators=(",", ":")).encode()
 
     def strategy_state_url(self, round_number: int, digest: str) -> str:
-        return storage.join(self.round_url(round_number), f"strategy-state-{digest[:16]}.safetensors")
+        return self.layout.strategy_state_url(round_number, digest)
 
     def broadcast_url(self, round_number: int, digest: str) -> str:
-        return storage.join(self.round_url(round_number), f"broadcast-{digest[:16]}.bin")
+        return self.layout.broadcast_url(round_number, digest)
 
     def commit(
         self, adapter: Tensors, manifest: Manifest, strategy_state: Tensors | None = None, broadcast: bytes | None = None
@@ -243,7 +246,7 @@ class CheckpointStore:
         return bytes_to_tensors(data), len(data)
 
     def broadcast_of(self, manifest: Manifest | ManifestHead) -> bytes:
-        """The compressed change a verified manifest names (`fedlib.broadcast`)."""
+        """The compressed change a verified manifest names (`fedlib.round.broadcast`)."""
         if not manifest.broadcast_sha256:
             raise FileNotFoundError(f"round {manifest.round} sent no broadcast")
         url = self.broadcast_url(manifest.round, manifest.broadcast_sha256)

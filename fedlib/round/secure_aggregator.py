@@ -9,19 +9,19 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlib.aggregator import AggregationReport, check_quorum, read_updates, update_limit
-from fedlib.update_path import Expected
+from fedlib.round.aggregator import AggregationReport, check_quorum, read_updates, update_limit
+from fedlib.update.chain import Expected
 from fedlib.config import FederationConfig
-from fedlib.decode import bounded_int, load_tensors
-from fedlib.model import trained_part
-from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed
+from fedlib.wire.decode import bounded_int, load_tensors
+from fedlib.model.base import trained_part
+from fedlib.wire.envelope import EnvelopeContext, UpdateKey, open_sealed
 from fedlib.secagg.fixedpoint import MODULUS, Tensors, decode, from_wire
 from fedlib.secagg.protocol import Session, unmask_sum
 from fedlib.secagg.quantised import Codes
 from fedlib.secagg.weights import WeightRule
-from fedlib.storage import Options
+from fedlib.wire.storage import Options
 from fedlib.strategies import ClientUpdate, Strategy
-from fedlib.validation import check_update
+from fedlib.update.validation import check_update
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def open_masked_update(
     blob: bytes, key: UpdateKey, ctx: EnvelopeContext, template: Tensors, expected: Expected, rule: WeightRule, codes: Codes | None = None
 ) -> tuple[tuple[Tensors, int, int], dict[str, str]]:
     """(residues, weight, local steps) of one masked update, and its authenticated metadata: the
-    mask filter's receiving side (`fedlib.update_path`). `ctx` names the session: an upload left
+    mask filter's receiving side (`fedlib.update.chain`). `ctx` names the session: an upload left
     from another attempt of the round was masked against other masks, and would turn the
     unmasked sum into noise. The weight is held to `rule`, since it scales the mean."""
     payload = open_sealed(blob, key, ctx)
@@ -84,7 +84,7 @@ def sum_masked_updates(
     this `session` and trained from `parent`."""
     report = AggregationReport()
     template = trained_part(config.lora, global_adapter)
-    rule = config.weight_rule
+    rule = WeightRule(dp=config.privacy.enabled, normalize_steps=config.aggregation.normalize_steps)
 
     def opener(blob: bytes, key: UpdateKey, ctx: EnvelopeContext) -> tuple[tuple[Tensors, int, int], dict[str, str]]:
         return open_masked_update(blob, key, ctx, template, expected[ctx.client], rule, codes)
@@ -121,7 +121,7 @@ def finish_secure_round(
     """The next global adapter from the unmasked sum, by a strategy built with `secure_sum`:
     the clients already normalised, clipped and noised what they masked."""
     total = unmask_sum(masked.residues, session, mask_publics, survivors, dropped, reveals, keys)
-    factor = masked.mean_factor(config.weight_rule)
+    factor = masked.mean_factor(WeightRule(dp=config.privacy.enabled, normalize_steps=config.aggregation.normalize_steps))
     summed = decode(total, config.secure_aggregation.frac_bits) if masked.codes is None else masked.codes.decode_sum(total)
     mean = {name: (value * factor).to(global_adapter[name].dtype) for name, value in summed.items()}
     trained = trained_part(config.lora, global_adapter)

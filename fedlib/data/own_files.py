@@ -1,7 +1,7 @@
 """A party's own files, tokenised on its own machine into `Examples`, cached on its own disk.
 
 Text files (`.txt`, `.md`) are documents cut into whole blocks, as the corpus is. Record files
-(`.json`, `.jsonl`, `.parquet`, `.arrow`) are instruction or chat records (`fedlib.records`),
+(`.json`, `.jsonl`, `.parquet`, `.arrow`) are instruction or chat records (`fedlib.data.records`),
 one example each, the loss on completions only. The cache is keyed by each file's path, size
 and stamp (`files_version`), so a file changed in place is read again.
 """
@@ -16,10 +16,10 @@ import uuid
 from safetensors.torch import load_file, save_file
 
 from fedlib.config import FederationConfig
-from fedlib.data import files_version, tokenize_blocks, url_documents
+from fedlib.data.corpus import files_version, tokenize_blocks, url_documents
 from fedlib.examples import Examples
-from fedlib.model import load_tokenizer
-from fedlib.records import is_record_file, load_records, tokenize_records
+from fedlib.model.base import load_tokenizer
+from fedlib.data.records import is_record_file, load_records, tokenize_records
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ result is the one-process run's on the same global batch. Rank 0 scores the rece
 the validation split and writes the trained adapter back; everything travels through a private
 scratch folder on the client's own disk, never through storage.
 
-`python -m fedlib.distributed JOB_DIR` is the worker's entry point.
+`python -m fedlib.model.distributed JOB_DIR` is the worker's entry point.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from safetensors.torch import load_file, save_file
 
 from fedlib.config import LoraSettings
 from fedlib.examples import Examples, as_examples
-from fedlib.model import Tensors, adapter_state, attach_lora, load_adapter_state, load_base_model
-from fedlib.model_pool import ModelKey
+from fedlib.model.base import Tensors, adapter_state, attach_lora, load_adapter_state, load_base_model
+from fedlib.model.pool import ModelKey
 from fedlib.placement import Placement
-from fedlib.training import LocalTraining, StepProgress, TrainingPlan, Validation, evaluate_loss, train_lora
+from fedlib.model.training import LocalTraining, StepProgress, TrainingPlan, Validation, evaluate_loss, train_lora
 
 _PROGRESS = "fedlib-step "  # rank 0's step events on its stdout, as JSON
 
@@ -123,7 +123,7 @@ def _spawn(job: Path, rank: int, world: int) -> subprocess.Popen:
     env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
            "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"), "MASTER_ADDR": "127.0.0.1"}
     env.pop("MASTER_PORT", None)
-    return subprocess.Popen([sys.executable, "-m", "fedlib.distributed", str(job)], env=env,
+    return subprocess.Popen([sys.executable, "-m", "fedlib.model.distributed", str(job)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -24,8 +24,6 @@ from fedlib.rejection import Reason, UpdateRejected  # noqa: E402
 Options = Mapping[str, Any]
 
 
-def join(url: str, *parts: str) -> str:
-    return posixpath.join(url.rstrip("/"), *parts)
 
 
 def filesystem(url: str, options: Options | None = None):

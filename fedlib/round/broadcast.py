@@ -22,15 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlib.checkpoint import CheckpointStore, ManifestRejected
+from fedlib.round.checkpoint import CheckpointStore, ManifestRejected
 from fedlib.codecs import CodecChain, SizeBound
-from fedlib.decode import bounded_int, load_tensors
-from fedlib.manifest import ManifestHead
+from fedlib.wire.decode import bounded_int, load_tensors
+from fedlib.round.manifest import ManifestHead
 from fedlib.rejection import UpdateRejected
-from fedlib.serialization import Tensors, bytes_to_tensors, read_metadata, tensors_to_bytes
-from fedlib.validation import check_update
+from fedlib.wire.serialization import Tensors, bytes_to_tensors, read_metadata, tensors_to_bytes
+from fedlib.update.validation import check_update
 
-log = logging.getLogger("fedlib.broadcast")
+log = logging.getLogger("fedlib.round.broadcast")
 
 RESIDUAL = "broadcast-residual/"  # the prefix of the aggregator's residual in the strategy state
 

@@ -1,6 +1,6 @@
 """Tensors to bytes and back with safetensors: a JSON header and raw buffers, never pickle.
 
-Reading goes through the decode boundary (`fedlib.decode`), so a payload that is not what it
+Reading goes through the decode boundary (`fedlib.wire.decode`), so a payload that is not what it
 claims is a named rejection, never an exception from deeper in."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from safetensors.torch import save
 
-from fedlib.decode import load_tensors, safetensors_layout
+from fedlib.wire.decode import load_tensors, safetensors_layout
 
 Tensors = dict[str, torch.Tensor]
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedlib import storage
-from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed, seal
-from fedlib.storage import Options
+from fedlib.wire import storage
+from fedlib.wire.layout import message_url
+from fedlib.wire.envelope import EnvelopeContext, UpdateKey, open_sealed, seal
+from fedlib.wire.storage import Options
 
 MAX_MESSAGE_BYTES = 1 << 20
 
@@ -27,7 +28,7 @@ class Outbox:
     options: Options | None = None
 
     def _where(self, kind: str, session: str) -> tuple[str, EnvelopeContext]:
-        url = storage.join(self.root, f"{self.client}.{kind}-{session}")
+        url = message_url(self.root, self.client, kind, session)
         return url, EnvelopeContext(self.federation, self.round, self.client, f"{session}/{kind}")
 
     def post(self, kind: str, session: str, body: bytes) -> str:

@@ -11,26 +11,26 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fedlib import storage
-from fedlib.client_state import CarriedResidual, ResidualStore
+from fedlib.wire import storage
+from fedlib.wire.sealed_stores import CarriedResidual, ResidualStore
 from fedlib.config import FederationConfig
-from fedlib.envelope import EnvelopeContext, UpdateKey, seal
-from fedlib.distributed import score_and_train, train_in_processes
+from fedlib.wire.envelope import EnvelopeContext, UpdateKey, seal
+from fedlib.model.distributed import score_and_train, train_in_processes
 from fedlib.examples import Examples, as_examples
-from fedlib.federation import Tensors, model_key, update_url
-from fedlib.heterogeneity import emulated_pacing
-from fedlib.lora_ranks import pad_adapter, truncate_adapter
-from fedlib.manifest import ClientReport, SaidByClient
-from fedlib.model import trained_part
-from fedlib.model_pool import POOL
+from fedlib.round.planning import emulated_pacing
+from fedlib.model.ranks import pad_adapter, truncate_adapter
+from fedlib.update.report import ClientReport, SaidByClient
+from fedlib.model.base import trained_part
+from fedlib.model.pool import POOL, ModelKey
+from fedlib.wire.serialization import Tensors
 from fedlib.progress import ClientStep, ClientTrained, emit
 from fedlib.privacy.dp import update_norm
 from fedlib.secagg.client import SecureRound
-from fedlib.storage import Options
-from fedlib.system_use import measured
-from fedlib.shards import ClientData
-from fedlib.training import LocalTraining, StepProgress, TrainingPlan, Validation
-from fedlib.update_path import client_filters, send_update, wire_payload
+from fedlib.wire.storage import Options
+from fedlib.model.system_use import measured
+from fedlib.data.shards import ClientData
+from fedlib.model.training import LocalTraining, StepProgress, TrainingPlan, Validation
+from fedlib.update.chain import client_filters, send_update, wire_payload
 
 
 def client_seed(config: FederationConfig, client: str, round_number: int) -> int:
@@ -85,7 +85,7 @@ def train_delta(
     padded back to the global rank, minus global (over the tensors training changes: with
     FFA-LoRA only the B matrices), and the received adapter's validation score.
     The base model is this process's pooled one (loaded once, adapters swapped), or with
-    `clouds[].processes` > 1, one per training process (`fedlib.distributed`)."""
+    `clouds[].processes` > 1, one per training process (`fedlib.model.distributed`)."""
     rank = config.cloud(client).lora_rank or config.lora.r
     received = truncate_adapter(global_adapter, config.lora.r, rank)
     plan = training_plan(config, client, round_number, steps)
@@ -96,10 +96,11 @@ def train_delta(
     def on_step(step: StepProgress) -> None:
         emit(ClientStep(client, round_number, step.step, step.steps, None if private else step.loss, step.tokens_per_s))
 
+    key = ModelKey.of(config.model.source, config.training, config.lora, config.federation.seed, rank)
     if plan.processes > 1:
-        run = train_in_processes(model_key(config, rank), received, as_examples(shard), validation, plan, batch, on_step)
+        run = train_in_processes(key, received, as_examples(shard), validation, plan, batch, on_step)
     else:
-        with POOL.lora_model(model_key(config, rank), received) as model:
+        with POOL.lora_model(key, received) as model:
             run = score_and_train(model, as_examples(shard), validation, plan, batch, on_step)
     local = pad_adapter(run.adapter, global_adapter, config.lora.r, rank)
     trained = trained_part(config.lora, global_adapter)
@@ -120,7 +121,7 @@ def train_and_seal(
     downloaded: int = 0,
     data_salt: bytes = b"",
 ) -> SealedUpdate:
-    """Train, then send the delta down the update path (`fedlib.update_path`): the residual of
+    """Train, then send the delta down the update path (`fedlib.update.chain`): the residual of
     the client's last accepted round added back when `residuals` is given, clipped under DP,
     masked (with `secure`) or through the configured codecs, serialised, compressed, sealed.
 
@@ -168,7 +169,7 @@ def train_and_seal(
     session = secure.session.id if secure is not None else ""
     blob = seal(payload, key, EnvelopeContext(config.federation.id, round_number, client, session, parent))
     emit(ClientTrained(client, round_number, None if secure is not None else result.mean_loss))
-    report = said.report(client, round_number, len(shard), steps, update_url(config, client, round_number), len(blob))
+    report = said.report(client, round_number, len(shard), steps, config.layout.update_url(client, round_number), len(blob))
     return SealedUpdate(report=report, blob=blob, residual_blob=residual_blob)
 
 

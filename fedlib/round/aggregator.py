@@ -12,20 +12,20 @@ from dataclasses import asdict, dataclass, field
 from typing import TypeVar
 
 
-from fedlib import storage
+from fedlib.wire import storage
 from fedlib.config import FederationConfig
-from fedlib.envelope import EnvelopeContext, UpdateKey
-from fedlib.federation import Tensors, update_url
+from fedlib.wire.envelope import EnvelopeContext, UpdateKey
 from fedlib.progress import ClientRejected, emit
-from fedlib.manifest import ClientReport, SaidByClient
-from fedlib.model import trained_part
+from fedlib.update.report import ClientReport, SaidByClient
+from fedlib.model.base import trained_part
 from fedlib.rejection import QuorumNotMet, Reason, UpdateRejected
-from fedlib.storage import Options
+from fedlib.wire.serialization import Tensors
+from fedlib.wire.storage import Options
 from fedlib.privacy.dp import DifferentialPrivacy, noise_generator
 from fedlib.strategies.shares import capped_updates
 from fedlib.strategies import ClientUpdate, Strategy, make_strategy
 from fedlib.strategies.normalized import StepNormalized
-from fedlib.update_path import Expected, open_client_update
+from fedlib.update.chain import Expected, open_client_update
 
 T = TypeVar("T")
 
@@ -103,7 +103,7 @@ def read_updates(
             continue
         started = time.perf_counter()
         try:
-            url = update_url(config, client, round_number)
+            url = config.layout.update_url(client, round_number)
             options = (storage_options or {}).get(client)
             blob = storage.read_limited(url, max_bytes, options)
             ctx = EnvelopeContext(config.federation.id, round_number, client, session, parent)

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedlib import storage
+from fedlib.wire import storage
 from fedlib.config import FederationConfig
-from fedlib.decode import TensorSpec, load_tensors
-from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed, seal
+from fedlib.wire.decode import TensorSpec, load_tensors
+from fedlib.wire.envelope import EnvelopeContext, UpdateKey, open_sealed, seal
 from fedlib.examples import Examples
-from fedlib.own_data import own_examples
-from fedlib.serialization import tensors_to_bytes
-from fedlib.storage import Options
+from fedlib.data.own_files import own_examples
+from fedlib.wire.serialization import tensors_to_bytes
+from fedlib.wire.storage import Options
 
 MAX_SHARD_BYTES = 1 << 32
 
@@ -57,8 +57,7 @@ def partition_digest(config: FederationConfig) -> str:
 
 
 def shard_url(config: FederationConfig, client: str) -> str:
-    root = config.storage_url(config.cloud(client))
-    return storage.join(root, config.federation.id, "data", f"{client}-{partition_digest(config)[:16]}.shard")
+    return config.layout.shard_url(client, partition_digest(config))
 
 
 def shard_context(config: FederationConfig, client: str) -> EnvelopeContext:

@@ -1,6 +1,7 @@
-"""What every stage of a federation derives from its validated config: where things live,
-the data, the key, the models. The client's side is in `fedlib.client`, the aggregator's in
-`fedlib.aggregator`; Prefect tasks call these and nothing else.
+"""The config read at the task boundary: what each party builds from its validated config
+(its keys, its stores, the data, the models), so that the core below takes plain values and
+sections. Tasks, flows, the CLI and the split server's process call these; nothing in `fedlib/`
+does.
 """
 
 from __future__ import annotations
@@ -10,25 +11,25 @@ from pathlib import Path
 
 import torch
 
-from fedlib import storage
-from fedlib.checkpoint import CheckpointStore
-from fedlib.manifest import ManifestHead
-from fedlib.broadcast import NextGlobal, Received, next_global, receive_global
-from fedlib.client_state import HeldGlobal, ResidualStore, RevealLedger
+from fedlib.wire import storage
+from fedlib.round.checkpoint import CheckpointStore
+from fedlib.round.manifest import ManifestHead
+from fedlib.round.broadcast import NextGlobal, Received, next_global, receive_global
+from fedlib.wire.sealed_stores import HeldGlobal, ResidualStore, RevealLedger
 from fedlib.config import FederationConfig
-from fedlib.data import BlockSet, cached_blocks, shakespeare_documents, tokenize_blocks, url_documents
+from fedlib.data.corpus import BlockSet, cached_blocks, shakespeare_documents, tokenize_blocks, url_documents
 from fedlib.examples import Examples
-from fedlib.envelope import UpdateKey
-from fedlib.keys import AGGREGATOR, KeyRing, fingerprint, init_keys, load_keyring, party_keyring, read_key_source
-from fedlib.outbox import Outbox
-from fedlib.model import attach_lora, load_adapter_state, load_base_model, load_tokenizer, trained_part
-from fedlib.model_pool import POOL, ModelKey
-from fedlib.own_data import own_examples
-from fedlib.partition import Assignment, partition
+from fedlib.wire.envelope import UpdateKey
+from fedlib.wire.keys import AGGREGATOR, KeyRing, fingerprint, init_keys, load_keyring, party_keyring, read_key_source
+from fedlib.wire.outbox import Outbox
+from fedlib.model.base import attach_lora, load_adapter_state, load_base_model, load_tokenizer, trained_part
+from fedlib.model.pool import POOL, ModelKey
+from fedlib.data.own_files import own_examples
+from fedlib.data.partition import Assignment, partition
 from fedlib.secagg.protocol import Session
 from fedlib.secagg.quantised import Codes, code_scale
-from fedlib.training import evaluate_loss
-from fedlib.trust import reveal_folder, trust_record
+from fedlib.model.training import evaluate_loss
+from fedlib.wire.trust import reveal_folder, trust_record
 
 Tensors = dict[str, torch.Tensor]
 
@@ -60,7 +61,7 @@ def keyring(config: FederationConfig, party: str | None = None, create: bool = F
     """The keys this process may hold. With a `keyring` section (each party on its own machine):
     every public key from the config, and `party`'s own private key from its key source (none
     for `party=None`, which can seal for the aggregator and verify manifests only), provided the
-    party trusted exactly these public keys on this machine (`fedlib.trust`). Without one, the
+    party trusted exactly these public keys on this machine (`fedlib.wire.trust`). Without one, the
     embedded default: every party's keys in `data_dir/keys`, made by `create`."""
     if config.keyring is None:
         names = [c.name for c in config.clouds]
@@ -110,21 +111,21 @@ def secagg_session(config: FederationConfig, round_number: int, session_id: str)
 
 def residual_store(config: FederationConfig, ring: KeyRing, client: str, options: storage.Options | None) -> ResidualStore:
     """The client's error-feedback residual: in its own bucket, under a key only it holds."""
-    url = storage.join(config.storage_url(config.cloud(client)), config.federation.id, "client-state", f"{client}.residual")
+    url = config.layout.client_state_url(client, "residual")
     key = UpdateKey(ring.client_derived_secret(client, "client-state"), fingerprint(ring.public_key(client)))
     return ResidualStore(url, key, config.federation.id, client, options)
 
 
 def held_global(config: FederationConfig, ring: KeyRing, client: str, options: storage.Options | None) -> HeldGlobal:
     """The last global adapter the client rebuilt: in its own bucket, under a key only it holds."""
-    url = storage.join(config.storage_url(config.cloud(client)), config.federation.id, "client-state", f"{client}.global")
+    url = config.layout.client_state_url(client, "global")
     key = UpdateKey(ring.client_derived_secret(client, "held-global"), fingerprint(ring.public_key(client)))
     return HeldGlobal(url, key, config.federation.id, client, options)
 
 
 def reveal_ledger(config: FederationConfig, ring: KeyRing, client: str) -> RevealLedger:
     """What the client revealed per secure-aggregation session: on its own machine, under its own
-    key's fingerprint (`fedlib.trust`), so that no request, config or bucket can point it at an
+    key's fingerprint (`fedlib.wire.trust`), so that no request, config or bucket can point it at an
     empty ledger."""
     own = fingerprint(ring.public_key(client))
     key = UpdateKey(ring.client_derived_secret(client, "secagg-reveals"), own)
@@ -133,11 +134,11 @@ def reveal_ledger(config: FederationConfig, ring: KeyRing, client: str) -> Revea
 
 def round_folder(config: FederationConfig, client: str, round_number: int) -> str:
     """What `client` writes in round `round_number`, in its own bucket."""
-    return storage.join(config.storage_url(config.cloud(client)), config.federation.id, f"round-{round_number:04d}")
+    return config.layout.round_folder(client, round_number)
 
 
 def update_url(config: FederationConfig, client: str, round_number: int) -> str:
-    return storage.join(round_folder(config, client, round_number), f"{client}.update")
+    return config.layout.update_url(client, round_number)
 
 
 def outbox(config: FederationConfig, client: str, round_number: int, key: UpdateKey, options: storage.Options | None) -> Outbox:
@@ -220,10 +221,7 @@ def evaluate_adapter(config: FederationConfig, adapter: Tensors | None, examples
 
 
 def model_key(config: FederationConfig, rank: int | None = None) -> ModelKey:
-    """Which pooled model a run borrows: base, placement, LoRA shape (of `rank`), seed."""
-    settings = config.lora if rank is None else config.lora.model_copy(update={"r": rank})
-    t = config.training
-    return ModelKey(config.model.source, t.placement, settings, config.federation.seed, t.gradient_checkpointing)
+    return ModelKey.of(config.model.source, config.training, config.lora, config.federation.seed, rank)
 
 
 def round_global(

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from peft import PeftModel
 
-from fedlib.config import LoraSettings
-from fedlib.model import Tensors, adapter_state, attach_lora, load_adapter_state, load_base_model
+from fedlib.config import LoraSettings, TrainingConfig
+from fedlib.model.base import Tensors, adapter_state, attach_lora, load_adapter_state, load_base_model
 from fedlib.placement import Placement
 
 
@@ -29,6 +29,13 @@ class ModelKey:
     lora: LoraSettings
     seed: int
     gradient_checkpointing: bool = False
+
+    @classmethod
+    def of(cls, source: str, training: TrainingConfig, lora: LoraSettings, seed: int, rank: int | None = None) -> ModelKey:
+        """Which pooled model a run borrows: base, placement, LoRA shape (of `rank`, the
+        configured rank unless given), seed."""
+        settings = lora if rank is None else lora.model_copy(update={"r": rank})
+        return cls(source, training.placement, settings, seed, training.gradient_checkpointing)
 
 
 class ModelPool:

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedlib.decode import expect, parse_json
+from fedlib.wire.decode import expect, parse_json
 from fedlib.rejection import Reason, UpdateRejected
 
 MAGIC = b"FLENV\x00\x02\x00"

@@ -24,7 +24,7 @@ import pwd
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlib.keys import AGGREGATOR, PublicKeys, fingerprint, public_text
+from fedlib.wire.keys import AGGREGATOR, PublicKeys, fingerprint, public_text
 
 
 def party_home() -> Path:

@@ -15,13 +15,14 @@ import json
 import logging
 from dataclasses import dataclass
 
-from fedlib import storage
-from fedlib.envelope import EnvelopeContext, UpdateKey, open_sealed, seal
+from fedlib.wire import storage
+from fedlib.wire.layout import reveal_url
+from fedlib.wire.envelope import EnvelopeContext, UpdateKey, open_sealed, seal
 from fedlib.rejection import Reason, UpdateRejected
-from fedlib.serialization import Tensors, bytes_to_tensors, tensors_to_bytes
-from fedlib.storage import Options
+from fedlib.wire.serialization import Tensors, bytes_to_tensors, tensors_to_bytes
+from fedlib.wire.storage import Options
 
-log = logging.getLogger("fedlib.client_state")
+log = logging.getLogger("fedlib.wire.sealed_stores")
 _MAX_RESIDUAL = 1 << 31
 
 
@@ -73,7 +74,7 @@ class CarriedResidual:
 @dataclass(frozen=True)
 class RevealLedger:
     """What a client revealed in each secure-aggregation session, kept on its own machine
-    (`fedlib.trust.reveal_folder`: a bucket's objects can be deleted, and a request can name
+    (`fedlib.wire.trust.reveal_folder`: a bucket's objects can be deleted, and a request can name
     another bucket) and sealed under its own key (a client's steps run as separate processes, so
     its memory cannot hold this). One answer per session: the same request again is answered the same (a retry);
     a request for other survivor/dropped sets is refused, because together the two answers
@@ -87,7 +88,7 @@ class RevealLedger:
     options: Options | None = None
 
     def _entry(self, session: str, round_number: int) -> tuple[str, EnvelopeContext]:
-        url = storage.join(self.root, f"reveal-{session}.sealed")
+        url = reveal_url(self.root, session)
         return url, EnvelopeContext(f"{self.federation}/secagg-reveals/{session}", round_number, self.client, session)
 
     def record(self, session: str, round_number: int, survivors: list[str], dropped: list[str]) -> None:
@@ -109,7 +110,7 @@ class RevealLedger:
 @dataclass(frozen=True)
 class HeldGlobal:
     """The last global adapter a client rebuilt, kept in its own bucket and sealed under its own
-    key, so that next time only the change need cross a cloud (`fedlib.broadcast`). It holds the
+    key, so that next time only the change need cross a cloud (`fedlib.round.broadcast`). It holds the
     adapter's committed bytes: whatever the bucket serves is trusted only if it hashes to a
     digest in a signed manifest."""
 

@@ -1,0 +1,1 @@
+"""What people look at: round tables and plots."""

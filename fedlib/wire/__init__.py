@@ -1,0 +1,1 @@
+"""What crosses a trust boundary: keys, the sealed envelope, the one decode boundary, storage and the sealed stores."""
