@@ -85,7 +85,10 @@ def run_one(scheme: str, schedule: str, seed: int, dtype: str) -> Run:
     manifests, wall = run_variant(base, overrides, f"{scheme} · {schedule} · seed {seed} · {dtype}")
     sent = [(report, m.protocol_bytes.get(client)) for m in manifests[1:] for client, report in m.clients.items()]
     return Run(
-        scheme, schedule, seed, dtype,
+        scheme,
+        schedule,
+        seed,
+        dtype,
         up=statistics.fmean(r.bytes_uploaded + (p.up if p else 0) for r, p in sent),
         down=statistics.fmean(r.bytes_downloaded + (p.down if p else 0) for r, p in sent),
         perplexity=manifests[-1].perplexity,
@@ -138,20 +141,27 @@ def table(runs: list[Run], dtype: str) -> list[str]:
     for (scheme, schedule), group in by.items():
         if plain and scheme.startswith("secagg-") and scheme != "secagg-int32":
             fewer = statistics.fmean(r.up for r in plain) / statistics.fmean(r.up for r in group)
-            lines.append(f"under secure aggregation, {scheme} ({schedule}) uploads {fewer:.1f}x fewer bytes than secagg-int32's masked int32")
+            lines.append(
+                f"under secure aggregation, {scheme} ({schedule}) uploads {fewer:.1f}x fewer bytes than secagg-int32's masked int32"
+            )
     within = {
         (scheme, schedule): verdict
-        for scheme, by_schedule in verdicts.items() if scheme != "fp32"
-        for schedule, verdict in by_schedule.items() if verdict[1] <= 1.0
+        for scheme, by_schedule in verdicts.items()
+        if scheme != "fp32"
+        for schedule, verdict in by_schedule.items()
+        if verdict[1] <= 1.0
     }
     measured = {s for (_, s) in by}
-    everywhere = [(min(v[0] for v in verdicts[sc].values()), sc) for sc in {sc for sc, _ in within}
-                  if all((sc, sd) in within for sd in measured)]
+    everywhere = [
+        (min(v[0] for v in verdicts[sc].values()), sc) for sc in {sc for sc, _ in within} if all((sc, sd) in within for sd in measured)
+    ]
     for schedule in SCHEDULES:
         best = max(((v[0], sc) for (sc, sd), v in within.items() if sd == schedule), default=None)
         if best:
             rounds, steps = SCHEDULES[schedule]
-            lines.append(f"best within 1% on {schedule} ({rounds} rounds x {steps} steps): {best[1]} {best[0]:.1f}x ({within[best[1], schedule][1]:+.2f}%)")
+            lines.append(
+                f"best within 1% on {schedule} ({rounds} rounds x {steps} steps): {best[1]} {best[0]:.1f}x ({within[best[1], schedule][1]:+.2f}%)"
+            )
     if everywhere:
         ratio, scheme = max(everywhere)
         lines.append(f"best within 1% on every schedule: {scheme} {ratio:.1f}x (its smaller ratio)")
@@ -193,7 +203,9 @@ def main() -> int:
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="training.dtype of every run (bf16 is ~2x faster on a CPU)")
+    parser.add_argument(
+        "--dtype", default="fp32", choices=["fp32", "bf16"], help="training.dtype of every run (bf16 is ~2x faster on a CPU)"
+    )
     parser.add_argument("--results", type=Path, default=ROOT / ".fedlib" / "bench" / "compression.jsonl")
     parser.add_argument("--table-only", action="store_true", help="print the table of what --results holds, run nothing")
     parser.add_argument("--plot", type=Path, help="also draw perplexity against bytes to this PNG")
@@ -201,13 +213,19 @@ def main() -> int:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     done = {(r.scheme, r.schedule, r.seed, r.dtype) for r in load_runs(args.results)}
     if not args.table_only:
-        todo = [(sc, sd, seed) for sd in args.schedules for seed in args.seeds for sc in args.schemes if (sc, sd, seed, args.dtype) not in done]
+        todo = [
+            (sc, sd, seed) for sd in args.schedules for seed in args.seeds for sc in args.schemes if (sc, sd, seed, args.dtype) not in done
+        ]
         for i, (scheme, schedule, seed) in enumerate(todo, 1):
             print(f"[{i}/{len(todo)}] {scheme} · {schedule} · seed {seed}", file=sys.stderr, flush=True)
             run = run_one(scheme, schedule, seed, args.dtype)
             with args.results.open("a") as out:
                 out.write(json.dumps(asdict(run)) + "\n")
-            print(f"    up {run.up:,.0f} B, down {run.down:,.0f} B, perplexity {run.perplexity:.2f}, {run.wall_s:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"    up {run.up:,.0f} B, down {run.down:,.0f} B, perplexity {run.perplexity:.2f}, {run.wall_s:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     print(f"demo federation, 3 clouds, training.dtype {args.dtype}; results in {args.results}")
     if args.plot:
         plot(load_runs(args.results), args.dtype, args.plot)

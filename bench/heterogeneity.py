@@ -49,13 +49,21 @@ def main() -> int:
         "aggregation": {"normalize_steps": True},
     }
     rows = []
-    for label, overrides in [("equal steps", {}), ("budgeted steps + FedNova", budgeted), ("equal steps + deadline", {"orchestration": {"round_deadline_s": deadline}})]:
+    for label, overrides in [
+        ("equal steps", {}),
+        ("budgeted steps + FedNova", budgeted),
+        ("equal steps + deadline", {"orchestration": {"round_deadline_s": deadline}}),
+    ]:
         manifests, wall = run_variant(base, overrides, label)
         rows.append((label, manifests[1:], wall))
 
-    print(f"demo on one machine playing 3 clouds at speeds 1×/2×/4×; {args.rounds} rounds × {args.steps} steps; "
-          f"{per_step:g} s per step at 1×; deadline {deadline:g} s")
-    print("| setting | round wall s (median) | steps aws/gcp/azure by round | stragglers | perplexity by round | cost per round (aws/gcp/azure) |")
+    print(
+        f"demo on one machine playing 3 clouds at speeds 1×/2×/4×; {args.rounds} rounds × {args.steps} steps; "
+        f"{per_step:g} s per step at 1×; deadline {deadline:g} s"
+    )
+    print(
+        "| setting | round wall s (median) | steps aws/gcp/azure by round | stragglers | perplexity by round | cost per round (aws/gcp/azure) |"
+    )
     print("|---|---|---|---|---|---|")
     for label, trained, _ in rows:
         walls = statistics.median(m.timings["round_s"] for m in trained)

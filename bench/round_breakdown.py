@@ -71,9 +71,7 @@ def main() -> int:
     console.print(table)
     mean = sum(ratios) / len(ratios)
     verdict = "meets" if mean < 0.10 else "MISSES"
-    console.print(
-        f"base perplexity {manifests[0].perplexity:.2f}; mean overhead {mean:.1%} ({verdict} the 10% target)"
-    )
+    console.print(f"base perplexity {manifests[0].perplexity:.2f}; mean overhead {mean:.1%} ({verdict} the 10% target)")
     return 0
 
 

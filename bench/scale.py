@@ -26,9 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from secagg_overhead import demo_adapter_delta  # noqa: E402
+
 from fedlib.config import parse_config  # noqa: E402
 from tasks.from_config import aggregator_update_key, client_update_key, keyring, update_url  # noqa: E402
-from secagg_overhead import demo_adapter_delta  # noqa: E402
 
 
 def _config(folder: Path, clients: int, strategy: str):

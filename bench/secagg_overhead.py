@@ -22,14 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedlib.wire.envelope import EnvelopeContext, UpdateKey, seal  # noqa: E402
-from tasks.from_config import aggregator_update_key, client_update_key  # noqa: E402
-from fedlib.wire.keys import init_keys, load_keyring  # noqa: E402
 from fedlib.secagg.fixedpoint import encode, to_wire  # noqa: E402
 from fedlib.secagg.masking import masked_sum  # noqa: E402
-from fedlib.wire.sealed_stores import RevealLedger  # noqa: E402
 from fedlib.secagg.protocol import Session, make_reveal, make_setup, mask_update, open_inbox, relay_setups, unmask_sum  # noqa: E402
+from fedlib.wire.envelope import EnvelopeContext, UpdateKey, seal  # noqa: E402
+from fedlib.wire.keys import init_keys, load_keyring  # noqa: E402
+from fedlib.wire.sealed_stores import RevealLedger  # noqa: E402
 from fedlib.wire.serialization import tensors_to_bytes  # noqa: E402
+from tasks.from_config import aggregator_update_key, client_update_key  # noqa: E402
 
 LAYERS, HIDDEN, KV, RANK = 30, 576, 192, 8
 
@@ -87,7 +87,9 @@ def measure(n: int, repeat: int, folder: Path) -> dict[str, float]:
             return RevealLedger((folder / "ledgers" / label / client).as_uri(), key, "bench", client)
 
         def reveal_all():
-            return {c: make_reveal(ring, c, session, peers[c], survivors, dropped, client_update_key(ring, c), ledger(c)) for c in survivors}
+            return {
+                c: make_reveal(ring, c, session, peers[c], survivors, dropped, client_update_key(ring, c), ledger(c)) for c in survivors
+            }
 
         row[f"reveal {label}"], reveals = best_ms(reveal_all, repeat)
         row[f"unmask {label}"], _ = best_ms(lambda: unmask_sum(total, session, publics, survivors, dropped, reveals, keys), repeat)
@@ -101,7 +103,17 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     print(f"demo adapter: {LAYERS * (RANK * HIDDEN * 3 + KV * RANK):,} parameters; best of {args.repeat}; {os.cpu_count()} CPU cores")
-    header = ("clients", "setup/client", "mask/client", "sum", "reveal/client", "unmask", "unmask, 1 dropped", "bytes masked", "bytes plain")
+    header = (
+        "clients",
+        "setup/client",
+        "mask/client",
+        "sum",
+        "reveal/client",
+        "unmask",
+        "unmask, 1 dropped",
+        "bytes masked",
+        "bytes plain",
+    )
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
     for n in args.clients:

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import yaml
-
 from demo_runs import demo_config, merged
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,8 +30,8 @@ from fedlib_cli.common import embedded_defaults as _embedded_defaults  # noqa: E
 
 
 def unsplit_steps(config, batches) -> list[float]:
-    from tasks.from_config import load_global_model
     from fedlib.model.training import train_lora
+    from tasks.from_config import load_global_model
 
     model = load_global_model(config, None)
     times = []

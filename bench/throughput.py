@@ -53,8 +53,8 @@ def _model_source(name: str) -> str:
 def run_row(model_name: str, device: str, dtype: str, quantization: str, checkpointing: bool, steps: int, batch: int, seq: int) -> dict:
     from fedlib.config import LoraSettings
     from fedlib.model.base import attach_lora, load_base_model
-    from fedlib.placement import Placement
     from fedlib.model.training import TrainingPlan, train_lora
+    from fedlib.placement import Placement
 
     placement = Placement(device, dtype, quantization)
     base = load_base_model(_model_source(model_name), placement, checkpointing)

@@ -15,10 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from fedlib.codecs import CodecChain
-from fedlib.wire.layout import Layout
 from fedlib.placement import Device, DType, Placement, Quantization, resolve
 from fedlib.redaction import REDACTED, loggable, redact_text, secrets_in
 from fedlib.strategies import make_strategy
+from fedlib.wire.layout import Layout
 
 NOISE_SEED_ENV = "FEDLIB_ALLOW_NOISE_SEED"
 
@@ -212,7 +212,6 @@ class CloudConfig(_Strict):
     processes: int = Field(1, ge=1, le=64)  # training processes on this client's machine (one per GPU; DDP)
     data: tuple[str, ...] = ()  # this client's own training files (fsspec URLs or globs); only it opens them
     validation: tuple[str, ...] = ()  # and its own validation files, scored on each global adapter it receives
-
 
     @field_validator("name")
     @classmethod
@@ -457,10 +456,7 @@ class FederationConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"clouds: names must be unique, got {names}")
         if self.aggregation.min_clients > len(self.clouds):
-            raise ValueError(
-                f"aggregation.min_clients={self.aggregation.min_clients} exceeds the "
-                f"{len(self.clouds)} configured clouds"
-            )
+            raise ValueError(f"aggregation.min_clients={self.aggregation.min_clients} exceeds the {len(self.clouds)} configured clouds")
         for cloud in self.clouds:
             parts = cloud.processes * self.training.gradient_accumulation_steps
             if self.training.batch_size % parts:
@@ -510,11 +506,15 @@ class FederationConfig(_Strict):
                     "(aggregation.min_clients, secure_aggregation.threshold)"
                 )
             if self.compression.codecs:
-                raise ValueError("compression.codecs: masked updates are uniform noise, which no codec can shrink; "
-                                 "leave codecs empty with secure aggregation (secure_aggregation.bits codes them before masking)")
+                raise ValueError(
+                    "compression.codecs: masked updates are uniform noise, which no codec can shrink; "
+                    "leave codecs empty with secure aggregation (secure_aggregation.bits codes them before masking)"
+                )
             if secure.bits is not None and self.privacy.enabled:
-                raise ValueError("secure_aggregation.bits: not with privacy.enabled (the code scale bounds a training "
-                                 "change, not the Gaussian noise added to it)")
+                raise ValueError(
+                    "secure_aggregation.bits: not with privacy.enabled (the code scale bounds a training "
+                    "change, not the Gaussian noise added to it)"
+                )
             if not self.aggregation.from_mean_only:
                 raise ValueError(
                     f"aggregation.strategy={self.aggregation.strategy!r} needs each update, but secure aggregation "
@@ -523,9 +523,7 @@ class FederationConfig(_Strict):
         if self.privacy.enabled and self.aggregation.normalize_steps:
             raise ValueError("aggregation.normalize_steps: not with privacy.enabled (clipping already bounds every update)")
         if self.privacy.enabled and not self.aggregation.from_mean_only:
-            raise ValueError(
-                f"privacy.enabled: DP-FedAvg adds noise to a mean, and {self.aggregation.strategy!r} does not aggregate one"
-            )
+            raise ValueError(f"privacy.enabled: DP-FedAvg adds noise to a mean, and {self.aggregation.strategy!r} does not aggregate one")
         return self
 
     @property
@@ -683,12 +681,11 @@ class _BoundedLoader(yaml.SafeLoader):
         self._nodes = 0
         self._depth = 0
 
-    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:  # type: ignore[override]
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
         if self.check_event(yaml.AliasEvent):
             mark = self.peek_event().start_mark
             raise _ConfigShapeError(
-                f"line {mark.line + 1}: YAML aliases (*name, <<: *name) are not accepted in a config; "
-                "write the value out where it is used"
+                f"line {mark.line + 1}: YAML aliases (*name, <<: *name) are not accepted in a config; write the value out where it is used"
             )
         self._nodes += 1
         if self._nodes > MAX_CONFIG_NODES:
@@ -697,7 +694,7 @@ class _BoundedLoader(yaml.SafeLoader):
         try:
             if self._depth > MAX_CONFIG_DEPTH:
                 raise _ConfigShapeError(f"nested deeper than {MAX_CONFIG_DEPTH} levels")
-            return super().compose_node(parent, index)  # type: ignore[arg-type]
+            return super().compose_node(parent, index)
         finally:
             self._depth -= 1
 

@@ -69,8 +69,11 @@ class Examples:
         return h.hexdigest()[:16]
 
     def tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        return {f"{prefix}input_ids": self.input_ids.contiguous(), f"{prefix}labels": self.labels.contiguous(),
-                f"{prefix}lengths": self.lengths.contiguous()}
+        return {
+            f"{prefix}input_ids": self.input_ids.contiguous(),
+            f"{prefix}labels": self.labels.contiguous(),
+            f"{prefix}lengths": self.lengths.contiguous(),
+        }
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str = "") -> Examples:

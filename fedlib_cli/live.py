@@ -46,9 +46,7 @@ class LiveProgress(logging.Handler):
         elif isinstance(event, RoundStarted):
             for task in self.clients.values():
                 self.bars.remove_task(task)
-            self.clients = {
-                c: self.bars.add_task(f"  {c} r{event.round}", total=event.steps.get(c, 1), detail="") for c in event.clients
-            }
+            self.clients = {c: self.bars.add_task(f"  {c} r{event.round}", total=event.steps.get(c, 1), detail="") for c in event.clients}
         elif isinstance(event, ClientTrained) and event.client in self.clients:
             self.bars.update(self.clients[event.client], detail="done" if event.loss is None else f"done, mean loss {event.loss:.3f}")
         elif isinstance(event, RoundDone) and self.rounds is not None:

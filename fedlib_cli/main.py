@@ -119,8 +119,8 @@ def export_command(args: argparse.Namespace) -> int:
 def keys_init_command(args: argparse.Namespace) -> int:
     if args.party:
         return _party_key(args.party, args.out)
-    from tasks.from_config import key_folder
     from fedlib.wire.keys import init_keys
+    from tasks.from_config import key_folder
 
     if args.config is None:
         print("give a CONFIG (every party's keys on this machine) or --party NAME (one party's key)", file=sys.stderr)
@@ -139,9 +139,9 @@ def keys_init_command(args: argparse.Namespace) -> int:
 def keys_trust_command(args: argparse.Namespace) -> int:
     """The explicit local action that makes a party trust a federation's public keys: it prints
     their fingerprints and records their digest under the party's own key, in its own home."""
-    from tasks.from_config import party_key_source
     from fedlib.wire.keys import AGGREGATOR, fingerprint, party_keyring, read_key_source
     from fedlib.wire.trust import keyring_digest, trust_record
+    from tasks.from_config import party_key_source
 
     def read_secret(name: str):  # Prefect is imported only for a secret:BLOCK key source
         from tasks.credentials import read_secret as read
@@ -216,14 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     export.set_defaults(handler=export_command)
     add_ui_parser(sub)
     keys = sub.add_parser("keys", help="key management").add_subparsers(dest="keys_command", required=True)
-    init = keys.add_parser(
-        "init", help="one party's key (--party NAME; prints its public half), or every party's missing keys (CONFIG)"
-    )
+    init = keys.add_parser("init", help="one party's key (--party NAME; prints its public half), or every party's missing keys (CONFIG)")
     init.add_argument("config", type=Path, nargs="?", help="embedded default: every party's keys in data_dir/keys")
     init.add_argument("--party", help="aggregator, or a cloud's name: make that party's key on this machine")
     init.add_argument("--out", type=Path, help="where the private key goes (default ~/.fedlib/keys/<party>.pem)")
     init.set_defaults(handler=keys_init_command)
-    trust = keys.add_parser("trust", help="trust a federation's public keys as this party, on this machine (check the fingerprints it prints)")
+    trust = keys.add_parser(
+        "trust", help="trust a federation's public keys as this party, on this machine (check the fingerprints it prints)"
+    )
     trust.add_argument("config", type=Path, help="the federation's config, with its keyring section")
     trust.add_argument("--party", required=True, help="this machine's party: aggregator or a client's name")
     trust.add_argument("--replace", action="store_true", help="the federation rotated its keys: trust these instead")

@@ -82,7 +82,13 @@ def ui_command(args: argparse.Namespace) -> int:
         return 2
     env = _environment(args.prefect_port)
     processes = {
-        name: subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL if not args.verbose else None, stderr=subprocess.STDOUT if not args.verbose else None)
+        name: subprocess.Popen(
+            command,
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL if not args.verbose else None,
+            stderr=subprocess.STDOUT if not args.verbose else None,
+        )
         for name, command in ui_commands(config.tracking_uri, args.prefect_port, args.mlflow_port).items()
     }
     try:

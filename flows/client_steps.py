@@ -76,8 +76,14 @@ class ClientSteps:
                 out.elapsed[client] = time.time() - started
             except (TimeoutError, ClientRunLate) as err:
                 out.late.append(client)
-                get_run_logger().warning("round %d: %s is a straggler: no %s within %.0f s (%s)",
-                                         self.round_number, client, step, deadline_s or 0, err or "left running")
+                get_run_logger().warning(
+                    "round %d: %s is a straggler: no %s within %.0f s (%s)",
+                    self.round_number,
+                    client,
+                    step,
+                    deadline_s or 0,
+                    err or "left running",
+                )
             except Exception as err:  # noqa: BLE001 - recorded, and the round decides on quorum
                 out.failed[client] = f"{type(err).__name__}: {err}"
                 get_run_logger().warning("round %d: %s %s failed: %s", self.round_number, client, step, out.failed[client])

@@ -14,27 +14,26 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from fedlib.round.aggregator import AggregationReport, expected_of
-from fedlib.update.chain import Expected
-from fedlib.round.manifest import Manifest, MessageBytes, Rejection, round_manifest
 from fedlib.config import FederationConfig
-from fedlib.round.broadcast import NextGlobal
-from tasks.from_config import checkpoint_store
-from fedlib.wire.keys import AGGREGATOR
-from fedlib.progress import RoundDone, RoundStarted, emit
-from fedlib.round.planning import sample_clients, step_budgets
 from fedlib.privacy.accountant import participation_after, privacy_spent
+from fedlib.progress import RoundDone, RoundStarted, emit
 from fedlib.rejection import QuorumNotMet, Reason
+from fedlib.round.aggregator import AggregationReport, expected_of
+from fedlib.round.broadcast import NextGlobal
+from fedlib.round.manifest import Manifest, MessageBytes, Rejection, round_manifest
+from fedlib.round.planning import sample_clients, step_budgets
 from fedlib.secagg.messages import RevealRequest, SetupRequest, TrainRequest, relayed_bytes
 from fedlib.secagg.protocol import relay_setups
-from fedlib.strategies.shares import capped_weights
-from tasks.from_config import round_codes, secagg_session
 from fedlib.secagg.weights import WeightRule
+from fedlib.strategies.shares import capped_weights
+from fedlib.update.chain import Expected
+from fedlib.wire.keys import AGGREGATOR
 from flows.client_steps import ClientSteps
 from tasks.aggregate import aggregate_round, commit_round, evaluate_global
 from tasks.artifacts import publish_round_table
 from tasks.credentials import party_keys
 from tasks.data import partition_data
+from tasks.from_config import checkpoint_store, round_codes, secagg_session
 from tasks.secagg import junk_setups, parse_setups, read_client_messages, read_complaints, sum_masked_round, unmask_round
 
 
@@ -63,27 +62,35 @@ def secure_round(
         del setups[sender]
     failed = {**setup.failed, **{c: "secagg setup not done in time" for c in setup.late}, **posted_setups.failed, **unparsed}
     if len(setups) < config.secagg_min_survivors:
-        raise QuorumNotMet(f"round {round_number}: {len(setups)} clients completed the secure-aggregation setup, "
-                           f"{config.secagg_min_survivors} needed ({failed})")
+        raise QuorumNotMet(
+            f"round {round_number}: {len(setups)} clients completed the secure-aggregation setup, "
+            f"{config.secagg_min_survivors} needed ({failed})"
+        )
     inboxes = relay_setups(setups)
     # Every participant's weight over their sum: the unmasked sum is the mean if nobody drops.
     # Each client said its count in its setup; a count past the round's cap is refused later,
     # when its masked update's weight must match it.
     # No client's weight past `aggregation.max_weight_share`: each is told its capped count, and
     # its masked update is held to it.
-    counts = capped_weights({c: min(s.num_examples, expected[c].max_examples) for c, s in setups.items()},
-                            config.aggregation.max_weight_share, {c for c in setups if expected[c].count_known})
+    counts = capped_weights(
+        {c: min(s.num_examples, expected[c].max_examples) for c, s in setups.items()},
+        config.aggregation.max_weight_share,
+        {c for c in setups if expected[c].count_known},
+    )
     expected = {**expected, **{c: replace(expected[c], max_examples=n) for c, n in counts.items()}}
     weights, scale = WeightRule(dp=config.privacy.enabled, normalize_steps=config.aggregation.normalize_steps).announced(counts)
-    codes = round_codes(config, len(setups), max(weights.values()) / scale, max(steps.local_steps.get(c, config.training.local_steps) for c in setups))
+    codes = round_codes(
+        config, len(setups), max(weights.values()) / scale, max(steps.local_steps.get(c, config.training.local_steps) for c in setups)
+    )
     setup_s = time.perf_counter() - started
     train_requests = {c: TrainRequest(session_id, inboxes[c], scale, codes.scale if codes else 0.0, counts[c]) for c in setups}
     training = steps.run("train", sorted(setups), train_requests.__getitem__, config.orchestration.round_deadline_s)
     trained = time.perf_counter()
     accused = read_complaints(config, round_number, session, list(training.failed))
     if accused:
-        get_run_logger().warning("round %d: setup messages that peers could not open, from %s; again without them",
-                                 round_number, sorted(accused))
+        get_run_logger().warning(
+            "round %d: setup messages that peers could not open, from %s; again without them", round_number, sorted(accused)
+        )
         remaining = [c for c in clients if c not in accused]
         return secure_round(steps, remaining, expected, {**bad_setups, **accused})
     all_failed = {**failed, **training.failed}
@@ -173,8 +180,21 @@ def federated_round(
     }
     participation = participation_after(previous.privacy.participation if previous.privacy else {}, clients)
     manifest = round_manifest(
-        config, round_number, previous, clients, budgets, reports, report.accepted, rejected, eval_loss, timings,
-        (run_id, str(flow_run.id)), target_round, privacy_spent(config.privacy, participation), secure, protocol_bytes,
+        config,
+        round_number,
+        previous,
+        clients,
+        budgets,
+        reports,
+        report.accepted,
+        rejected,
+        eval_loss,
+        timings,
+        (run_id, str(flow_run.id)),
+        target_round,
+        privacy_spent(config.privacy, participation),
+        secure,
+        protocol_bytes,
         round_trip_s,
     )
     committed = commit_round(config, next_global, manifest)

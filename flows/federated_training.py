@@ -14,22 +14,22 @@ import torch
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from fedlib.round.checkpoint import plan_rounds
 from fedlib.config import ConfigError, FederationConfig, config_from
-from tasks.from_config import checkpoint_store, keyring
-from fedlib.progress import BaseScored, PlanMade, Stopped, emit
-from fedlib.round.planning import budget_stop
-from fedlib.wire.keys import AGGREGATOR
-from fedlib.round.manifest import Manifest, base_manifest
 from fedlib.model.base import base_revision
 from fedlib.privacy.accountant import over_budget
-from flows.federated_round import federated_round
+from fedlib.progress import BaseScored, PlanMade, Stopped, emit
 from fedlib.round.broadcast import NextGlobal
+from fedlib.round.checkpoint import plan_rounds
+from fedlib.round.manifest import Manifest, base_manifest
+from fedlib.round.planning import budget_stop
+from fedlib.wire.keys import AGGREGATOR
+from flows.federated_round import federated_round
+from flows.progress_logs import progress_in_run_logs
 from tasks.aggregate import commit_round, evaluate_global, make_initial_adapter
 from tasks.artifacts import publish_summary
 from tasks.credentials import party_keys
-from flows.progress_logs import progress_in_run_logs
 from tasks.data import distribute_data, partition_data
+from tasks.from_config import checkpoint_store, keyring
 from tasks.registry import register_round, registered_rounds
 from tasks.tracking import finish_tracking, open_tracking, track_final_adapter, track_round, tracked_rounds
 

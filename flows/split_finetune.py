@@ -15,10 +15,10 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from fedlib.config import load_config
-from tasks.from_config import keyring
-from fedlib.wire.serialization import tensors_to_bytes
 from fedlib.strategies import ClientUpdate, make_strategy
+from fedlib.wire.serialization import tensors_to_bytes
 from tasks.data import partition_data
+from tasks.from_config import keyring
 from tasks.split import fetch_server_part, split_evaluate, split_train_client, start_server
 from tasks.tracking import finish_tracking, open_tracking, track_metrics, track_split_artifacts
 
@@ -56,17 +56,24 @@ def split_finetune(config_path: str) -> dict[str, Any]:
                 for step in results[cloud.name]["steps"]:
                     steps_seen += 1
                     losses.append(step["loss"])
-                    track_metrics(config, run_id, {"split/loss": step["loss"], "split/bytes_per_step": step["bytes"], "split/step_s": step["seconds"]}, steps_seen)
+                    track_metrics(
+                        config,
+                        run_id,
+                        {"split/loss": step["loss"], "split/bytes_per_step": step["bytes"], "split/step_s": step["seconds"]},
+                        steps_seen,
+                    )
             state = average_parts(results)
             loss = split_evaluate(config, round_number, server.url, state, mask)
             track_metrics(config, run_id, {"eval/loss": loss, "eval/perplexity": math.exp(loss)}, round_number)
             all_steps = [s for r in results.values() for s in r["steps"]]
-            rounds.append({
-                "round": round_number,
-                "perplexity": math.exp(loss),
-                "bytes_per_step": statistics.mean(s["bytes"] for s in all_steps),
-                "step_s": statistics.median(s["seconds"] for s in all_steps),
-            })
+            rounds.append(
+                {
+                    "round": round_number,
+                    "perplexity": math.exp(loss),
+                    "bytes_per_step": statistics.mean(s["bytes"] for s in all_steps),
+                    "step_s": statistics.median(s["seconds"] for s in all_steps),
+                }
+            )
             logger.info("split round %d: held-out perplexity %.2f", round_number, math.exp(loss))
         server_part = tensors_to_bytes(fetch_server_part(config, server.url))
         track_split_artifacts(config, run_id, losses, {"client-part": tensors_to_bytes(state), "server-part": server_part})

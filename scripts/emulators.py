@@ -135,18 +135,26 @@ class AzuriteEmulator:
 
     @property
     def connection_string(self) -> str:
-        return (
-            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
-            f"BlobEndpoint={self.url};"
-        )
+        return f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};BlobEndpoint={self.url};"
 
     def start(self) -> AzuriteEmulator:
         binary = ROOT / ".tools" / "node_modules" / ".bin" / "azurite-blob"
         if not binary.exists():
             raise FileNotFoundError(f"{binary} is missing: run scripts/setup (it installs azurite from npm)")
         self._process = subprocess.Popen(
-            [str(binary), "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--location", str(self.location),
-             "--silent", "--disableTelemetry", "--skipApiVersionCheck", "--loose"],
+            [
+                str(binary),
+                "--blobHost",
+                "127.0.0.1",
+                "--blobPort",
+                str(self.port),
+                "--location",
+                str(self.location),
+                "--silent",
+                "--disableTelemetry",
+                "--skipApiVersionCheck",
+                "--loose",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,

@@ -6,21 +6,21 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
-from fedlib.round.manifest import Manifest
 from fedlib.round.aggregator import AggregationReport, aggregate_updates, build_strategy
-from fedlib.update.chain import Expected
 from fedlib.round.broadcast import NextGlobal, split_state
-from tasks.from_config import (
-    Tensors,
-    round_global,
-    checkpoint_store,
-    evaluate_adapter,
-    aggregator_update_key,
-    initial_adapter,
-    evaluation_examples,
-)
+from fedlib.round.manifest import Manifest
+from fedlib.update.chain import Expected
 from fedlib.wire.keys import AGGREGATOR
 from tasks.credentials import party_keys, storage_options
+from tasks.from_config import (
+    Tensors,
+    aggregator_update_key,
+    checkpoint_store,
+    evaluate_adapter,
+    evaluation_examples,
+    initial_adapter,
+    round_global,
+)
 
 
 @task(name="aggregate", task_run_name="aggregate-round-{round_number}", cache_policy=NO_CACHE)

@@ -11,9 +11,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
+from fedlib.reports.tables import round_rows, summary_markdown
 from fedlib.round.manifest import Manifest, Rejection
 from fedlib.update.report import ClientReport
-from fedlib.reports.tables import round_rows, summary_markdown
 from tasks.registry import champion_version
 
 
@@ -30,7 +30,13 @@ def summary_key(federation: str) -> str:
     return _key(f"{federation}-summary")
 
 
-@task(name="publish-round-table", task_run_name="publish-round-table-round-{round_number}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
+@task(
+    name="publish-round-table",
+    task_run_name="publish-round-table-round-{round_number}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=1,
+)
 def publish_round_table(
     config: FederationConfig, round_number: int, sampled: list[str], reports: dict[str, ClientReport], rejected: dict[str, Rejection]
 ) -> None:

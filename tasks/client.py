@@ -15,17 +15,17 @@ from prefect.futures import PrefectFuture
 from prefect.tasks import exponential_backoff
 
 from fedlib.config import FederationConfig
-from fedlib.round.client import SealedUpdate, train_and_seal, upload_sealed
-from fedlib.update.report import ClientReport
-from fedlib.wire.sealed_stores import CarriedResidual, ResidualStore
-from tasks.from_config import checkpoint_store, client_update_key, global_for_client, outbox, residual_store, secagg_session
-from fedlib.wire.keys import KeyRing
-from fedlib.model.base import check_base_model
 from fedlib.data.shards import client_data
+from fedlib.model.base import check_base_model
+from fedlib.round.client import SealedUpdate, train_and_seal, upload_sealed
 from fedlib.secagg.client import SecureRound
 from fedlib.secagg.messages import TrainRequest
 from fedlib.secagg.protocol import BadSetups, open_inbox
+from fedlib.update.report import ClientReport
+from fedlib.wire.keys import KeyRing
+from fedlib.wire.sealed_stores import CarriedResidual, ResidualStore
 from tasks.credentials import party_keys, storage_options
+from tasks.from_config import checkpoint_store, client_update_key, global_for_client, outbox, residual_store, secagg_session
 
 
 @task(name="train-client", task_run_name="train-{client}-round-{round_number}", cache_policy=NO_CACHE)
@@ -50,8 +50,14 @@ def train_client(
     parent = previous.adapter_sha256
     key = client_update_key(ring, client)
     data = client_data(config, client, key, storage_options(config, [client])[client])
-    get_run_logger().info("client %s round %d: training on its own data only: %s (%d examples, %d validation)",
-                          client, round_number, data.source, len(data.train), len(data.validation))
+    get_run_logger().info(
+        "client %s round %d: training on its own data only: %s (%d examples, %d validation)",
+        client,
+        round_number,
+        data.source,
+        len(data.train),
+        len(data.validation),
+    )
     masking = None
     if secure:
         session = secagg_session(config, round_number, secure.session_id)
@@ -61,7 +67,9 @@ def train_client(
         carried_from = round_number - 1 if client in previous.accepted else store.last_accepted_round(client, round_number - 1)
         residuals = CarriedResidual(_residuals(config, client), carried_from)
     salt = ring.client_derived_secret(client, f"data-digest/{config.federation.id}")
-    return train_and_seal(config, client, round_number, global_adapter, data, key, masking, residuals, local_steps, parent, downloaded, salt)
+    return train_and_seal(
+        config, client, round_number, global_adapter, data, key, masking, residuals, local_steps, parent, downloaded, salt
+    )
 
 
 def _open_or_complain(config: FederationConfig, ring: KeyRing, client: str, round_number: int, secure: TrainRequest) -> None:
@@ -71,7 +79,9 @@ def _open_or_complain(config: FederationConfig, ring: KeyRing, client: str, roun
         open_inbox(ring, client, secagg_session(config, round_number, secure.session_id), secure.inbox)
     except BadSetups as bad:
         options = storage_options(config, [client])[client]
-        outbox(config, client, round_number, client_update_key(ring, client), options).post("complaint", secure.session_id, bad.complaint_json())
+        outbox(config, client, round_number, client_update_key(ring, client), options).post(
+            "complaint", secure.session_id, bad.complaint_json()
+        )
         raise
 
 

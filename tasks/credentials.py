@@ -14,8 +14,8 @@ from typing import Any
 from prefect.blocks.system import Secret
 
 from fedlib.config import FederationConfig
-from tasks.from_config import keyring
 from fedlib.wire.keys import KeyRing
+from tasks.from_config import keyring
 
 
 def read_secret(name: str) -> Any:

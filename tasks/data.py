@@ -7,11 +7,11 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
-from tasks.from_config import aggregator_update_key, load_data, partition_clients
-from fedlib.wire.keys import AGGREGATOR
 from fedlib.data.partition import label_histogram
 from fedlib.data.shards import distribute_shard, partition_digest
+from fedlib.wire.keys import AGGREGATOR
 from tasks.credentials import party_keys, storage_options
+from tasks.from_config import aggregator_update_key, load_data, partition_clients
 
 
 def _partition_key(context, parameters) -> str:
@@ -24,7 +24,7 @@ def partition_data(config: FederationConfig) -> dict[str, list[int]]:
     assignment = partition_clients(config, data)
     labels = data.train.labels(config.partition.by)
     logger = get_run_logger()
-    for (client, blocks), histogram in zip(assignment.items(), label_histogram(labels, list(assignment.values()))):
+    for (client, blocks), histogram in zip(assignment.items(), label_histogram(labels, list(assignment.values())), strict=True):
         logger.info("client %s: %d blocks, labels %s", client, len(blocks), dict(sorted(histogram.items())))
     return assignment
 

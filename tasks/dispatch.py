@@ -69,9 +69,7 @@ def dispatch_client(
         parameters.update(step=step, secure=secure)
     if step == "train" and local_steps is not None and local_steps != config.training.local_steps:
         parameters["local_steps"] = local_steps
-    run = run_deployment(
-        deployment, parameters=parameters, flow_run_name=client_run_name(client, round_number, step), timeout=timeout
-    )
+    run = run_deployment(deployment, parameters=parameters, flow_run_name=client_run_name(client, round_number, step), timeout=timeout)
     state = run.state
     if state is not None and state.is_completed():
         return str(run.id)

@@ -11,24 +11,24 @@ from pathlib import Path
 
 import torch
 
-from fedlib.wire import storage
-from fedlib.round.checkpoint import CheckpointStore
-from fedlib.round.manifest import ManifestHead
-from fedlib.round.broadcast import NextGlobal, Received, next_global, receive_global
-from fedlib.wire.sealed_stores import HeldGlobal, ResidualStore, RevealLedger
 from fedlib.config import FederationConfig
 from fedlib.data.corpus import BlockSet, cached_blocks, shakespeare_documents, tokenize_blocks, url_documents
+from fedlib.data.own_files import own_examples
+from fedlib.data.partition import Assignment, partition
 from fedlib.examples import Examples
+from fedlib.model.base import attach_lora, load_adapter_state, load_base_model, load_tokenizer, trained_part
+from fedlib.model.pool import POOL, ModelKey
+from fedlib.model.training import evaluate_loss
+from fedlib.round.broadcast import NextGlobal, Received, next_global, receive_global
+from fedlib.round.checkpoint import CheckpointStore
+from fedlib.round.manifest import ManifestHead
+from fedlib.secagg.protocol import Session
+from fedlib.secagg.quantised import Codes, code_scale
+from fedlib.wire import storage
 from fedlib.wire.envelope import UpdateKey
 from fedlib.wire.keys import AGGREGATOR, KeyRing, fingerprint, init_keys, load_keyring, party_keyring, read_key_source
 from fedlib.wire.outbox import Outbox
-from fedlib.model.base import attach_lora, load_adapter_state, load_base_model, load_tokenizer, trained_part
-from fedlib.model.pool import POOL, ModelKey
-from fedlib.data.own_files import own_examples
-from fedlib.data.partition import Assignment, partition
-from fedlib.secagg.protocol import Session
-from fedlib.secagg.quantised import Codes, code_scale
-from fedlib.model.training import evaluate_loss
+from fedlib.wire.sealed_stores import HeldGlobal, ResidualStore, RevealLedger
 from fedlib.wire.trust import reveal_folder, trust_record
 
 Tensors = dict[str, torch.Tensor]
@@ -188,7 +188,7 @@ def partition_clients(config: FederationConfig, data: FederationData) -> dict[st
     spec = config.partition
     labels = data.train.labels(spec.by)
     parts: Assignment = partition(labels, len(config.clouds), spec.kind, spec.alpha, config.federation.seed)
-    return {cloud.name: part for cloud, part in zip(config.clouds, parts)}
+    return {cloud.name: part for cloud, part in zip(config.clouds, parts, strict=True)}
 
 
 def initial_adapter(config: FederationConfig) -> Tensors:

@@ -11,21 +11,21 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
-from fedlib.round.manifest import Manifest
-from tasks.from_config import Tensors
 from fedlib.model.base import base_revision, load_base_model, load_tokenizer, save_adapter_folder
-from tasks.from_config import checkpoint_store
-from fedlib.wire.keys import AGGREGATOR
 from fedlib.reports.tables import RegistryEntry, adapter_artifact_path, champion_of, lineage_tags, signed_versions
+from fedlib.round.manifest import Manifest
+from fedlib.wire.keys import AGGREGATOR
 from tasks.credentials import party_keys
+from tasks.from_config import Tensors, checkpoint_store
 
 
 def _client(config: FederationConfig) -> MlflowClient:
@@ -69,7 +69,9 @@ def register_round(config: FederationConfig, run_id: str, manifest: Manifest, ad
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(
-            name, tags={"federation": config.federation.id}, description=f"Global LoRA adapters of federation {config.federation.id}, one version per round."
+            name,
+            tags={"federation": config.federation.id},
+            description=f"Global LoRA adapters of federation {config.federation.id}, one version per round.",
         )
     signed = signed_manifests(config)
     versions = versions_by_round(client, name, signed)
@@ -118,7 +120,11 @@ def save_pyfunc_model(config: FederationConfig, adapter: Tensors, folder: Path) 
             artifacts={"adapter": str(Path(tmp) / "adapter")},
             model_config={"source": config.model.source},
             signature=ModelSignature(PROMPTS, ANSWERS, ParamSchema([ParamSpec("max_new_tokens", "long", 48)])),
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}", f"peft=={peft.__version__}"],
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"transformers=={transformers.__version__}",
+                f"peft=={peft.__version__}",
+            ],
         )
 
 
@@ -143,7 +149,9 @@ def export_version(config: FederationConfig, version: str | None, out: Path, mer
     from peft import PeftModel
 
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = _adapter_folder(Path(mlflow.artifacts.download_artifacts(artifact_uri=chosen.source, dst_path=tmp, tracking_uri=config.tracking_uri)))
+        adapter = _adapter_folder(
+            Path(mlflow.artifacts.download_artifacts(artifact_uri=chosen.source, dst_path=tmp, tracking_uri=config.tracking_uri))
+        )
         if not merge:
             for item in adapter.iterdir():
                 shutil.move(str(item), out / item.name)

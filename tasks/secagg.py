@@ -11,28 +11,28 @@ from dataclasses import dataclass, replace
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from fedlib.round.aggregator import AggregationReport, build_strategy
-from fedlib.update.chain import Expected
 from fedlib.config import FederationConfig
-from fedlib.wire.decode import parse_json
+from fedlib.data.shards import client_data
+from fedlib.rejection import Reason, UpdateRejected
+from fedlib.round.aggregator import AggregationReport, build_strategy
 from fedlib.round.broadcast import NextGlobal, split_state
+from fedlib.round.secure_aggregator import MaskedSum, finish_secure_round, sum_masked_updates
+from fedlib.secagg.messages import RevealRequest, SetupMessage, SetupRequest
+from fedlib.secagg.protocol import Session, check_setup, make_reveal, make_setup, open_inbox, read_complaint
+from fedlib.secagg.quantised import Codes
+from fedlib.update.chain import Expected
+from fedlib.wire.decode import parse_json
+from fedlib.wire.keys import AGGREGATOR
+from tasks.credentials import party_keys, storage_options
 from tasks.from_config import (
-    round_global,
     aggregator_update_key,
     checkpoint_store,
     client_update_key,
     outbox,
     reveal_ledger,
+    round_global,
     secagg_session,
 )
-from fedlib.wire.keys import AGGREGATOR
-from fedlib.rejection import Reason, UpdateRejected
-from fedlib.round.secure_aggregator import MaskedSum, finish_secure_round, sum_masked_updates
-from fedlib.secagg.messages import RevealRequest, SetupMessage, SetupRequest
-from fedlib.secagg.protocol import Session, check_setup, make_reveal, make_setup, open_inbox, read_complaint
-from fedlib.secagg.quantised import Codes
-from fedlib.data.shards import client_data
-from tasks.credentials import party_keys, storage_options
 
 
 def _client_outbox(config: FederationConfig, client: str, round_number: int):

@@ -15,12 +15,12 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from fedlib.round.client import client_seed
 from fedlib.config import FederationConfig
-from tasks.from_config import load_data
+from fedlib.round.client import client_seed
 from fedlib.split.client import HttpTransport, SplitClient
 from fedlib.split.trainer import Tensors
 from tasks.credentials import party_keys
+from tasks.from_config import load_data
 
 
 @dataclass
@@ -56,7 +56,12 @@ def start_server(config_path: str, timeout_s: float) -> ServerProcess:
 def connect_client(config: FederationConfig, client: str, url: str, keep_wire: bool = False) -> SplitClient:
     """A new session with the server at `url`: the client's slices, a fresh handshake, the
     server's attestation checked before anything else is sent."""
-    return SplitClient(config, party_keys(config, client), client, HttpTransport(url, config.split.server_timeout_s, keep_wire=keep_wire, max_reply_bytes=config.split.max_body_bytes))
+    return SplitClient(
+        config,
+        party_keys(config, client),
+        client,
+        HttpTransport(url, config.split.server_timeout_s, keep_wire=keep_wire, max_reply_bytes=config.split.max_body_bytes),
+    )
 
 
 @task(name="split-train", task_run_name="split-train-{client}-round-{round_number}", cache_policy=NO_CACHE)

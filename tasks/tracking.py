@@ -15,10 +15,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
-from tasks.from_config import Tensors, evaluation_examples
-from fedlib.round.manifest import Manifest, to_json
 from fedlib.model.base import save_adapter_folder
 from fedlib.reports.plots import loss_figure, progress_figure
+from fedlib.round.manifest import Manifest, to_json
+from tasks.from_config import Tensors, evaluation_examples
 
 
 def _client(config: FederationConfig) -> MlflowClient:
@@ -61,10 +61,22 @@ def open_tracking(config: FederationConfig, run_id: str | None, run_name: str | 
 
 # What only the clients can know, as they state it inside their sealed updates: shown, never
 # relied on (the aggregator holds train_s and bytes_downloaded to its own measurements).
-CLIENT_STATED = ("client/<c>/{train_loss,train_s,update_norm,bytes_downloaded,validation_loss,validation_tokens,tokens_per_s}, "
-                 "system/<c>/*, client_stated/federated_loss, client_stated/federated_perplexity")
-_CLIENT_METRICS = ("train_loss", "num_examples", "bytes_uploaded", "bytes_downloaded", "train_s", "encrypt_upload_s", "update_norm", "local_steps", "validation_tokens",
-                   "tokens_per_s")
+CLIENT_STATED = (
+    "client/<c>/{train_loss,train_s,update_norm,bytes_downloaded,validation_loss,validation_tokens,tokens_per_s}, "
+    "system/<c>/*, client_stated/federated_loss, client_stated/federated_perplexity"
+)
+_CLIENT_METRICS = (
+    "train_loss",
+    "num_examples",
+    "bytes_uploaded",
+    "bytes_downloaded",
+    "train_s",
+    "encrypt_upload_s",
+    "update_norm",
+    "local_steps",
+    "validation_tokens",
+    "tokens_per_s",
+)
 _SYSTEM_METRICS = ("peak_memory_mib", "gpu_memory_mib", "cpu_util")
 
 
@@ -106,16 +118,28 @@ def round_datasets(manifest: Manifest) -> list[DatasetInput]:
     for name, report in sorted(manifest.clients.items()):
         if not report.data_digest:
             continue
-        dataset = Dataset(name=f"{name}-train", digest=report.data_digest, source_type="fedlib-client",
-                          source=json.dumps({"client": name}), profile=json.dumps({"num_examples": report.num_examples}))
+        dataset = Dataset(
+            name=f"{name}-train",
+            digest=report.data_digest,
+            source_type="fedlib-client",
+            source=json.dumps({"client": name}),
+            profile=json.dumps({"num_examples": report.num_examples}),
+        )
         out.append(DatasetInput(dataset, [InputTag("mlflow.data.context", "training"), InputTag("client", name)]))
     return out
 
 
 def evaluation_dataset(config: FederationConfig, examples_digest: str, size: int) -> DatasetInput:
-    source = json.dumps({"urls": list(config.evaluation.data) or [f"{config.data.corpus or 'urls'}:{','.join(config.evaluation.documents)}"]})
-    dataset = Dataset(name="evaluation", digest=examples_digest, source_type="fedlib-aggregator", source=source,
-                      profile=json.dumps({"num_examples": size}))
+    source = json.dumps(
+        {"urls": list(config.evaluation.data) or [f"{config.data.corpus or 'urls'}:{','.join(config.evaluation.documents)}"]}
+    )
+    dataset = Dataset(
+        name="evaluation",
+        digest=examples_digest,
+        source_type="fedlib-aggregator",
+        source=source,
+        profile=json.dumps({"num_examples": size}),
+    )
     return DatasetInput(dataset, [InputTag("mlflow.data.context", "evaluation")])
 
 
@@ -135,8 +159,10 @@ def track_round(config: FederationConfig, run_id: str, round_number: int, manife
     metrics = [Metric(k, v, now, round_number) for k, v in round_metrics(manifest).items() if math.isfinite(v)]
     federated = manifest.federated_eval_loss
     if federated is not None:  # the clients scored the adapter they received: round − 1's; their word, so labelled
-        metrics += [Metric("client_stated/federated_loss", federated, now, round_number - 1),
-                    Metric("client_stated/federated_perplexity", math.exp(federated), now, round_number - 1)]
+        metrics += [
+            Metric("client_stated/federated_loss", federated, now, round_number - 1),
+            Metric("client_stated/federated_perplexity", math.exp(federated), now, round_number - 1),
+        ]
     client.log_batch(run_id, metrics=metrics)
     client.log_dict(run_id, to_json(manifest), f"manifests/round-{round_number:04d}.json")
     datasets = round_datasets(manifest)
@@ -183,4 +209,3 @@ def track_split_artifacts(config: FederationConfig, run_id: str, losses: list[fl
             with open(path, "wb") as handle:
                 handle.write(data)
             client.log_artifact(run_id, path, "split")
-

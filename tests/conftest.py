@@ -72,9 +72,16 @@ def tiny_model_dir(corpus_dir: Path) -> Path:
     fast.chat_template = CHATML  # so that chat records render as they do for SmolLM2
     fast.save_pretrained(target)
     config = LlamaConfig(
-        vocab_size=fast.vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=fast.vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(target)
@@ -125,7 +132,7 @@ def emulators():
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     started = [S3Emulator().start(), GCSEmulator().start(), AzuriteEmulator().start()]
-    yield dict(zip(("s3", "gcs", "azure"), started))
+    yield dict(zip(("s3", "gcs", "azure"), started, strict=True))
     for emulator in reversed(started):
         emulator.stop()
 
@@ -135,15 +142,31 @@ def cloud_clouds(emulators, bucket_suffix: str) -> list[dict]:
     environment (the test sets AWS_*), GCS is anonymous, Azure's connection string sits in a
     Prefect Secret block."""
     return [
-        {"name": "aws", "provider": "aws", "storage": f"s3://aws-{bucket_suffix}/updates",
-         # botocore's own retries off: the upload task's retries are the policy under test.
-         "storage_options": {"endpoint_url": emulators["s3"].url,
-                             "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}},
-         "work_pool": "aws-pool"},
-        {"name": "gcp", "provider": "gcp", "storage": f"gs://gcp-{bucket_suffix}/updates",
-         "storage_options": {"endpoint_url": emulators["gcs"].url, "token": "anon"}, "work_pool": "gcp-pool"},
-        {"name": "azure", "provider": "azure", "storage": f"az://azure-{bucket_suffix}/updates",
-         "secret_block": "azurite-connection", "work_pool": "azure-pool"},
+        {
+            "name": "aws",
+            "provider": "aws",
+            "storage": f"s3://aws-{bucket_suffix}/updates",
+            # botocore's own retries off: the upload task's retries are the policy under test.
+            "storage_options": {
+                "endpoint_url": emulators["s3"].url,
+                "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2},
+            },
+            "work_pool": "aws-pool",
+        },
+        {
+            "name": "gcp",
+            "provider": "gcp",
+            "storage": f"gs://gcp-{bucket_suffix}/updates",
+            "storage_options": {"endpoint_url": emulators["gcs"].url, "token": "anon"},
+            "work_pool": "gcp-pool",
+        },
+        {
+            "name": "azure",
+            "provider": "azure",
+            "storage": f"az://azure-{bucket_suffix}/updates",
+            "secret_block": "azurite-connection",
+            "work_pool": "azure-pool",
+        },
     ]
 
 
@@ -165,8 +188,8 @@ def scan_ciphertext_only(config, options_by_cloud) -> int:
 
     from fedlib.wire import storage
     from fedlib.wire.envelope import open_sealed
-    from tasks.from_config import aggregator_update_key, keyring
     from fedlib.wire.serialization import bytes_to_tensors
+    from tasks.from_config import aggregator_update_key, keyring
 
     ring = keyring(config)
     scanned = 0
@@ -176,7 +199,7 @@ def scan_ciphertext_only(config, options_by_cloud) -> int:
             fs, _ = storage.filesystem(config.storage_url(cloud), options)
             blob = fs.cat_file(path)
             (size,) = struct.unpack_from("<Q", blob, 0)
-            assert not blob[8:8 + size].startswith(b"{"), path  # not a safetensors header
+            assert not blob[8 : 8 + size].startswith(b"{"), path  # not a safetensors header
             # Markers of 5+ bytes only: random ciphertext contains any given 3 bytes by chance
             # (b"F32" turned up once in a CI run), a given 5 bytes about once in 10^8 objects.
             for marker in (b"__metadata__", b'"dtype"', b'"F32"', b"lora_A", b"num_examples"):
@@ -192,6 +215,6 @@ def scan_ciphertext_only(config, options_by_cloud) -> int:
             for name, tensor in bytes_to_tensors(plaintext).items():
                 raw = tensor.numpy().tobytes()
                 for start in range(0, max(1, len(raw) - 64), max(64, len(raw) // 8)):
-                    assert raw[start:start + 64] not in blob, (path, name)
+                    assert raw[start : start + 64] not in blob, (path, name)
             scanned += 1
     return scanned

@@ -9,22 +9,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlib.wire import storage
 from fedlib.config import parse_config
+from fedlib.rejection import QuorumNotMet
 from fedlib.round.aggregator import aggregate_updates
-from fedlib.update.chain import Expected, open_client_update
 from fedlib.round.client import train_client_update
+from fedlib.strategies import make_strategy
+from fedlib.update.chain import Expected, open_client_update
+from fedlib.wire import storage
 from tasks.from_config import (
     aggregator_update_key,
     client_update_key,
-    keyring,
     initial_adapter,
+    keyring,
     load_data,
     partition_clients,
     update_url,
 )
-from fedlib.rejection import QuorumNotMet
-from fedlib.strategies import make_strategy
 from tests.conftest import tiny_config_dict
 
 CLOUDS = ("aws", "gcp", "azure")
@@ -40,8 +40,7 @@ def trained_round(tmp_path, corpus_dir, tiny_model_dir):
     ring = keyring(config, create=True)
     global_adapter = initial_adapter(config)
     reports = {
-        c: train_client_update(config, c, 1, global_adapter, data.train.select(assignment[c]), client_update_key(ring, c))
-        for c in CLOUDS
+        c: train_client_update(config, c, 1, global_adapter, data.train.select(assignment[c]), client_update_key(ring, c)) for c in CLOUDS
     }
     return config, {c: aggregator_update_key(ring, c) for c in CLOUDS}, global_adapter, reports
 
@@ -53,11 +52,13 @@ def _path(url: str) -> Path:
 def _expected(config, key, global_adapter, clients):
     """The FedAvg of exactly these clients' authentic updates, their claimed counts held to
     `aggregation.max_weight_share` (this aggregator was not told the shards)."""
-    from fedlib.wire.envelope import EnvelopeContext
     from fedlib.strategies.shares import capped_updates
+    from fedlib.wire.envelope import EnvelopeContext
 
     updates = [
-        open_client_update(storage.read_limited(update_url(config, c, 1), 1 << 30), key[c], EnvelopeContext("test", 1, c), global_adapter, LIMITS)[0]
+        open_client_update(
+            storage.read_limited(update_url(config, c, 1), 1 << 30), key[c], EnvelopeContext("test", 1, c), global_adapter, LIMITS
+        )[0]
         for c in clients
     ]
     return make_strategy("fedavg").aggregate(1, global_adapter, capped_updates(updates, config.aggregation.max_weight_share))

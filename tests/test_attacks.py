@@ -23,15 +23,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlib.wire import storage
+from fedlib.config import ConfigError, FederationConfig, parse_config
+from fedlib.data.shards import ClientData
+from fedlib.model.base import trained_part
+from fedlib.rejection import Reason, UpdateRejected
 from fedlib.round.aggregator import aggregate_updates, expected_of
-from fedlib.update.chain import Expected
 from fedlib.round.checkpoint import CheckpointStore, ManifestRejected, plan_rounds
 from fedlib.round.client import train_and_seal, upload_sealed
-from fedlib.data.shards import ClientData
-from fedlib.wire.sealed_stores import CarriedResidual
-from fedlib.config import ConfigError, FederationConfig, parse_config
+from fedlib.round.manifest import Manifest, to_json
+from fedlib.round.secure_aggregator import finish_secure_round, sum_masked_updates
+from fedlib.secagg.client import SecureRound, masked_update
+from fedlib.secagg.protocol import make_reveal, make_setup, open_inbox, relay_setups
+from fedlib.strategies import make_strategy
+from fedlib.update.chain import Expected
+from fedlib.update.report import SaidByClient
+from fedlib.wire import storage
 from fedlib.wire.envelope import MAGIC, EnvelopeContext, UpdateKey, seal
+from fedlib.wire.sealed_stores import CarriedResidual
+from fedlib.wire.serialization import tensors_to_bytes
 from tasks.from_config import (
     aggregator_update_key,
     checkpoint_store,
@@ -45,15 +54,6 @@ from tasks.from_config import (
     secagg_session,
     update_url,
 )
-from fedlib.round.manifest import Manifest, to_json
-from fedlib.update.report import SaidByClient
-from fedlib.model.base import trained_part
-from fedlib.rejection import Reason, UpdateRejected
-from fedlib.round.secure_aggregator import finish_secure_round, sum_masked_updates
-from fedlib.secagg.client import SecureRound, masked_update
-from fedlib.secagg.protocol import make_reveal, make_setup, open_inbox, relay_setups
-from fedlib.wire.serialization import tensors_to_bytes
-from fedlib.strategies import make_strategy
 from tests.conftest import tiny_config_dict
 
 CLOUDS = ("aws", "gcp", "azure")
@@ -161,8 +161,18 @@ def test_1_a_masked_upload_from_an_earlier_session_is_refused_and_the_round_goes
     }
     publics = {c: make_setup(ring, c, session_b).mask_public for c in CLOUDS}
     strategy = make_strategy("fedavg")
-    adapter = finish_secure_round(config, fed.adapter, masked, session_b, publics, survivors, dropped, reveals,
-                                  {c: aggregator_update_key(ring, c) for c in survivors}, strategy)
+    adapter = finish_secure_round(
+        config,
+        fed.adapter,
+        masked,
+        session_b,
+        publics,
+        survivors,
+        dropped,
+        reveals,
+        {c: aggregator_update_key(ring, c) for c in survivors},
+        strategy,
+    )
     # What was committed is the survivors' FedAvg to fixed-point precision, not ±120 of noise.
     for client in ("gcp", "azure"):  # their plain updates, to compute the expected mean
         fed.upload(client)
@@ -288,14 +298,17 @@ def test_4_hostile_payloads_with_a_real_key_are_named_rejections(tmp_path, corpu
         fed.plant("gcp", _sealed_payload(fed, "gcp", chain.compress(payload)))
         adapter, report = fed.aggregate()
         assert report.accepted == ["aws", "azure"], attack
-        assert report.rejected["gcp"]["reason"] in {"malformed", "out_of_range", "unexpected_tensors", "shape_mismatch"}, (attack, report.rejected)
+        assert report.rejected["gcp"]["reason"] in {"malformed", "out_of_range", "unexpected_tensors", "shape_mismatch"}, (
+            attack,
+            report.rejected,
+        )
         assert all(torch.isfinite(v).all() for v in adapter.values())
 
 
 # 5. ε is not under-reported when clients are sampled.
 def test_5_epsilon_with_a_public_sample_is_the_worst_clients_at_q_1(tmp_path, corpus_dir, tiny_model_dir):
-    from fedlib.round.planning import sample_clients
     from fedlib.privacy.accountant import epsilon_after, participation_after, privacy_spent
+    from fedlib.round.planning import sample_clients
 
     raw = tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir, clouds=tuple(f"c{i}" for i in range(10)))
     raw["federation"]["clients_per_round"] = 2
@@ -458,7 +471,11 @@ def test_7_a_recorded_session_cannot_be_replayed(fed, split_server, tmp_path):
         code, refusal = _post(other, "/hello", hello, {"Content-Type": "application/json"})
         assert (code, refusal["reason"]) == (400, "stale") and not fresh.sessions
         session = json.loads(hello)["session"]
-        for path, blob in ((f"/{session}/calibrate/forward", first), (f"/{session}/train/forward", forward), (f"/{session}/train/backward", backward)):
+        for path, blob in (
+            (f"/{session}/calibrate/forward", first),
+            (f"/{session}/train/forward", forward),
+            (f"/{session}/train/backward", backward),
+        ):
             assert _post(other, path, blob) == (404, {"reason": "unknown_session", "detail": f"no open session {session[:16]!r}"})
         assert all(torch.equal(before[k], v) for k, v in _middle_state(fresh).items())
     finally:
@@ -751,7 +768,7 @@ def test_r3_a_codec_description_of_the_wrong_types_is_a_named_rejection_and_the_
     """gcp, with its real key, describes its (default, empty) codec chain as `[[{}, {}]]` and
     other type-confused steps; once this raised TypeError out of the decode path and aborted the
     round under the default config."""
-    for description in ('[[{}, {}]]', '[[[], {}]]', '[[null, {"cast": {}}]]', '[[1, 2]]', '[{"int8": {}}]'):
+    for description in ("[[{}, {}]]", "[[[], {}]]", '[[null, {"cast": {}}]]', "[[1, 2]]", '[{"int8": {}}]'):
         for client in ("aws", "azure"):
             fed.upload(client)
         fed.plant("gcp", _sealed_payload(fed, "gcp", _payload(fed, codecs=description)))
@@ -830,8 +847,8 @@ def test_r6_rerunning_a_secure_session_releases_nothing_new(tmp_path, corpus_dir
     counts one release. Each release must be the same, so averaging gains nothing and the
     reported ε is the true one."""
     from fedlib.privacy.accountant import epsilon_after, participation_after, privacy_spent
-    from fedlib.secagg.fixedpoint import MODULUS, decode, from_wire
     from fedlib.secagg.client import masked_update
+    from fedlib.secagg.fixedpoint import MODULUS, decode, from_wire
     from fedlib.secagg.protocol import unmask_sum
 
     privacy = {"enabled": True, "clip_norm": 0.5, "noise_multiplier": 1.0, "delta": 1e-5}
@@ -841,7 +858,9 @@ def test_r6_rerunning_a_secure_session_releases_nothing_new(tmp_path, corpus_dir
     generator = torch.Generator().manual_seed(7)
     deltas = {c: {n: torch.randn(v.shape, generator=generator) for n, v in template.items()} for c in CLOUDS}
     # what the update path's clip filter hands the mask filter: each delta at norm C
-    clipped = {c: {n: v * (0.5 / math.sqrt(sum(float(t.pow(2).sum()) for t in d.values()))) for n, v in d.items()} for c, d in deltas.items()}
+    clipped = {
+        c: {n: v * (0.5 / math.sqrt(sum(float(t.pow(2).sum()) for t in d.values()))) for n, v in d.items()} for c, d in deltas.items()
+    }
     noiseless = {n: sum(clipped[c][n] for c in CLOUDS).double() / len(CLOUDS) for n in template}
     keys = {c: aggregator_update_key(ring, c) for c in CLOUDS}
     releases = []
@@ -849,12 +868,16 @@ def test_r6_rerunning_a_secure_session_releases_nothing_new(tmp_path, corpus_dir
         session = secagg_session(config, 1, f"{attempt + 1:016x}")
         setups = {c: make_setup(ring, c, session) for c in CLOUDS}
         inboxes = relay_setups(setups)
-        masked = {c: masked_update(config, c, clipped[c], 10, 1, SecureRound(ring, session, inboxes[c], float(len(CLOUDS)), parent=fed.parent))
-                  for c in CLOUDS}
+        masked = {
+            c: masked_update(config, c, clipped[c], 10, 1, SecureRound(ring, session, inboxes[c], float(len(CLOUDS)), parent=fed.parent))
+            for c in CLOUDS
+        }
         total = {n: sum(from_wire(m.tensors)[n] for m in masked.values()) % MODULUS for n in template}
         peers = {c: open_inbox(ring, c, session, inboxes[c]) for c in CLOUDS}
-        reveals = {c: make_reveal(ring, c, session, peers[c], list(CLOUDS), [], client_update_key(ring, c), reveal_ledger(config, ring, c))
-                   for c in CLOUDS}
+        reveals = {
+            c: make_reveal(ring, c, session, peers[c], list(CLOUDS), [], client_update_key(ring, c), reveal_ledger(config, ring, c))
+            for c in CLOUDS
+        }
         clean = unmask_sum(total, session, {c: s.mask_public for c, s in setups.items()}, list(CLOUDS), [], reveals, keys)
         releases.append(decode(clean, config.secure_aggregation.frac_bits))
 
@@ -889,10 +912,12 @@ def test_r7_a_version_planted_in_the_registry_never_becomes_champion(tmp_path, c
     real = {int(v.tags["round"]): v for v in client.search_model_versions(f"name = '{name}'")}
     run_id = manifests[-1].mlflow_run_id
     planted = [
-        client.create_model_version(name, f"runs:/{run_id}/adapters/round-0001", run_id=run_id,
-                                    tags={**real[2].tags, "round": "9", "perplexity": "1.0"}),
-        client.create_model_version(name, f"runs:/{run_id}/adapters/round-0001", run_id=run_id,
-                                    tags={**real[2].tags, "perplexity": "1.0"}),  # round 2's tags over round 1's adapter
+        client.create_model_version(
+            name, f"runs:/{run_id}/adapters/round-0001", run_id=run_id, tags={**real[2].tags, "round": "9", "perplexity": "1.0"}
+        ),
+        client.create_model_version(
+            name, f"runs:/{run_id}/adapters/round-0001", run_id=run_id, tags={**real[2].tags, "perplexity": "1.0"}
+        ),  # round 2's tags over round 1's adapter
     ]
     champion = register_round.fn(config, run_id, manifests[-1], checkpoint_store(config).adapter_of(manifests[-1])[0])
     assert champion not in {v.version for v in planted}
@@ -910,7 +935,9 @@ def test_r7_a_version_planted_in_the_registry_never_becomes_champion(tmp_path, c
         ("tracking.uri", "https://mlflow.internal/?token=TRACKINGTOKEN", "TRACKINGTOKEN"),
     ],
 )
-def test_r8_credentials_in_urls_headers_and_queries_are_refused_and_never_echoed(tmp_path, corpus_dir, tiny_model_dir, where, value, secret):
+def test_r8_credentials_in_urls_headers_and_queries_are_refused_and_never_echoed(
+    tmp_path, corpus_dir, tiny_model_dir, where, value, secret
+):
     """Each of these was accepted and then logged to MLflow params and Prefect parameters."""
     from fedlib.redaction import loggable
 
@@ -940,8 +967,8 @@ def test_r9_what_one_client_says_of_itself_does_not_steer_the_federation(tmp_pat
     in a round the aggregator saw take 3 s, and a validation loss of 0.001 over 10^9 tokens (to
     fake the federation's score). The aggregator holds what it can measure to its measurements,
     and a median bounds the rest; the figures stay labelled as the clients' word in MLflow."""
-    from fedlib.round.planning import budget_stop, step_budgets
     from fedlib.round.manifest import round_manifest
+    from fedlib.round.planning import budget_stop, step_budgets
     from fedlib.update.report import ClientReport
     from tasks.tracking import CLIENT_STATED
 
@@ -953,18 +980,43 @@ def test_r9_what_one_client_says_of_itself_does_not_steer_the_federation(tmp_pat
     previous = Manifest(config.federation.id, 0, 3, "run", 1.0, math.e, adapter_bytes=1 << 20)
 
     def report(client: str, **said) -> ClientReport:
-        honest = dict(num_examples=10, train_loss=2.0, bytes_uploaded=1 << 20, object_url="x", train_s=2.0, encrypt_upload_s=0.1,
-                      update_norm=1.0, local_steps=10, bytes_downloaded=(1 << 20) + 600, validation_loss=2.0 + 0.1 * len(client),
-                      validation_tokens=1000)
+        honest = dict(
+            num_examples=10,
+            train_loss=2.0,
+            bytes_uploaded=1 << 20,
+            object_url="x",
+            train_s=2.0,
+            encrypt_upload_s=0.1,
+            update_norm=1.0,
+            local_steps=10,
+            bytes_downloaded=(1 << 20) + 600,
+            validation_loss=2.0 + 0.1 * len(client),
+            validation_tokens=1000,
+        )
         return ClientReport(client, 1, **{**honest, **said})
 
     def manifest(gcp: ClientReport) -> Manifest:
         reports = {"aws": report("aws"), "azure": report("azure"), "gcp": gcp}
-        return round_manifest(config, 1, previous, list(CLOUDS), {c: 10 for c in CLOUDS}, reports, list(CLOUDS), {}, 1.0, {},
-                              ("run", None), 5, round_trip_s={c: 3.0 for c in CLOUDS})
+        return round_manifest(
+            config,
+            1,
+            previous,
+            list(CLOUDS),
+            {c: 10 for c in CLOUDS},
+            reports,
+            list(CLOUDS),
+            {},
+            1.0,
+            {},
+            ("run", None),
+            5,
+            round_trip_s={c: 3.0 for c in CLOUDS},
+        )
 
-    honest, lying = manifest(report("gcp")), manifest(report("gcp", bytes_downloaded=10**12, train_s=3600.0,
-                                                                validation_loss=0.001, validation_tokens=10**9))
+    honest, lying = (
+        manifest(report("gcp")),
+        manifest(report("gcp", bytes_downloaded=10**12, train_s=3600.0, validation_loss=0.001, validation_tokens=10**9)),
+    )
     assert budget_stop(config, [previous, honest]) is None
     assert budget_stop(config, [previous, lying]) is None  # its downloads held to what the aggregator wrote
     assert lying.clients["gcp"].train_s == 3.0  # no longer than the aggregator's own clock saw
@@ -980,13 +1032,13 @@ def test_r10_a_multi_process_client_listens_on_loopback_only(tiny_model_dir):
     unauthenticated, for the whole run."""
     import psutil
 
-    from fedlib.model.distributed import train_in_processes
+    from fedlib.config import LoraSettings
     from fedlib.examples import Examples
     from fedlib.model.base import adapter_state, attach_lora, load_base_model
+    from fedlib.model.distributed import train_in_processes
     from fedlib.model.pool import ModelKey
-    from fedlib.placement import Placement
-    from fedlib.config import LoraSettings
     from fedlib.model.training import TrainingPlan
+    from fedlib.placement import Placement
 
     lora = LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
     placement = Placement("cpu", "fp32")
@@ -1049,8 +1101,8 @@ def test_r12_under_secure_aggregation_the_aggregator_learns_no_figure_of_a_clien
 
     from mlflow.tracking import MlflowClient
 
-    from fedlib.progress import ClientStep, ClientTrained
     from fedlib.data.shards import client_data
+    from fedlib.progress import ClientStep, ClientTrained
     from flows.federated_training import federated_training
     from tests.conftest import write_config
 
@@ -1058,6 +1110,7 @@ def test_r12_under_secure_aggregation_the_aggregator_learns_no_figure_of_a_clien
     raw["training"]["rounds"] = 1
     raw["aggregation"]["min_clients"] = 2
     raw["secure_aggregation"] = {"enabled": True, "threshold": 2}
+
     class Collect(logging.Handler):
         def __init__(self) -> None:
             super().__init__(logging.INFO)

@@ -61,7 +61,9 @@ def test_round_trip_within_the_declared_bound(name):
             continue
         assert decoded[key].shape == value.shape and decoded[key].dtype == torch.float32
         error = (decoded[key] - value).abs()
-        assert torch.all(error <= codec.error_bound(value)), f"{name}: {key} off by {float((error - codec.error_bound(value)).max()):.3g} past its bound"
+        assert torch.all(error <= codec.error_bound(value)), (
+            f"{name}: {key} off by {float((error - codec.error_bound(value)).max()):.3g} past its bound"
+        )
     payload = tensors_to_bytes(encoded, metadata={"codecs": description})
     assert len(payload) < sum(v.numel() * v.element_size() for v in update.values()) + 4096
 

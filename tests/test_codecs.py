@@ -133,7 +133,13 @@ def _encoded(chain: CodecChain):
     ("chain", "mutate", "match"),
     [
         (CodecChain(("topk",)), lambda t, d: t["bias::gaps"].__setitem__(1, 0), "strictly increasing"),
-        (CodecChain(("topk",)), lambda t, d: t.__setitem__("bias::gaps", torch.cat([t["bias::gaps"][:-1], torch.full((9,), 255, dtype=torch.uint8), t["bias::gaps"][-1:]])), "beyond 1000"),
+        (
+            CodecChain(("topk",)),
+            lambda t, d: t.__setitem__(
+                "bias::gaps", torch.cat([t["bias::gaps"][:-1], torch.full((9,), 255, dtype=torch.uint8), t["bias::gaps"][-1:]])
+            ),
+            "beyond 1000",
+        ),
         (CodecChain(("topk",)), lambda t, d: t["bias::gaps"].__setitem__(-1, 255), "end mid-gap"),
         (CodecChain(("topk",)), lambda t, d: t.__setitem__("bias::gaps", t["bias::gaps"].to(torch.int32)), "do not fit"),
         (CodecChain(("topk",)), lambda t, d: t.pop("bias::values"), "missing tensor"),

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from fedlib.wire import storage
 from fedlib.config import ConfigError, load_config, parse_config
-from tasks.from_config import checkpoint_store, initial_adapter, keyring
+from fedlib.wire import storage
 from flows.federated_training import federated_training
+from tasks.from_config import checkpoint_store, initial_adapter, keyring
 from tests.conftest import stored_update_context, tiny_config_dict, write_config
 
 
@@ -171,8 +171,11 @@ def test_a_bf16_client_builds_the_initial_adapter_it_would_have_downloaded(tmp_p
     so round 0's adapter is drawn on the configured placement: a client there rebuilds it, and
     round 1 costs it round 0's signed head alone."""
     manifests, config = _federation(
-        tmp_path, corpus_dir, tiny_model_dir,
-        compression={"codecs": ["int4"], "broadcast": ["int4"]}, training={"rounds": 1, "dtype": "bf16"},
+        tmp_path,
+        corpus_dir,
+        tiny_model_dir,
+        compression={"codecs": ["int4"], "broadcast": ["int4"]},
+        training={"rounds": 1, "dtype": "bf16"},
     )
     head_bytes = checkpoint_store(config).head_read(0)[1]
     assert [r.bytes_downloaded for r in manifests[1].clients.values()] == [head_bytes] * 2

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedlib.round.checkpoint import CheckpointStore
 from fedlib.config import load_config
+from fedlib.round.checkpoint import CheckpointStore
 from scripts.emulators import free_port
 from tests.conftest import ROOT, cloud_clouds, tiny_config_dict, write_config
 
@@ -57,7 +57,11 @@ class PrefectServer:
     def spawn(self, name: str, *args: str, env: dict | None = None) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "w")
         process = subprocess.Popen(
-            [PREFECT, *args], env={**self.env, **(env or {})}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            [PREFECT, *args],
+            env={**self.env, **(env or {})},
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         self.processes.append(process)
@@ -162,7 +166,9 @@ def test_each_client_runs_on_its_own_pool_and_schedules_continue(prefect_server,
     first = _run_federation(prefect_server, deployed_config)
     runs = _client_runs(prefect_server, first)
     assert sorted((r.name, r.work_pool_name) for r in runs) == [
-        ("aws-round-1", "aws-pool"), ("azure-round-1", "azure-pool"), ("gcp-round-1", "gcp-pool"),
+        ("aws-round-1", "aws-pool"),
+        ("azure-round-1", "azure-pool"),
+        ("gcp-round-1", "gcp-pool"),
     ]
     assert all(r.state.is_completed() for r in runs)
 
@@ -182,9 +188,7 @@ def test_each_client_runs_on_its_own_pool_and_schedules_continue(prefect_server,
     assert {store.manifest(r).mlflow_run_id for r in range(3)} == {first_final.mlflow_run_id}
     second_runs = [r for r in _client_runs(prefect_server, first) if "round-2" in r.name]
     assert sorted((r.name, r.work_pool_name) for r in second_runs) == sorted(
-        (f"{cloud}-round-2{step}", f"{cloud}-pool")
-        for cloud in ("aws", "gcp", "azure")
-        for step in ("", "-secagg-setup", "-secagg-reveal")
+        (f"{cloud}-round-2{step}", f"{cloud}-pool") for cloud in ("aws", "gcp", "azure") for step in ("", "-secagg-setup", "-secagg-reveal")
     )
     assert all(r.state.is_completed() for r in second_runs)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlib.wire.envelope import MAGIC, EnvelopeContext, UpdateKey, open_sealed, seal
-from fedlib.update.chain import Expected, open_client_update
 from fedlib.rejection import Reason, UpdateRejected
+from fedlib.update.chain import Expected, open_client_update
+from fedlib.wire.envelope import MAGIC, EnvelopeContext, UpdateKey, open_sealed, seal
 from fedlib.wire.serialization import bytes_to_tensors, read_metadata, tensors_to_bytes
 
 KEY = UpdateKey(bytes(range(32)), "aws-key-id")
@@ -57,7 +57,7 @@ def test_tampered_ciphertext_and_header():
     # ...and a header edit that keeps the claimed context (here the nonce) fails authentication.
     original = _sealed()
     start = original.index(b'"nonce":"') + len(b'"nonce":"')
-    flipped = original[:start] + (b"0" if original[start:start + 1] != b"0" else b"1") + original[start + 1:]
+    flipped = original[:start] + (b"0" if original[start : start + 1] != b"0" else b"1") + original[start + 1 :]
     assert _reason(flipped) is Reason.AUTHENTICATION_FAILED
 
 

@@ -14,10 +14,10 @@ from mlflow.tracking import MlflowClient
 from peft import PeftModel
 
 from fedlib.config import load_config
-from tasks.from_config import checkpoint_store, load_data
 from fedlib.model.base import load_base_model
 from fedlib.model.training import evaluate_loss
 from flows.federated_training import federated_training
+from tasks.from_config import checkpoint_store, load_data
 from tests.conftest import scan_ciphertext_only, tiny_config_dict, write_config
 
 
@@ -65,10 +65,10 @@ def test_mlflow_holds_metrics_params_and_artifacts(finished_run):
         assert history(f"time/{stage}")[2] >= 0, stage
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= artifacts
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "manifests")} == {
-        f"manifests/round-000{r}.json" for r in range(3)
-    }
-    plot = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="plots/progress.png", tracking_uri=config.tracking_uri))
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "manifests")} == {f"manifests/round-000{r}.json" for r in range(3)}
+    plot = Path(
+        mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="plots/progress.png", tracking_uri=config.tracking_uri)
+    )
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from fedlib.update.chain import Expected, open_client_update
 from fedlib.codecs import TENSOR_CODECS, CodecChain
-from fedlib.wire.envelope import MAGIC, EnvelopeContext, UpdateKey, seal
 from fedlib.rejection import UpdateRejected
+from fedlib.update.chain import Expected, open_client_update
+from fedlib.wire.envelope import MAGIC, EnvelopeContext, UpdateKey, seal
 from fedlib.wire.serialization import tensors_to_bytes
 
 KEY = UpdateKey(bytes(range(32)), "aws-key-id")
@@ -73,10 +73,23 @@ def _nested(rng: random.Random) -> str:
 
 
 def _lying_shape(rng: random.Random) -> list:
-    return rng.choice([
-        [1 << rng.randrange(20, 63)], [1 << 27], [1 << 40], [2**31, 2**31], [-1], [3.5], ["4"], [True],
-        [1] * 20, [], [0], [1 << 62, 4], [4, 32, 1 << 30],
-    ])
+    return rng.choice(
+        [
+            [1 << rng.randrange(20, 63)],
+            [1 << 27],
+            [1 << 40],
+            [2**31, 2**31],
+            [-1],
+            [3.5],
+            ["4"],
+            [True],
+            [1] * 20,
+            [],
+            [0],
+            [1 << 62, 4],
+            [4, 32, 1 << 30],
+        ]
+    )
 
 
 def _header_edits(rng: random.Random, payload: bytes) -> bytes:
@@ -263,8 +276,14 @@ def run(seed: int = 20261123) -> dict:
         if set(update.delta) != set(TEMPLATE) or not all(torch.isfinite(v).all() for v in update.delta.values()):
             escaped.append(f"{chain.names}: an accepted update that does not fit the template")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"chains": len(all_chains), "distinct": len(seen), **counts, "reasons": reasons, "escaped": escaped,
-            "peak_over_baseline": peak - baseline}
+    return {
+        "chains": len(all_chains),
+        "distinct": len(seen),
+        **counts,
+        "reasons": reasons,
+        "escaped": escaped,
+        "peak_over_baseline": peak - baseline,
+    }
 
 
 def test_every_hostile_object_is_a_named_rejection_within_bounded_memory():

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 
 from fedlib.config import ConfigError, parse_config
-from fedlib.round.cost import round_cost
-from fedlib.round.planning import budget_stop, sample_clients, step_budgets
-from fedlib.round.manifest import Manifest
-from fedlib.update.report import ClientReport
 from fedlib.privacy.accountant import epsilon_after, participation_after, privacy_spent
+from fedlib.round.cost import round_cost
+from fedlib.round.manifest import Manifest
+from fedlib.round.planning import budget_stop, sample_clients, step_budgets
+from fedlib.update.report import ClientReport
 from flows.federated_training import federated_training
 from tests.conftest import tiny_config_dict, write_config
 
@@ -40,8 +40,13 @@ def _config(tmp_path, corpus_dir, model_dir, **sections):
 
 
 def test_sampling_is_reproducible_and_drives_the_accountant(tmp_path, corpus_dir, tiny_model_dir):
-    raw = _config(tmp_path, corpus_dir, tiny_model_dir, federation={"clients_per_round": 2},
-                  privacy={"enabled": True, "clip_norm": 1.0, "noise_multiplier": 1.0})
+    raw = _config(
+        tmp_path,
+        corpus_dir,
+        tiny_model_dir,
+        federation={"clients_per_round": 2},
+        privacy={"enabled": True, "clip_norm": 1.0, "noise_multiplier": 1.0},
+    )
     config = parse_config(raw)
     draws = [sample_clients(config, r) for r in range(1, 21)]
     assert all(len(d) == 2 and set(d) <= set(CLOUDS) for d in draws)
@@ -60,9 +65,14 @@ def test_sampling_is_reproducible_and_drives_the_accountant(tmp_path, corpus_dir
 
 def test_step_budgets_follow_speed_deadline_and_capacity(tmp_path, corpus_dir, tiny_model_dir):
     profiles = {"aws": {"speed": 1.0}, "gcp": {"speed": 2.0}, "azure": {"speed": 4.0, "capacity_steps": 50}}
-    raw = _config(tmp_path, corpus_dir, tiny_model_dir, profiles=profiles,
-                  training={"step_budget": "deadline", "seconds_per_step": 0.5, "local_steps": 3},
-                  orchestration={"round_deadline_s": 20})
+    raw = _config(
+        tmp_path,
+        corpus_dir,
+        tiny_model_dir,
+        profiles=profiles,
+        training={"step_budget": "deadline", "seconds_per_step": 0.5, "local_steps": 3},
+        orchestration={"round_deadline_s": 20},
+    )
     config = parse_config(raw)
     # 75% of 20 s at 0.5 s per step (speed 1): 30 steps; ×2 and ×4, the last capped at 50.
     assert step_budgets(config, list(CLOUDS), None) == {"aws": 30, "gcp": 60, "azure": 50}
@@ -102,9 +112,14 @@ def test_a_straggler_is_left_out_and_counted(tmp_path, corpus_dir, tiny_model_di
     names azure a straggler, and charges it the deadline. (A 6 s deadline was once too short for
     the normal clients on a 2-core machine busy with a benchmark beside the suite.)"""
     profiles = {"aws": {"price_per_hour": 1.0}, "gcp": {"price_per_hour": 1.0}, "azure": {"speed": 0.004, "price_per_hour": 1.0}}
-    raw = _config(tmp_path, corpus_dir, tiny_model_dir, profiles=profiles,
-                  training={"rounds": 1, "local_steps": 1, "emulate_speed": True, "seconds_per_step": 0.1},
-                  orchestration={"round_deadline_s": 12})
+    raw = _config(
+        tmp_path,
+        corpus_dir,
+        tiny_model_dir,
+        profiles=profiles,
+        training={"rounds": 1, "local_steps": 1, "emulate_speed": True, "seconds_per_step": 0.1},
+        orchestration={"round_deadline_s": 12},
+    )
     manifests = federated_training(str(write_config(tmp_path, raw)))
     last = manifests[-1]
     assert last.stragglers == ["azure"]

@@ -8,12 +8,12 @@ import stat
 import pytest
 import torch
 
+from fedlib.rejection import Reason, UpdateRejected
 from fedlib.round.checkpoint import CheckpointStore, ManifestRejected, ManifestSignatureError
 from fedlib.round.manifest import Manifest
 from fedlib.wire.envelope import EnvelopeContext, open_sealed, seal
-from tasks.from_config import aggregator_update_key, client_update_key
 from fedlib.wire.keys import init_keys, load_keyring
-from fedlib.rejection import Reason, UpdateRejected
+from tasks.from_config import aggregator_update_key, client_update_key
 
 CLIENTS = ["aws", "gcp"]
 
@@ -108,7 +108,9 @@ def test_the_head_a_client_reads_is_signed_placed_and_falls_back_to_the_manifest
     root = (tmp_path / "ckpt").as_uri()
     store = CheckpointStore(root, "fed", signer=ring.signing_private, verifier=ring.signing_public)
     base = store.commit({"w": torch.zeros(2)}, Manifest("fed", 0, 2, "run", 2.0, 7.4))
-    one = store.commit({"w": torch.ones(2)}, Manifest("fed", 1, 2, "run", 1.5, 4.5, parent_adapter_sha256=base.adapter_sha256, accepted=["aws"]))
+    one = store.commit(
+        {"w": torch.ones(2)}, Manifest("fed", 1, 2, "run", 1.5, 4.5, parent_adapter_sha256=base.adapter_sha256, accepted=["aws"])
+    )
     store.commit({"w": torch.ones(2) * 2}, Manifest("fed", 2, 2, "run", 1.4, 4.1, parent_adapter_sha256=one.adapter_sha256))
     reader = CheckpointStore(root, "fed", verifier=ring.signing_public)
     head, size = reader.head_read(1)
@@ -139,7 +141,10 @@ def test_keys_init_command(tmp_path, corpus_dir, tiny_model_dir, capsys):
     assert "4 key(s) created" in capsys.readouterr().out
     folder = tmp_path / "data" / "keys"
     assert sorted(p.name for p in folder.rglob("*.pem")) == [
-        "aggregator.ed25519.pem", "aggregator.x25519.pem", "aws.x25519.pem", "gcp.x25519.pem",
+        "aggregator.ed25519.pem",
+        "aggregator.x25519.pem",
+        "aws.x25519.pem",
+        "gcp.x25519.pem",
     ]
     assert main(["keys", "init", str(path)]) == 0
     assert "0 key(s) created" in capsys.readouterr().out
@@ -164,15 +169,17 @@ def test_each_party_holds_only_its_own_key_from_its_source(tmp_path, monkeypatch
     import yaml
 
     from fedlib.config import parse_config
-    from tasks.from_config import keyring
     from fedlib.wire.keys import AGGREGATOR, fingerprint, parse_party_pem
     from fedlib_cli.main import main
+    from tasks.from_config import keyring
 
     publics = {"clients": {}}
     for party in (AGGREGATOR, "aws", "gcp"):
         done = subprocess.run(
             [sys.executable, "-m", "fedlib_cli", "keys", "init", "--party", party, "--out", str(tmp_path / f"{party}.pem")],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         printed = yaml.safe_load(done.stdout)
         if party == AGGREGATOR:
@@ -203,22 +210,29 @@ def test_each_party_holds_only_its_own_key_from_its_source(tmp_path, monkeypatch
     # From an environment variable instead of a file.
     monkeypatch.setenv("FEDLIB_KEY_AWS", (tmp_path / "aws.pem").read_text())
     from_env = keyring(parse_config(_party_config(tmp_path, publics, "env:FEDLIB_KEY_{party}".replace("{party}", "AWS"))), "aws")
-    assert fingerprint(from_env.client_private["aws"].public_key()) == fingerprint(parse_party_pem((tmp_path / "aws.pem").read_bytes(), "aws")[0].public_key())
+    assert fingerprint(from_env.client_private["aws"].public_key()) == fingerprint(
+        parse_party_pem((tmp_path / "aws.pem").read_bytes(), "aws")[0].public_key()
+    )
     (tmp_path / "gcp.pem").chmod(0o644)
     with pytest.raises(PermissionError, match="chmod 600"):
         keyring(config, "gcp")
-    again = subprocess.run([sys.executable, "-m", "fedlib_cli", "keys", "init", "--party", "aws", "--out", str(tmp_path / "aws.pem")],
-                           capture_output=True, text=True)
+    again = subprocess.run(
+        [sys.executable, "-m", "fedlib_cli", "keys", "init", "--party", "aws", "--out", str(tmp_path / "aws.pem")],
+        capture_output=True,
+        text=True,
+    )
     assert again.returncode == 1 and "a party's key is made once" in again.stderr
 
 
 def test_a_keyring_section_must_list_every_cloud_and_decode(tmp_path):
     from fedlib.config import ConfigError, parse_config
-    from fedlib.wire.keys import public_text, new_party_keys
+    from fedlib.wire.keys import new_party_keys, public_text
 
     aggregator = [k.public_key() for k in new_party_keys("aggregator")]
-    publics = {"aggregator": {"exchange": public_text(aggregator[0]), "signing": public_text(aggregator[1])},
-               "clients": {"aws": public_text(new_party_keys("aws")[0].public_key())}}
+    publics = {
+        "aggregator": {"exchange": public_text(aggregator[0]), "signing": public_text(aggregator[1])},
+        "clients": {"aws": public_text(new_party_keys("aws")[0].public_key())},
+    }
     with pytest.raises(ConfigError, match="keyring.clients: lists \\['aws'\\], the clouds are \\['aws', 'gcp'\\]"):
         parse_config(_party_config(tmp_path, publics, "file:~/k.pem"))
     publics["clients"]["gcp"] = "bm90IGEga2V5"

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from fedlib.config import ConfigError, LoraSettings, parse_config
-from fedlib.model.distributed import train_in_processes
+from fedlib.data.records import assistant_spans, tokenize_records
 from fedlib.examples import IGNORE, Examples
 from fedlib.model.base import adapter_state, attach_lora, load_base_model, load_tokenizer
+from fedlib.model.distributed import train_in_processes
 from fedlib.model.pool import POOL, ModelKey
-from fedlib.placement import CPU_FP32, Placement
-from fedlib.data.records import assistant_spans, tokenize_records
 from fedlib.model.training import TrainingPlan, evaluate_loss, train_lora
+from fedlib.placement import CPU_FP32, Placement
 from tests.conftest import CHATML, ROOT, tiny_config_dict, write_config
 
 LORA = LoraSettings(r=4, alpha=8)
@@ -65,7 +65,9 @@ def test_prompt_tokens_carry_no_loss_counted_against_the_chat_template(tokenizer
     for i in (1, 3):
         before = tokenizer.apply_chat_template(CONVERSATION[:i], tokenize=False, add_generation_prompt=True)
         through = tokenizer.apply_chat_template(CONVERSATION[: i + 1], tokenize=False)
-        expected += tokenizer(through, add_special_tokens=False)["input_ids"][len(tokenizer(before, add_special_tokens=False)["input_ids"]) :]
+        expected += tokenizer(through, add_special_tokens=False)["input_ids"][
+            len(tokenizer(before, add_special_tokens=False)["input_ids"]) :
+        ]
     assert labelled.tolist() == expected
     answers = tokenizer.decode(labelled)
     assert answers.startswith("Gertrude, Queen of Denmark.") and "The late King Hamlet, whose ghost walks." in answers

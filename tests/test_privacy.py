@@ -11,15 +11,15 @@ import torch
 from mlflow.tracking import MlflowClient
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from fedlib.wire import storage
 from fedlib.config import load_config
-from fedlib.wire.envelope import open_sealed
-from tasks.from_config import aggregator_update_key, keyring
 from fedlib.privacy.accountant import epsilon_after, rounds_within_budget
 from fedlib.privacy.dp import DifferentialPrivacy, clip_update_inplace, update_norm
-from fedlib.wire.serialization import bytes_to_tensors
 from fedlib.strategies import ClientUpdate, make_strategy
+from fedlib.wire import storage
+from fedlib.wire.envelope import open_sealed
+from fedlib.wire.serialization import bytes_to_tensors
 from flows.federated_training import federated_training
+from tasks.from_config import aggregator_update_key, keyring
 from tests.conftest import stored_update_context, tiny_config_dict, write_config
 
 
@@ -71,8 +71,14 @@ def test_dp_federation_clips_every_update_and_stops_at_its_budget(tmp_path, corp
     clip, z = 0.05, 1.2
     raw = tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir, clouds=("aws", "gcp", "azure"))
     raw["training"].update(rounds=5, learning_rate=0.05)  # big steps: the clip certainly binds
-    raw["privacy"] = {"enabled": True, "clip_norm": clip, "noise_multiplier": z, "delta": 1e-5,
-                      "epsilon_budget": epsilon_after(2, z, 1.0, 1e-5) * 1.001, "noise_seed": 1}
+    raw["privacy"] = {
+        "enabled": True,
+        "clip_norm": clip,
+        "noise_multiplier": z,
+        "delta": 1e-5,
+        "epsilon_budget": epsilon_after(2, z, 1.0, 1e-5) * 1.001,
+        "noise_seed": 1,
+    }
     path = write_config(tmp_path, raw)
     manifests = federated_training(str(path))
     assert [m.round for m in manifests] == [0, 1, 2]  # round 3 would overspend ε

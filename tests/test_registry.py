@@ -15,12 +15,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from fedlib.config import load_config
-from tasks.from_config import load_data
 from fedlib.model.base import base_revision, load_base_model
 from fedlib.model.training import evaluate_loss
 from fedlib_cli.main import main as fedlib_cli
 from flows.federated_training import federated_training
 from tasks.artifacts import round_table_key, summary_key
+from tasks.from_config import load_data
 from tests.conftest import ROOT, tiny_config_dict, write_config
 
 

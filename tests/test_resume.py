@@ -10,10 +10,10 @@ import time
 
 from mlflow.tracking import MlflowClient
 
-from fedlib.round.checkpoint import plan_rounds
 from fedlib.config import load_config
-from tasks.from_config import checkpoint_store, keyring, update_url
+from fedlib.round.checkpoint import plan_rounds
 from flows.federated_training import federated_training
+from tasks.from_config import checkpoint_store, keyring, update_url
 from tests.conftest import ROOT, tiny_config_dict, write_config
 
 
@@ -26,8 +26,12 @@ def test_killed_federation_resumes_from_last_committed_round(tmp_path, corpus_di
 
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-killed")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "fedlib_cli", "run", str(path)], cwd=ROOT, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [sys.executable, "-m", "fedlib_cli", "run", str(path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 300

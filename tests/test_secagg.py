@@ -48,12 +48,11 @@ def _round(seed: int = 0):
     """Four clients' deltas, example counts, and per-round mask key pairs."""
     gen = torch.Generator().manual_seed(seed)
     deltas = {c: {"a": torch.randn(64, 8, generator=gen) * 0.01, "b": torch.randn(8, 32, generator=gen) * 0.01} for c in CLIENTS}
-    examples = {c: n for c, n in zip(CLIENTS, (120, 45, 300, 7))}
+    examples = {c: n for c, n in zip(CLIENTS, (120, 45, 300, 7), strict=True)}
     mask_keys = {c: X25519PrivateKey.generate() for c in CLIENTS}
     publics = {c: k.public_key() for c, k in mask_keys.items()}
     masked = {
-        c: apply_masks(encode({k: v * examples[c] for k, v in deltas[c].items()}, FRAC), c, mask_keys[c], publics, CONTEXT)
-        for c in CLIENTS
+        c: apply_masks(encode({k: v * examples[c] for k, v in deltas[c].items()}, FRAC), c, mask_keys[c], publics, CONTEXT) for c in CLIENTS
     }
     return deltas, examples, mask_keys, publics, masked
 
@@ -95,7 +94,7 @@ def test_sum_is_recovered_when_a_client_drops_after_masking():
     dropped, survivors = "gcp", [c for c in CLIENTS if c != "gcp"]
     # gcp shared its mask key 3-of-4 before masking; its masked update never arrives.
     raw = mask_keys[dropped].private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
-    shares = dict(zip(CLIENTS, split_secret(raw, n=len(CLIENTS), threshold=3)))
+    shares = dict(zip(CLIENTS, split_secret(raw, n=len(CLIENTS), threshold=3), strict=True))
     partial = masked_sum(masked[c] for c in survivors)
     leftover = decode(partial, FRAC)["a"] / sum(examples[c] for c in survivors)
     assert not torch.allclose(leftover, _fedavg(deltas, examples, survivors)["a"], atol=1e-3)  # masks remain
@@ -112,9 +111,9 @@ def test_protocol_messages_end_to_end_with_a_dropout(tmp_path):
     """Setup messages sealed per client pair, double masking with authenticated peer keys, a
     client that drops after masking, survivors' reveals sealed for the aggregator, and the
     unmasked sum equal to the survivors' FedAvg."""
-    from tasks.from_config import aggregator_update_key, client_update_key
-    from fedlib.wire.keys import init_keys, load_keyring
     from fedlib.secagg.protocol import Session, make_reveal, make_setup, mask_update, open_inbox, relay_setups, unmask_sum
+    from fedlib.wire.keys import init_keys, load_keyring
+    from tasks.from_config import aggregator_update_key, client_update_key
 
     init_keys(tmp_path, CLIENTS)
     ring = load_keyring(tmp_path, CLIENTS)
@@ -158,19 +157,18 @@ def test_protocol_messages_end_to_end_with_a_dropout(tmp_path):
 
 
 def _ledger(tmp_path, ring, client):
-    from fedlib.wire.sealed_stores import RevealLedger
     from fedlib.wire.envelope import UpdateKey
     from fedlib.wire.keys import fingerprint
+    from fedlib.wire.sealed_stores import RevealLedger
 
     key = UpdateKey(ring.client_derived_secret(client, "secagg-reveals"), fingerprint(ring.public_key(client)))
     return RevealLedger((tmp_path / "buckets" / client).as_uri(), key, "fed", client)
 
 
 def test_a_client_never_reveals_both_secrets_of_one_peer(tmp_path):
-    from tasks.from_config import client_update_key
-    from fedlib.wire.keys import init_keys, load_keyring
-    from fedlib.rejection import UpdateRejected
     from fedlib.secagg.protocol import BadSetups, Session, make_reveal, make_setup, open_inbox, relay_setups
+    from fedlib.wire.keys import init_keys, load_keyring
+    from tasks.from_config import client_update_key
 
     init_keys(tmp_path, CLIENTS)
     ring = load_keyring(tmp_path, CLIENTS)

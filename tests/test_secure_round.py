@@ -11,14 +11,14 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-from fedlib.wire import storage
 from fedlib.config import ConfigError, load_config, parse_config
-from fedlib.wire.envelope import open_sealed
-from tasks.from_config import aggregator_update_key, checkpoint_store, keyring, update_url
 from fedlib.privacy.dp import add_noise_share_inplace
 from fedlib.secagg.fixedpoint import from_wire
+from fedlib.wire import storage
+from fedlib.wire.envelope import open_sealed
 from fedlib.wire.serialization import bytes_to_tensors, read_metadata
 from flows.federated_training import federated_training
+from tasks.from_config import aggregator_update_key, checkpoint_store, keyring, update_url
 from tests.conftest import stored_update_context, tiny_config_dict, write_config
 
 CLOUDS = ("aws", "azure", "gcp")

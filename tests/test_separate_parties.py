@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedlib.round.checkpoint import CheckpointStore
 from fedlib.config import parse_config
+from fedlib.round.checkpoint import CheckpointStore
 from fedlib.wire.keys import AGGREGATOR
 from tests.conftest import PLAYS, ROOT
 from tests.test_deployments import POOLS, PrefectServer
@@ -57,7 +57,9 @@ def as_party(party: str, *command: str, env: dict[str, str], **kwargs) -> subpro
     account = user(party)
     return subprocess.run(
         ["runuser", "-u", account.pw_name, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()), *command],
-        capture_output=True, text=True, **kwargs,
+        capture_output=True,
+        text=True,
+        **kwargs,
     )
 
 
@@ -117,25 +119,54 @@ class Party:
         return path
 
     def key_init(self) -> dict:
-        done = as_party(self.name, str(VENV_BIN / "fedlib"), "keys", "init", "--party", self.name,
-                        "--out", str(self.drill / "key.pem"), env=self.env, cwd=self.work, timeout=120)
+        done = as_party(
+            self.name,
+            str(VENV_BIN / "fedlib"),
+            "keys",
+            "init",
+            "--party",
+            self.name,
+            "--out",
+            str(self.drill / "key.pem"),
+            env=self.env,
+            cwd=self.work,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr
         return yaml.safe_load(done.stdout)
 
     def trust(self, config: dict) -> None:
         """The party checks the federation's fingerprints and trusts its keyring, on its own machine."""
         path = self.write_private("federation.yaml", yaml.safe_dump(config))
-        done = as_party(self.name, str(VENV_BIN / "fedlib"), "keys", "trust", str(path), "--party", self.name,
-                        env=self.env, cwd=self.work, timeout=120)
+        done = as_party(
+            self.name, str(VENV_BIN / "fedlib"), "keys", "trust", str(path), "--party", self.name, env=self.env, cwd=self.work, timeout=120
+        )
         assert done.returncode == 0, done.stderr
 
     def start_worker(self, logs: Path) -> None:
         pool, self.killed = self.pool, False
         log = open(logs / f"{pool}.log", "a")
         self.worker = subprocess.Popen(
-            ["runuser", "-u", self.account.pw_name, "--", "env", "-i", *(f"{k}={v}" for k, v in self.env.items()),
-             str(VENV_BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"],
-            cwd=self.work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                "runuser",
+                "-u",
+                self.account.pw_name,
+                "--",
+                "env",
+                "-i",
+                *(f"{k}={v}" for k, v in self.env.items()),
+                str(VENV_BIN / "prefect"),
+                "worker",
+                "start",
+                "--pool",
+                pool,
+                "--type",
+                "process",
+            ],
+            cwd=self.work,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def kill(self) -> None:
@@ -200,8 +231,7 @@ def drill(tmp_path_factory, corpus_dir, tiny_model_dir, emulators):
         server.cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml", unset=("FEDLIB_ROOT",))
         for party in parties.values():
             party.start_worker(server.logs)
-        yield {"server": server, "parties": parties, "publics": publics, "model": shared / "model",
-               "emulators": emulators, "audit": audit}
+        yield {"server": server, "parties": parties, "publics": publics, "model": shared / "model", "emulators": emulators, "audit": audit}
     finally:
         for party in parties.values():
             party.stop()
@@ -214,18 +244,32 @@ def drill_config(drill, rounds: int) -> dict:
     disk, or a file any worker must hold. `~` is each party's own home."""
     emulators, publics = drill["emulators"], drill["publics"]
     clouds = [
-        {"name": "aws", "provider": "aws", "storage": "s3://drill-aws/fedlib",
-         "storage_options": {"endpoint_url": emulators["s3"].url}, "work_pool": "aws-pool"},
-        {"name": "gcp", "provider": "gcp", "storage": "gs://drill-gcp/fedlib",
-         "storage_options": {"endpoint_url": emulators["gcs"].url, "token": "anon"}, "work_pool": "gcp-pool"},
+        {
+            "name": "aws",
+            "provider": "aws",
+            "storage": "s3://drill-aws/fedlib",
+            "storage_options": {"endpoint_url": emulators["s3"].url},
+            "work_pool": "aws-pool",
+        },
+        {
+            "name": "gcp",
+            "provider": "gcp",
+            "storage": "gs://drill-gcp/fedlib",
+            "storage_options": {"endpoint_url": emulators["gcs"].url, "token": "anon"},
+            "work_pool": "gcp-pool",
+        },
         {"name": "azure", "provider": "azure", "storage": "az://drill-azure/fedlib", "work_pool": "azure-pool"},
     ]
     for cloud in clouds:
         cloud["data"] = [f"file://{user(cloud['name']).pw_dir}/drill/data/train.md"]
     return {
-        "federation": {"id": "drill", "data_dir": "~/drill/state", "seed": 3,
-                       "checkpoints": "gs://drill-checkpoints/fedlib",
-                       "checkpoint_options": {"endpoint_url": emulators["gcs"].url, "token": "anon"}},
+        "federation": {
+            "id": "drill",
+            "data_dir": "~/drill/state",
+            "seed": 3,
+            "checkpoints": "gs://drill-checkpoints/fedlib",
+            "checkpoint_options": {"endpoint_url": emulators["gcs"].url, "token": "anon"},
+        },
         "model": {"source": str(drill["model"])},
         "data": {"seq_len": 32},
         "evaluation": {"data": [f"file://{user(AGGREGATOR).pw_dir}/drill/data/held-out.md"], "max_blocks": 8, "batch_size": 8},
@@ -346,8 +390,12 @@ def test_parties_share_only_the_stores_and_the_api(drill):
 
     # The lineage, read as any party would: from the checkpoint bucket, checked with the config's public key.
     settings = parse_config(config)
-    store = CheckpointStore(settings.checkpoint_url, "drill", verifier=settings.keyring.publics.aggregator_signing,
-                            options=settings.federation.checkpoint_options)
+    store = CheckpointStore(
+        settings.checkpoint_url,
+        "drill",
+        verifier=settings.keyring.publics.aggregator_signing,
+        options=settings.federation.checkpoint_options,
+    )
     manifests = store.manifests()
     assert [m.round for m in manifests] == list(range(ROUNDS + 2))  # rounds 0..4, each once
     assert store.latest_round() == ROUNDS + 1

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlib.wire import storage
 from fedlib.config import parse_config
-from tasks.from_config import aggregator_update_key, client_update_key, keyring, load_data, partition_clients
-from fedlib.rejection import Reason, UpdateRejected
 from fedlib.data.shards import distribute_shard, own_data, read_shard, shard_url
+from fedlib.rejection import Reason, UpdateRejected
+from fedlib.wire import storage
+from tasks.from_config import aggregator_update_key, client_update_key, keyring, load_data, partition_clients
 from tests.conftest import tiny_config_dict
 
 
@@ -32,16 +32,24 @@ def test_a_shard_holds_its_blocks_and_opens_for_its_client_only(tmp_path, corpus
 
     # gcp's key does not open aws's shard, and an edited byte is an authentication failure.
     with pytest.raises(UpdateRejected) as refused:
-        read_shard(config.model_copy(update={"federation": config.federation.model_copy(update={"data_dir": str(tmp_path / "gcp")})}),
-                   "aws", client_update_key(ring, "gcp"), None)
+        read_shard(
+            config.model_copy(update={"federation": config.federation.model_copy(update={"data_dir": str(tmp_path / "gcp")})}),
+            "aws",
+            client_update_key(ring, "gcp"),
+            None,
+        )
     assert refused.value.reason in (Reason.WRONG_KEY, Reason.AUTHENTICATION_FAILED)
     url = shard_url(config, "aws")
     blob = bytearray(storage.read_limited(url, 1 << 30))
     blob[-20] ^= 1
     storage.write_atomic(url, bytes(blob))
     with pytest.raises(UpdateRejected) as tampered:
-        read_shard(config.model_copy(update={"federation": config.federation.model_copy(update={"data_dir": str(tmp_path / "fresh")})}),
-                   "aws", client_update_key(ring, "aws"), None)
+        read_shard(
+            config.model_copy(update={"federation": config.federation.model_copy(update={"data_dir": str(tmp_path / "fresh")})}),
+            "aws",
+            client_update_key(ring, "aws"),
+            None,
+        )
     assert tampered.value.reason == Reason.AUTHENTICATION_FAILED
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlib.wire.keys import init_keys, load_keyring
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.split.channel import HelloChallenges, client_hello, server_accept
+from fedlib.wire.keys import init_keys, load_keyring
 
 
 @pytest.fixture

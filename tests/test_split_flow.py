@@ -7,10 +7,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fedlib.config import load_config
-from tasks.from_config import keyring, load_data
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.split.attestation import AttestationFailed, NoTEE, check_attestation
 from flows.split_finetune import split_finetune
+from tasks.from_config import keyring, load_data
 from tasks.split import connect_client, start_server
 from tests.conftest import tiny_config_dict, write_config
 

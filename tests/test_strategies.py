@@ -44,7 +44,7 @@ def test_client_order_does_not_matter(name):
     glob = _adapter(99)
     updates = _updates()
     reference = make_strategy(name, OPTIONS.get(name)).aggregate(1, glob, updates)
-    for order in list(itertools.permutations(updates))[:: 17]:
+    for order in list(itertools.permutations(updates))[::17]:
         _close(make_strategy(name, OPTIONS.get(name)).aggregate(1, glob, list(order)), reference, atol=1e-9)
 
 
@@ -64,8 +64,11 @@ def test_identical_updates_give_that_update(name):
 
 def test_known_values_by_hand():
     glob = {"w": torch.tensor([0.0, 0.0])}
-    ups = [ClientUpdate("a", 1, {"w": torch.tensor([1.0, 10.0])}), ClientUpdate("b", 3, {"w": torch.tensor([3.0, -2.0])}),
-           ClientUpdate("c", 1, {"w": torch.tensor([100.0, 0.0])})]
+    ups = [
+        ClientUpdate("a", 1, {"w": torch.tensor([1.0, 10.0])}),
+        ClientUpdate("b", 3, {"w": torch.tensor([3.0, -2.0])}),
+        ClientUpdate("c", 1, {"w": torch.tensor([100.0, 0.0])}),
+    ]
     run = lambda name, **o: make_strategy(name, o).aggregate(1, glob, ups)["w"].tolist()  # noqa: E731
     assert run("fedavg") == pytest.approx([(1 + 9 + 100) / 5, (10 - 6 + 0) / 5])
     assert run("fedprox", mu=0.1) == run("fedavg")  # FedProx differs only in the clients' training

@@ -11,12 +11,12 @@ import pytest
 import torch
 import yaml
 
-from fedlib.wire import storage
 from fedlib.config import load_config
 from fedlib.data.shards import shard_url
-from tasks.from_config import checkpoint_store, update_url
+from fedlib.wire import storage
 from flows.federated_training import federated_training
 from tasks.credentials import storage_options
+from tasks.from_config import checkpoint_store, update_url
 from tests.conftest import cloud_clouds, scan_ciphertext_only, tiny_config_dict, write_config
 
 CLOUDS = ("aws", "gcp", "azure")
@@ -45,8 +45,10 @@ def _config(folder: Path, corpus_dir, tiny_model_dir, clouds, checkpoints: dict 
 
 def test_three_providers_match_a_local_run(tmp_path, corpus_dir, tiny_model_dir, emulators, cloud_credentials):
     # The signed checkpoints live in a bucket too (GCS here), not on the aggregator's disk.
-    checkpoints = {"checkpoints": "gs://checkpoints-match/federations",
-                   "checkpoint_options": {"endpoint_url": emulators["gcs"].url, "token": "anon"}}
+    checkpoints = {
+        "checkpoints": "gs://checkpoints-match/federations",
+        "checkpoint_options": {"endpoint_url": emulators["gcs"].url, "token": "anon"},
+    }
     emulated = _config(tmp_path / "emulated", corpus_dir, tiny_model_dir, cloud_clouds(emulators, "match"), checkpoints)
     local = _config(tmp_path / "local", corpus_dir, tiny_model_dir, None)
     manifests = federated_training(str(emulated))
@@ -66,7 +68,9 @@ def test_three_providers_match_a_local_run(tmp_path, corpus_dir, tiny_model_dir,
     store = checkpoint_store(config)
     for r in range(3):
         digest = store.manifest(r).adapter_sha256
-        assert {f"checkpoints-match/federations/test/round-000{r}/{name}" for name in ("manifest.json", f"adapter-{digest[:16]}.safetensors")} <= set(stored)
+        assert {
+            f"checkpoints-match/federations/test/round-000{r}/{name}" for name in ("manifest.json", f"adapter-{digest[:16]}.safetensors")
+        } <= set(stored)
     assert not (config.data_path / "checkpoints").exists()
     emulated_adapter = checkpoint_store(config).adapter(2)
     local_adapter = checkpoint_store(load_config(local)).adapter(2)

@@ -21,4 +21,14 @@ from fedlib.codecs.chain import ZSTD, CodecChain, parse_description, tensor_code
 TENSOR_CODECS = tuple(codecs.items)
 CODECS = (*TENSOR_CODECS, ZSTD)
 
-__all__ = ["CODECS", "TENSOR_CODECS", "CodecChain", "CodecOptions", "SizeBound", "TensorCodec", "codecs", "parse_description", "tensor_codec"]
+__all__ = [
+    "CODECS",
+    "TENSOR_CODECS",
+    "CodecChain",
+    "CodecOptions",
+    "SizeBound",
+    "TensorCodec",
+    "codecs",
+    "parse_description",
+    "tensor_codec",
+]

@@ -18,9 +18,9 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from fedlib.wire.decode import TensorSpec, shape_of
 from fedlib.registry import Registry
 from fedlib.rejection import Reason, UpdateRejected
+from fedlib.wire.decode import TensorSpec, shape_of
 
 Tensors = dict[str, torch.Tensor]
 ROW = 256  # a 1-D tensor's row length in `row_layout`
@@ -35,10 +35,23 @@ class CodecOptions:
 
 
 class TensorCodec(Protocol):
-    name: str
-    role: Role  # at most one quantiser per chain
-    last: bool  # must be the chain's last tensor codec (a later one would recast its scales)
-    meta_field: str  # the one field of its description step: "cast" or "shapes"
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def role(self) -> Role:
+        """At most one quantiser per chain."""
+        ...
+
+    @property
+    def last(self) -> bool:
+        """Must be the chain's last tensor codec (a later one would recast its scales)."""
+        ...
+
+    @property
+    def meta_field(self) -> str:
+        """The one field of its description step: "cast" or "shapes"."""
+        ...
 
     def encode(self, tensors: Tensors, rounding: torch.Generator) -> tuple[Tensors, dict]: ...
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from fedlib.codecs.base import SizeBound, Tensors, bad, codecs, declared_shape
+from fedlib.codecs.base import Role, SizeBound, Tensors, bad, codecs, declared_shape
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class HalfCast:
     name: str
     dtype: torch.dtype
     mantissa_bits: int
-    role = "cast"
+    role: ClassVar[Role] = "cast"
     last = True
     meta_field = "cast"
 
@@ -34,7 +35,7 @@ class HalfCast:
         return tensors
 
     def error_bound(self, value: torch.Tensor) -> torch.Tensor:
-        return value.abs() * 2.0 ** -self.mantissa_bits + 1e-7  # round to nearest, and fp16's subnormals
+        return value.abs() * 2.0**-self.mantissa_bits + 1e-7  # round to nearest, and fp16's subnormals
 
     def cost(self, shape: tuple[int, ...]) -> int:
         return 2 * math.prod(shape)

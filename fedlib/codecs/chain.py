@@ -21,8 +21,8 @@ import torch
 import zstandard
 
 from fedlib.codecs.base import CodecOptions, SizeBound, TensorCodec, Tensors, bad, codecs
-from fedlib.wire.decode import expect, parse_json
 from fedlib.rejection import Reason, UpdateRejected
+from fedlib.wire.decode import expect, parse_json
 
 ZSTD = "zstd"
 
@@ -41,8 +41,9 @@ def parse_description(description: str) -> list[tuple[str, dict[str, Any]]]:
     out = []
     for step in steps:
         # the name's type first: `{} in codecs.items` would raise TypeError (unhashable), not reject
-        if not (isinstance(step, list) and len(step) == 2 and isinstance(step[0], str) and step[0] in codecs.items
-                and isinstance(step[1], dict)):
+        if not (
+            isinstance(step, list) and len(step) == 2 and isinstance(step[0], str) and step[0] in codecs.items and isinstance(step[1], dict)
+        ):
             raise bad("each step must be [codec name, description]")
         name, meta = step
         field = tensor_codec(name).meta_field
@@ -109,9 +110,17 @@ class CodecChain:
         bound = SizeBound.of(template)
         tensors = dict(tensors)
         try:
-            for codec, (_, meta) in zip(reversed(self.codecs), reversed(steps)):
+            for codec, (_, meta) in zip(reversed(self.codecs), reversed(steps), strict=False):
                 tensors = codec.decode(tensors, meta, bound)
-        except (RuntimeError, IndexError, ValueError, TypeError, KeyError, OverflowError, MemoryError) as err:  # a tensor op on parts that passed every check
+        except (
+            RuntimeError,
+            IndexError,
+            ValueError,
+            TypeError,
+            KeyError,
+            OverflowError,
+            MemoryError,
+        ) as err:  # a tensor op on parts that passed every check
             if isinstance(err, UpdateRejected):
                 raise
             raise bad(f"does not decode: {type(err).__name__}: {str(err)[:120]}") from None

@@ -3,14 +3,16 @@ bytes)."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
-from fedlib.codecs.base import SizeBound, Tensors, as_rows, bad, codecs, declared_shape, encode_each, from_rows, row_layout, take
+from fedlib.codecs.base import Role, SizeBound, Tensors, as_rows, bad, codecs, declared_shape, encode_each, from_rows, row_layout, take
 
 
 class Int8:
     name = "int8"
-    role = "quantiser"
+    role: ClassVar[Role] = "quantiser"
     last = False
     meta_field = "shapes"
 

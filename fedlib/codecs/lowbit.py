@@ -27,10 +27,11 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 
-from fedlib.codecs.base import SizeBound, Tensors, as_rows, bad, codecs, declared_shape, encode_each, from_rows, row_layout, take
+from fedlib.codecs.base import Role, SizeBound, Tensors, as_rows, bad, codecs, declared_shape, encode_each, from_rows, row_layout, take
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -57,7 +58,7 @@ class StochasticLevels:
     entry is rounded to one of the two levels around it with the probability that makes the
     expected decoded value the entry itself."""
 
-    role = "quantiser"
+    role: ClassVar[Role] = "quantiser"
     last = True
     meta_field = "shapes"
     block = 64
@@ -104,7 +105,9 @@ class StochasticLevels:
         return blocks * self.block * self.bits // 8 + 2 * blocks
 
 
-PROJECTION_CAP = 1.75  # error ≤ (1 − 0.44·κ)·|x|² at the cap, a contraction for every row; demo seed 0's rows reach 1.71, the long schedule's pass it
+PROJECTION_CAP = (
+    1.75  # error ≤ (1 − 0.44·κ)·|x|² at the cap, a contraction for every row; demo seed 0's rows reach 1.71, the long schedule's pass it
+)
 
 
 class ScaledSign:
@@ -113,7 +116,7 @@ class ScaledSign:
     rows' bits packed 8 to a byte) and `w::scale` (bf16, one per row). With `projection`
     (`sign-proj`) the scale is Σx²/Σ|x|, at most `PROJECTION_CAP` × the mean |x|."""
 
-    role = "quantiser"
+    role: ClassVar[Role] = "quantiser"
     last = True
     meta_field = "shapes"
 

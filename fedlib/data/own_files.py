@@ -17,9 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from fedlib.config import FederationConfig
 from fedlib.data.corpus import files_version, tokenize_blocks, url_documents
+from fedlib.data.records import is_record_file, load_records, tokenize_records
 from fedlib.examples import Examples
 from fedlib.model.base import load_tokenizer
-from fedlib.data.records import is_record_file, load_records, tokenize_records
 
 log = logging.getLogger(__name__)
 

@@ -73,7 +73,11 @@ def tokenize_records(records: list[dict[str, Any]], tokenizer, seq_len: int, whe
         if kind == "text":
             rows.extend(_text_rows(tokenizer, record["text"], seq_len))
             continue
-        ids, labels = _prompt_completion(tokenizer, record, here) if kind == "prompt_completion" else _conversation(tokenizer, record["messages"], here)
+        ids, labels = (
+            _prompt_completion(tokenizer, record, here)
+            if kind == "prompt_completion"
+            else _conversation(tokenizer, record["messages"], here)
+        )
         ids, labels = ids[:seq_len], labels[:seq_len]
         if all(label == IGNORE for label in labels[1:]):
             dropped += 1
@@ -129,6 +133,8 @@ def _conversation(tokenizer, messages: Any, where: str, first_label: int = 0) ->
     text, spans = assistant_spans(tokenizer, messages, first_label)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoded["input_ids"]
-    labels = [t if any(a <= start and end <= b for a, b in spans) and end > start else IGNORE
-              for t, (start, end) in zip(ids, encoded["offset_mapping"])]
+    labels = [
+        t if any(a <= start and end <= b for a, b in spans) and end > start else IGNORE
+        for t, (start, end) in zip(ids, encoded["offset_mapping"], strict=True)
+    ]
     return ids, labels

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedlib.wire import storage
 from fedlib.config import FederationConfig
+from fedlib.data.own_files import own_examples
+from fedlib.examples import Examples
+from fedlib.wire import storage
 from fedlib.wire.decode import TensorSpec, load_tensors
 from fedlib.wire.envelope import EnvelopeContext, UpdateKey, open_sealed, seal
-from fedlib.examples import Examples
-from fedlib.data.own_files import own_examples
 from fedlib.wire.serialization import tensors_to_bytes
 from fedlib.wire.storage import Options
 
@@ -109,8 +109,9 @@ def own_data(config: FederationConfig, client: str, options: Options | None) -> 
     """The client's own files (`clouds[].data`, `clouds[].validation`: text or instruction
     records), read with its credentials and tokenised here; cached in its own data_dir."""
     cloud = config.cloud(client)
-    train = own_examples(config, cloud.data, options, f"{client}/train")
-    return ClientData(train, own_examples(config, cloud.validation, options, f"{client}/validation"), ", ".join(cloud.data))
+    readable = dict(options) if options is not None else None
+    train = own_examples(config, cloud.data, readable, f"{client}/train")
+    return ClientData(train, own_examples(config, cloud.validation, readable, f"{client}/validation"), ", ".join(cloud.data))
 
 
 def client_data(config: FederationConfig, client: str, key: UpdateKey, options: Options | None) -> ClientData:

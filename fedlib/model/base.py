@@ -102,7 +102,7 @@ def _convert_gguf(source: str, target: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
     with _BUILD_LOCK:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
-    model.hf_quantizer = None  # the weights are plain fp32 now; keep save_pretrained from re-quantising
+    model.hf_quantizer = None  # type: ignore[assignment]  # the weights are plain fp32 now; keep save_pretrained from re-quantising
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = target.with_name(target.name + ".tmp")
@@ -114,9 +114,17 @@ def _convert_gguf(source: str, target: Path) -> None:
 
 # The files of a Hugging Face model folder that decide what it computes from a text.
 _REVISION_FILES = (
-    "config.json", "*.safetensors", "*.bin",
-    "tokenizer*.json", "tokenizer.model", "*.tiktoken", "vocab.*", "merges.txt",
-    "special_tokens_map.json", "added_tokens.json", "chat_template*",
+    "config.json",
+    "*.safetensors",
+    "*.bin",
+    "tokenizer*.json",
+    "tokenizer.model",
+    "*.tiktoken",
+    "vocab.*",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template*",
 )
 
 
@@ -169,7 +177,7 @@ def load_base_model(source: str, placement: Placement = CPU_FP32, gradient_check
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif placement.device != "cpu":
-        model = model.to(placement.device)
+        model = model.to(placement.device)  # type: ignore[arg-type]  # transformers types .to as its own decorator
     model.config.use_cache = False  # training and block scoring never generate
     return model
 

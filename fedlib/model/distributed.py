@@ -32,8 +32,8 @@ from fedlib.config import LoraSettings
 from fedlib.examples import Examples, as_examples
 from fedlib.model.base import Tensors, adapter_state, attach_lora, load_adapter_state, load_base_model
 from fedlib.model.pool import ModelKey
-from fedlib.placement import Placement
 from fedlib.model.training import LocalTraining, StepProgress, TrainingPlan, Validation, evaluate_loss, train_lora
+from fedlib.placement import Placement
 
 _PROGRESS = "fedlib-step "  # rank 0's step events on its stdout, as JSON
 
@@ -84,7 +84,7 @@ def train_in_processes(
         for line in workers[0].stdout:  # type: ignore[union-attr]  # rank 0 reports the steps
             if line.startswith(_PROGRESS):
                 if on_step is not None:
-                    on_step(StepProgress(**json.loads(line[len(_PROGRESS):])))
+                    on_step(StepProgress(**json.loads(line[len(_PROGRESS) :])))
             else:
                 tail = [*tail[-40:], line]
         codes = [worker.wait() for worker in workers]
@@ -101,8 +101,13 @@ def train_in_processes(
 
 
 def _key_json(key: ModelKey) -> dict:
-    return {"source": key.source, "placement": dataclasses.asdict(key.placement), "lora": key.lora.model_dump(mode="json"),
-            "seed": key.seed, "gradient_checkpointing": key.gradient_checkpointing}
+    return {
+        "source": key.source,
+        "placement": dataclasses.asdict(key.placement),
+        "lora": key.lora.model_dump(mode="json"),
+        "seed": key.seed,
+        "gradient_checkpointing": key.gradient_checkpointing,
+    }
 
 
 def _unshared(tensors: Tensors) -> Tensors:
@@ -120,11 +125,19 @@ def _unshared(tensors: Tensors) -> Tensors:
 def _spawn(job: Path, rank: int, world: int) -> subprocess.Popen:
     """One worker of the run: its rank in the environment, as `torch.distributed.run` would set it,
     and the rendezvous a file in the job's private folder."""
-    env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
-           "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"), "MASTER_ADDR": "127.0.0.1"}
+    env = {
+        **os.environ,
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_WORLD_SIZE": str(world),
+        "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+        "MASTER_ADDR": "127.0.0.1",
+    }
     env.pop("MASTER_PORT", None)
-    return subprocess.Popen([sys.executable, "-m", "fedlib.model.distributed", str(job)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedlib.model.distributed", str(job)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _join_group(job: Path, placement: Placement) -> None:

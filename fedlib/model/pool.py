@@ -77,7 +77,6 @@ class ModelPool:
         model.zero_grad(set_to_none=True)
         self._give_back(key, model)
 
-
     def initial_adapter(self, key: ModelKey) -> Tensors:
         """The adapter a model of `key` starts with (the seeded round-0 global), without a base
         model load of its own when one of this key was built before."""

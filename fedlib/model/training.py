@@ -16,9 +16,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from peft import PeftModel
+from torch import nn
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from fedlib.examples import IGNORE, Examples, as_examples, collate
@@ -97,7 +99,7 @@ class _FederatedTrainer(Trainer):
     def __init__(self, *args, proximal_mu: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.proximal_mu = proximal_mu
-        self.start = [p.detach().clone() for p in self.model.parameters() if p.requires_grad] if proximal_mu > 0 else []
+        self.start = [p.detach().clone() for p in cast(nn.Module, self.model).parameters() if p.requires_grad] if proximal_mu > 0 else []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -105,7 +107,7 @@ class _FederatedTrainer(Trainer):
             return result
         loss, outputs = result if return_outputs else (result, None)
         params = [p for p in model.parameters() if p.requires_grad]
-        proximal = self.proximal_mu / 2 * sum(((p - s) ** 2).sum() for p, s in zip(params, self.start))
+        proximal = self.proximal_mu / 2 * sum(((p - s) ** 2).sum() for p, s in zip(params, self.start, strict=True))
         # Once per optimizer step: each micro-batch's loss is summed, the trainer only divides
         # a loss not already normalised by the step's token count (see Trainer.training_step).
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
@@ -192,7 +194,11 @@ def train_lora(
     cpu = next(model.parameters()).device.type == "cpu"
     pacing = _Pacing(plan, on_step)
     accumulating = _ACCUMULATING if plan.gradient_accumulation_steps > 1 else contextlib.nullcontext()
-    with tempfile.TemporaryDirectory(prefix="fedlib-trainer-") as scratch, _process_state(cpu, plan.precision, plan.processes), accumulating:
+    with (
+        tempfile.TemporaryDirectory(prefix="fedlib-trainer-") as scratch,
+        _process_state(cpu, plan.precision, plan.processes),
+        accumulating,
+    ):
         args = TrainingArguments(
             accelerator_config={"use_configured_state": True},
             output_dir=scratch,

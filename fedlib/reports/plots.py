@@ -7,9 +7,7 @@ from collections.abc import Mapping, Sequence
 from matplotlib.figure import Figure
 
 
-def progress_figure(
-    rounds: Sequence[int], perplexity: Sequence[float], bytes_by_client: Mapping[str, Sequence[int]]
-) -> Figure:
+def progress_figure(rounds: Sequence[int], perplexity: Sequence[float], bytes_by_client: Mapping[str, Sequence[int]]) -> Figure:
     """Left: held-out perplexity (round 0 is the base model). Right: uploaded bytes per client
     for rounds 1..n."""
     fig = Figure(figsize=(10, 4), layout="constrained")  # not pyplot: nothing global to leak or close

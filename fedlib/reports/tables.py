@@ -54,8 +54,7 @@ def summary_markdown(federation: str, manifests: list[Manifest], mlflow_run_url:
     lines = [
         f"# Federation `{federation}`",
         "",
-        f"Held-out perplexity, base model → round {manifests[-1].round}: "
-        f"**{curve[0]:.2f} → {curve[-1]:.2f}**  `{sparkline(curve)}`",
+        f"Held-out perplexity, base model → round {manifests[-1].round}: **{curve[0]:.2f} → {curve[-1]:.2f}**  `{sparkline(curve)}`",
         "",
         "| round | perplexity | eval loss | clients accepted | left out | bytes uploaded |",
         "|---:|---:|---:|---|---|---:|",

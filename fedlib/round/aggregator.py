@@ -11,21 +11,20 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TypeVar
 
-
-from fedlib.wire import storage
 from fedlib.config import FederationConfig
-from fedlib.wire.envelope import EnvelopeContext, UpdateKey
-from fedlib.progress import ClientRejected, emit
-from fedlib.update.report import ClientReport, SaidByClient
 from fedlib.model.base import trained_part
-from fedlib.rejection import QuorumNotMet, Reason, UpdateRejected
-from fedlib.wire.serialization import Tensors
-from fedlib.wire.storage import Options
 from fedlib.privacy.dp import DifferentialPrivacy, noise_generator
-from fedlib.strategies.shares import capped_updates
+from fedlib.progress import ClientRejected, emit
+from fedlib.rejection import QuorumNotMet, Reason, UpdateRejected
 from fedlib.strategies import ClientUpdate, Strategy, make_strategy
 from fedlib.strategies.normalized import StepNormalized
+from fedlib.strategies.shares import capped_updates
 from fedlib.update.chain import Expected, open_client_update
+from fedlib.update.report import ClientReport, SaidByClient
+from fedlib.wire import storage
+from fedlib.wire.envelope import EnvelopeContext, UpdateKey
+from fedlib.wire.serialization import Tensors
+from fedlib.wire.storage import Options
 
 T = TypeVar("T")
 
@@ -134,9 +133,7 @@ def check_quorum(round_number: int, clients: Sequence[str], report: AggregationR
     """`rule` names the setting that asks for `needed` updates."""
     if len(report.accepted) < needed:
         reasons = ", ".join(f"{c}: {r['reason']}" for c, r in report.rejected.items()) or "none"
-        raise QuorumNotMet(
-            f"round {round_number}: {len(report.accepted)} of {len(clients)} updates accepted, {rule} (rejected: {reasons})"
-        )
+        raise QuorumNotMet(f"round {round_number}: {len(report.accepted)} of {len(clients)} updates accepted, {rule} (rejected: {reasons})")
 
 
 def aggregate_updates(
@@ -169,7 +166,9 @@ def aggregate_updates(
     def opener(blob: bytes, key: UpdateKey, ctx: EnvelopeContext) -> tuple[ClientUpdate, dict[str, str]]:
         return open_client_update(blob, key, ctx, template, limits[ctx.client], chain, max_bytes)
 
-    updates = read_updates(config, round_number, clients, failed, keys, storage_options, report, opener, limits, late, parent, max_bytes=max_bytes)
+    updates = read_updates(
+        config, round_number, clients, failed, keys, storage_options, report, opener, limits, late, parent, max_bytes=max_bytes
+    )
     updates = capped_updates(updates, config.aggregation.max_weight_share, {c for c, e in limits.items() if e.count_known})
     started = time.perf_counter()
     strategy = strategy or build_strategy(config, round_number)

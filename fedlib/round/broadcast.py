@@ -22,13 +22,13 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlib.round.checkpoint import CheckpointStore, ManifestRejected
 from fedlib.codecs import CodecChain, SizeBound
-from fedlib.wire.decode import bounded_int, load_tensors
-from fedlib.round.manifest import ManifestHead
 from fedlib.rejection import UpdateRejected
-from fedlib.wire.serialization import Tensors, bytes_to_tensors, read_metadata, tensors_to_bytes
+from fedlib.round.checkpoint import CheckpointStore, ManifestRejected
+from fedlib.round.manifest import ManifestHead
 from fedlib.update.validation import check_update
+from fedlib.wire.decode import bounded_int, load_tensors
+from fedlib.wire.serialization import Tensors, bytes_to_tensors, read_metadata, tensors_to_bytes
 
 log = logging.getLogger("fedlib.round.broadcast")
 
@@ -46,7 +46,7 @@ def split_state(state: Mapping[str, torch.Tensor] | None) -> tuple[Tensors, Tens
     """(the strategy's own state, the broadcast residual) of a committed strategy state."""
     state = state or {}
     own = {n: v for n, v in state.items() if not n.startswith(RESIDUAL)}
-    residual = {n[len(RESIDUAL):]: v for n, v in state.items() if n.startswith(RESIDUAL)}
+    residual = {n[len(RESIDUAL) :]: v for n, v in state.items() if n.startswith(RESIDUAL)}
     return own, residual
 
 

@@ -30,11 +30,11 @@ import torch
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedlib.wire import storage
-from fedlib.wire.layout import CheckpointLayout
-from fedlib.wire.decode import expect, parse_json
-from fedlib.round.manifest import Manifest, ManifestHead, head_from_json, head_to_json, manifest_from_json, to_json
 from fedlib.rejection import Reason, UpdateRejected
+from fedlib.round.manifest import Manifest, ManifestHead, head_from_json, head_to_json, manifest_from_json, to_json
+from fedlib.wire import storage
+from fedlib.wire.decode import expect, parse_json
+from fedlib.wire.layout import CheckpointLayout
 from fedlib.wire.serialization import bytes_to_tensors, tensors_to_bytes
 
 Tensors = dict[str, torch.Tensor]
@@ -158,7 +158,7 @@ class CheckpointStore:
                 break
             chain.append(manifest)
         if len(chain) < len(listed):
-            log.warning("checkpoints past round %d are not part of the lineage: %s", len(chain) - 1, listed[len(chain):][:5])
+            log.warning("checkpoints past round %d are not part of the lineage: %s", len(chain) - 1, listed[len(chain) :][:5])
         return chain
 
     def latest_round(self) -> int | None:

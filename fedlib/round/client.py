@@ -11,26 +11,26 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fedlib.wire import storage
-from fedlib.wire.sealed_stores import CarriedResidual, ResidualStore
 from fedlib.config import FederationConfig
-from fedlib.wire.envelope import EnvelopeContext, UpdateKey, seal
-from fedlib.model.distributed import score_and_train, train_in_processes
-from fedlib.examples import Examples, as_examples
-from fedlib.round.planning import emulated_pacing
-from fedlib.model.ranks import pad_adapter, truncate_adapter
-from fedlib.update.report import ClientReport, SaidByClient
-from fedlib.model.base import trained_part
-from fedlib.model.pool import POOL, ModelKey
-from fedlib.wire.serialization import Tensors
-from fedlib.progress import ClientStep, ClientTrained, emit
-from fedlib.privacy.dp import update_norm
-from fedlib.secagg.client import SecureRound
-from fedlib.wire.storage import Options
-from fedlib.model.system_use import measured
 from fedlib.data.shards import ClientData
+from fedlib.examples import Examples, as_examples
+from fedlib.model.base import trained_part
+from fedlib.model.distributed import score_and_train, train_in_processes
+from fedlib.model.pool import POOL, ModelKey
+from fedlib.model.ranks import pad_adapter, truncate_adapter
+from fedlib.model.system_use import measured
 from fedlib.model.training import LocalTraining, StepProgress, TrainingPlan, Validation
+from fedlib.privacy.dp import update_norm
+from fedlib.progress import ClientStep, ClientTrained, emit
+from fedlib.round.planning import emulated_pacing
+from fedlib.secagg.client import SecureRound
 from fedlib.update.chain import client_filters, send_update, wire_payload
+from fedlib.update.report import ClientReport, SaidByClient
+from fedlib.wire import storage
+from fedlib.wire.envelope import EnvelopeContext, UpdateKey, seal
+from fedlib.wire.sealed_stores import CarriedResidual, ResidualStore
+from fedlib.wire.serialization import Tensors
+from fedlib.wire.storage import Options
 
 
 def client_seed(config: FederationConfig, client: str, round_number: int) -> int:

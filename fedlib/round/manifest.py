@@ -96,8 +96,15 @@ class Manifest:
 
     def head(self) -> ManifestHead:
         return ManifestHead(
-            self.federation, self.round, self.parent_adapter_sha256, self.adapter_sha256, self.adapter_bytes,
-            self.broadcast_sha256, self.broadcast_bytes, self.base_model, tuple(self.accepted),
+            self.federation,
+            self.round,
+            self.parent_adapter_sha256,
+            self.adapter_sha256,
+            self.adapter_bytes,
+            self.broadcast_sha256,
+            self.broadcast_bytes,
+            self.base_model,
+            tuple(self.accepted),
         )
 
     @property

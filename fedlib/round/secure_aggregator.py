@@ -9,19 +9,19 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlib.round.aggregator import AggregationReport, check_quorum, read_updates, update_limit
-from fedlib.update.chain import Expected
 from fedlib.config import FederationConfig
-from fedlib.wire.decode import bounded_int, load_tensors
 from fedlib.model.base import trained_part
-from fedlib.wire.envelope import EnvelopeContext, UpdateKey, open_sealed
+from fedlib.round.aggregator import AggregationReport, check_quorum, read_updates, update_limit
 from fedlib.secagg.fixedpoint import MODULUS, Tensors, decode, from_wire
 from fedlib.secagg.protocol import Session, unmask_sum
 from fedlib.secagg.quantised import Codes
 from fedlib.secagg.weights import WeightRule
-from fedlib.wire.storage import Options
 from fedlib.strategies import ClientUpdate, Strategy
+from fedlib.update.chain import Expected
 from fedlib.update.validation import check_update
+from fedlib.wire.decode import bounded_int, load_tensors
+from fedlib.wire.envelope import EnvelopeContext, UpdateKey, open_sealed
+from fedlib.wire.storage import Options
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,9 @@ def sum_masked_updates(
     total: Tensors = {name: torch.zeros(value.shape, dtype=torch.int64) for name, value in template.items()}
     weight = weighted_steps = 0
     limit = update_limit(config, global_adapter)
-    updates = read_updates(config, round_number, clients, failed, keys, storage_options, report, opener, expected, late, parent, session, limit)
+    updates = read_updates(
+        config, round_number, clients, failed, keys, storage_options, report, opener, expected, late, parent, session, limit
+    )
     for residues, client_weight, steps in updates:
         started = time.perf_counter()
         for name, value in residues.items():
@@ -101,8 +103,8 @@ def sum_masked_updates(
         weighted_steps += client_weight * steps
         report.aggregate_s += time.perf_counter() - started
     needed = config.secagg_min_survivors
-    rule = f"secure aggregation needs {needed} (aggregation.min_clients, secure_aggregation.threshold)"
-    check_quorum(round_number, clients, report, needed, rule)
+    why = f"secure aggregation needs {needed} (aggregation.min_clients, secure_aggregation.threshold)"
+    check_quorum(round_number, clients, report, needed, why)
     return MaskedSum(total, weight, weighted_steps, weight_scale, codes), report
 
 

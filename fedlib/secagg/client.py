@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import torch
 
 from fedlib.config import FederationConfig
-from fedlib.wire.keys import KeyRing
 from fedlib.privacy.dp import add_noise_share_inplace, noise_generator, release_noise_generator
 from fedlib.secagg.fixedpoint import MODULUS, Tensors, encode, to_wire
-from fedlib.secagg.quantised import Codes
 from fedlib.secagg.protocol import Session, mask_update, open_inbox
+from fedlib.secagg.quantised import Codes
 from fedlib.secagg.weights import WeightRule
+from fedlib.wire.keys import KeyRing
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,9 @@ def masked_update(
         generator = (
             noise_generator(p.noise_seed, secure.session.round, me)  # tests only
             if p.noise_seed is not None
-            else release_noise_generator(secure.ring.client_derived_secret(me, "dp-noise"), secure.session.federation, secure.session.round, secure.parent)
+            else release_noise_generator(
+                secure.ring.client_derived_secret(me, "dp-noise"), secure.session.federation, secure.session.round, secure.parent
+            )
         )
         add_noise_share_inplace(weighted, p.noise_multiplier * p.clip_norm, config.secagg_min_survivors, generator)
     rule = WeightRule(dp=config.privacy.enabled, normalize_steps=config.aggregation.normalize_steps)

@@ -34,8 +34,7 @@ def encode(tensors: Tensors, frac_bits: int, parties: int = 1) -> Tensors:
 def decode(tensors: Tensors, frac_bits: int) -> Tensors:
     """The signed value of each residue (two's complement on 32 bits), as float64."""
     return {
-        name: torch.where(value >= _HALF, value - MODULUS, value).to(torch.float64) / (1 << frac_bits)
-        for name, value in tensors.items()
+        name: torch.where(value >= _HALF, value - MODULUS, value).to(torch.float64) / (1 << frac_bits) for name, value in tensors.items()
     }
 
 

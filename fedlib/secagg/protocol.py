@@ -28,15 +28,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedlib.wire.sealed_stores import RevealLedger
+from fedlib.rejection import Reason, UpdateRejected
+from fedlib.secagg.fixedpoint import MODULUS, Tensors
+from fedlib.secagg.masking import apply_masks, mask_stream, remove_dropped_masks
+from fedlib.secagg.messages import SetupMessage
+from fedlib.secagg.shamir import PRIME, Share, combine_shares, split_secret
 from fedlib.wire.decode import expect, parse_json
 from fedlib.wire.envelope import EnvelopeContext, UpdateKey, check_addressed, open_sealed, seal
 from fedlib.wire.keys import KeyRing, fingerprint
-from fedlib.rejection import Reason, UpdateRejected
-from fedlib.secagg.messages import SetupMessage
-from fedlib.secagg.fixedpoint import MODULUS, Tensors
-from fedlib.secagg.masking import apply_masks, mask_stream, remove_dropped_masks
-from fedlib.secagg.shamir import PRIME, Share, combine_shares, split_secret
+from fedlib.wire.sealed_stores import RevealLedger
 
 
 class SecureAggregationFailed(RuntimeError):
@@ -122,9 +122,7 @@ def round_secrets(ring: KeyRing, me: str, session: Session) -> RoundSecrets:
         raise KeyError(f"no private key for client {me!r} in this key ring") from None
     info = b"fedlib/secagg/round/v1/" + session.mask_context
     material = HKDF(hashes.SHA256(), 128, salt=None, info=info).derive(long_term)
-    return RoundSecrets(
-        X25519PrivateKey.from_private_bytes(material[:32]), material[32:64], material[64:96], material[96:128]
-    )
+    return RoundSecrets(X25519PrivateKey.from_private_bytes(material[:32]), material[32:64], material[64:96], material[96:128])
 
 
 def _pair_key(ring: KeyRing, me: str, peer: str, sender: str) -> UpdateKey:
@@ -295,9 +293,9 @@ def unmask_sum(
             masks = [_share(body["mask_shares"][d]) for d in dropped]
         except (UpdateRejected, ValueError, KeyError, TypeError):
             continue
-        for s, share in zip(survivors, selfs):
+        for s, share in zip(survivors, selfs, strict=False):
             self_shares[s].append(share)
-        for d, share in zip(dropped, masks):
+        for d, share in zip(dropped, masks, strict=False):
             mask_shares[d].append(share)
 
     total = {name: value.clone() for name, value in masked_sum.items()}

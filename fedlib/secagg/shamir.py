@@ -23,10 +23,7 @@ def _coefficients(threshold: int, key: bytes | None) -> list[int]:
     if key is None:
         return [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
     stream = HKDF(hashes.SHA512(), _COEFFICIENT_BYTES * (threshold - 1), salt=None, info=b"fedlib/shamir/v1").derive(key)
-    return [
-        int.from_bytes(stream[i : i + _COEFFICIENT_BYTES], "big") % PRIME
-        for i in range(0, len(stream), _COEFFICIENT_BYTES)
-    ]
+    return [int.from_bytes(stream[i : i + _COEFFICIENT_BYTES], "big") % PRIME for i in range(0, len(stream), _COEFFICIENT_BYTES)]
 
 
 def split_secret(secret: bytes, n: int, threshold: int, coefficient_key: bytes | None = None) -> list[Share]:

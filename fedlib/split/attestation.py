@@ -62,8 +62,7 @@ def check_attestation(evidence: Any, binding: str, require_tee: bool, verifier: 
         return
     if verifier is None:
         raise AttestationFailed(
-            "split.require_tee is set but no split.attestation_verifier is configured: "
-            "a server's claim of a TEE is not evidence of one"
+            "split.require_tee is set but no split.attestation_verifier is configured: a server's claim of a TEE is not evidence of one"
         )
     if not isinstance(evidence, dict):
         raise AttestationFailed("the server sent no attestation evidence")

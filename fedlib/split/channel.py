@@ -27,10 +27,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fedlib.rejection import Reason, UpdateRejected
 from fedlib.wire.decode import expect, load_tensors, malformed
 from fedlib.wire.envelope import EnvelopeContext, UpdateKey, open_sealed, peek_header, seal
 from fedlib.wire.keys import KeyRing, fingerprint
-from fedlib.rejection import Reason, UpdateRejected
 from fedlib.wire.serialization import Tensors, tensors_to_bytes
 
 SERVER = "server"
@@ -76,7 +76,9 @@ def _raw(key: X25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def _session_key(ephemeral_shared: bytes, static_shared: bytes, session: str, server_nonce: str, client_public: X25519PublicKey) -> UpdateKey:
+def _session_key(
+    ephemeral_shared: bytes, static_shared: bytes, session: str, server_nonce: str, client_public: X25519PublicKey
+) -> UpdateKey:
     secret = HKDF(hashes.SHA256(), 32, salt=None, info=f"fedlib/split/v2/{session}/{server_nonce}".encode()).derive(
         ephemeral_shared + static_shared
     )
@@ -158,7 +160,9 @@ def client_hello(ring: KeyRing, client: str, challenge: str) -> tuple[dict[str, 
     session = secrets.token_hex(16)
     static_shared = ring.client_shared_secret(client)
     ephemeral_hex = _raw(ephemeral.public_key()).hex()
-    proof = seal(b"", UpdateKey(static_shared, fingerprint(ring.public_key(client))), _hello_context(client, session, ephemeral_hex, challenge))
+    proof = seal(
+        b"", UpdateKey(static_shared, fingerprint(ring.public_key(client))), _hello_context(client, session, ephemeral_hex, challenge)
+    )
     hello = {"client": client, "session": session, "ephemeral": ephemeral_hex, "challenge": challenge, "proof": bytes(proof).hex()}
     return hello, PendingHello(client, session, ephemeral, static_shared, ring.public_key(client), ring.aggregator_public)
 
@@ -189,7 +193,9 @@ def server_accept(ring: KeyRing, hello: Any) -> tuple[ChannelSide, str]:
     challenge = _hex_field(hello, "challenge", CHALLENGE_BYTES)
     proof = bytes.fromhex(_hex_field(hello, "proof", None))
     static_shared = ring.aggregator_shared_secret(client)
-    open_sealed(proof, UpdateKey(static_shared, fingerprint(ring.public_key(client))), _hello_context(client, session, ephemeral, challenge))
+    open_sealed(
+        proof, UpdateKey(static_shared, fingerprint(ring.public_key(client))), _hello_context(client, session, ephemeral, challenge)
+    )
     server_nonce = secrets.token_hex(16)
     ephemeral_shared = ring.aggregator_private.exchange(X25519PublicKey.from_public_bytes(bytes.fromhex(ephemeral)))
     key = _session_key(ephemeral_shared, static_shared, session, server_nonce, ring.public_key(client))

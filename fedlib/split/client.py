@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 import torch
 
 from fedlib.config import FederationConfig
-from fedlib.wire.decode import expect, parse_json
 from fedlib.model.base import attach_lora, load_base_model
-from fedlib.wire.keys import KeyRing
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.split.attestation import check_attestation
 from fedlib.split.channel import client_hello
 from fedlib.split.slicing import causal_lm_loss, slice_model
 from fedlib.split.trainer import SliceTrainer, Tensors
+from fedlib.wire.decode import expect, parse_json
+from fedlib.wire.keys import KeyRing
 
 
 @dataclass
@@ -69,7 +69,9 @@ class SplitClient:
         self.transport = transport
         issued = expect(parse_json(transport.post("/challenge", b""), "challenge answer", 1024, max_depth=1), dict, "challenge answer")
         hello, pending = client_hello(ring, client, expect(issued.get("challenge"), str, "challenge"))
-        answer = expect(parse_json(transport.post("/hello", json.dumps(hello).encode(), json_body=True), "hello answer", 1 << 16), dict, "hello answer")
+        answer = expect(
+            parse_json(transport.post("/hello", json.dumps(hello).encode(), json_body=True), "hello answer", 1 << 16), dict, "hello answer"
+        )
         if answer.get("session") != hello["session"] or not isinstance(answer.get("server_nonce"), str):
             raise UpdateRejected(Reason.WRONG_SESSION, "the server answered for another session")
         nonce = answer["server_nonce"]
@@ -92,6 +94,7 @@ class SplitClient:
         middle.requires_grad_()
         loss = causal_lm_loss(self.head(middle), ids)
         loss.backward()
+        assert middle.grad is not None  # the loss was taken through it just above
         reply = self.transport.post(f"/{session}/{mode}/backward", self.channel.seal(f"{mode}-gradient", {"grad": middle.grad}))
         received += len(reply)
         grad = self.channel.open(f"{mode}-input-gradient", reply)["grad"]

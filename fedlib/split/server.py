@@ -37,17 +37,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
-
 from transformers import PreTrainedModel
 
 from fedlib.config import SplitConfig
-from fedlib.wire.decode import expect, parse_json
-from fedlib.wire.keys import KeyRing
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.split.attestation import Attestor, NoTEE
 from fedlib.split.channel import ChannelSide, HelloChallenges, attestation_binding, server_accept
 from fedlib.split.slicing import BlockStack, slice_model
 from fedlib.split.trainer import SliceTrainer
+from fedlib.wire.decode import expect, parse_json
+from fedlib.wire.keys import KeyRing
 
 log = logging.getLogger("fedlib.split.server")
 MODES = ("calibrate", "train", "eval")
@@ -118,6 +117,7 @@ class SplitServer:
             if len(self.sessions) >= self.limits.max_sessions:
                 raise UpdateRejected(Reason.TOO_MANY_SESSIONS, f"{len(self.sessions)} sessions open (split.max_sessions)")
             self.sessions[channel.session] = _Session(channel, now)
+        assert self.ring.aggregator_private is not None  # server_accept opened the hello with it
         binding = attestation_binding(channel.session, hello["ephemeral"], server_nonce, self.ring.aggregator_private.public_key())
         return {"session": channel.session, "server_nonce": server_nonce, "attestation": self.attestor.evidence(binding)}
 
@@ -155,6 +155,8 @@ class SplitServer:
                 self.trainer.accumulate_scores()
             else:
                 self.trainer.step()
+            if s.inputs.grad is None:
+                raise UpdateRejected(Reason.MALFORMED, "the gradient reached no input of this session's forward")
             reply = s.channel.seal(f"{mode}-input-gradient", {"grad": s.inputs.grad})
             s.inputs = s.outputs = None
             return reply

@@ -11,14 +11,20 @@ whichever slice holds them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 
-def _decoder(model: nn.Module) -> nn.Module:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+def _unwrapped(model: Any) -> Any:
+    """The transformers model inside a PEFT wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _decoder(model: nn.Module) -> Any:  # a transformers decoder: embed_tokens, layers, norm, rotary_emb
+    inner = _unwrapped(model)
     decoder = getattr(inner, "model", None)
     if decoder is None or not all(hasattr(decoder, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
         raise TypeError(f"{type(inner).__name__}: not a decoder-only LM with embed_tokens/layers/norm/rotary_emb")
@@ -70,9 +76,7 @@ class ClientHead(nn.Module):
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross entropy, mean over predicted tokens (transformers' own definition)."""
-    return nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-    )
+    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ def slice_model(model: nn.Module, cut: int) -> ModelSlices:
     layers = list(decoder.layers)
     if not 0 <= cut <= len(layers):
         raise ValueError(f"split.cut={cut} must be between 0 and the model's {len(layers)} blocks")
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = _unwrapped(model)
     config = inner.config
     return ModelSlices(
         front=ClientFront(decoder.embed_tokens, BlockStack(config, layers[:cut], decoder.rotary_emb)),

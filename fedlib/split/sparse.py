@@ -9,6 +9,7 @@ and the update is just (indices, values): that pair is what is saved with the ad
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -19,6 +20,8 @@ Tensors = dict[str, torch.Tensor]
 
 class SparseDelta(nn.Module):
     """W ↦ W + delta at `index` (flat positions); only `values` trains."""
+
+    index: torch.Tensor  # a buffer: saved with the module, not trained
 
     def __init__(self, index: torch.Tensor, shape: torch.Size) -> None:
         super().__init__()
@@ -42,40 +45,6 @@ def candidate_weights(model: nn.Module, module_names: Iterable[str]) -> dict[str
     }
 
 
-def calibrate_mask(
-    model: nn.Module,
-    loss_of: callable,
-    batches: Iterable[torch.Tensor],
-    module_names: Iterable[str],
-    fraction: float,
-) -> dict[str, torch.Tensor]:
-    """Flat indices of the top-`fraction` |∂loss/∂W| entries of each candidate weight,
-    accumulated over `batches`; `loss_of(batch)` runs the model and returns the loss."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"split.spf_fraction must be in (0, 1], got {fraction}")
-    targets = candidate_weights(model, module_names)
-    if not targets:
-        raise ValueError(f"split.spf_modules {list(module_names)}: no such linear layers in the model")
-    scores = {name: torch.zeros_like(m.weight) for name, m in targets.items()}
-    previous = {name: m.weight.requires_grad for name, m in targets.items()}
-    for m in targets.values():
-        m.weight.requires_grad_(True)
-    try:
-        for batch in batches:
-            model.zero_grad(set_to_none=True)
-            loss_of(batch).backward()
-            for name, m in targets.items():
-                scores[name] += m.weight.grad.abs()
-    finally:
-        for name, m in targets.items():
-            m.weight.grad = None
-            m.weight.requires_grad_(previous[name])
-    return {
-        name: torch.topk(score.flatten(), max(1, int(fraction * score.numel()))).indices.sort().values
-        for name, score in scores.items()
-    }
-
-
 def attach_sparse(model: nn.Module, mask: dict[str, torch.Tensor]) -> list[nn.Parameter]:
     """Parametrise each masked weight; returns the trainable value vectors."""
     modules = dict(model.named_modules())
@@ -93,20 +62,8 @@ def sparse_state(model: nn.Module) -> Tensors:
     out: Tensors = {}
     for name, module in model.named_modules():
         if parametrize.is_parametrized(module, "weight"):
-            for p in module.parametrizations.weight:
+            for p in cast(Any, module).parametrizations.weight:
                 if isinstance(p, SparseDelta):
                     out[f"{name}.spf_index"] = p.index.clone()
                     out[f"{name}.spf_values"] = p.values.detach().clone()
     return out
-
-
-def load_sparse_state(model: nn.Module, state: Tensors) -> None:
-    """Re-create the parametrisations of a saved state (mask and values)."""
-    mask = {key[: -len(".spf_index")]: value for key, value in state.items() if key.endswith(".spf_index")}
-    attach_sparse(model, mask)
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name in mask:
-            for p in modules[name].parametrizations.weight:
-                if isinstance(p, SparseDelta):
-                    p.values.copy_(state[f"{name}.spf_values"])

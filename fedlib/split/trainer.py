@@ -26,10 +26,7 @@ class SliceTrainer:
 
     def lora_parameters(self) -> dict[str, nn.Parameter]:
         return {
-            f"{prefix}.{name}": p
-            for prefix, module in self.modules.items()
-            for name, p in module.named_parameters()
-            if "lora_" in name
+            f"{prefix}.{name}": p for prefix, module in self.modules.items() for name, p in module.named_parameters() if "lora_" in name
         }
 
     def begin_calibration(self) -> None:
@@ -86,7 +83,7 @@ class SliceTrainer:
             for name, p in self.lora_parameters().items():
                 p.copy_(state[name])
             for prefix, module in self.modules.items():
-                for key, value in sparse_state(module).items():
+                for key in sparse_state(module):
                     if key.endswith(".spf_values"):
                         _values_of(module, key).copy_(state[f"{prefix}.{key}"])
 

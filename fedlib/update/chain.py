@@ -22,13 +22,13 @@ import torch
 
 from fedlib.codecs import CodecChain, SizeBound
 from fedlib.config import FederationConfig
-from fedlib.wire.decode import bounded_int, load_tensors
-from fedlib.wire.envelope import EnvelopeContext, UpdateKey, open_sealed
 from fedlib.privacy.dp import clip_update_inplace
 from fedlib.secagg.client import SecureRound, masked_update
-from fedlib.wire.serialization import tensors_to_bytes
 from fedlib.strategies import ClientUpdate
 from fedlib.update.validation import check_update
+from fedlib.wire.decode import bounded_int, load_tensors
+from fedlib.wire.envelope import EnvelopeContext, UpdateKey, open_sealed
+from fedlib.wire.serialization import tensors_to_bytes
 
 Tensors = dict[str, torch.Tensor]
 

@@ -24,16 +24,22 @@ class ClientReport:
     object_url: str
     train_s: float
     encrypt_upload_s: float
-    update_norm: float | None  # L2 norm of the delta before any clipping (what DP's clip_norm is tuned against); None under secure aggregation
+    update_norm: (
+        float | None
+    )  # L2 norm of the delta before any clipping (what DP's clip_norm is tuned against); None under secure aggregation
     local_steps: int = 0
-    bytes_downloaded: int = 0  # what it read of the aggregator's store: the manifest, and the adapter or the broadcasts since the one it held
+    bytes_downloaded: int = (
+        0  # what it read of the aggregator's store: the manifest, and the adapter or the broadcasts since the one it held
+    )
     validation_loss: float | None = None  # the client's score of the adapter it received, on its own split
     validation_tokens: int = 0
     tokens_per_s: float = 0.0  # system metrics of the client's training, as it measured them
     peak_memory_mib: float = 0.0  # its process's peak resident set
     gpu_memory_mib: float = 0.0  # peak GPU memory torch allocated (0 on a CPU)
     cpu_util: float = 0.0  # process CPU seconds per wall second while training (2.0 = two cores busy)
-    data_digest: str = ""  # of the examples it trained on, keyed by a secret of the client's: which data, never the data, nor a way to confirm a guess
+    data_digest: str = (
+        ""  # of the examples it trained on, keyed by a secret of the client's: which data, never the data, nor a way to confirm a guess
+    )
 
 
 _SAID_FLOATS = ("train_s", "encode_s")

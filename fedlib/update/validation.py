@@ -13,9 +13,7 @@ def check_update(update: Tensors, template: Tensors) -> None:
     """Same names, shapes and dtypes as the global adapter, and every value finite."""
     missing, extra = template.keys() - update.keys(), update.keys() - template.keys()
     if missing or extra:
-        raise UpdateRejected(
-            Reason.UNEXPECTED_TENSORS, f"missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
-        )
+        raise UpdateRejected(Reason.UNEXPECTED_TENSORS, f"missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
     for name, ref in template.items():
         got = update[name]
         if got.shape != ref.shape:

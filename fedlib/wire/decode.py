@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,7 +191,7 @@ def load_tensors(
         raise malformed(what, f"not a safetensors payload: {err}") from None
 
 
-def bounded_int(metadata: dict[str, str], key: str, low: int, high: int, what: str = "payload") -> int:
+def bounded_int(metadata: Mapping[str, str], key: str, low: int, high: int, what: str = "payload") -> int:
     """An integer field of a payload's metadata, within [low, high]: a self-reported count is
     never trusted past what the round asked for."""
     raw = metadata.get(key)

@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedlib.wire.decode import expect, parse_json
 from fedlib.rejection import Reason, UpdateRejected
+from fedlib.wire.decode import expect, parse_json
 
 MAGIC = b"FLENV\x00\x02\x00"
 ALGORITHM = "AES-256-GCM"
@@ -102,15 +102,11 @@ def open_sealed(blob: bytes, key: UpdateKey, expected: EnvelopeContext) -> bytes
         raise UpdateRejected(Reason.WRONG_KEY, f"sealed for key {header['kid']}, expected {key.kid}")
     body = memoryview(blob)[fixed + header_len :]  # a view, not a copy of the update
     if len(body) != header["length"] + _TAG:
-        raise UpdateRejected(
-            Reason.TRUNCATED, f"ciphertext is {len(body)} bytes, header promises {header['length'] + _TAG}"
-        )
+        raise UpdateRejected(Reason.TRUNCATED, f"ciphertext is {len(body)} bytes, header promises {header['length'] + _TAG}")
     try:
         return AESGCM(derive_key(key.secret, expected)).decrypt(bytes.fromhex(header["nonce"]), body, prefix)
     except InvalidTag:
-        raise UpdateRejected(
-            Reason.AUTHENTICATION_FAILED, "authentication tag does not verify (tampered bytes)"
-        ) from None
+        raise UpdateRejected(Reason.AUTHENTICATION_FAILED, "authentication tag does not verify (tampered bytes)") from None
 
 
 def check_addressed(blob: bytes, expected: EnvelopeContext) -> None:
@@ -144,7 +140,17 @@ def peek_header(blob: bytes) -> dict:
         return {}
 
 
-_FIELDS = {"alg": str, "federation": str, "round": int, "client": str, "session": str, "parent": str, "kid": str, "nonce": str, "length": int}
+_FIELDS = {
+    "alg": str,
+    "federation": str,
+    "round": int,
+    "client": str,
+    "session": str,
+    "parent": str,
+    "kid": str,
+    "nonce": str,
+    "length": int,
+}
 
 
 def _parse_header(raw: bytes) -> dict:
@@ -162,9 +168,7 @@ def _parse_header(raw: bytes) -> dict:
 
 def _check_context(header: dict, expected: EnvelopeContext) -> None:
     if header["federation"] != expected.federation:
-        raise UpdateRejected(
-            Reason.WRONG_FEDERATION, f"written for federation {header['federation']!r}, not {expected.federation!r}"
-        )
+        raise UpdateRejected(Reason.WRONG_FEDERATION, f"written for federation {header['federation']!r}, not {expected.federation!r}")
     if header["round"] != expected.round:
         raise UpdateRejected(Reason.WRONG_ROUND, f"written for round {header['round']}, expected {expected.round}")
     if header["client"] != expected.client:

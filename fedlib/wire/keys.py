@@ -101,9 +101,7 @@ def _write_private(path: Path, pem: bytes) -> None:
 
 
 def _pem(private: X25519PrivateKey | Ed25519PrivateKey) -> bytes:
-    return private.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    return private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
 def _public_path(private_path: Path) -> Path:
@@ -120,7 +118,7 @@ def _write_public(path: Path, private) -> None:
 def init_keys(folder: Path, clients: Iterable[str]) -> list[Path]:
     """Create every missing key pair (existing ones are kept) and its `.pub` file; returns the
     private key files created."""
-    wanted: dict[Path, type] = {
+    wanted: dict[Path, type[X25519PrivateKey] | type[Ed25519PrivateKey]] = {
         folder / f"{AGGREGATOR}.x25519.pem": X25519PrivateKey,
         folder / f"{AGGREGATOR}.ed25519.pem": Ed25519PrivateKey,
     }
@@ -147,6 +145,8 @@ def _load_pair(private_path: Path):
     public_path = _public_path(private_path)
     if public_path.exists():
         public = serialization.load_pem_public_key(public_path.read_bytes())
+        if not isinstance(public, X25519PublicKey | Ed25519PublicKey):
+            raise ValueError(f"{public_path}: not an X25519 or Ed25519 public key")
         if private is not None and fingerprint(private.public_key()) != fingerprint(public):
             raise ValueError(f"{public_path}: does not match the private key {private_path.name}")
         return public, private
@@ -296,5 +296,5 @@ def party_keyring(publics: PublicKeys, party: str | None, private_pem: bytes | N
         client_public=dict(publics.clients),
         aggregator_private=exchange if is_aggregator else None,
         signing_private=signing if is_aggregator else None,
-        client_private={party: exchange} if exchange is not None and not is_aggregator else {},
+        client_private={party: exchange} if party is not None and exchange is not None and not is_aggregator else {},
     )

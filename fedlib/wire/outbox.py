@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedlib.wire import storage
-from fedlib.wire.layout import message_url
 from fedlib.wire.envelope import EnvelopeContext, UpdateKey, open_sealed, seal
+from fedlib.wire.layout import message_url
 from fedlib.wire.storage import Options
 
 MAX_MESSAGE_BYTES = 1 << 20

@@ -15,10 +15,10 @@ import json
 import logging
 from dataclasses import dataclass
 
-from fedlib.wire import storage
-from fedlib.wire.layout import reveal_url
-from fedlib.wire.envelope import EnvelopeContext, UpdateKey, open_sealed, seal
 from fedlib.rejection import Reason, UpdateRejected
+from fedlib.wire import storage
+from fedlib.wire.envelope import EnvelopeContext, UpdateKey, open_sealed, seal
+from fedlib.wire.layout import reveal_url
 from fedlib.wire.serialization import Tensors, bytes_to_tensors, tensors_to_bytes
 from fedlib.wire.storage import Options
 

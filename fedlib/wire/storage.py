@@ -24,8 +24,6 @@ from fedlib.rejection import Reason, UpdateRejected  # noqa: E402
 Options = Mapping[str, Any]
 
 
-
-
 def filesystem(url: str, options: Options | None = None):
     """The filesystem and in-filesystem path for a URL. Instances are cached by fsspec per
     options, so repeated calls reuse connections."""

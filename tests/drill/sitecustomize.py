@@ -22,15 +22,18 @@ if _LOG:
 
     def _audited(fs, method):
         if inspect.iscoroutinefunction(method):
+
             @functools.wraps(method)
             async def wrapper(path, *args, **kwargs):
                 _record(fs, path)
                 return await method(path, *args, **kwargs)
         else:
+
             @functools.wraps(method)
             def wrapper(path, *args, **kwargs):
                 _record(fs, path)
                 return method(path, *args, **kwargs)
+
         return wrapper
 
     _make = fsspec.spec._Cached.__call__
