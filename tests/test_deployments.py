@@ -81,7 +81,7 @@ class PrefectServer:
                     if response.status == 200:
                         return
             except OSError:
-                time.sleep(0.5)
+                time.sleep(0.2)
         raise TimeoutError(f"Prefect server not healthy at {self.url}; see {self.logs}/server.log")
 
     def stop(self) -> None:
@@ -149,7 +149,7 @@ def _run_federation(server: PrefectServer, config_path: Path) -> str:
         if current is not None and current.is_final():
             assert current.is_completed(), f"federation run {run_id} ended {current.name}; logs in {server.logs}"
             return run_id
-        time.sleep(2)
+        time.sleep(0.25)
     raise TimeoutError(f"federation run {run_id} did not finish; logs in {server.logs}")
 
 
