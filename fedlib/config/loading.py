@@ -1,0 +1,134 @@
+"""A config from a file, a URL, a mapping or a value: read within bounds, parsed without
+aliases, validated into `FederationConfig`, and any mistake one line naming the file and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from fedlib.config.federation import FederationConfig
+from fedlib.config.sections import ConfigError
+from fedlib.redaction import REDACTED
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        parts.append(f"[{item}]" if isinstance(item, int) else ("." if parts else "") + str(item))
+    return "".join(parts)
+
+
+def _describe(source: str, loc: tuple[int | str, ...], msg: str) -> str:
+    msg = msg.removeprefix("Value error, ")
+    # Cross-field checks run on the whole model and start their message with the field they name.
+    return f"{source}: {msg}" if not loc else f"{source}: {_field_path(loc)}: {msg}"
+
+
+def parse_config(raw: object, source: str = "<config>") -> FederationConfig:
+    """Validate an already-parsed mapping; `source` names it in errors."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return FederationConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = [_describe(source, e["loc"], e["msg"]) for e in err.errors()]
+        raise ConfigError("invalid configuration\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path) -> FederationConfig:
+    """Read and validate a YAML config, from a file or an fsspec URL (read with this machine's
+    own credentials); every error message starts with where it came from."""
+    if isinstance(path, str) and "://" in path:
+        import fsspec
+
+        try:
+            with fsspec.open(path, "rb") as handle:
+                data = handle.read(MAX_CONFIG_BYTES + 1)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{path}: cannot read configuration ({err})") from None
+        return _parse_yaml(data, path)
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read configuration ({err.strerror})") from None
+    return _parse_yaml(data, str(path))
+
+
+def config_from(value: FederationConfig | dict | str | Path, source: str = "<parameter>") -> FederationConfig:
+    """A deployment's `config` parameter: the validated config as data (what the federation
+    passes its clients), or the path or fsspec URL of a YAML file. The test-only noise seed
+    arrives redacted (`fedlib.redaction`) and is dropped: it never travels."""
+    if isinstance(value, FederationConfig):
+        return value
+    if isinstance(value, dict):
+        privacy = value.get("privacy")
+        if isinstance(privacy, dict) and privacy.get("noise_seed") == REDACTED:
+            value = {**value, "privacy": {k: v for k, v in privacy.items() if k != "noise_seed"}}
+        return parse_config(value, source)
+    return load_config(value)
+
+
+# A config is a page of settings. Bounds that no real one comes near keep a hostile file (from a
+# config URL, or a run's parameter) from costing the aggregator more than it costs to write.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000
+MAX_CONFIG_DEPTH = 32
+
+
+class _ConfigShapeError(yaml.YAMLError):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses aliases and counts nodes and depth while it composes.
+
+    Aliases are where a 500-byte file becomes 10^9 leaves (each `*x` repeats a whole subtree
+    without costing a byte), so none are accepted; a config has nothing to share that a few more
+    lines cannot write out. Counting while composing stops a file before it is built."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._nodes = 0
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise _ConfigShapeError(
+                f"line {mark.line + 1}: YAML aliases (*name, <<: *name) are not accepted in a config; write the value out where it is used"
+            )
+        self._nodes += 1
+        if self._nodes > MAX_CONFIG_NODES:
+            raise _ConfigShapeError(f"more than {MAX_CONFIG_NODES:,} values; a config is far smaller")
+        self._depth += 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise _ConfigShapeError(f"nested deeper than {MAX_CONFIG_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _parse_yaml(data: bytes | str, path: str) -> FederationConfig:
+    if isinstance(data, str):
+        data = data.encode()
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; a config is a page of settings")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    loader = _BoundedLoader(text)
+    try:
+        raw = loader.get_single_data()
+    except _ConfigShapeError as err:
+        raise ConfigError(f"{path}: refused: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    finally:
+        loader.dispose()
+    return parse_config(raw, path)
