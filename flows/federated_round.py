@@ -146,8 +146,8 @@ def federated_round(
     partitioned = time.perf_counter()
     store = checkpoint_store(config, party_keys(config, AGGREGATOR))  # verified with the key the aggregator trusts
     previous = store.manifest(round_number - 1)
-    clients = sample_clients(config, round_number)
-    budgets = step_budgets(config, clients, previous)
+    clients = sample_clients([c.name for c in config.clouds], config.federation.clients_per_round, config.federation.seed, round_number)
+    budgets = step_budgets(config.training, config.profiles, config.orchestration.round_deadline_s, clients, previous)
     steps = ClientSteps(config, round_number, budgets)
     emit(RoundStarted(round_number, tuple(clients), budgets))
     expected = expected_of(config, {c: len(assignment[c]) for c in clients if c in assignment}, budgets)

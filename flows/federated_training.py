@@ -95,7 +95,7 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
         for round_number in range(plan.first, plan.last + 1):
             last = manifests[-1].privacy
             epsilon = over_budget(config.privacy, last.participation if last else {})
-            stop = budget_stop(config, manifests)
+            stop = budget_stop(config.budget, manifests)
             if epsilon is not None:
                 stop = f"privacy budget: round {round_number} would reach ε={epsilon:.3f} > {config.privacy.epsilon_budget}"
             if stop is not None:

@@ -316,7 +316,10 @@ def test_5_epsilon_with_a_public_sample_is_the_worst_clients_at_q_1(tmp_path, co
     config = parse_config(raw)
     counts: dict[str, int] = {}
     for round_number in range(1, 51):
-        counts = participation_after(counts, sample_clients(config, round_number))  # what every manifest shows
+        counts = participation_after(
+            counts,
+            sample_clients([c.name for c in config.clouds], config.federation.clients_per_round, config.federation.seed, round_number),
+        )  # what every manifest shows
     spent = privacy_spent(config.privacy, counts)
     amplified = epsilon_after(50, 1.0, 0.2, 1e-5)  # what crediting the public sample would claim
     worst = max(counts.values())
@@ -1017,10 +1020,12 @@ def test_r9_what_one_client_says_of_itself_does_not_steer_the_federation(tmp_pat
         manifest(report("gcp")),
         manifest(report("gcp", bytes_downloaded=10**12, train_s=3600.0, validation_loss=0.001, validation_tokens=10**9)),
     )
-    assert budget_stop(config, [previous, honest]) is None
-    assert budget_stop(config, [previous, lying]) is None  # its downloads held to what the aggregator wrote
+    assert budget_stop(config.budget, [previous, honest]) is None
+    assert budget_stop(config.budget, [previous, lying]) is None  # its downloads held to what the aggregator wrote
     assert lying.clients["gcp"].train_s == 3.0  # no longer than the aggregator's own clock saw
-    assert step_budgets(config, ["aws", "azure"], lying) == step_budgets(config, ["aws", "azure"], honest)
+    assert step_budgets(config.training, config.profiles, config.orchestration.round_deadline_s, ["aws", "azure"], lying) == step_budgets(
+        config.training, config.profiles, config.orchestration.round_deadline_s, ["aws", "azure"], honest
+    )
     scores = sorted(honest.clients[c].validation_loss for c in ("aws", "azure"))
     assert scores[0] <= lying.federated_eval_loss <= scores[1]  # the median: between honest scores
     assert "client_stated/federated_loss" in CLIENT_STATED and "bytes_downloaded" in CLIENT_STATED

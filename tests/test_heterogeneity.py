@@ -48,9 +48,15 @@ def test_sampling_is_reproducible_and_drives_the_accountant(tmp_path, corpus_dir
         privacy={"enabled": True, "clip_norm": 1.0, "noise_multiplier": 1.0},
     )
     config = parse_config(raw)
-    draws = [sample_clients(config, r) for r in range(1, 21)]
+    draws = [
+        sample_clients([c.name for c in config.clouds], config.federation.clients_per_round, config.federation.seed, r)
+        for r in range(1, 21)
+    ]
     assert all(len(d) == 2 and set(d) <= set(CLOUDS) for d in draws)
-    assert draws == [sample_clients(parse_config(raw), r) for r in range(1, 21)]  # same seed, same draws
+    again = parse_config(raw)
+    assert draws == [
+        sample_clients([c.name for c in again.clouds], again.federation.clients_per_round, again.federation.seed, r) for r in range(1, 21)
+    ]  # same seed, same draws
     assert len({tuple(d) for d in draws}) > 1  # and they vary from round to round
     # The sample is public (seeded, and in every manifest), so it amplifies nothing: each client is
     # accounted at q = 1 over the rounds it took part in, and the worst client is reported.
@@ -75,16 +81,32 @@ def test_step_budgets_follow_speed_deadline_and_capacity(tmp_path, corpus_dir, t
     )
     config = parse_config(raw)
     # 75% of 20 s at 0.5 s per step (speed 1): 30 steps; ×2 and ×4, the last capped at 50.
-    assert step_budgets(config, list(CLOUDS), None) == {"aws": 30, "gcp": 60, "azure": 50}
+    assert step_budgets(config.training, config.profiles, config.orchestration.round_deadline_s, list(CLOUDS), None) == {
+        "aws": 30,
+        "gcp": 60,
+        "azure": 50,
+    }
     equal = parse_config({**raw, "training": {**raw["training"], "step_budget": "equal"}})
-    assert step_budgets(equal, list(CLOUDS), None) == {"aws": 3, "gcp": 3, "azure": 3}
+    assert step_budgets(equal.training, equal.profiles, equal.orchestration.round_deadline_s, list(CLOUDS), None) == {
+        "aws": 3,
+        "gcp": 3,
+        "azure": 3,
+    }
     measured = _manifest(clients=[_report("aws", 10.0, 10), _report("gcp", 10.0, 20)])
     unset = parse_config({**raw, "training": {**raw["training"], "seconds_per_step": None}})
-    assert step_budgets(unset, ["aws"], None) == {"aws": 3}  # nothing timed yet: local_steps
-    assert step_budgets(unset, ["aws"], measured) == {"aws": 15}  # 1 s per step at speed 1
+    assert step_budgets(unset.training, unset.profiles, unset.orchestration.round_deadline_s, ["aws"], None) == {
+        "aws": 3
+    }  # nothing timed yet: local_steps
+    assert step_budgets(unset.training, unset.profiles, unset.orchestration.round_deadline_s, ["aws"], measured) == {
+        "aws": 15
+    }  # 1 s per step at speed 1
     # A cloud slower than its profile is held to its own timing; one that straggled gets half its steps.
     slow = _manifest(clients=[_report("gcp", 30.0, 10)], stragglers=["azure"], step_budgets={"azure": 50, "gcp": 60})
-    assert step_budgets(config, list(CLOUDS), slow) == {"aws": 30, "gcp": 5, "azure": 25}
+    assert step_budgets(config.training, config.profiles, config.orchestration.round_deadline_s, list(CLOUDS), slow) == {
+        "aws": 30,
+        "gcp": 5,
+        "azure": 25,
+    }
     raw["orchestration"] = {}
     with pytest.raises(ConfigError, match="step_budget=deadline needs orchestration.round_deadline_s"):
         parse_config(raw, "fed.yaml")
@@ -95,15 +117,17 @@ def test_cost_and_budgets_by_hand(tmp_path, corpus_dir, tiny_model_dir):
     raw = _config(tmp_path, corpus_dir, tiny_model_dir, profiles=profiles, orchestration={"round_deadline_s": 100})
     config = parse_config(raw)
     reports = {"aws": _report("aws", train_s=100.0, up=2_000_000_000)}
-    assert round_cost(config, reports, stragglers=["gcp"]) == pytest.approx({"aws": 0.1 + 0.18, "gcp": 0.2})
+    assert round_cost(config.profiles, config.orchestration.round_deadline_s, reports, stragglers=["gcp"]) == pytest.approx(
+        {"aws": 0.1 + 0.18, "gcp": 0.2}
+    )
 
     rounds = [_manifest(0), _manifest(1, [_report("a", up=1_000, down=1_500)], cost={"a": 0.6})]
     assert rounds[1].bytes_crossing_clouds == 2_500
     within = parse_config({**raw, "budget": {"bytes": 5_000, "money": 1.2}})
-    assert budget_stop(within, rounds) is None  # 2,500 + 2,500 and 0.6 + 0.6: exactly at both budgets
-    assert budget_stop(parse_config({**raw, "budget": {"bytes": 4_999}}), rounds).startswith("byte budget: 2,500 bytes moved")
-    assert budget_stop(parse_config({**raw, "budget": {"money": 1.1}}), rounds).startswith("money budget: 0.6000 spent")
-    assert budget_stop(parse_config({**raw, "budget": {"bytes": 1}}), rounds[:1]) is None  # nothing trained yet
+    assert budget_stop(within.budget, rounds) is None  # 2,500 + 2,500 and 0.6 + 0.6: exactly at both budgets
+    assert budget_stop(parse_config({**raw, "budget": {"bytes": 4_999}}).budget, rounds).startswith("byte budget: 2,500 bytes moved")
+    assert budget_stop(parse_config({**raw, "budget": {"money": 1.1}}).budget, rounds).startswith("money budget: 0.6000 spent")
+    assert budget_stop(parse_config({**raw, "budget": {"bytes": 1}}).budget, rounds[:1]) is None  # nothing trained yet
 
 
 def test_a_straggler_is_left_out_and_counted(tmp_path, corpus_dir, tiny_model_dir):

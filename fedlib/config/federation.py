@@ -12,6 +12,7 @@ from fedlib.config.sections import (
     AggregationConfig,
     BudgetConfig,
     CloudConfig,
+    CloudProfile,
     CompressionConfig,
     DataConfig,
     EvaluationConfig,
@@ -210,6 +211,11 @@ class FederationConfig(_Strict):
         if cloud.storage:
             return cloud.storage.rstrip("/")
         return (self.data_path / "clouds" / cloud.name).as_uri()
+
+    @property
+    def profiles(self) -> dict[str, CloudProfile]:
+        """Each cloud's profile (speed, prices, capacity), by name: what planning reads."""
+        return {cloud.name: cloud.profile for cloud in self.clouds}
 
     @property
     def layout(self) -> Layout:

@@ -53,7 +53,7 @@ def training_plan(config: FederationConfig, client: str, round_number: int, step
     """The part of the config one client's local run uses, with its seed for this round and
     its cloud's pacing and process count."""
     t = config.training
-    slowdown, min_step_s = emulated_pacing(config, client)
+    slowdown, min_step_s = emulated_pacing(config.training, config.profiles, client)
     return TrainingPlan(
         steps=steps,
         batch_size=t.batch_size,

@@ -225,7 +225,7 @@ def round_manifest(
         step_budgets=dict(step_budgets),
         stragglers=stragglers,
         clients={c: r for c, r in reports.items() if c in accepted},
-        cost=round_cost(config, reports, stragglers),
+        cost=round_cost(config.profiles, config.orchestration.round_deadline_s, reports, stragglers),
         accepted=list(accepted),
         rejected=dict(rejected),
         privacy=privacy,

@@ -7,10 +7,10 @@ import hashlib
 import math
 import random
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from fedlib.config import FederationConfig
+from fedlib.config import BudgetConfig, CloudProfile, TrainingConfig
 
 if TYPE_CHECKING:
     from fedlib.round.manifest import Manifest
@@ -18,31 +18,38 @@ if TYPE_CHECKING:
 DEADLINE_SHARE = 0.75  # of the round deadline, for local steps
 
 
-def sample_clients(config: FederationConfig, round_number: int) -> list[str]:
-    """`clients_per_round` of the clouds, drawn from (seed, round): the same on every re-run."""
-    names = [c.name for c in config.clouds]
-    k = config.federation.clients_per_round
+def sample_clients(names: Sequence[str], per_round: int | None, seed: int, round_number: int) -> list[str]:
+    """`per_round` of the clouds `names` (`federation.clients_per_round`), drawn from (seed,
+    round): the same on every re-run."""
+    names = list(names)
+    k = per_round
     if k is None or k >= len(names):
         return names
-    digest = hashlib.sha256(f"{config.federation.seed}/sample/{round_number}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}/sample/{round_number}".encode()).digest()
     chosen = set(random.Random(int.from_bytes(digest[:8], "little")).sample(names, k))
     return [n for n in names if n in chosen]
 
 
-def seconds_per_step(config: FederationConfig, previous: Manifest | None) -> float | None:
+def seconds_per_step(training: TrainingConfig, profiles: Mapping[str, CloudProfile], previous: Manifest | None) -> float | None:
     """Seconds one local step takes at speed 1: the config's figure, else the median of what
     the last round's clients measured (their training time × speed / steps)."""
-    if config.training.seconds_per_step is not None:
-        return config.training.seconds_per_step
+    if training.seconds_per_step is not None:
+        return training.seconds_per_step
     measured = [
-        report.train_s * config.cloud(client).profile.speed / report.local_steps
+        report.train_s * profiles[client].speed / report.local_steps
         for client, report in (previous.clients if previous else {}).items()
         if report.local_steps
     ]
     return statistics.median(measured) if measured else None
 
 
-def step_budgets(config: FederationConfig, clients: Sequence[str], previous: Manifest | None) -> dict[str, int]:
+def step_budgets(
+    training: TrainingConfig,
+    profiles: Mapping[str, CloudProfile],
+    deadline: float | None,
+    clients: Sequence[str],
+    previous: Manifest | None,
+) -> dict[str, int]:
     """Local steps per client this round. `equal`: training.local_steps for everyone (capped by
     capacity). `deadline`: what each cloud fits into 75% of the round deadline, leaving the rest
     for loading the model, uploading, and steps slower than the estimate; until a step has been
@@ -50,12 +57,11 @@ def step_budgets(config: FederationConfig, clients: Sequence[str], previous: Man
 
     A cloud's speed is only what its profile claims: one that timed itself last round is held to
     the slower of the two, and one that straggled last round gets half the steps it had then."""
-    t = config.training
-    deadline = config.orchestration.round_deadline_s
-    spent = seconds_per_step(config, previous) if t.step_budget == "deadline" else None
+    t = training
+    spent = seconds_per_step(training, profiles, previous) if t.step_budget == "deadline" else None
     budgets = {}
     for client in clients:
-        profile = config.cloud(client).profile
+        profile = profiles[client]
         steps = t.local_steps
         if spent is not None and deadline is not None:
             rate = spent / profile.speed
@@ -69,26 +75,26 @@ def step_budgets(config: FederationConfig, clients: Sequence[str], previous: Man
     return budgets
 
 
-def emulated_pacing(config: FederationConfig, client: str) -> tuple[float, float]:
+def emulated_pacing(training: TrainingConfig, profiles: Mapping[str, CloudProfile], client: str) -> tuple[float, float]:
     """(slowdown, minimum seconds per step) for `client` when one machine plays every cloud.
     With `training.seconds_per_step` each step takes at least that ÷ speed, the same on any
     machine; without it, the fastest cloud runs natively and one at half its speed takes twice
     as long as it would."""
-    if not config.training.emulate_speed:
+    if not training.emulate_speed:
         return 1.0, 0.0
-    speed = config.cloud(client).profile.speed
-    if config.training.seconds_per_step is not None:
-        return 1.0, config.training.seconds_per_step / speed
-    return max(c.profile.speed for c in config.clouds) / speed, 0.0
+    speed = profiles[client].speed
+    if training.seconds_per_step is not None:
+        return 1.0, training.seconds_per_step / speed
+    return max(p.speed for p in profiles.values()) / speed, 0.0
 
 
-def budget_stop(config: FederationConfig, manifests: Sequence[Manifest]) -> str | None:
+def budget_stop(budget: BudgetConfig, manifests: Sequence[Manifest]) -> str | None:
     """Why the next round must not start, if the bytes or money budget would be passed at the
     last round's rate; None while both hold."""
     trained = [m for m in manifests if m.round > 0]
     if not trained:
         return None
-    b = config.budget
+    b = budget
     if b.bytes is not None:
         spent = sum(m.bytes_crossing_clouds for m in trained)
         if spent + trained[-1].bytes_crossing_clouds > b.bytes:
