@@ -15,7 +15,6 @@ from prefect.futures import PrefectFuture
 from prefect.tasks import exponential_backoff
 
 from fedlib.config import FederationConfig
-from fedlib.data.shards import client_data
 from fedlib.model.base import check_base_model
 from fedlib.round.client import SealedUpdate, train_and_seal, upload_sealed
 from fedlib.secagg.client import SecureRound
@@ -25,7 +24,7 @@ from fedlib.update.report import ClientReport
 from fedlib.wire.keys import KeyRing
 from fedlib.wire.sealed_stores import CarriedResidual, ResidualStore
 from tasks.credentials import party_keys, storage_options
-from tasks.from_config import checkpoint_store, client_update_key, global_for_client, outbox, residual_store, secagg_session
+from tasks.from_config import checkpoint_store, client_data, client_update_key, global_for_client, outbox, residual_store, secagg_session
 
 
 @task(name="train-client", task_run_name="train-{client}-round-{round_number}", cache_policy=NO_CACHE)

@@ -8,10 +8,10 @@ from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
 from fedlib.data.partition import label_histogram
-from fedlib.data.shards import distribute_shard, partition_digest
+from fedlib.data.shards import distribute_shard
 from fedlib.wire.keys import AGGREGATOR
 from tasks.credentials import party_keys, storage_options
-from tasks.from_config import aggregator_update_key, load_data, partition_clients
+from tasks.from_config import aggregator_update_key, load_data, partition_clients, partition_digest, shard_place
 
 
 def _partition_key(context, parameters) -> str:
@@ -40,7 +40,7 @@ def distribute_data(config: FederationConfig, assignment: dict[str, list[int]]) 
         validation = data.validation(index, len(assignment), config.evaluation.client_blocks)
         key = aggregator_update_key(ring, client)
         try:
-            urls[client] = distribute_shard(config, client, data.train.select(blocks), validation, key, options[client])
+            urls[client] = distribute_shard(shard_place(config, client), data.train.select(blocks), validation, key, options[client])
         except Exception as err:  # noqa: BLE001 - that client's bucket is down: it fails its rounds, the others go on
             logger.warning("client %s: its shard could not be written (%s); it cannot train until it is", client, err)
             continue

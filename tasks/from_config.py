@@ -6,6 +6,8 @@ does.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from fedlib.config import FederationConfig
 from fedlib.data.corpus import BlockSet, cached_blocks, shakespeare_documents, tokenize_blocks, url_documents
 from fedlib.data.own_files import own_examples
 from fedlib.data.partition import Assignment, partition
+from fedlib.data.shards import ClientData, ShardPlace, read_shard
 from fedlib.examples import Examples
 from fedlib.model.base import attach_lora, load_adapter_state, load_base_model, load_tokenizer, trained_part
 from fedlib.model.pool import POOL, ModelKey
@@ -25,7 +28,7 @@ from fedlib.round.manifest import ManifestHead
 from fedlib.secagg.protocol import Session
 from fedlib.secagg.quantised import Codes, code_scale
 from fedlib.wire import storage
-from fedlib.wire.envelope import UpdateKey
+from fedlib.wire.envelope import EnvelopeContext, UpdateKey
 from fedlib.wire.keys import AGGREGATOR, KeyRing, fingerprint, init_keys, load_keyring, party_keyring, read_key_source
 from fedlib.wire.outbox import Outbox
 from fedlib.wire.sealed_stores import HeldGlobal, ResidualStore, RevealLedger
@@ -266,3 +269,42 @@ def round_codes(config: FederationConfig, parties: int, largest_share: float, st
         return None
     per_step = 1 if config.aggregation.normalize_steps else steps  # FedNova's clients send Δ/τ
     return Codes(bits, parties, code_scale(config.training.learning_rate, per_step, largest_share, bits))
+
+
+def partition_digest(config: FederationConfig) -> str:
+    """What decides the simulated split: the data, the held-out set, the rule, the seed, the
+    clients. Shards are named by it, so a changed config never reads a stale shard."""
+    fields = {
+        "model": config.model.source,
+        "data": config.data.model_dump(mode="json"),
+        "evaluation": config.evaluation.model_dump(mode="json"),
+        "partition": config.partition.model_dump(mode="json"),
+        "seed": config.federation.seed,
+        "clouds": [cloud.name for cloud in config.clouds],
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def shard_place(config: FederationConfig, client: str) -> ShardPlace:
+    """Where `client`'s shard of the simulated split lives, and what it is sealed under."""
+    digest = partition_digest(config)
+    return ShardPlace(
+        url=config.layout.shard_url(client, digest),
+        context=EnvelopeContext(config.federation.id, 0, client, f"data/{digest}"),
+        cache=config.data_path / "cache" / f"shard-{client}-{digest[:16]}.safetensors",
+        seq_len=config.data.seq_len,
+    )
+
+
+def own_data(config: FederationConfig, client: str, options: storage.Options | None) -> ClientData:
+    """The client's own files (`clouds[].data`, `clouds[].validation`: text or instruction
+    records), read with its credentials and tokenised here; cached in its own data_dir."""
+    cloud = config.cloud(client)
+    readable = dict(options) if options is not None else None
+    train = own_examples(config, cloud.data, readable, f"{client}/train")
+    return ClientData(train, own_examples(config, cloud.validation, readable, f"{client}/validation"), ", ".join(cloud.data))
+
+
+def client_data(config: FederationConfig, client: str, key: UpdateKey, options: storage.Options | None) -> ClientData:
+    """A client's training data: its shard of the simulated split, or its own files."""
+    return read_shard(shard_place(config, client), key, options) if config.simulated else own_data(config, client, options)

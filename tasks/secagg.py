@@ -12,7 +12,6 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
-from fedlib.data.shards import client_data
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.round.aggregator import AggregationReport, build_strategy
 from fedlib.round.broadcast import NextGlobal, split_state
@@ -27,6 +26,7 @@ from tasks.credentials import party_keys, storage_options
 from tasks.from_config import (
     aggregator_update_key,
     checkpoint_store,
+    client_data,
     client_update_key,
     outbox,
     reveal_ledger,

@@ -205,9 +205,9 @@ def scan_ciphertext_only(config, options_by_cloud) -> int:
             for marker in (b"__metadata__", b'"dtype"', b'"F32"', b"lora_A", b"num_examples"):
                 assert marker not in blob, (path, marker)
             if path.endswith(".shard"):  # the client's distributed training data, sealed for it
-                from fedlib.data.shards import shard_context
+                from tasks.from_config import shard_place
 
-                plaintext = open_sealed(blob, aggregator_update_key(ring, cloud.name), shard_context(config, cloud.name))
+                plaintext = open_sealed(blob, aggregator_update_key(ring, cloud.name), shard_place(config, cloud.name).context)
             else:
                 round_number = int(re.search(r"round-(\d+)", path).group(1))
                 ctx = stored_update_context(config, cloud.name, round_number, blob)

@@ -1106,9 +1106,9 @@ def test_r12_under_secure_aggregation_the_aggregator_learns_no_figure_of_a_clien
 
     from mlflow.tracking import MlflowClient
 
-    from fedlib.data.shards import client_data
     from fedlib.progress import ClientStep, ClientTrained
     from flows.federated_training import federated_training
+    from tasks.from_config import client_data
     from tests.conftest import write_config
 
     raw = tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir, clouds=CLOUDS)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from fedlib.config import parse_config
-from fedlib.data.shards import distribute_shard, own_data, read_shard, shard_url
+from fedlib.data.shards import distribute_shard, read_shard
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.wire import storage
-from tasks.from_config import aggregator_update_key, client_update_key, keyring, load_data, partition_clients
+from tasks.from_config import aggregator_update_key, client_update_key, keyring, load_data, own_data, partition_clients, shard_place
 from tests.conftest import tiny_config_dict
 
 
@@ -24,29 +24,31 @@ def test_a_shard_holds_its_blocks_and_opens_for_its_client_only(tmp_path, corpus
     data = load_data(config)
     assignment = partition_clients(config, data)
     train, validation = data.train.select(assignment["aws"]), data.validation(0, 2, 8)
-    distribute_shard(config, "aws", train, validation, aggregator_update_key(ring, "aws"), None)
+    distribute_shard(shard_place(config, "aws"), train, validation, aggregator_update_key(ring, "aws"), None)
 
-    received = read_shard(config, "aws", client_update_key(ring, "aws"), None)
+    received = read_shard(shard_place(config, "aws"), client_update_key(ring, "aws"), None)
     assert torch.equal(received.train.input_ids, train) and torch.equal(received.validation.input_ids, validation)
     assert len(validation) == 8 and not set(map(tuple, validation.tolist())) & set(map(tuple, data.evaluation.tolist()))
 
     # gcp's key does not open aws's shard, and an edited byte is an authentication failure.
     with pytest.raises(UpdateRejected) as refused:
         read_shard(
-            config.model_copy(update={"federation": config.federation.model_copy(update={"data_dir": str(tmp_path / "gcp")})}),
-            "aws",
+            shard_place(
+                config.model_copy(update={"federation": config.federation.model_copy(update={"data_dir": str(tmp_path / "gcp")})}), "aws"
+            ),
             client_update_key(ring, "gcp"),
             None,
         )
     assert refused.value.reason in (Reason.WRONG_KEY, Reason.AUTHENTICATION_FAILED)
-    url = shard_url(config, "aws")
+    url = shard_place(config, "aws").url
     blob = bytearray(storage.read_limited(url, 1 << 30))
     blob[-20] ^= 1
     storage.write_atomic(url, bytes(blob))
     with pytest.raises(UpdateRejected) as tampered:
         read_shard(
-            config.model_copy(update={"federation": config.federation.model_copy(update={"data_dir": str(tmp_path / "fresh")})}),
-            "aws",
+            shard_place(
+                config.model_copy(update={"federation": config.federation.model_copy(update={"data_dir": str(tmp_path / "fresh")})}), "aws"
+            ),
             client_update_key(ring, "aws"),
             None,
         )

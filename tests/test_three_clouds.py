@@ -13,11 +13,10 @@ import torch
 import yaml
 
 from fedlib.config import load_config
-from fedlib.data.shards import shard_url
 from fedlib.wire import storage
 from flows.federated_training import federated_training
 from tasks.credentials import storage_options
-from tasks.from_config import checkpoint_store, update_url
+from tasks.from_config import checkpoint_store, shard_place, update_url
 from tests.conftest import cloud_clouds, scan_ciphertext_only, tiny_config_dict, write_config
 
 CLOUDS = ("aws", "gcp", "azure")
@@ -61,7 +60,7 @@ def test_three_providers_match_a_local_run(tmp_path, corpus_dir, tiny_model_dir,
     for cloud in config.clouds:
         bucket = config.storage_url(cloud).split("://", 1)[1].split("/", 1)[0]
         found = storage.list_prefix(config.storage_url(cloud), options[cloud.name])
-        shard = shard_url(config, cloud.name).split("://", 1)[1]
+        shard = shard_place(config, cloud.name).url.split("://", 1)[1]
         assert found == [shard, *(f"{bucket}/updates/test/round-000{r}/{cloud.name}.update" for r in (1, 2))], found
     assert scan_ciphertext_only(config, options) == 6 + 3  # and each client's data shard
 

@@ -10,17 +10,14 @@ own bucket, and the client reads that one object. Either way the client's round 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedlib.config import FederationConfig
-from fedlib.data.own_files import own_examples
 from fedlib.examples import Examples
 from fedlib.wire import storage
 from fedlib.wire.decode import TensorSpec, load_tensors
@@ -42,77 +39,48 @@ class ClientData:
         return cls(Examples.from_blocks(train), Examples.from_blocks(validation), source)
 
 
-def partition_digest(config: FederationConfig) -> str:
-    """What decides the simulated split: the data, the held-out set, the rule, the seed, the
-    clients. Shards are named by it, so a changed config never reads a stale shard."""
-    fields = {
-        "model": config.model.source,
-        "data": config.data.model_dump(mode="json"),
-        "evaluation": config.evaluation.model_dump(mode="json"),
-        "partition": config.partition.model_dump(mode="json"),
-        "seed": config.federation.seed,
-        "clouds": [cloud.name for cloud in config.clouds],
-    }
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+@dataclass(frozen=True)
+class ShardPlace:
+    """Where one client's distributed shard lives (`url`), what it is sealed under (`context`:
+    its client, bound to the partition that made it), where the client keeps its own copy
+    (`cache`), and the block length it must have."""
+
+    url: str
+    context: EnvelopeContext
+    cache: Path
+    seq_len: int
 
 
-def shard_url(config: FederationConfig, client: str) -> str:
-    return config.layout.shard_url(client, partition_digest(config))
-
-
-def shard_context(config: FederationConfig, client: str) -> EnvelopeContext:
-    """What a shard is sealed under: its client, bound to the partition that made it."""
-    return EnvelopeContext(config.federation.id, 0, client, f"data/{partition_digest(config)}")
-
-
-def distribute_shard(
-    config: FederationConfig, client: str, train: torch.Tensor, validation: torch.Tensor, key: UpdateKey, options: Options | None
-) -> str:
-    """Seal `client`'s blocks for it and write them to its bucket (once per partition)."""
-    url = shard_url(config, client)
-    if not storage.exists(url, options):
+def distribute_shard(place: ShardPlace, train: torch.Tensor, validation: torch.Tensor, key: UpdateKey, options: Options | None) -> str:
+    """Seal a client's blocks for it and write them to its bucket (once per partition)."""
+    if not storage.exists(place.url, options):
         payload = tensors_to_bytes({"train": train, "validation": validation})
-        storage.write_atomic(url, seal(payload, key, shard_context(config, client)), options)
-    return url
+        storage.write_atomic(place.url, seal(payload, key, place.context), options)
+    return place.url
 
 
-def read_shard(config: FederationConfig, client: str, key: UpdateKey, options: Options | None) -> ClientData:
+def read_shard(place: ShardPlace, key: UpdateKey, options: Options | None) -> ClientData:
     """The client's distributed shard, authenticated; block length checked before it is built.
     Kept on the client's own disk once read (a shard never changes: it is named by the
     partition), so a bucket outage later costs the upload, not the round's training data."""
-    url = shard_url(config, client)
-    cached = config.data_path / "cache" / f"shard-{client}-{partition_digest(config)[:16]}.safetensors"
-    if cached.exists():
-        tensors = load_file(str(cached))
-        return ClientData.of_blocks(tensors["train"], tensors["validation"], url)
-    data = _fetch_shard(config, client, key, options, url)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(f"{cached.name}.{uuid.uuid4().hex}.tmp")
+    if place.cache.exists():
+        tensors = load_file(str(place.cache))
+        return ClientData.of_blocks(tensors["train"], tensors["validation"], place.url)
+    data = _fetch_shard(place, key, options)
+    place.cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = place.cache.with_name(f"{place.cache.name}.{uuid.uuid4().hex}.tmp")
     save_file({"train": data.train.input_ids.contiguous(), "validation": data.validation.input_ids.contiguous()}, str(tmp))
-    os.replace(tmp, cached)
+    os.replace(tmp, place.cache)
     return data
 
 
-def _fetch_shard(config: FederationConfig, client: str, key: UpdateKey, options: Options | None, url: str) -> ClientData:
-    payload = open_sealed(storage.read_limited(url, MAX_SHARD_BYTES, options), key, shard_context(config, client))
-    seq_len = config.data.seq_len
+def _fetch_shard(place: ShardPlace, key: UpdateKey, options: Options | None) -> ClientData:
+    payload = open_sealed(storage.read_limited(place.url, MAX_SHARD_BYTES, options), key, place.context)
+    seq_len = place.seq_len
 
     def allowed(name: str, spec: TensorSpec) -> str | None:
         ok = name in ("train", "validation") and len(spec.shape) == 2 and spec.shape[1] == seq_len and spec.dtype == torch.int64
         return None if ok else f"not a [n, {seq_len}] int64 block tensor"
 
     tensors, _ = load_tensors(payload, "data shard", allowed)
-    return ClientData.of_blocks(tensors["train"], tensors.get("validation", torch.empty(0, seq_len, dtype=torch.long)), url)
-
-
-def own_data(config: FederationConfig, client: str, options: Options | None) -> ClientData:
-    """The client's own files (`clouds[].data`, `clouds[].validation`: text or instruction
-    records), read with its credentials and tokenised here; cached in its own data_dir."""
-    cloud = config.cloud(client)
-    readable = dict(options) if options is not None else None
-    train = own_examples(config, cloud.data, readable, f"{client}/train")
-    return ClientData(train, own_examples(config, cloud.validation, readable, f"{client}/validation"), ", ".join(cloud.data))
-
-
-def client_data(config: FederationConfig, client: str, key: UpdateKey, options: Options | None) -> ClientData:
-    return read_shard(config, client, key, options) if config.simulated else own_data(config, client, options)
+    return ClientData.of_blocks(tensors["train"], tensors.get("validation", torch.empty(0, seq_len, dtype=torch.long)), place.url)
