@@ -183,7 +183,7 @@ def evaluation_examples(config: FederationConfig) -> Examples:
     urls = config.evaluation.data
     if not urls:
         return Examples.from_blocks(load_data(config).evaluation)
-    examples = own_examples(config, urls, None, "evaluation")
+    examples = _own_examples(config, urls, None, "evaluation")
     return examples.head(config.evaluation.max_blocks)
 
 
@@ -301,8 +301,12 @@ def own_data(config: FederationConfig, client: str, options: storage.Options | N
     records), read with its credentials and tokenised here; cached in its own data_dir."""
     cloud = config.cloud(client)
     readable = dict(options) if options is not None else None
-    train = own_examples(config, cloud.data, readable, f"{client}/train")
-    return ClientData(train, own_examples(config, cloud.validation, readable, f"{client}/validation"), ", ".join(cloud.data))
+    train = _own_examples(config, cloud.data, readable, f"{client}/train")
+    return ClientData(train, _own_examples(config, cloud.validation, readable, f"{client}/validation"), ", ".join(cloud.data))
+
+
+def _own_examples(config: FederationConfig, urls: tuple[str, ...], options: dict | None, label: str) -> Examples:
+    return own_examples(urls, options, label, config.model.source, config.data.seq_len, config.data_path / "cache")
 
 
 def client_data(config: FederationConfig, client: str, key: UpdateKey, options: storage.Options | None) -> ClientData:

@@ -12,10 +12,10 @@ import hashlib
 import logging
 import os
 import uuid
+from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from fedlib.config import FederationConfig
 from fedlib.data.corpus import files_version, tokenize_blocks, url_documents
 from fedlib.data.records import is_record_file, load_records, tokenize_records
 from fedlib.examples import Examples
@@ -24,21 +24,22 @@ from fedlib.model.base import load_tokenizer
 log = logging.getLogger(__name__)
 
 
-def own_examples(config: FederationConfig, urls: tuple[str, ...], options: dict | None, label: str) -> Examples:
-    seq_len = config.data.seq_len
+def own_examples(urls: tuple[str, ...], options: dict | None, label: str, model_source: str, seq_len: int, cache: Path) -> Examples:
+    """A party's own files (text or instruction records) as examples of `seq_len` tokens under
+    `model_source`'s tokenizer, cached in `cache` (the party's own disk) until the files change."""
     if not urls:
         return Examples.empty(seq_len)
-    key = f"{config.model.source}|{label}|{seq_len}|{files_version(urls, options)}"
-    cached = config.data_path / "cache" / f"examples-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    key = f"{model_source}|{label}|{seq_len}|{files_version(urls, options)}"
+    cached = cache / f"examples-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if cached.exists():
         return Examples.from_tensors(load_file(str(cached)))
-    tokenizer = load_tokenizer(config.model.source)
+    tokenizer = load_tokenizer(model_source)
     parts = []
     texts = tuple(u for u in urls if not is_record_file(u))
     if texts:
         parts.append(Examples.from_blocks(tokenize_blocks(url_documents(texts, options), tokenizer, seq_len).tokens))
     for url in (u for u in urls if is_record_file(u)):
-        records = load_records(url, options, str(config.data_path / "cache" / "datasets"))
+        records = load_records(url, options, str(cache / "datasets"))
         tokenised = tokenize_records(records, tokenizer, seq_len, url)
         if tokenised.dropped:
             log.warning("%s: %d records have no completion token within data.seq_len=%d and are left out", url, tokenised.dropped, seq_len)
