@@ -16,6 +16,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
+from fedlib.model.base import attach_lora, load_base_model
 from fedlib.round.client import client_seed
 from fedlib.split.client import HttpTransport, SplitClient
 from fedlib.split.trainer import Tensors
@@ -56,8 +57,10 @@ def start_server(config_path: str, timeout_s: float) -> ServerProcess:
 def connect_client(config: FederationConfig, client: str, url: str, keep_wire: bool = False) -> SplitClient:
     """A new session with the server at `url`: the client's slices, a fresh handshake, the
     server's attestation checked before anything else is sent."""
+    model = attach_lora(load_base_model(config.model.source), config.lora, config.federation.seed)
     return SplitClient(
-        config,
+        model,
+        config.split,
         party_keys(config, client),
         client,
         HttpTransport(url, config.split.server_timeout_s, keep_wire=keep_wire, max_reply_bytes=config.split.max_body_bytes),

@@ -10,9 +10,9 @@ import urllib.request
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
-from fedlib.config import FederationConfig
-from fedlib.model.base import attach_lora, load_base_model
+from fedlib.config import SplitConfig
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.split.attestation import check_attestation
 from fedlib.split.channel import client_hello
@@ -60,12 +60,11 @@ class StepStats:
 
 
 class SplitClient:
-    def __init__(self, config: FederationConfig, ring: KeyRing, client: str, transport: HttpTransport) -> None:
-        self.config = config
-        model = attach_lora(load_base_model(config.model.source), config.lora, config.federation.seed)
-        slices = slice_model(model, config.split.cut)
+    def __init__(self, model: nn.Module, split: SplitConfig, ring: KeyRing, client: str, transport: HttpTransport) -> None:
+        """`model`: the base model with LoRA attached; the client keeps its front and head."""
+        slices = slice_model(model, split.cut)
         self.front, self.head = slices.front, slices.head
-        self.trainer = SliceTrainer({"front": self.front, "head": self.head}, config.split)
+        self.trainer = SliceTrainer({"front": self.front, "head": self.head}, split)
         self.transport = transport
         issued = expect(parse_json(transport.post("/challenge", b""), "challenge answer", 1024, max_depth=1), dict, "challenge answer")
         hello, pending = client_hello(ring, client, expect(issued.get("challenge"), str, "challenge"))
@@ -76,7 +75,7 @@ class SplitClient:
             raise UpdateRejected(Reason.WRONG_SESSION, "the server answered for another session")
         nonce = answer["server_nonce"]
         # Before anything is sent: with split.require_tee, evidence bound to this very session.
-        check_attestation(answer.get("attestation"), pending.binding(nonce), config.split.require_tee, config.split.attestation_verifier)
+        check_attestation(answer.get("attestation"), pending.binding(nonce), split.require_tee, split.attestation_verifier)
         self.channel = pending.finish(nonce)
 
     def _exchange(self, mode: str, ids: torch.Tensor) -> StepStats:
