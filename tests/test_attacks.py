@@ -32,7 +32,7 @@ from fedlib.round.checkpoint import CheckpointStore, ManifestRejected, plan_roun
 from fedlib.round.client import train_and_seal, upload_sealed
 from fedlib.round.manifest import Manifest, to_json
 from fedlib.round.secure_aggregator import finish_secure_round, sum_masked_updates
-from fedlib.secagg.client import SecureRound, masked_update
+from fedlib.secagg.client import MaskSettings, SecureRound, masked_update
 from fedlib.secagg.protocol import make_reveal, make_setup, open_inbox, relay_setups
 from fedlib.strategies import make_strategy
 from fedlib.update.chain import Expected
@@ -668,7 +668,7 @@ def test_10_nan_is_refused_by_fixed_point_and_counts_by_the_round(fed):
     inboxes = relay_setups({c: make_setup(ring, c, session) for c in CLOUDS})
     nan = {k: torch.full_like(v, float("nan")) for k, v in fed.adapter.items()}
     with pytest.raises(UpdateRejected, match="non_finite"):
-        masked_update(fed.config, "aws", nan, 10, 1, SecureRound(ring, session, inboxes["aws"], 30.0))
+        masked_update(MaskSettings.of(fed.config), "aws", nan, 10, 1, SecureRound(ring, session, inboxes["aws"], 30.0))
     # A self-reported example count past the client's shard is refused, and the round goes on.
     for client in ("aws", "azure"):
         fed.upload(client)
@@ -850,7 +850,7 @@ def test_r6_rerunning_a_secure_session_releases_nothing_new(tmp_path, corpus_dir
     counts one release. Each release must be the same, so averaging gains nothing and the
     reported ε is the true one."""
     from fedlib.privacy.accountant import epsilon_after, participation_after, privacy_spent
-    from fedlib.secagg.client import masked_update
+    from fedlib.secagg.client import MaskSettings, masked_update
     from fedlib.secagg.fixedpoint import MODULUS, decode, from_wire
     from fedlib.secagg.protocol import unmask_sum
 
@@ -872,7 +872,9 @@ def test_r6_rerunning_a_secure_session_releases_nothing_new(tmp_path, corpus_dir
         setups = {c: make_setup(ring, c, session) for c in CLOUDS}
         inboxes = relay_setups(setups)
         masked = {
-            c: masked_update(config, c, clipped[c], 10, 1, SecureRound(ring, session, inboxes[c], float(len(CLOUDS)), parent=fed.parent))
+            c: masked_update(
+                MaskSettings.of(config), c, clipped[c], 10, 1, SecureRound(ring, session, inboxes[c], float(len(CLOUDS)), parent=fed.parent)
+            )
             for c in CLOUDS
         }
         total = {n: sum(from_wire(m.tensors)[n] for m in masked.values()) % MODULUS for n in template}

@@ -24,7 +24,7 @@ from fedlib.privacy.dp import update_norm
 from fedlib.progress import ClientStep, ClientTrained, emit
 from fedlib.round.planning import emulated_pacing
 from fedlib.secagg.client import SecureRound
-from fedlib.update.chain import client_filters, send_update, wire_payload
+from fedlib.update.chain import ChainSettings, client_filters, send_update, wire_payload
 from fedlib.update.report import ClientReport, SaidByClient
 from fedlib.wire import storage
 from fedlib.wire.envelope import EnvelopeContext, UpdateKey, seal
@@ -145,7 +145,7 @@ def train_and_seal(
     if secure is not None:
         secure = replace(secure, parent=parent)  # the release, and its DP noise, are of this parent
     examples = min(len(shard), secure.max_examples) if secure is not None and secure.max_examples else len(shard)
-    filters = client_filters(config, client, examples, steps, rounding, carried, secure)
+    filters = client_filters(ChainSettings.of(config), client, examples, steps, rounding, carried, secure)
     sent = send_update(filters, delta, {"num_examples": str(examples), "local_steps": str(steps)})
     residual = sent.residual if residuals is not None else None
     residual_blob = residuals.store.sealed(round_number, residual) if residuals is not None and residual is not None else None

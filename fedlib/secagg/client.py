@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlib.config import FederationConfig
+from fedlib.config import FederationConfig, PrivacyConfig
 from fedlib.privacy.dp import add_noise_share_inplace, noise_generator, release_noise_generator
 from fedlib.secagg.fixedpoint import MODULUS, Tensors, encode, to_wire
 from fedlib.secagg.protocol import Session, mask_update, open_inbox
@@ -30,6 +30,29 @@ class SecureRound:
 
 
 @dataclass(frozen=True)
+class MaskSettings:
+    """What masking reads of the config: the weight rule, DP (its noise is added by each client
+    under masking), the fixed-point precision or low-bit codes, and the fewest survivors a round
+    completes with (each client's share of the noise)."""
+
+    rule: WeightRule
+    privacy: PrivacyConfig
+    frac_bits: int
+    bits: int | None
+    min_survivors: int
+
+    @classmethod
+    def of(cls, config: FederationConfig) -> MaskSettings:
+        return cls(
+            WeightRule(dp=config.privacy.enabled, normalize_steps=config.aggregation.normalize_steps),
+            config.privacy,
+            config.secure_aggregation.frac_bits,
+            config.secure_aggregation.bits,
+            config.secagg_min_survivors,
+        )
+
+
+@dataclass(frozen=True)
 class MaskedUpdate:
     tensors: Tensors  # what is uploaded: int32 residues, or packed low-bit residues
     weight: int
@@ -37,7 +60,7 @@ class MaskedUpdate:
 
 
 def masked_update(
-    config: FederationConfig,
+    settings: MaskSettings,
     me: str,
     delta: Tensors,
     num_examples: int,
@@ -54,7 +77,7 @@ def masked_update(
     `secure_aggregation.bits` the encoding is low-bit codes at the announced scale, stochastically
     rounded by `rounding` (`fedlib.secagg.quantised`)."""
     peers = open_inbox(secure.ring, me, secure.session, secure.inbox)
-    p = config.privacy
+    p = settings.privacy
     weighted = {name: value.detach().to(torch.float64).clone() for name, value in delta.items()}
     if p.enabled:
         generator = (
@@ -64,15 +87,15 @@ def masked_update(
                 secure.ring.client_derived_secret(me, "dp-noise"), secure.session.federation, secure.session.round, secure.parent
             )
         )
-        add_noise_share_inplace(weighted, p.noise_multiplier * p.clip_norm, config.secagg_min_survivors, generator)
-    rule = WeightRule(dp=config.privacy.enabled, normalize_steps=config.aggregation.normalize_steps)
+        add_noise_share_inplace(weighted, p.noise_multiplier * p.clip_norm, settings.min_survivors, generator)
+    rule = settings.rule
     weight = rule.weight(num_examples)
     share = rule.share(weight, secure.weight_scale, local_steps)
     for value in weighted.values():
         value.mul_(share)
-    bits = config.secure_aggregation.bits
+    bits = settings.bits
     if bits is None:
-        encoded = encode(weighted, config.secure_aggregation.frac_bits, parties=len(peers) + 1)
+        encoded = encode(weighted, settings.frac_bits, parties=len(peers) + 1)
         return MaskedUpdate(to_wire(mask_update(secure.ring, me, secure.session, peers, encoded)), weight, None)
     if not secure.code_scale > 0:  # an aggregator that announced no scale gets no update
         raise ValueError(f"secure_aggregation.bits={bits}: the aggregator announced code scale {secure.code_scale}")

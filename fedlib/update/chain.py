@@ -23,7 +23,7 @@ import torch
 from fedlib.codecs import CodecChain, SizeBound
 from fedlib.config import FederationConfig
 from fedlib.privacy.dp import clip_update_inplace
-from fedlib.secagg.client import SecureRound, masked_update
+from fedlib.secagg.client import MaskSettings, SecureRound, masked_update
 from fedlib.strategies import ClientUpdate
 from fedlib.update.validation import check_update
 from fedlib.wire.decode import bounded_int, load_tensors
@@ -100,7 +100,7 @@ class Encode:
 class Mask:
     """Secure aggregation: the delta weighted by the round's weight rule, coded, and masked."""
 
-    config: FederationConfig
+    settings: MaskSettings
     client: str
     num_examples: int
     local_steps: int
@@ -108,13 +108,31 @@ class Mask:
     rounding: torch.Generator
 
     def send(self, update: Outgoing) -> Outgoing:
-        masked = masked_update(self.config, self.client, update.delta, self.num_examples, self.local_steps, self.secure, self.rounding)
+        masked = masked_update(self.settings, self.client, update.delta, self.num_examples, self.local_steps, self.secure, self.rounding)
         metadata = {**update.metadata, "weight": str(masked.weight)}
         return replace(update, wire=masked.tensors, metadata=metadata, counted=masked.counted)
 
 
+@dataclass(frozen=True)
+class ChainSettings:
+    """What a client's chain reads of the config, once, at the boundary: the codecs, whether
+    what is sent loses part of the update (so error feedback carries the rest), DP's clip norm
+    when privacy is on, and masking's settings when secure aggregation is."""
+
+    codecs: CodecChain
+    lossy: bool
+    clip_norm: float | None
+    mask: MaskSettings | None
+
+    @classmethod
+    def of(cls, config: FederationConfig) -> ChainSettings:
+        clip = config.privacy.clip_norm if config.privacy.enabled else None
+        mask = MaskSettings.of(config) if config.secure_aggregation.enabled else None
+        return cls(config.compression.chain, config.lossy_updates, clip, mask)
+
+
 def client_filters(
-    config: FederationConfig,
+    settings: ChainSettings,
     client: str,
     num_examples: int,
     local_steps: int,
@@ -125,14 +143,16 @@ def client_filters(
     """The chain for one client's round, in the order above: error feedback when the chain is
     lossy and a residual is carried, DP's clip when privacy is on, then masking or the codecs."""
     filters: list[Filter] = []
-    if carried is not None and config.lossy_updates:
+    if carried is not None and settings.lossy:
         filters.append(AddResidual(carried))
-    if config.privacy.enabled:
-        filters.append(Clip(config.privacy.clip_norm))
+    if settings.clip_norm is not None:
+        filters.append(Clip(settings.clip_norm))
     if secure is not None:
-        filters.append(Mask(config, client, num_examples, local_steps, secure, rounding))
+        if settings.mask is None:
+            raise ValueError("a secure round's chain needs secure_aggregation enabled")
+        filters.append(Mask(settings.mask, client, num_examples, local_steps, secure, rounding))
     else:
-        filters.append(Encode(config.compression.chain, rounding))
+        filters.append(Encode(settings.codecs, rounding))
     return tuple(filters)
 
 
