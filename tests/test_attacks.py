@@ -373,9 +373,9 @@ def split_server(fed):
     """The real split server (HTTP on 127.0.0.1) in this process, so a test can set its attestor
     and clock; returns (state, url)."""
     from fedlib.split.server import http_server
-    from tasks.split_server import split_server
+    from tasks.split_server import split_server as middle_of
 
-    state = split_server(fed.config)
+    state = middle_of(fed.config)
     httpd = http_server(state)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -449,7 +449,7 @@ def test_7_no_endpoint_answers_without_a_session(fed, split_server):
 
 def test_7_a_recorded_session_cannot_be_replayed(fed, split_server, tmp_path):
     from fedlib.split.server import http_server
-    from tasks.split_server import split_server
+    from tasks.split_server import split_server as middle_of
 
     state, url = split_server
     client = _connect(fed.config, url, keep_wire=True)
@@ -465,7 +465,7 @@ def test_7_a_recorded_session_cannot_be_replayed(fed, split_server, tmp_path):
     client.train_step(batch)
     # A server that has forgotten the session (restarted) did not issue the hello's challenge:
     # the hello opens nothing there, and the recorded messages find no session.
-    fresh = split_server(fed.config)
+    fresh = middle_of(fed.config)
     httpd = http_server(fresh)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     other = f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -1072,7 +1072,7 @@ def test_r11_recorded_hellos_reopen_nothing_and_one_key_cannot_hold_every_sessio
     locked genuine clients out for the TTL; and one client's key alone could hold every session.
     Now a hello answers a challenge of this server process, and a client holds at most its share."""
     from fedlib.split.server import http_server
-    from tasks.split_server import split_server
+    from tasks.split_server import split_server as middle_of
 
     state, url = split_server
     limit = fed.config.split.max_sessions
@@ -1082,7 +1082,7 @@ def test_r11_recorded_hellos_reopen_nothing_and_one_key_cannot_hold_every_sessio
         recorded.append(client.transport.wire[2])
     assert sum(s.channel.peer == "aws" for s in state.sessions.values()) == state.share < limit
     _connect(fed.config, url, "gcp")  # aws's key did not lock gcp out
-    fresh = split_server(fed.config)  # the server restarts: it remembers no session
+    fresh = middle_of(fed.config)  # the server restarts: it remembers no session
     httpd = http_server(fresh)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     other = f"http://127.0.0.1:{httpd.server_address[1]}"
