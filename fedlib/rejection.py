@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 
 
@@ -46,3 +47,11 @@ class UpdateRejected(Exception):
 
 class QuorumNotMet(RuntimeError):
     """Too few updates survived for the round to mean anything."""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a sampled client's update is not in the round: a `Reason` value and the detail."""
+
+    reason: str
+    detail: str

@@ -20,7 +20,7 @@ from fedlib.progress import RoundDone, RoundStarted, emit
 from fedlib.rejection import QuorumNotMet, Reason
 from fedlib.round.aggregator import AggregationReport, expected_of
 from fedlib.round.broadcast import NextGlobal
-from fedlib.round.manifest import Manifest, MessageBytes, Rejection, round_manifest
+from fedlib.round.manifest import Manifest, MessageBytes, round_manifest
 from fedlib.round.planning import sample_clients, step_budgets
 from fedlib.secagg.messages import RevealRequest, SetupRequest, TrainRequest, relayed_bytes
 from fedlib.secagg.protocol import relay_setups
@@ -167,7 +167,7 @@ def federated_round(
     eval_started = time.perf_counter()
     eval_loss = evaluate_global(config, round_number, next_global.adapter)
     evaluated = time.perf_counter()
-    rejected = {c: Rejection(r["reason"], r["detail"]) for c, r in report.rejected.items()}
+    rejected = dict(report.rejected)
     timings = {
         "partition_s": partitioned - started,
         "train_s": max((r.train_s for r in reports.values()), default=0.0),

@@ -47,7 +47,7 @@ def aggregate_round(
     )
     logger = get_run_logger()
     for client, why in report.rejected.items():
-        logger.warning("round %d: update from %s rejected (%s): %s", round_number, client, why["reason"], why["detail"])
+        logger.warning("round %d: update from %s rejected (%s): %s", round_number, client, why.reason, why.detail)
     logger.info("round %d: aggregated %s", round_number, report.accepted)
     return round_global(config, round_number, global_adapter, adapter, strategy.state_dict(), residual), report
 

@@ -11,8 +11,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
+from fedlib.rejection import Rejection
 from fedlib.reports.tables import round_rows, summary_markdown
-from fedlib.round.manifest import Manifest, Rejection
+from fedlib.round.manifest import Manifest
 from fedlib.update.report import ClientReport
 from tasks.registry import champion_version
 

@@ -156,7 +156,7 @@ def sum_masked_round(
     )
     logger = get_run_logger()
     for client, why in report.rejected.items():
-        logger.warning("round %d: %s left out of the secure sum (%s): %s", round_number, client, why["reason"], why["detail"])
+        logger.warning("round %d: %s left out of the secure sum (%s): %s", round_number, client, why.reason, why.detail)
     return masked, report
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedlib.config import parse_config
-from fedlib.rejection import QuorumNotMet
+from fedlib.rejection import QuorumNotMet, Rejection
 from fedlib.round.aggregator import aggregate_updates
 from fedlib.round.client import train_client_update
 from fedlib.strategies import make_strategy
@@ -104,7 +104,7 @@ def test_bad_object_is_rejected_and_round_goes_on(trained_round, corrupt, reason
     with caplog.at_level("WARNING", logger="fedlib.progress"):
         adapter, report = _aggregate(config, key, global_adapter)
     assert report.accepted == ["aws", "azure"]
-    assert report.rejected["gcp"]["reason"] == reason
+    assert report.rejected["gcp"].reason == reason
     assert f"client gcp rejected ({reason})" in caplog.text
     expected = _expected(config, key, global_adapter, ["aws", "azure"])
     for name in adapter:
@@ -124,11 +124,11 @@ def test_replayed_and_swapped_objects(trained_round):
     train_client_update(config, "aws", 2, global_adapter, load_data(config).train.tokens[:8], aws_key)
     _, report = aggregate_updates(config, 2, global_adapter, list(CLOUDS), {}, key)
     assert report.accepted == ["aws"]
-    assert {c: r["reason"] for c, r in report.rejected.items()} == {"gcp": "wrong_round", "azure": "wrong_round"}
+    assert {c: r.reason for c, r in report.rejected.items()} == {"gcp": "wrong_round", "azure": "wrong_round"}
     # aws's object written into gcp's slot (a storage provider swapping clients).
     shutil.copy(_path(update_url(config, "aws", 1)), _path(update_url(config, "gcp", 1)))
     _, report = _aggregate(config, key, global_adapter)
-    assert report.rejected["gcp"]["reason"] == "wrong_client" and report.accepted == ["aws", "azure"]
+    assert report.rejected["gcp"].reason == "wrong_client" and report.accepted == ["aws", "azure"]
 
 
 def test_oversized_object_and_failed_client(trained_round):
@@ -137,7 +137,7 @@ def test_oversized_object_and_failed_client(trained_round):
     with pytest.raises(QuorumNotMet, match=r"0 of 3 updates accepted.*aws: too_large"):
         _aggregate(small, key, global_adapter)
     _, report = _aggregate(config, key, global_adapter, failed={"azure": "RuntimeError: out of memory"})
-    assert report.rejected["azure"] == {"reason": "client_failed", "detail": "RuntimeError: out of memory"}
+    assert report.rejected["azure"] == Rejection("client_failed", "RuntimeError: out of memory")
     assert report.accepted == ["aws", "gcp"]
 
 

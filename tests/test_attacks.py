@@ -151,7 +151,7 @@ def test_1_a_masked_upload_from_an_earlier_session_is_refused_and_the_round_goes
     masked, report = sum_masked_updates(
         config, 1, fed.adapter, list(CLOUDS), {}, fed.keys(), scale_b, session_b.id, fed.parent, fed.expected()
     )
-    assert report.rejected["aws"]["reason"] == "wrong_session" and report.accepted == ["gcp", "azure"]
+    assert report.rejected["aws"].reason == "wrong_session" and report.accepted == ["gcp", "azure"]
 
     survivors, dropped = ["gcp", "azure"], ["aws"]
     peers = {c: open_inbox(ring, c, session_b, inboxes_b[c]) for c in survivors}
@@ -193,7 +193,7 @@ def test_2_a_nested_json_header_is_rejected_and_the_round_goes_on(fed):
         fed.upload(client)
     fed.plant("gcp", _nested_header_envelope())  # no key needed
     adapter, report = fed.aggregate()
-    assert report.rejected["gcp"]["reason"] == "malformed" and "nested deeper" in report.rejected["gcp"]["detail"]
+    assert report.rejected["gcp"].reason == "malformed" and "nested deeper" in report.rejected["gcp"].detail
     assert report.accepted == ["aws", "azure"]
     honest = _fedavg_of(fed, ["aws", "azure"])
     for name in adapter:
@@ -298,7 +298,7 @@ def test_4_hostile_payloads_with_a_real_key_are_named_rejections(tmp_path, corpu
         fed.plant("gcp", _sealed_payload(fed, "gcp", chain.compress(payload)))
         adapter, report = fed.aggregate()
         assert report.accepted == ["aws", "azure"], attack
-        assert report.rejected["gcp"]["reason"] in {"malformed", "out_of_range", "unexpected_tensors", "shape_mismatch"}, (
+        assert report.rejected["gcp"].reason in {"malformed", "out_of_range", "unexpected_tensors", "shape_mismatch"}, (
             attack,
             report.rejected,
         )
@@ -674,7 +674,7 @@ def test_10_nan_is_refused_by_fixed_point_and_counts_by_the_round(fed):
         fed.upload(client)
     fed.plant("gcp", _sealed_payload(fed, "gcp", _payload(fed, num_examples=str(len(fed.shards["gcp"]) + 1))))
     adapter, report = fed.aggregate()
-    assert report.rejected["gcp"]["reason"] == "out_of_range" and report.accepted == ["aws", "azure"]
+    assert report.rejected["gcp"].reason == "out_of_range" and report.accepted == ["aws", "azure"]
 
 
 # ---- The second review (issue 27): each finding as its attacker performs it. ----
@@ -777,7 +777,7 @@ def test_r3_a_codec_description_of_the_wrong_types_is_a_named_rejection_and_the_
         fed.plant("gcp", _sealed_payload(fed, "gcp", _payload(fed, codecs=description)))
         adapter, report = fed.aggregate()
         assert report.accepted == ["aws", "azure"], description
-        assert report.rejected["gcp"]["reason"] == "malformed", (description, report.rejected)
+        assert report.rejected["gcp"].reason == "malformed", (description, report.rejected)
 
 
 def test_r4_a_client_claiming_the_example_cap_moves_the_mean_by_at_most_its_share(fed):

@@ -12,7 +12,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedlib.round.manifest import Manifest, Rejection
+from fedlib.rejection import Rejection
+from fedlib.round.manifest import Manifest
 from fedlib.update.report import ClientReport
 
 _SPARK = "▁▂▃▄▅▆▇█"

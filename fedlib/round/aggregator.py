@@ -15,7 +15,7 @@ from fedlib.config import FederationConfig
 from fedlib.model.base import trained_part
 from fedlib.privacy.dp import DifferentialPrivacy, noise_generator
 from fedlib.progress import ClientRejected, emit
-from fedlib.rejection import QuorumNotMet, Reason, UpdateRejected
+from fedlib.rejection import QuorumNotMet, Reason, Rejection, UpdateRejected
 from fedlib.strategies import ClientUpdate, Strategy, make_strategy
 from fedlib.strategies.normalized import StepNormalized
 from fedlib.strategies.shares import capped_updates
@@ -42,13 +42,13 @@ def expected_of(config: FederationConfig, shard_sizes: Mapping[str, int], budget
 @dataclass
 class AggregationReport:
     accepted: list[str] = field(default_factory=list)
-    rejected: dict[str, dict[str, str]] = field(default_factory=dict)  # client -> {reason, detail}
+    rejected: dict[str, Rejection] = field(default_factory=dict)
     reports: dict[str, ClientReport] = field(default_factory=dict)  # accepted clients, from their sealed updates
     download_decrypt_s: float = 0.0
     aggregate_s: float = 0.0
 
     def reject(self, client: str, reason: Reason, detail: str) -> None:
-        self.rejected[client] = {"reason": reason.value, "detail": detail}
+        self.rejected[client] = Rejection(reason.value, detail)
         emit(ClientRejected(client, reason.value, detail))
 
     def as_dict(self) -> dict:
@@ -132,7 +132,7 @@ def update_limit(config: FederationConfig, global_adapter: Tensors) -> int:
 def check_quorum(round_number: int, clients: Sequence[str], report: AggregationReport, needed: int, rule: str) -> None:
     """`rule` names the setting that asks for `needed` updates."""
     if len(report.accepted) < needed:
-        reasons = ", ".join(f"{c}: {r['reason']}" for c, r in report.rejected.items()) or "none"
+        reasons = ", ".join(f"{c}: {r.reason}" for c, r in report.rejected.items()) or "none"
         raise QuorumNotMet(f"round {round_number}: {len(report.accepted)} of {len(clients)} updates accepted, {rule} (rejected: {reasons})")
 
 

@@ -19,16 +19,9 @@ from pydantic import TypeAdapter, ValidationError
 
 from fedlib.config import FederationConfig
 from fedlib.privacy.accountant import PrivacySpent
+from fedlib.rejection import Rejection
 from fedlib.round.cost import round_cost
 from fedlib.update.report import ClientReport
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """Why a sampled client's update is not in the round (a `fedlib.rejection.Reason` value)."""
-
-    reason: str
-    detail: str
 
 
 @dataclass(frozen=True)
