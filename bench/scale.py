@@ -57,7 +57,7 @@ def prepare(folder: Path, clients: int) -> None:
 
 
 def worker(folder: Path, clients: int, strategy: str) -> dict:
-    from fedlib.round.aggregator import aggregate_updates
+    from tasks.from_config import aggregate, round_intake
 
     config = _config(folder, clients, strategy)
     ring = keyring(config)
@@ -66,7 +66,7 @@ def worker(folder: Path, clients: int, strategy: str) -> dict:
     sampler = RssSampler()
     started = time.perf_counter()
     with sampler:
-        _, report = aggregate_updates(config, 1, global_adapter, [c.name for c in config.clouds], {}, keys)
+        _, report = aggregate(config, round_intake(config, 1, [c.name for c in config.clouds], keys, global_adapter), global_adapter)
     seconds = time.perf_counter() - started
     assert len(report.accepted) == clients
     return {"seconds": seconds, "baseline_mb": sampler.baseline_mb, "peak_mb": sampler.peak_mb}

@@ -18,22 +18,21 @@ from fedlib.config import FederationConfig
 from fedlib.privacy.accountant import participation_after, privacy_spent
 from fedlib.progress import RoundDone, RoundStarted, emit
 from fedlib.rejection import QuorumNotMet, Reason
-from fedlib.round.aggregator import AggregationReport, expected_of
 from fedlib.round.broadcast import NextGlobal
 from fedlib.round.manifest import Manifest, MessageBytes, round_manifest
 from fedlib.round.planning import sample_clients, step_budgets
 from fedlib.secagg.messages import RevealRequest, SetupRequest, TrainRequest, relayed_bytes
 from fedlib.secagg.protocol import relay_setups
-from fedlib.secagg.weights import WeightRule
 from fedlib.strategies.shares import capped_weights
 from fedlib.update.chain import Expected
+from fedlib.update.intake import AggregationReport
 from fedlib.wire.keys import AGGREGATOR
 from flows.client_steps import ClientSteps
 from tasks.aggregate import aggregate_round, commit_round, evaluate_global
 from tasks.artifacts import publish_round_table
 from tasks.credentials import party_keys
 from tasks.data import partition_data
-from tasks.from_config import checkpoint_store, round_codes, secagg_session
+from tasks.from_config import checkpoint_store, expected_of, round_codes, secagg_session, weight_rule
 from tasks.secagg import junk_setups, parse_setups, read_client_messages, read_complaints, sum_masked_round, unmask_round
 
 
@@ -78,7 +77,7 @@ def secure_round(
         {c for c in setups if expected[c].count_known},
     )
     expected = {**expected, **{c: replace(expected[c], max_examples=n) for c, n in counts.items()}}
-    weights, scale = WeightRule(dp=config.privacy.enabled, normalize_steps=config.aggregation.normalize_steps).announced(counts)
+    weights, scale = weight_rule(config).announced(counts)
     codes = round_codes(
         config, len(setups), max(weights.values()) / scale, max(steps.local_steps.get(c, config.training.local_steps) for c in setups)
     )

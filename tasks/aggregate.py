@@ -6,20 +6,23 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
-from fedlib.round.aggregator import AggregationReport, aggregate_updates, build_strategy
+from fedlib.round.aggregator import build_strategy
 from fedlib.round.broadcast import NextGlobal, split_state
 from fedlib.round.manifest import Manifest
 from fedlib.update.chain import Expected
+from fedlib.update.intake import AggregationReport
 from fedlib.wire.keys import AGGREGATOR
 from tasks.credentials import party_keys, storage_options
 from tasks.from_config import (
     Tensors,
+    aggregate,
     aggregator_update_key,
     checkpoint_store,
     evaluate_adapter,
     evaluation_examples,
     initial_adapter,
     round_global,
+    round_intake,
 )
 
 
@@ -39,12 +42,21 @@ def aggregate_round(
     global_adapter, _ = store.adapter_of(previous)
     parent = previous.adapter_sha256
     own_state, residual = split_state(store.strategy_state_of(previous))
-    strategy = build_strategy(config, round_number, own_state)
-    options = storage_options(config, clients)
+    strategy = build_strategy(config.aggregation, config.privacy, round_number, own_state)
     keys = {client: aggregator_update_key(ring, client) for client in clients}
-    adapter, report = aggregate_updates(
-        config, round_number, global_adapter, clients, failed, keys, options, strategy, late, expected, parent
+    intake = round_intake(
+        config,
+        round_number,
+        clients,
+        keys,
+        global_adapter,
+        failed=failed,
+        late=late,
+        expected=expected,
+        parent=parent,
+        options=storage_options(config, clients),
     )
+    adapter, report = aggregate(config, intake, global_adapter, strategy)
     logger = get_run_logger()
     for client, why in report.rejected.items():
         logger.warning("round %d: update from %s rejected (%s): %s", round_number, client, why.reason, why.detail)

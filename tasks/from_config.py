@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +23,16 @@ from fedlib.examples import Examples
 from fedlib.model.base import attach_lora, load_adapter_state, load_base_model, load_tokenizer, trained_part
 from fedlib.model.pool import POOL, ModelKey
 from fedlib.model.training import evaluate_loss
+from fedlib.round.aggregator import aggregate_updates, build_strategy, update_limit
 from fedlib.round.broadcast import NextGlobal, Received, next_global, receive_global
 from fedlib.round.checkpoint import CheckpointStore
 from fedlib.round.manifest import ManifestHead
 from fedlib.secagg.protocol import Session
 from fedlib.secagg.quantised import Codes, code_scale
+from fedlib.secagg.weights import WeightRule
+from fedlib.strategies import Strategy
+from fedlib.update.chain import Expected
+from fedlib.update.intake import AggregationReport, RoundIntake
 from fedlib.wire import storage
 from fedlib.wire.envelope import EnvelopeContext, UpdateKey
 from fedlib.wire.keys import AGGREGATOR, KeyRing, fingerprint, init_keys, load_keyring, party_keyring, read_key_source
@@ -312,3 +318,52 @@ def _own_examples(config: FederationConfig, urls: tuple[str, ...], options: dict
 def client_data(config: FederationConfig, client: str, key: UpdateKey, options: storage.Options | None) -> ClientData:
     """A client's training data: its shard of the simulated split, or its own files."""
     return read_shard(shard_place(config, client), key, options) if config.simulated else own_data(config, client, options)
+
+
+def expected_of(config: FederationConfig, shard_sizes: Mapping[str, int], budgets: Mapping[str, int]) -> dict[str, Expected]:
+    """Each sampled client's limits: its shard (when the aggregator knows it) under the configured
+    cap, and its step budget for the round."""
+    cap = config.aggregation.max_examples
+    return {
+        client: Expected(min(cap, shard_sizes.get(client, cap)), budgets.get(client, config.training.local_steps), client in shard_sizes)
+        for client in budgets
+    }
+
+
+def round_intake(
+    config: FederationConfig,
+    round_number: int,
+    clients: Sequence[str],
+    keys: Mapping[str, UpdateKey],
+    global_adapter: Tensors,
+    *,
+    failed: Mapping[str, str] | None = None,
+    late: Sequence[str] = (),
+    expected: Mapping[str, Expected] | None = None,
+    parent: str = "",
+    session: str = "",
+    options: Mapping[str, storage.Options] | None = None,
+) -> RoundIntake:
+    """What the aggregator reads this round and holds each object to; `expected` defaults to
+    the configured caps and local steps."""
+    limits = expected or expected_of(config, {}, {c: config.training.local_steps for c in clients})
+    limit = update_limit(config.aggregation.max_update_bytes, global_adapter)
+    return RoundIntake(
+        round_number, list(clients), limits, keys, config.layout, limit, dict(failed or {}), list(late), parent, session, options
+    )
+
+
+def aggregate(
+    config: FederationConfig, intake: RoundIntake, global_adapter: Tensors, strategy: Strategy | None = None
+) -> tuple[Tensors, AggregationReport]:
+    """A plain round's updates combined as the config says (`build_strategy`'s strategy unless
+    given; pass one to carry its state to the next round)."""
+    a = config.aggregation
+    strategy = strategy or build_strategy(a, config.privacy, intake.round)
+    template = trained_part(config.lora, global_adapter)
+    return aggregate_updates(intake, global_adapter, template, strategy, config.compression.chain, a.max_weight_share, a.min_clients)
+
+
+def weight_rule(config: FederationConfig) -> WeightRule:
+    """How much each update counts under secure aggregation."""
+    return WeightRule(dp=config.privacy.enabled, normalize_steps=config.aggregation.normalize_steps)

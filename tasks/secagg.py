@@ -12,14 +12,16 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
+from fedlib.model.base import trained_part
 from fedlib.rejection import Reason, UpdateRejected
-from fedlib.round.aggregator import AggregationReport, build_strategy
+from fedlib.round.aggregator import build_strategy
 from fedlib.round.broadcast import NextGlobal, split_state
 from fedlib.round.secure_aggregator import MaskedSum, finish_secure_round, sum_masked_updates
 from fedlib.secagg.messages import RevealRequest, SetupMessage, SetupRequest
-from fedlib.secagg.protocol import Session, check_setup, make_reveal, make_setup, open_inbox, read_complaint
+from fedlib.secagg.protocol import Session, check_setup, make_reveal, make_setup, open_inbox, read_complaint, unmask_sum
 from fedlib.secagg.quantised import Codes
 from fedlib.update.chain import Expected
+from fedlib.update.intake import AggregationReport
 from fedlib.wire.decode import parse_json
 from fedlib.wire.keys import AGGREGATOR
 from tasks.credentials import party_keys, storage_options
@@ -31,7 +33,9 @@ from tasks.from_config import (
     outbox,
     reveal_ledger,
     round_global,
+    round_intake,
     secagg_session,
+    weight_rule,
 )
 
 
@@ -150,10 +154,21 @@ def sum_masked_round(
     global_adapter, _ = store.adapter_of(previous)
     parent = previous.adapter_sha256
     keys = {client: aggregator_update_key(ring, client) for client in clients}
-    options = storage_options(config, clients)
-    masked, report = sum_masked_updates(
-        config, round_number, global_adapter, clients, failed, keys, weight_scale, session_id, parent, expected, options, late, codes
+    intake = round_intake(
+        config,
+        round_number,
+        clients,
+        keys,
+        global_adapter,
+        failed=failed,
+        late=late,
+        expected=expected,
+        parent=parent,
+        session=session_id,
+        options=storage_options(config, clients),
     )
+    template = trained_part(config.lora, global_adapter)
+    masked, report = sum_masked_updates(intake, template, weight_rule(config), weight_scale, config.secagg_min_survivors, codes)
     logger = get_run_logger()
     for client, why in report.rejected.items():
         logger.warning("round %d: %s left out of the secure sum (%s): %s", round_number, client, why.reason, why.detail)
@@ -177,9 +192,12 @@ def unmask_round(
     previous = store.manifest(round_number - 1)
     global_adapter, _ = store.adapter_of(previous)
     own_state, residual = split_state(store.strategy_state_of(previous))
-    strategy = build_strategy(config, round_number, own_state, secure_sum=True)
+    strategy = build_strategy(config.aggregation, config.privacy, round_number, own_state, secure_sum=True)
     keys = {client: aggregator_update_key(ring, client) for client in reveals}
     session = secagg_session(config, round_number, session_id)
-    adapter = finish_secure_round(config, global_adapter, masked, session, mask_publics, survivors, dropped, reveals, keys, strategy)
+    unmasked = unmask_sum(masked.residues, session, mask_publics, survivors, dropped, reveals, keys)
+    template = trained_part(config.lora, global_adapter)
+    frac_bits = config.secure_aggregation.frac_bits
+    adapter = finish_secure_round(masked, unmasked, global_adapter, template, weight_rule(config), frac_bits, strategy, round_number)
     get_run_logger().info("round %d: secure sum of %s unmasked (%d dropped after setup)", round_number, survivors, len(dropped))
     return round_global(config, round_number, global_adapter, adapter, strategy.state_dict(), residual)

@@ -11,18 +11,19 @@ import torch
 
 from fedlib.config import parse_config
 from fedlib.rejection import QuorumNotMet, Rejection
-from fedlib.round.aggregator import aggregate_updates
 from fedlib.round.client import train_client_update
 from fedlib.strategies import make_strategy
 from fedlib.update.chain import Expected, open_client_update
 from fedlib.wire import storage
 from tasks.from_config import (
+    aggregate,
     aggregator_update_key,
     client_update_key,
     initial_adapter,
     keyring,
     load_data,
     partition_clients,
+    round_intake,
     update_url,
 )
 from tests.conftest import tiny_config_dict
@@ -65,7 +66,7 @@ def _expected(config, key, global_adapter, clients):
 
 
 def _aggregate(config, key, global_adapter, failed=None):
-    return aggregate_updates(config, 1, global_adapter, list(CLOUDS), failed or {}, key)
+    return aggregate(config, round_intake(config, 1, list(CLOUDS), key, global_adapter, failed=failed), global_adapter)
 
 
 def test_clean_round_uses_everyone(trained_round):
@@ -118,11 +119,11 @@ def test_replayed_and_swapped_objects(trained_round):
         _path(update_url(config, c, 2)).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(_path(update_url(config, c, 1)), _path(update_url(config, c, 2)))
     with pytest.raises(QuorumNotMet, match="0 of 3 updates accepted"):
-        aggregate_updates(config, 2, global_adapter, list(CLOUDS), {}, key)
+        aggregate(config, round_intake(config, 2, list(CLOUDS), key, global_adapter), global_adapter)
     _path(update_url(config, "aws", 2)).unlink()
     aws_key = client_update_key(keyring(config), "aws")
     train_client_update(config, "aws", 2, global_adapter, load_data(config).train.tokens[:8], aws_key)
-    _, report = aggregate_updates(config, 2, global_adapter, list(CLOUDS), {}, key)
+    _, report = aggregate(config, round_intake(config, 2, list(CLOUDS), key, global_adapter), global_adapter)
     assert report.accepted == ["aws"]
     assert {c: r.reason for c, r in report.rejected.items()} == {"gcp": "wrong_round", "azure": "wrong_round"}
     # aws's object written into gcp's slot (a storage provider swapping clients).

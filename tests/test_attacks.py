@@ -27,13 +27,12 @@ from fedlib.config import ConfigError, FederationConfig, parse_config
 from fedlib.data.shards import ClientData
 from fedlib.model.base import trained_part
 from fedlib.rejection import Reason, UpdateRejected
-from fedlib.round.aggregator import aggregate_updates, expected_of
 from fedlib.round.checkpoint import CheckpointStore, ManifestRejected, plan_rounds
 from fedlib.round.client import train_and_seal, upload_sealed
 from fedlib.round.manifest import Manifest, to_json
 from fedlib.round.secure_aggregator import finish_secure_round, sum_masked_updates
 from fedlib.secagg.client import MaskSettings, SecureRound, masked_update
-from fedlib.secagg.protocol import make_reveal, make_setup, open_inbox, relay_setups
+from fedlib.secagg.protocol import make_reveal, make_setup, open_inbox, relay_setups, unmask_sum
 from fedlib.strategies import make_strategy
 from fedlib.update.chain import Expected
 from fedlib.update.report import SaidByClient
@@ -42,17 +41,21 @@ from fedlib.wire.envelope import MAGIC, EnvelopeContext, UpdateKey, seal
 from fedlib.wire.sealed_stores import CarriedResidual
 from fedlib.wire.serialization import tensors_to_bytes
 from tasks.from_config import (
+    aggregate,
     aggregator_update_key,
     checkpoint_store,
     client_update_key,
+    expected_of,
     initial_adapter,
     keyring,
     load_data,
     partition_clients,
     residual_store,
     reveal_ledger,
+    round_intake,
     secagg_session,
     update_url,
+    weight_rule,
 )
 from tests.conftest import tiny_config_dict
 
@@ -91,9 +94,8 @@ class Federation:
 
     def aggregate(self, round_number: int = 1, config: FederationConfig | None = None):
         config = config or self.config
-        return aggregate_updates(
-            config, round_number, self.adapter, list(CLOUDS), {}, self.keys(), expected=self.expected(), parent=self.parent
-        )
+        intake = round_intake(config, round_number, list(CLOUDS), self.keys(), self.adapter, expected=self.expected(), parent=self.parent)
+        return aggregate(config, intake, self.adapter)
 
     def plant(self, client: str, blob: bytes, round_number: int = 1) -> None:
         """What the storage provider (or a client) writes into a client's slot."""
@@ -120,9 +122,8 @@ def fed(tmp_path, corpus_dir, tiny_model_dir) -> Federation:
 
 def _fedavg_of(fed: Federation, clients) -> dict[str, torch.Tensor]:
     """What an honest round over exactly these clients gives."""
-    adapter, report = aggregate_updates(
-        fed.config, 1, fed.adapter, list(clients), {}, fed.keys(), expected=fed.expected(), parent=fed.parent
-    )
+    intake = round_intake(fed.config, 1, list(clients), fed.keys(), fed.adapter, expected=fed.expected(), parent=fed.parent)
+    adapter, report = aggregate(fed.config, intake, fed.adapter)
     assert report.accepted == list(clients)
     return adapter
 
@@ -148,9 +149,11 @@ def test_1_a_masked_upload_from_an_earlier_session_is_refused_and_the_round_goes
     for client in ("gcp", "azure"):
         fed.upload(client, secure=SecureRound(ring, session_b, inboxes_b[client], scale_b))
     assert storage.read_limited(update_url(config, "aws", 1), 1 << 30) == stale
-    masked, report = sum_masked_updates(
-        config, 1, fed.adapter, list(CLOUDS), {}, fed.keys(), scale_b, session_b.id, fed.parent, fed.expected()
+    intake = round_intake(
+        config, 1, list(CLOUDS), fed.keys(), fed.adapter, expected=fed.expected(), parent=fed.parent, session=session_b.id
     )
+    template = trained_part(config.lora, fed.adapter)
+    masked, report = sum_masked_updates(intake, template, weight_rule(config), scale_b, config.secagg_min_survivors)
     assert report.rejected["aws"].reason == "wrong_session" and report.accepted == ["gcp", "azure"]
 
     survivors, dropped = ["gcp", "azure"], ["aws"]
@@ -161,18 +164,11 @@ def test_1_a_masked_upload_from_an_earlier_session_is_refused_and_the_round_goes
     }
     publics = {c: make_setup(ring, c, session_b).mask_public for c in CLOUDS}
     strategy = make_strategy("fedavg")
-    adapter = finish_secure_round(
-        config,
-        fed.adapter,
-        masked,
-        session_b,
-        publics,
-        survivors,
-        dropped,
-        reveals,
-        {c: aggregator_update_key(ring, c) for c in survivors},
-        strategy,
+    unmasked = unmask_sum(
+        masked.residues, session_b, publics, survivors, dropped, reveals, {c: aggregator_update_key(ring, c) for c in survivors}
     )
+    frac_bits = config.secure_aggregation.frac_bits
+    adapter = finish_secure_round(masked, unmasked, fed.adapter, template, weight_rule(config), frac_bits, strategy, 1)
     # What was committed is the survivors' FedAvg to fixed-point precision, not ±120 of noise.
     for client in ("gcp", "azure"):  # their plain updates, to compute the expected mean
         fed.upload(client)
@@ -792,7 +788,7 @@ def test_r4_a_client_claiming_the_example_cap_moves_the_mean_by_at_most_its_shar
     honest = _fedavg_of(fed, ["aws", "azure"])
     said = SaidByClient(train_loss=1.0, train_s=1.0, encode_s=0.1, update_norm=1.0).to_json()
     fed.plant("gcp", _sealed_payload(fed, "gcp", _payload(fed, poison, num_examples=str(cap), report=said)))
-    adapter, report = aggregate_updates(config, 1, fed.adapter, list(CLOUDS), {}, fed.keys(), parent=fed.parent)
+    adapter, report = aggregate(config, round_intake(config, 1, list(CLOUDS), fed.keys(), fed.adapter, parent=fed.parent), fed.adapter)
     assert report.accepted == list(CLOUDS) and report.reports["gcp"].num_examples == cap  # within the limits: accepted
     # adapter = share·(global + poison) + (1 − share)·honest, so share is read off the poisoned entries
     name = next(iter(poison))

@@ -4,24 +4,19 @@ the survivors' reveals, take the masks out of the sum and apply it as one averag
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from fedlib.config import FederationConfig
-from fedlib.model.base import trained_part
-from fedlib.round.aggregator import AggregationReport, check_quorum, read_updates, update_limit
 from fedlib.secagg.fixedpoint import MODULUS, Tensors, decode, from_wire
-from fedlib.secagg.protocol import Session, unmask_sum
 from fedlib.secagg.quantised import Codes
 from fedlib.secagg.weights import WeightRule
 from fedlib.strategies import ClientUpdate, Strategy
 from fedlib.update.chain import Expected
+from fedlib.update.intake import AggregationReport, RoundIntake, check_quorum, read_updates
 from fedlib.update.validation import check_update
 from fedlib.wire.decode import bounded_int, load_tensors
 from fedlib.wire.envelope import EnvelopeContext, UpdateKey, open_sealed
-from fedlib.wire.storage import Options
 
 
 @dataclass(frozen=True)
@@ -65,66 +60,44 @@ def open_masked_update(
 
 
 def sum_masked_updates(
-    config: FederationConfig,
-    round_number: int,
-    global_adapter: Tensors,
-    clients: Sequence[str],
-    failed: Mapping[str, str],
-    keys: Mapping[str, UpdateKey],
-    weight_scale: float,
-    session: str,
-    parent: str,
-    expected: Mapping[str, Expected],
-    storage_options: Mapping[str, Options] | None = None,
-    late: Sequence[str] = (),
-    codes: Codes | None = None,
+    intake: RoundIntake, template: Tensors, rule: WeightRule, weight_scale: float, needed: int, codes: Codes | None = None
 ) -> tuple[MaskedSum, AggregationReport]:
-    """Streamed like plain aggregation: one update in memory at a time. Needs at least
-    `secagg_min_survivors` updates, or the masks could not be removed. Every update must be of
-    this `session` and trained from `parent`."""
+    """Streamed like plain aggregation, through the same intake: one update in memory at a
+    time. Needs at least `needed` updates (`secagg_min_survivors`), or the masks could not be
+    removed. Every update must be of the intake's session and trained from its parent."""
     report = AggregationReport()
-    template = trained_part(config.lora, global_adapter)
-    rule = WeightRule(dp=config.privacy.enabled, normalize_steps=config.aggregation.normalize_steps)
 
     def opener(blob: bytes, key: UpdateKey, ctx: EnvelopeContext) -> tuple[tuple[Tensors, int, int], dict[str, str]]:
-        return open_masked_update(blob, key, ctx, template, expected[ctx.client], rule, codes)
+        return open_masked_update(blob, key, ctx, template, intake.expected[ctx.client], rule, codes)
 
     total: Tensors = {name: torch.zeros(value.shape, dtype=torch.int64) for name, value in template.items()}
     weight = weighted_steps = 0
-    limit = update_limit(config, global_adapter)
-    updates = read_updates(
-        config, round_number, clients, failed, keys, storage_options, report, opener, expected, late, parent, session, limit
-    )
-    for residues, client_weight, steps in updates:
+    for residues, client_weight, steps in read_updates(intake, report, opener):
         started = time.perf_counter()
         for name, value in residues.items():
             total[name].add_(value).remainder_(MODULUS)
         weight += client_weight
         weighted_steps += client_weight * steps
         report.aggregate_s += time.perf_counter() - started
-    needed = config.secagg_min_survivors
     why = f"secure aggregation needs {needed} (aggregation.min_clients, secure_aggregation.threshold)"
-    check_quorum(round_number, clients, report, needed, why)
+    check_quorum(intake, report, needed, why)
     return MaskedSum(total, weight, weighted_steps, weight_scale, codes), report
 
 
 def finish_secure_round(
-    config: FederationConfig,
-    global_adapter: Tensors,
     masked: MaskedSum,
-    session: Session,
-    mask_publics: Mapping[str, str],
-    survivors: Sequence[str],
-    dropped: Sequence[str],
-    reveals: Mapping[str, str],
-    keys: Mapping[str, UpdateKey],
+    unmasked: Tensors,
+    global_adapter: Tensors,
+    template: Tensors,
+    rule: WeightRule,
+    frac_bits: int,
     strategy: Strategy,
+    round_number: int,
 ) -> Tensors:
-    """The next global adapter from the unmasked sum, by a strategy built with `secure_sum`:
-    the clients already normalised, clipped and noised what they masked."""
-    total = unmask_sum(masked.residues, session, mask_publics, survivors, dropped, reveals, keys)
-    factor = masked.mean_factor(WeightRule(dp=config.privacy.enabled, normalize_steps=config.aggregation.normalize_steps))
-    summed = decode(total, config.secure_aggregation.frac_bits) if masked.codes is None else masked.codes.decode_sum(total)
+    """The next global adapter from the sum with its masks taken out (`unmasked`, by
+    `fedlib.secagg.protocol.unmask_sum`), by a strategy built with `secure_sum`: the clients
+    already normalised, clipped and noised what they masked."""
+    factor = masked.mean_factor(rule)
+    summed = decode(unmasked, frac_bits) if masked.codes is None else masked.codes.decode_sum(unmasked)
     mean = {name: (value * factor).to(global_adapter[name].dtype) for name, value in summed.items()}
-    trained = trained_part(config.lora, global_adapter)
-    return {**global_adapter, **strategy.aggregate(session.round, trained, [ClientUpdate("secure-sum", masked.weight, mean)])}
+    return {**global_adapter, **strategy.aggregate(round_number, template, [ClientUpdate("secure-sum", masked.weight, mean)])}
