@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, replace
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -19,13 +18,13 @@ from fedlib.privacy.accountant import participation_after, privacy_spent
 from fedlib.progress import RoundDone, RoundStarted, emit
 from fedlib.rejection import QuorumNotMet, Reason
 from fedlib.round.broadcast import NextGlobal
-from fedlib.round.manifest import Manifest, MessageBytes, round_manifest
+from fedlib.round.manifest import Manifest, RoundPlan, round_manifest
+from fedlib.round.outcome import MessageBytes, PhaseTimings, RoundOutcome, SecureFacts
 from fedlib.round.planning import sample_clients, step_budgets
 from fedlib.secagg.messages import RevealRequest, SetupRequest, TrainRequest, relayed_bytes
 from fedlib.secagg.protocol import relay_setups
 from fedlib.strategies.shares import capped_weights
 from fedlib.update.chain import Expected
-from fedlib.update.intake import AggregationReport
 from fedlib.wire.keys import AGGREGATOR
 from flows.client_steps import ClientSteps
 from tasks.aggregate import aggregate_round, commit_round, evaluate_global
@@ -36,9 +35,27 @@ from tasks.from_config import checkpoint_store, expected_of, round_codes, secagg
 from tasks.secagg import junk_setups, parse_setups, read_client_messages, read_complaints, sum_masked_round, unmask_round
 
 
+@dataclass(frozen=True)
+class RoundResult:
+    """What either kind of round hands on: the global to commit and what the aggregation came to."""
+
+    next_global: NextGlobal
+    outcome: RoundOutcome
+
+
+def plain_round(steps: ClientSteps, clients: list[str], expected: dict[str, Expected]) -> RoundResult:
+    """train → aggregate: every update in the clear to the aggregator, combined by the strategy."""
+    config, round_number = steps.config, steps.round_number
+    started = time.perf_counter()
+    training = steps.run("train", clients, deadline_s=config.orchestration.round_deadline_s)
+    phases = PhaseTimings(clients_wall_s=time.perf_counter() - started)
+    next_global, report = aggregate_round(config, round_number, clients, training.failed, training.late, expected)
+    return RoundResult(next_global, RoundOutcome(report, dict(training.elapsed), phases))
+
+
 def secure_round(
     steps: ClientSteps, clients: list[str], expected: dict[str, Expected], bad_setups: dict[str, str] | None = None
-) -> tuple[NextGlobal, AggregationReport, dict[str, Any]]:
+) -> RoundResult:
     """setup → train and mask → masked sum → reveal → unmask. A client that fails its setup is
     left out of everyone's masks; one that fails after it is unmasked from the survivors' reveals.
     A fresh session per attempt: an upload left from an earlier attempt is refused by name.
@@ -107,28 +124,25 @@ def secure_round(
     reveals = {c: body.decode("ascii", "replace") for c, body in posted_reveals.bodies.items()}
     publics = {c: s.mask_public for c, s in setups.items()}
     committed = unmask_round(config, round_number, session_id, masked, publics, survivors, dropped, reveals)
-    info = {
-        "session": session_id,
-        "threshold": config.secagg_threshold,
-        "setup_failed": sorted(failed),
-        "dropped_after_setup": dropped,
-        "revealed_by": sorted(reveals),
-        "reveal_failed": {**revealed.failed, **{c: "not done" for c in revealed.late}, **posted_reveals.failed},
-        "round_trip_s": training.elapsed,
-        "timings": {
-            "secagg_setup_s": setup_s,
-            "clients_wall_s": trained - started - setup_s,
-            "secagg_reveal_unmask_s": time.perf_counter() - reveal_started,
-        },
-        "protocol_bytes": {
-            c: MessageBytes(
-                up=posted_setups.sizes.get(c, 0) + posted_reveals.sizes.get(c, 0),
-                down=sum(relayed_bytes(r) for r in (setup_request, train_requests.get(c), reveal_requests.get(c)) if r is not None),
-            )
-            for c in clients
-        },
+    facts = SecureFacts(
+        session=session_id,
+        threshold=config.secagg_threshold,
+        setup_failed=sorted(failed),
+        dropped_after_setup=dropped,
+        revealed_by=sorted(reveals),
+        reveal_failed={**revealed.failed, **{c: "not done" for c in revealed.late}, **posted_reveals.failed},
+    )
+    phases = PhaseTimings(
+        clients_wall_s=trained - started - setup_s, secagg_setup_s=setup_s, secagg_reveal_unmask_s=time.perf_counter() - reveal_started
+    )
+    protocol_bytes = {
+        c: MessageBytes(
+            up=posted_setups.sizes.get(c, 0) + posted_reveals.sizes.get(c, 0),
+            down=sum(relayed_bytes(r) for r in (setup_request, train_requests.get(c), reveal_requests.get(c)) if r is not None),
+        )
+        for c in clients
     }
-    return committed, report, info
+    return RoundResult(committed, RoundOutcome(report, dict(training.elapsed), phases, protocol_bytes, facts))
 
 
 @flow(name="federated-round", flow_run_name="round-{round_number}", task_runner=ThreadPoolTaskRunner(max_workers=8))
@@ -150,53 +164,28 @@ def federated_round(
     steps = ClientSteps(config, round_number, budgets)
     emit(RoundStarted(round_number, tuple(clients), budgets))
     expected = expected_of(config, {c: len(assignment[c]) for c in clients if c in assignment}, budgets)
-    secure: dict[str, Any] = {}
-    if config.secure_aggregation.enabled:
-        next_global, report, secure = secure_round(steps, clients, expected)
-        client_timings = secure.pop("timings")
-        protocol_bytes = secure.pop("protocol_bytes")
-        round_trip_s = secure.pop("round_trip_s")
-    else:
-        training = steps.run("train", clients, deadline_s=config.orchestration.round_deadline_s)
-        client_timings = {"clients_wall_s": time.perf_counter() - partitioned}
-        protocol_bytes = {}
-        round_trip_s = training.elapsed
-        next_global, report = aggregate_round(config, round_number, clients, training.failed, training.late, expected)
+    round_of = secure_round if config.secure_aggregation.enabled else plain_round
+    result = round_of(steps, clients, expected)
+    report = result.outcome.report
     reports = report.reports
     eval_started = time.perf_counter()
-    eval_loss = evaluate_global(config, round_number, next_global.adapter)
+    eval_loss = evaluate_global(config, round_number, result.next_global.adapter)
     evaluated = time.perf_counter()
-    rejected = dict(report.rejected)
     timings = {
         "partition_s": partitioned - started,
         "train_s": max((r.train_s for r in reports.values()), default=0.0),
         "encrypt_upload_s": max((r.encrypt_upload_s for r in reports.values()), default=0.0),
-        **client_timings,
+        **result.outcome.phases.as_dict(),
         "download_decrypt_s": report.download_decrypt_s,
         "aggregate_s": report.aggregate_s,
         "evaluate_s": evaluated - eval_started,
         "round_s": evaluated - started,
     }
     participation = participation_after(previous.privacy.participation if previous.privacy else {}, clients)
-    manifest = round_manifest(
-        config,
-        round_number,
-        previous,
-        clients,
-        budgets,
-        reports,
-        report.accepted,
-        rejected,
-        eval_loss,
-        timings,
-        (run_id, str(flow_run.id)),
-        target_round,
-        privacy_spent(config.privacy, participation),
-        secure,
-        protocol_bytes,
-        round_trip_s,
-    )
-    committed = commit_round(config, next_global, manifest)
-    publish_round_table(config, round_number, clients, reports, rejected)
+    plan = RoundPlan(round_number, target_round, list(clients), dict(budgets))
+    privacy = privacy_spent(config.privacy, participation)
+    manifest = round_manifest(config, previous, plan, result.outcome, eval_loss, timings, (run_id, str(flow_run.id)), privacy)
+    committed = commit_round(config, result.next_global, manifest)
+    publish_round_table(config, round_number, clients, reports, dict(report.rejected))
     emit(RoundDone(round_number, committed.perplexity))
     return committed

@@ -968,8 +968,10 @@ def test_r9_what_one_client_says_of_itself_does_not_steer_the_federation(tmp_pat
     in a round the aggregator saw take 3 s, and a validation loss of 0.001 over 10^9 tokens (to
     fake the federation's score). The aggregator holds what it can measure to its measurements,
     and a median bounds the rest; the figures stay labelled as the clients' word in MLflow."""
-    from fedlib.round.manifest import round_manifest
+    from fedlib.round.manifest import RoundPlan, round_manifest
+    from fedlib.round.outcome import PhaseTimings, RoundOutcome
     from fedlib.round.planning import budget_stop, step_budgets
+    from fedlib.update.intake import AggregationReport
     from fedlib.update.report import ClientReport
     from tasks.tracking import CLIENT_STATED
 
@@ -998,21 +1000,9 @@ def test_r9_what_one_client_says_of_itself_does_not_steer_the_federation(tmp_pat
 
     def manifest(gcp: ClientReport) -> Manifest:
         reports = {"aws": report("aws"), "azure": report("azure"), "gcp": gcp}
-        return round_manifest(
-            config,
-            1,
-            previous,
-            list(CLOUDS),
-            {c: 10 for c in CLOUDS},
-            reports,
-            list(CLOUDS),
-            {},
-            1.0,
-            {},
-            ("run", None),
-            5,
-            round_trip_s={c: 3.0 for c in CLOUDS},
-        )
+        outcome = RoundOutcome(AggregationReport(accepted=list(CLOUDS), reports=reports), {c: 3.0 for c in CLOUDS}, PhaseTimings(3.0))
+        plan = RoundPlan(1, 5, list(CLOUDS), {c: 10 for c in CLOUDS})
+        return round_manifest(config, previous, plan, outcome, 1.0, {}, ("run", None))
 
     honest, lying = (
         manifest(report("gcp")),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,17 +21,8 @@ from fedlib.config import FederationConfig
 from fedlib.privacy.accountant import PrivacySpent
 from fedlib.rejection import Rejection
 from fedlib.round.cost import round_cost
+from fedlib.round.outcome import MessageBytes, RoundOutcome
 from fedlib.update.report import ClientReport
-
-
-@dataclass(frozen=True)
-class MessageBytes:
-    """Secure aggregation's protocol messages, per client per round, as the aggregator read and
-    relayed them: up, the sealed setup and reveal the client posted to its bucket; down, the
-    requests relayed to it through the orchestrator (the peers' setups, the survivors)."""
-
-    up: int
-    down: int
 
 
 @dataclass(frozen=True)
@@ -176,35 +167,38 @@ def held_to_measurements(report: ClientReport, previous: Manifest, round_trip_s:
     return replace(report, bytes_downloaded=min(report.bytes_downloaded, download_bound(previous)), train_s=train_s)
 
 
+@dataclass(frozen=True)
+class RoundPlan:
+    """What a round was asked to be before any client trained: its number, the run's target
+    round, the sampled clients and each one's step budget."""
+
+    round: int
+    target_round: int
+    sampled: list[str]
+    step_budgets: dict[str, int]
+
+
 def round_manifest(
     config: FederationConfig,
-    round_number: int,
     previous: Manifest,
-    sampled: Sequence[str],
-    step_budgets: Mapping[str, int],
-    reports: Mapping[str, ClientReport],
-    accepted: Sequence[str],
-    rejected: Mapping[str, Rejection],
+    plan: RoundPlan,
+    outcome: RoundOutcome,
     eval_loss: float,
     timings: Mapping[str, float],
     run_ids: tuple[str, str | None],
-    target_round: int,
     privacy: PrivacySpent | None = None,
-    secure: Mapping[str, Any] | None = None,
-    protocol_bytes: Mapping[str, MessageBytes] | None = None,
-    round_trip_s: Mapping[str, float] | None = None,
 ) -> Manifest:
-    """A trained round. `reports` are every client's that reported (accepted or not: a
-    rejected client's compute still cost money), held to what the aggregator measured
-    (`round_trip_s`: its clock from dispatch to each client's step done); `run_ids` are the
-    MLflow run and the Prefect flow run."""
-    stragglers = sorted(c for c, r in rejected.items() if r.reason == "straggler")
-    reports = {c: held_to_measurements(r, previous, (round_trip_s or {}).get(c)) for c, r in reports.items()}
+    """A trained round. The outcome's reports are every client's that reported (accepted or
+    not: a rejected client's compute still cost money), held here to what the aggregator
+    measured; `run_ids` are the MLflow run and the Prefect flow run."""
+    report = outcome.report
+    stragglers = sorted(c for c, r in report.rejected.items() if r.reason == "straggler")
+    reports = {c: held_to_measurements(r, previous, outcome.round_trip_s.get(c)) for c, r in report.reports.items()}
     mlflow_run_id, flow_run_id = run_ids
     return Manifest(
         federation=config.federation.id,
-        round=round_number,
-        target_round=target_round,
+        round=plan.round,
+        target_round=plan.target_round,
         mlflow_run_id=mlflow_run_id,
         eval_loss=eval_loss,
         perplexity=math.exp(eval_loss),
@@ -214,15 +208,15 @@ def round_manifest(
         strategy=config.aggregation.strategy,
         aggregation=config.aggregation.model_dump(mode="json"),
         codecs=list(config.compression.codecs),
-        sampled=list(sampled),
-        step_budgets=dict(step_budgets),
+        sampled=list(plan.sampled),
+        step_budgets=dict(plan.step_budgets),
         stragglers=stragglers,
-        clients={c: r for c, r in reports.items() if c in accepted},
+        clients={c: r for c, r in reports.items() if c in report.accepted},
         cost=round_cost(config.profiles, config.orchestration.round_deadline_s, reports, stragglers),
-        accepted=list(accepted),
-        rejected=dict(rejected),
+        accepted=list(report.accepted),
+        rejected=dict(report.rejected),
         privacy=privacy,
-        secure_aggregation=dict(secure) if secure else None,
-        protocol_bytes=dict(protocol_bytes or {}),
+        secure_aggregation=outcome.secure.as_manifest() if outcome.secure else None,
+        protocol_bytes=dict(outcome.protocol_bytes),
         timings=dict(timings),
     )
