@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 import time
 from pathlib import Path
@@ -108,25 +107,13 @@ def test_s3_restart_during_a_round_is_retried(tmp_path, corpus_dir, tiny_model_d
     gcp_object = update_url(config, "gcp", 2)
     gcp_options = storage_options(config, ["gcp"])["gcp"]
 
-    aws_attempt_failed = threading.Event()
-
-    class RetryWatch(logging.Handler):
-        """Prefect logs each failed attempt of a task that will be retried."""
-
-        def emit(self, record: logging.LogRecord) -> None:
-            if getattr(record, "task_run_name", "") == "upload-aws-round-2" and "Retry" in record.getMessage():
-                aws_attempt_failed.set()
-
     def restart_when_others_uploaded():
         deadline = time.monotonic() + 120
         while not storage.exists(gcp_object, gcp_options) and time.monotonic() < deadline:
             time.sleep(0.2)
-        aws_attempt_failed.wait(timeout=120)  # aws's upload attempt has failed, and will be retried
+        time.sleep(6.0)  # longer than s3fs's own retries (~2 s a call): aws's task attempt fails
         emulators["s3"].start()
 
-    watch = RetryWatch()
-    task_logs = logging.getLogger("prefect.task_runs")
-    task_logs.addHandler(watch)
     emulators["s3"].stop()
     restarter = threading.Thread(target=restart_when_others_uploaded)
     restarter.start()
@@ -134,8 +121,6 @@ def test_s3_restart_during_a_round_is_retried(tmp_path, corpus_dir, tiny_model_d
         manifests = federated_training(str(path))
     finally:
         restarter.join()
-        task_logs.removeHandler(watch)
-    assert aws_attempt_failed.is_set()
     assert manifests[-1].round == 2 and manifests[-1].accepted == list(CLOUDS)
     assert _upload_attempts("upload-aws-round-2") > 1
     assert _upload_attempts("upload-gcp-round-2") == 1
