@@ -18,7 +18,8 @@ from fedlib.privacy.accountant import participation_after, privacy_spent
 from fedlib.progress import RoundDone, RoundStarted, emit
 from fedlib.rejection import QuorumNotMet, Reason
 from fedlib.round.broadcast import NextGlobal
-from fedlib.round.manifest import Manifest, RoundPlan, round_manifest
+from fedlib.round.cost import round_cost
+from fedlib.round.manifest import Manifest, RoundPlan, measured_reports, round_manifest
 from fedlib.round.outcome import MessageBytes, PhaseTimings, RoundOutcome, SecureFacts
 from fedlib.round.planning import sample_clients, step_budgets
 from fedlib.secagg.messages import RevealRequest, SetupRequest, TrainRequest, relayed_bytes
@@ -182,9 +183,13 @@ def federated_round(
         "round_s": evaluated - started,
     }
     participation = participation_after(previous.privacy.participation if previous.privacy else {}, clients)
-    plan = RoundPlan(round_number, target_round, list(clients), dict(budgets))
+    a = config.aggregation
+    recipe = (a.strategy, a.model_dump(mode="json"), list(config.compression.codecs))
+    plan = RoundPlan(config.federation.id, round_number, target_round, list(clients), dict(budgets), *recipe)
     privacy = privacy_spent(config.privacy, participation)
-    manifest = round_manifest(config, previous, plan, result.outcome, eval_loss, timings, (run_id, str(flow_run.id)), privacy)
+    held = measured_reports(result.outcome, previous)
+    cost = round_cost(config.profiles, config.orchestration.round_deadline_s, held, report.stragglers)
+    manifest = round_manifest(previous, plan, result.outcome, cost, eval_loss, timings, (run_id, str(flow_run.id)), privacy)
     committed = commit_round(config, result.next_global, manifest)
     publish_round_table(config, round_number, clients, reports, dict(report.rejected))
     emit(RoundDone(round_number, committed.perplexity))

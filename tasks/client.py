@@ -24,7 +24,16 @@ from fedlib.update.report import ClientReport
 from fedlib.wire.keys import KeyRing
 from fedlib.wire.sealed_stores import CarriedResidual, ResidualStore
 from tasks.credentials import party_keys, storage_options
-from tasks.from_config import checkpoint_store, client_data, client_update_key, global_for_client, outbox, residual_store, secagg_session
+from tasks.from_config import (
+    checkpoint_store,
+    client_data,
+    client_update_key,
+    global_for_client,
+    local_round,
+    outbox,
+    residual_store,
+    secagg_session,
+)
 
 
 @task(name="train-client", task_run_name="train-{client}-round-{round_number}", cache_policy=NO_CACHE)
@@ -66,9 +75,8 @@ def train_client(
         carried_from = round_number - 1 if client in previous.accepted else store.last_accepted_round(client, round_number - 1)
         residuals = CarriedResidual(_residuals(config, client), carried_from)
     salt = ring.client_derived_secret(client, f"data-digest/{config.federation.id}")
-    return train_and_seal(
-        config, client, round_number, global_adapter, data, key, masking, residuals, local_steps, parent, downloaded, salt
-    )
+    job = local_round(config, client, round_number, local_steps, parent, downloaded, salt)
+    return train_and_seal(job, global_adapter, data, key, masking, residuals)
 
 
 def _open_or_complain(config: FederationConfig, ring: KeyRing, client: str, round_number: int, secure: TrainRequest) -> None:

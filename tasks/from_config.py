@@ -22,16 +22,19 @@ from fedlib.data.shards import ClientData, ShardPlace, read_shard
 from fedlib.examples import Examples
 from fedlib.model.base import attach_lora, load_adapter_state, load_base_model, load_tokenizer, trained_part
 from fedlib.model.pool import POOL, ModelKey
-from fedlib.model.training import evaluate_loss
+from fedlib.model.training import TrainingPlan, evaluate_loss
 from fedlib.round.aggregator import aggregate_updates, build_strategy, update_limit
 from fedlib.round.broadcast import NextGlobal, Received, next_global, receive_global
 from fedlib.round.checkpoint import CheckpointStore
+from fedlib.round.client import LocalRound, client_seed
 from fedlib.round.manifest import ManifestHead
+from fedlib.round.planning import emulated_pacing
+from fedlib.secagg.client import MaskSettings
 from fedlib.secagg.protocol import Session
 from fedlib.secagg.quantised import Codes, code_scale
 from fedlib.secagg.weights import WeightRule
 from fedlib.strategies import Strategy
-from fedlib.update.chain import Expected
+from fedlib.update.chain import ChainSettings, Expected
 from fedlib.update.intake import AggregationReport, RoundIntake
 from fedlib.wire import storage
 from fedlib.wire.envelope import EnvelopeContext, UpdateKey
@@ -367,3 +370,69 @@ def aggregate(
 def weight_rule(config: FederationConfig) -> WeightRule:
     """How much each update counts under secure aggregation."""
     return WeightRule(dp=config.privacy.enabled, normalize_steps=config.aggregation.normalize_steps)
+
+
+def mask_settings(config: FederationConfig) -> MaskSettings:
+    """What masking reads of the config (`fedlib.secagg.client.MaskSettings`)."""
+    s = config.secure_aggregation
+    return MaskSettings(weight_rule(config), config.privacy, s.frac_bits, s.bits, config.secagg_min_survivors)
+
+
+def chain_settings(config: FederationConfig) -> ChainSettings:
+    """What a client's update chain reads of the config (`fedlib.update.chain.ChainSettings`)."""
+    clip = config.privacy.clip_norm if config.privacy.enabled else None
+    mask = mask_settings(config) if config.secure_aggregation.enabled else None
+    return ChainSettings(config.compression.chain, config.lossy_updates, clip, mask)
+
+
+def training_plan(config: FederationConfig, client: str, round_number: int, steps: int) -> TrainingPlan:
+    """The part of the config one client's local run uses, with its seed for this round and
+    its cloud's pacing and process count."""
+    t = config.training
+    slowdown, min_step_s = emulated_pacing(t, config.profiles, client)
+    return TrainingPlan(
+        steps=steps,
+        batch_size=t.batch_size,
+        learning_rate=t.learning_rate,
+        seed=client_seed(config.federation.seed, client, round_number) % 2**32,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_grad_norm=t.max_grad_norm,
+        lr_scheduler=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        gradient_checkpointing=t.gradient_checkpointing,
+        precision=t.placement.dtype,
+        proximal_mu=config.proximal_mu,
+        slowdown=slowdown,
+        min_step_s=min_step_s,
+        processes=config.cloud(client).processes,
+    )
+
+
+def local_round(
+    config: FederationConfig,
+    client: str,
+    round_number: int,
+    steps: int | None = None,
+    parent: str = "",
+    downloaded: int = 0,
+    data_salt: bytes = b"",
+) -> LocalRound:
+    """Everything one client's round reads of the config, as the value the core takes
+    (`fedlib.round.client.LocalRound`); `steps` is the aggregator's step budget, the config's
+    `training.local_steps` without one."""
+    rank = config.cloud(client).lora_rank or config.lora.r
+    return LocalRound(
+        client=client,
+        round=round_number,
+        federation=config.federation.id,
+        update_url=update_url(config, client, round_number),
+        model=model_key(config, rank),
+        global_rank=config.lora.r,
+        plan=training_plan(config, client, round_number, steps or config.training.local_steps),
+        eval_batch=config.evaluation.batch_size,
+        chain=chain_settings(config),
+        rounding_seed=client_seed(config.federation.seed, client, round_number) ^ 0x5EED,
+        parent=parent,
+        downloaded=downloaded,
+        data_salt=data_salt,
+    )

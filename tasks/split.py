@@ -81,7 +81,7 @@ def split_train_client(
     this client's part, the mask, and each step's loss, bytes and seconds."""
     split = config.split
     shard = load_data(config).train.select(blocks)
-    generator = torch.Generator().manual_seed(client_seed(config, client, round_number))
+    generator = torch.Generator().manual_seed(client_seed(config.federation.seed, client, round_number))
     worker = connect_client(config, client, url)
     if start is None:
         batches = [shard[_draw(len(shard), split.batch_size, generator)] for _ in range(split.calibration_batches)]

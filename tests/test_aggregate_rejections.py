@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from fedlib.config import parse_config
+from fedlib.data.shards import ClientData
 from fedlib.rejection import QuorumNotMet, Rejection
-from fedlib.round.client import train_client_update
+from fedlib.round.client import train_and_seal, upload_sealed
 from fedlib.strategies import make_strategy
 from fedlib.update.chain import Expected, open_client_update
 from fedlib.wire import storage
@@ -22,6 +23,7 @@ from tasks.from_config import (
     initial_adapter,
     keyring,
     load_data,
+    local_round,
     partition_clients,
     round_intake,
     update_url,
@@ -30,6 +32,12 @@ from tests.conftest import tiny_config_dict
 
 CLOUDS = ("aws", "gcp", "azure")
 LIMITS = Expected(max_examples=10**9, max_local_steps=100)
+
+
+def train_client_update(config, client, round_number, global_adapter, shard, key):
+    """One client's round with no orchestrator: train on `shard`, seal, upload."""
+    data = ClientData.of_blocks(shard, shard[:0], "<given>")
+    return upload_sealed(train_and_seal(local_round(config, client, round_number), global_adapter, data, key))
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from fedlib.round.checkpoint import CheckpointStore, ManifestRejected, plan_roun
 from fedlib.round.client import train_and_seal, upload_sealed
 from fedlib.round.manifest import Manifest, to_json
 from fedlib.round.secure_aggregator import finish_secure_round, sum_masked_updates
-from fedlib.secagg.client import MaskSettings, SecureRound, masked_update
+from fedlib.secagg.client import SecureRound, masked_update
 from fedlib.secagg.protocol import make_reveal, make_setup, open_inbox, relay_setups, unmask_sum
 from fedlib.strategies import make_strategy
 from fedlib.update.chain import Expected
@@ -49,6 +49,8 @@ from tasks.from_config import (
     initial_adapter,
     keyring,
     load_data,
+    local_round,
+    mask_settings,
     partition_clients,
     residual_store,
     reveal_ledger,
@@ -89,7 +91,8 @@ class Federation:
     def upload(self, client: str, round_number: int = 1, secure: SecureRound | None = None) -> None:
         key = client_update_key(self.ring, client)
         data = ClientData.of_blocks(self.shards[client], self.shards[client][:0], "<test shard>")
-        sealed = train_and_seal(self.config, client, round_number, self.adapter, data, key, secure, parent=self.parent)
+        job = local_round(self.config, client, round_number, parent=self.parent)
+        sealed = train_and_seal(job, self.adapter, data, key, secure)
         upload_sealed(sealed)
 
     def aggregate(self, round_number: int = 1, config: FederationConfig | None = None):
@@ -664,7 +667,7 @@ def test_10_nan_is_refused_by_fixed_point_and_counts_by_the_round(fed):
     inboxes = relay_setups({c: make_setup(ring, c, session) for c in CLOUDS})
     nan = {k: torch.full_like(v, float("nan")) for k, v in fed.adapter.items()}
     with pytest.raises(UpdateRejected, match="non_finite"):
-        masked_update(MaskSettings.of(fed.config), "aws", nan, 10, 1, SecureRound(ring, session, inboxes["aws"], 30.0))
+        masked_update(mask_settings(fed.config), "aws", nan, 10, 1, SecureRound(ring, session, inboxes["aws"], 30.0))
     # A self-reported example count past the client's shard is refused, and the round goes on.
     for client in ("aws", "azure"):
         fed.upload(client)
@@ -846,7 +849,7 @@ def test_r6_rerunning_a_secure_session_releases_nothing_new(tmp_path, corpus_dir
     counts one release. Each release must be the same, so averaging gains nothing and the
     reported ε is the true one."""
     from fedlib.privacy.accountant import epsilon_after, participation_after, privacy_spent
-    from fedlib.secagg.client import MaskSettings, masked_update
+    from fedlib.secagg.client import masked_update
     from fedlib.secagg.fixedpoint import MODULUS, decode, from_wire
     from fedlib.secagg.protocol import unmask_sum
 
@@ -869,7 +872,7 @@ def test_r6_rerunning_a_secure_session_releases_nothing_new(tmp_path, corpus_dir
         inboxes = relay_setups(setups)
         masked = {
             c: masked_update(
-                MaskSettings.of(config), c, clipped[c], 10, 1, SecureRound(ring, session, inboxes[c], float(len(CLOUDS)), parent=fed.parent)
+                mask_settings(config), c, clipped[c], 10, 1, SecureRound(ring, session, inboxes[c], float(len(CLOUDS)), parent=fed.parent)
             )
             for c in CLOUDS
         }
@@ -968,7 +971,8 @@ def test_r9_what_one_client_says_of_itself_does_not_steer_the_federation(tmp_pat
     in a round the aggregator saw take 3 s, and a validation loss of 0.001 over 10^9 tokens (to
     fake the federation's score). The aggregator holds what it can measure to its measurements,
     and a median bounds the rest; the figures stay labelled as the clients' word in MLflow."""
-    from fedlib.round.manifest import RoundPlan, round_manifest
+    from fedlib.round.cost import round_cost
+    from fedlib.round.manifest import RoundPlan, measured_reports, round_manifest
     from fedlib.round.outcome import PhaseTimings, RoundOutcome
     from fedlib.round.planning import budget_stop, step_budgets
     from fedlib.update.intake import AggregationReport
@@ -1001,8 +1005,9 @@ def test_r9_what_one_client_says_of_itself_does_not_steer_the_federation(tmp_pat
     def manifest(gcp: ClientReport) -> Manifest:
         reports = {"aws": report("aws"), "azure": report("azure"), "gcp": gcp}
         outcome = RoundOutcome(AggregationReport(accepted=list(CLOUDS), reports=reports), {c: 3.0 for c in CLOUDS}, PhaseTimings(3.0))
-        plan = RoundPlan(1, 5, list(CLOUDS), {c: 10 for c in CLOUDS})
-        return round_manifest(config, previous, plan, outcome, 1.0, {}, ("run", None))
+        plan = RoundPlan(config.federation.id, 1, 5, list(CLOUDS), {c: 10 for c in CLOUDS})
+        cost = round_cost(config.profiles, config.orchestration.round_deadline_s, measured_reports(outcome, previous), [])
+        return round_manifest(previous, plan, outcome, cost, 1.0, {}, ("run", None))
 
     honest, lying = (
         manifest(report("gcp")),

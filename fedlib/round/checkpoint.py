@@ -261,20 +261,22 @@ class CheckpointStore:
 
 
 @dataclass(frozen=True)
-class RoundPlan:
+class RunSpan:
+    """Which rounds one run of the flow trains."""
+
     first: int  # first round this run trains
     last: int  # last round this run trains (inclusive)
     resumed: bool
 
 
-def plan_rounds(chain: Sequence[Manifest], rounds: int) -> RoundPlan:
+def plan_rounds(chain: Sequence[Manifest], rounds: int) -> RunSpan:
     """A run trains `rounds` rounds after the latest commit of the lineage `chain`
     (`CheckpointStore.manifests`), unless an earlier run stopped short of its own target: then
     this run finishes that one, so no round is lost or counted twice."""
     if not chain:
-        return RoundPlan(first=1, last=rounds, resumed=False)
+        return RunSpan(first=1, last=rounds, resumed=False)
     latest = chain[-1].round
     target = chain[-1].target_round
     if latest < target:
-        return RoundPlan(first=latest + 1, last=target, resumed=True)
-    return RoundPlan(first=latest + 1, last=latest + rounds, resumed=False)
+        return RunSpan(first=latest + 1, last=target, resumed=True)
+    return RunSpan(first=latest + 1, last=latest + rounds, resumed=False)

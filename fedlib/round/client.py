@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from fedlib.config import FederationConfig
 from fedlib.data.shards import ClientData
 from fedlib.examples import Examples, as_examples
 from fedlib.model.base import trained_part
@@ -22,7 +21,6 @@ from fedlib.model.system_use import measured
 from fedlib.model.training import LocalTraining, StepProgress, TrainingPlan, Validation
 from fedlib.privacy.dp import update_norm
 from fedlib.progress import ClientStep, ClientTrained, emit
-from fedlib.round.planning import emulated_pacing
 from fedlib.secagg.client import SecureRound
 from fedlib.update.chain import ChainSettings, client_filters, send_update, wire_payload
 from fedlib.update.report import ClientReport, SaidByClient
@@ -33,9 +31,42 @@ from fedlib.wire.serialization import Tensors
 from fedlib.wire.storage import Options
 
 
-def client_seed(config: FederationConfig, client: str, round_number: int) -> int:
-    digest = hashlib.sha256(f"{config.federation.seed}/{client}/{round_number}".encode()).digest()
+def client_seed(federation_seed: int, client: str, round_number: int) -> int:
+    """A client's seed for one round: its own draw of data order and rounding, reproducible from
+    the federation's seed and no one else's."""
+    digest = hashlib.sha256(f"{federation_seed}/{client}/{round_number}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class LocalRound:
+    """What one client's round reads, fixed where the task reads the config
+    (`tasks.from_config.local_round`): the core below takes this value, never the config.
+
+    `model` is the base model and LoRA shape at this client's rank; `global_rank` the
+    federation's, which the delta is padded back to. `parent` is the digest of the global adapter
+    trained from (the envelope binds it), `downloaded` the bytes read to start the round, and
+    `data_salt` a secret of the client's that keys its data digest (none: no digest)."""
+
+    client: str
+    round: int
+    federation: str
+    update_url: str
+    model: ModelKey
+    global_rank: int
+    plan: TrainingPlan
+    eval_batch: int
+    chain: ChainSettings
+    rounding_seed: int
+    parent: str = ""
+    downloaded: int = 0
+    data_salt: bytes = field(default=b"", repr=False)
+
+    @property
+    def private(self) -> bool:
+        """Under secure aggregation a client's losses are facts of its data: not logged where the
+        orchestrator reads."""
+        return self.chain.mask is not None
 
 
 @dataclass(frozen=True)
@@ -49,36 +80,10 @@ class SealedUpdate:
     residual_blob: bytes | None = None
 
 
-def training_plan(config: FederationConfig, client: str, round_number: int, steps: int) -> TrainingPlan:
-    """The part of the config one client's local run uses, with its seed for this round and
-    its cloud's pacing and process count."""
-    t = config.training
-    slowdown, min_step_s = emulated_pacing(config.training, config.profiles, client)
-    return TrainingPlan(
-        steps=steps,
-        batch_size=t.batch_size,
-        learning_rate=t.learning_rate,
-        seed=client_seed(config, client, round_number) % 2**32,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        max_grad_norm=t.max_grad_norm,
-        lr_scheduler=t.lr_scheduler,
-        warmup_steps=t.warmup_steps,
-        gradient_checkpointing=t.gradient_checkpointing,
-        precision=t.placement.dtype,
-        proximal_mu=config.proximal_mu,
-        slowdown=slowdown,
-        min_step_s=min_step_s,
-        processes=config.cloud(client).processes,
-    )
-
-
 def train_delta(
-    config: FederationConfig,
-    client: str,
-    round_number: int,
+    job: LocalRound,
     global_adapter: Tensors,
     shard: Examples | torch.Tensor,
-    steps: int,
     validation: Examples | torch.Tensor | None = None,
 ) -> tuple[Tensors, LocalTraining, Validation | None]:
     """Local training from the global adapter (cut to this cloud's LoRA rank); returns trained,
@@ -86,40 +91,30 @@ def train_delta(
     FFA-LoRA only the B matrices), and the received adapter's validation score.
     The base model is this process's pooled one (loaded once, adapters swapped), or with
     `clouds[].processes` > 1, one per training process (`fedlib.model.distributed`)."""
-    rank = config.cloud(client).lora_rank or config.lora.r
-    received = truncate_adapter(global_adapter, config.lora.r, rank)
-    plan = training_plan(config, client, round_number, steps)
-    batch = config.evaluation.batch_size
-
-    private = config.secure_aggregation.enabled  # a client's losses are facts of its data: not logged where the orchestrator reads
+    rank = job.model.lora.r
+    received = truncate_adapter(global_adapter, job.global_rank, rank)
+    plan = job.plan
 
     def on_step(step: StepProgress) -> None:
-        emit(ClientStep(client, round_number, step.step, step.steps, None if private else step.loss, step.tokens_per_s))
+        emit(ClientStep(job.client, job.round, step.step, step.steps, None if job.private else step.loss, step.tokens_per_s))
 
-    key = ModelKey.of(config.model.source, config.training, config.lora, config.federation.seed, rank)
     if plan.processes > 1:
-        run = train_in_processes(key, received, as_examples(shard), validation, plan, batch, on_step)
+        run = train_in_processes(job.model, received, as_examples(shard), validation, plan, job.eval_batch, on_step)
     else:
-        with POOL.lora_model(key, received) as model:
-            run = score_and_train(model, as_examples(shard), validation, plan, batch, on_step)
-    local = pad_adapter(run.adapter, global_adapter, config.lora.r, rank)
-    trained = trained_part(config.lora, global_adapter)
+        with POOL.lora_model(job.model, received) as model:
+            run = score_and_train(model, as_examples(shard), validation, plan, job.eval_batch, on_step)
+    local = pad_adapter(run.adapter, global_adapter, job.global_rank, rank)
+    trained = trained_part(job.model.lora, global_adapter)
     return {name: local[name] - trained[name] for name in trained}, run.training, run.validation
 
 
 def train_and_seal(
-    config: FederationConfig,
-    client: str,
-    round_number: int,
+    job: LocalRound,
     global_adapter: Tensors,
     data: ClientData,
     key: UpdateKey,
     secure: SecureRound | None = None,
     residuals: CarriedResidual | None = None,
-    local_steps: int | None = None,
-    parent: str = "",
-    downloaded: int = 0,
-    data_salt: bytes = b"",
 ) -> SealedUpdate:
     """Train, then send the delta down the update path (`fedlib.update.chain`): the residual of
     the client's last accepted round added back when `residuals` is given, clipped under DP,
@@ -128,48 +123,46 @@ def train_and_seal(
     The example and step counts, and the client's report (loss, timings, norm, its score of the
     received adapter), travel inside the authenticated payload: a storage provider cannot
     re-weight a client, and the aggregator needs no channel but the client's bucket. The envelope
-    binds the round, the secure session and `parent`, the digest of the global adapter this
+    binds the round, the secure session and `job.parent`, the digest of the global adapter this
     update was trained from. Under secure aggregation the report holds no figure of the client's
-    data (`SaidByClient.for_secure_aggregation`); the data's digest is keyed by `data_salt`, a
-    secret of the client's (none without one)."""
+    data (`SaidByClient.for_secure_aggregation`); the data's digest is keyed by `job.data_salt`."""
     started = time.perf_counter()
-    t = config.training
-    steps = local_steps or t.local_steps
+    steps = job.plan.steps
     shard = data.train
     with measured() as use:
-        delta, result, scored = train_delta(config, client, round_number, global_adapter, shard, steps, data.validation)
+        delta, result, scored = train_delta(job, global_adapter, shard, data.validation)
     norm = update_norm(delta)
     trained = time.perf_counter()
-    rounding = torch.Generator().manual_seed(client_seed(config, client, round_number) ^ 0x5EED)
-    carried = residuals.store.load(residuals.carried_from) if residuals is not None and config.lossy_updates else None
+    rounding = torch.Generator().manual_seed(job.rounding_seed)
+    carried = residuals.store.load(residuals.carried_from) if residuals is not None else None
     if secure is not None:
-        secure = replace(secure, parent=parent)  # the release, and its DP noise, are of this parent
+        secure = replace(secure, parent=job.parent)  # the release, and its DP noise, are of this parent
     examples = min(len(shard), secure.max_examples) if secure is not None and secure.max_examples else len(shard)
-    filters = client_filters(ChainSettings.of(config), client, examples, steps, rounding, carried, secure)
+    filters = client_filters(job.chain, job.client, examples, steps, rounding, carried, secure)
     sent = send_update(filters, delta, {"num_examples": str(examples), "local_steps": str(steps)})
     residual = sent.residual if residuals is not None else None
-    residual_blob = residuals.store.sealed(round_number, residual) if residuals is not None and residual is not None else None
+    residual_blob = residuals.store.sealed(job.round, residual) if residuals is not None and residual is not None else None
     said = SaidByClient(
         train_loss=result.mean_loss,
         train_s=trained - started,
         encode_s=time.perf_counter() - trained,
         update_norm=norm,
-        bytes_downloaded=downloaded,
+        bytes_downloaded=job.downloaded,
         validation_loss=scored.loss if scored else None,
         validation_tokens=scored.tokens if scored else 0,
         tokens_per_s=result.tokens_seen / max(trained - started, 1e-9),
         peak_memory_mib=use.peak_memory_mib,
         gpu_memory_mib=use.gpu_memory_mib,
         cpu_util=use.cpu_util,
-        data_digest=shard.digest(data_salt) if data_salt else "",
+        data_digest=shard.digest(job.data_salt) if job.data_salt else "",
     )
     if secure is not None:
         said = said.for_secure_aggregation()
-    payload = wire_payload(replace(sent, metadata={**sent.metadata, "report": said.to_json()}), config.compression.chain)
+    payload = wire_payload(replace(sent, metadata={**sent.metadata, "report": said.to_json()}), job.chain.codecs)
     session = secure.session.id if secure is not None else ""
-    blob = seal(payload, key, EnvelopeContext(config.federation.id, round_number, client, session, parent))
-    emit(ClientTrained(client, round_number, None if secure is not None else result.mean_loss))
-    report = said.report(client, round_number, len(shard), steps, config.layout.update_url(client, round_number), len(blob))
+    blob = seal(payload, key, EnvelopeContext(job.federation, job.round, job.client, session, job.parent))
+    emit(ClientTrained(job.client, job.round, None if secure is not None else result.mean_loss))
+    report = said.report(job.client, job.round, len(shard), steps, job.update_url, len(blob))
     return SealedUpdate(report=report, blob=blob, residual_blob=residual_blob)
 
 
@@ -182,18 +175,3 @@ def upload_sealed(sealed: SealedUpdate, options: Options | None = None, residual
         residuals.save(sealed.residual_blob)
     seconds = sealed.report.encrypt_upload_s + time.perf_counter() - started
     return replace(sealed.report, encrypt_upload_s=seconds)
-
-
-def train_client_update(
-    config: FederationConfig,
-    client: str,
-    round_number: int,
-    global_adapter: Tensors,
-    shard: torch.Tensor,
-    key: UpdateKey,
-    options: Options | None = None,
-    parent: str = "",
-) -> ClientReport:
-    """Both client stages in one call, for callers without an orchestrator."""
-    data = ClientData.of_blocks(shard, shard[:0], "<given>")
-    return upload_sealed(train_and_seal(config, client, round_number, global_adapter, data, key, parent=parent), options)

@@ -17,10 +17,8 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from fedlib.config import FederationConfig
 from fedlib.privacy.accountant import PrivacySpent
 from fedlib.rejection import Rejection
-from fedlib.round.cost import round_cost
 from fedlib.round.outcome import MessageBytes, RoundOutcome
 from fedlib.update.report import ClientReport
 
@@ -169,34 +167,45 @@ def held_to_measurements(report: ClientReport, previous: Manifest, round_trip_s:
 
 @dataclass(frozen=True)
 class RoundPlan:
-    """What a round was asked to be before any client trained: its number, the run's target
-    round, the sampled clients and each one's step budget."""
+    """What a round was asked to be before any client trained: its federation, number and the
+    run's target round, the sampled clients and each one's step budget, and the recipe the
+    manifest records (strategy, aggregation settings, codecs)."""
 
+    federation: str
     round: int
     target_round: int
     sampled: list[str]
     step_budgets: dict[str, int]
+    strategy: str = "fedavg"
+    aggregation: dict[str, Any] = field(default_factory=dict)
+    codecs: list[str] = field(default_factory=list)
+
+
+def measured_reports(outcome: RoundOutcome, previous: Manifest) -> dict[str, ClientReport]:
+    """Every client's report that reported (accepted or not: a rejected client's compute still
+    cost money), held to what the aggregator measured (`held_to_measurements`)."""
+    report = outcome.report
+    return {c: held_to_measurements(r, previous, outcome.round_trip_s.get(c)) for c, r in report.reports.items()}
 
 
 def round_manifest(
-    config: FederationConfig,
     previous: Manifest,
     plan: RoundPlan,
     outcome: RoundOutcome,
+    cost: Mapping[str, float],
     eval_loss: float,
     timings: Mapping[str, float],
     run_ids: tuple[str, str | None],
     privacy: PrivacySpent | None = None,
 ) -> Manifest:
-    """A trained round. The outcome's reports are every client's that reported (accepted or
-    not: a rejected client's compute still cost money), held here to what the aggregator
-    measured; `run_ids` are the MLflow run and the Prefect flow run."""
+    """A trained round, from its plan and outcome: the accepted clients' reports as
+    `measured_reports` holds them, and `cost`, each cloud's estimate (`fedlib.round.cost`), as
+    given; `run_ids` are the MLflow run and the Prefect flow run."""
     report = outcome.report
-    stragglers = sorted(c for c, r in report.rejected.items() if r.reason == "straggler")
-    reports = {c: held_to_measurements(r, previous, outcome.round_trip_s.get(c)) for c, r in report.reports.items()}
+    reports = measured_reports(outcome, previous)
     mlflow_run_id, flow_run_id = run_ids
     return Manifest(
-        federation=config.federation.id,
+        federation=plan.federation,
         round=plan.round,
         target_round=plan.target_round,
         mlflow_run_id=mlflow_run_id,
@@ -205,14 +214,14 @@ def round_manifest(
         parent_adapter_sha256=previous.adapter_sha256,
         base_model=previous.base_model,
         prefect_flow_run_id=flow_run_id,
-        strategy=config.aggregation.strategy,
-        aggregation=config.aggregation.model_dump(mode="json"),
-        codecs=list(config.compression.codecs),
+        strategy=plan.strategy,
+        aggregation=dict(plan.aggregation),
+        codecs=list(plan.codecs),
         sampled=list(plan.sampled),
         step_budgets=dict(plan.step_budgets),
-        stragglers=stragglers,
+        stragglers=report.stragglers,
         clients={c: r for c, r in reports.items() if c in report.accepted},
-        cost=round_cost(config.profiles, config.orchestration.round_deadline_s, reports, stragglers),
+        cost=dict(cost),
         accepted=list(report.accepted),
         rejected=dict(report.rejected),
         privacy=privacy,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlib.config import FederationConfig, PrivacyConfig
+from fedlib.config import PrivacyConfig
 from fedlib.privacy.dp import add_noise_share_inplace, noise_generator, release_noise_generator
 from fedlib.secagg.fixedpoint import MODULUS, Tensors, encode, to_wire
 from fedlib.secagg.protocol import Session, mask_update, open_inbox
@@ -40,16 +40,6 @@ class MaskSettings:
     frac_bits: int
     bits: int | None
     min_survivors: int
-
-    @classmethod
-    def of(cls, config: FederationConfig) -> MaskSettings:
-        return cls(
-            WeightRule(dp=config.privacy.enabled, normalize_steps=config.aggregation.normalize_steps),
-            config.privacy,
-            config.secure_aggregation.frac_bits,
-            config.secure_aggregation.bits,
-            config.secagg_min_survivors,
-        )
 
 
 @dataclass(frozen=True)

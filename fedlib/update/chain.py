@@ -21,7 +21,6 @@ from typing import Protocol
 import torch
 
 from fedlib.codecs import CodecChain, SizeBound
-from fedlib.config import FederationConfig
 from fedlib.privacy.dp import clip_update_inplace
 from fedlib.secagg.client import MaskSettings, SecureRound, masked_update
 from fedlib.strategies import ClientUpdate
@@ -123,12 +122,6 @@ class ChainSettings:
     lossy: bool
     clip_norm: float | None
     mask: MaskSettings | None
-
-    @classmethod
-    def of(cls, config: FederationConfig) -> ChainSettings:
-        clip = config.privacy.clip_norm if config.privacy.enabled else None
-        mask = MaskSettings.of(config) if config.secure_aggregation.enabled else None
-        return cls(config.compression.chain, config.lossy_updates, clip, mask)
 
 
 def client_filters(

@@ -57,6 +57,11 @@ class AggregationReport:
     download_decrypt_s: float = 0.0
     aggregate_s: float = 0.0
 
+    @property
+    def stragglers(self) -> list[str]:
+        """The clients left out for missing the round's deadline."""
+        return sorted(c for c, r in self.rejected.items() if r.reason == Reason.STRAGGLER.value)
+
     def reject(self, client: str, reason: Reason, detail: str) -> None:
         self.rejected[client] = Rejection(reason.value, detail)
         emit(ClientRejected(client, reason.value, detail))
