@@ -7,22 +7,21 @@ from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
 from fedlib.round.aggregator import build_strategy
-from fedlib.round.broadcast import NextGlobal, split_state
+from fedlib.round.broadcast import NextGlobal
 from fedlib.round.manifest import Manifest
 from fedlib.update.chain import Expected
 from fedlib.update.intake import AggregationReport
 from fedlib.wire.keys import AGGREGATOR
-from tasks.credentials import party_keys, storage_options
+from tasks.aggregator_state import aggregator_state
+from tasks.credentials import party_keys
 from tasks.from_config import (
     Tensors,
     aggregate,
-    aggregator_update_key,
     checkpoint_store,
     evaluate_adapter,
     evaluation_examples,
     initial_adapter,
     round_global,
-    round_intake,
 )
 
 
@@ -36,32 +35,15 @@ def aggregate_round(
     expected: dict[str, Expected],
 ) -> tuple[NextGlobal, AggregationReport]:
     """What to commit (the next adapter, the state for the next round, the broadcast), and the report."""
-    ring = party_keys(config, AGGREGATOR)
-    store = checkpoint_store(config, ring)
-    previous = store.manifest(round_number - 1)
-    global_adapter, _ = store.adapter_of(previous)
-    parent = previous.adapter_sha256
-    own_state, residual = split_state(store.strategy_state_of(previous))
-    strategy = build_strategy(config.aggregation, config.privacy, round_number, own_state)
-    keys = {client: aggregator_update_key(ring, client) for client in clients}
-    intake = round_intake(
-        config,
-        round_number,
-        clients,
-        keys,
-        global_adapter,
-        failed=failed,
-        late=late,
-        expected=expected,
-        parent=parent,
-        options=storage_options(config, clients),
-    )
-    adapter, report = aggregate(config, intake, global_adapter, strategy)
+    state = aggregator_state(config, round_number)
+    strategy = build_strategy(config.aggregation, config.privacy, round_number, state.own_state)
+    intake = state.intake(config, clients, failed, late, expected)
+    adapter, report = aggregate(config, intake, state.global_adapter, strategy)
     logger = get_run_logger()
     for client, why in report.rejected.items():
         logger.warning("round %d: update from %s rejected (%s): %s", round_number, client, why.reason, why.detail)
     logger.info("round %d: aggregated %s", round_number, report.accepted)
-    return round_global(config, round_number, global_adapter, adapter, strategy.state_dict(), residual), report
+    return round_global(config, round_number, state.global_adapter, adapter, strategy.state_dict(), state.residual), report
 
 
 @task(name="evaluate", task_run_name="evaluate-round-{round_number}", cache_policy=NO_CACHE)

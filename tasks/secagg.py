@@ -15,7 +15,7 @@ from fedlib.config import FederationConfig
 from fedlib.model.base import trained_part
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.round.aggregator import build_strategy
-from fedlib.round.broadcast import NextGlobal, split_state
+from fedlib.round.broadcast import NextGlobal
 from fedlib.round.secure_aggregator import MaskedSum, finish_secure_round, sum_masked_updates
 from fedlib.secagg.messages import RevealRequest, SetupMessage, SetupRequest
 from fedlib.secagg.protocol import Session, check_setup, make_reveal, make_setup, open_inbox, read_complaint, unmask_sum
@@ -24,16 +24,15 @@ from fedlib.update.chain import Expected
 from fedlib.update.intake import AggregationReport
 from fedlib.wire.decode import parse_json
 from fedlib.wire.keys import AGGREGATOR
+from tasks.aggregator_state import aggregator_state
 from tasks.credentials import party_keys, storage_options
 from tasks.from_config import (
     aggregator_update_key,
-    checkpoint_store,
     client_data,
     client_update_key,
     outbox,
     reveal_ledger,
     round_global,
-    round_intake,
     secagg_session,
     weight_rule,
 )
@@ -148,26 +147,9 @@ def sum_masked_round(
     expected: dict[str, Expected],
     codes: Codes | None = None,
 ) -> tuple[MaskedSum, AggregationReport]:
-    ring = party_keys(config, AGGREGATOR)
-    store = checkpoint_store(config, ring)
-    previous = store.manifest(round_number - 1)
-    global_adapter, _ = store.adapter_of(previous)
-    parent = previous.adapter_sha256
-    keys = {client: aggregator_update_key(ring, client) for client in clients}
-    intake = round_intake(
-        config,
-        round_number,
-        clients,
-        keys,
-        global_adapter,
-        failed=failed,
-        late=late,
-        expected=expected,
-        parent=parent,
-        session=session_id,
-        options=storage_options(config, clients),
-    )
-    template = trained_part(config.lora, global_adapter)
+    state = aggregator_state(config, round_number)
+    intake = state.intake(config, clients, failed, late, expected, session_id)
+    template = trained_part(config.lora, state.global_adapter)
     masked, report = sum_masked_updates(intake, template, weight_rule(config), weight_scale, config.secagg_min_survivors, codes)
     logger = get_run_logger()
     for client, why in report.rejected.items():
@@ -187,17 +169,13 @@ def unmask_round(
     reveals: dict[str, str],
 ) -> NextGlobal:
     """What to commit: the next adapter, the state for the next round, the broadcast."""
-    ring = party_keys(config, AGGREGATOR)
-    store = checkpoint_store(config, ring)
-    previous = store.manifest(round_number - 1)
-    global_adapter, _ = store.adapter_of(previous)
-    own_state, residual = split_state(store.strategy_state_of(previous))
-    strategy = build_strategy(config.aggregation, config.privacy, round_number, own_state, secure_sum=True)
-    keys = {client: aggregator_update_key(ring, client) for client in reveals}
+    state = aggregator_state(config, round_number)
+    strategy = build_strategy(config.aggregation, config.privacy, round_number, state.own_state, secure_sum=True)
+    keys = {client: aggregator_update_key(state.ring, client) for client in reveals}
     session = secagg_session(config, round_number, session_id)
     unmasked = unmask_sum(masked.residues, session, mask_publics, survivors, dropped, reveals, keys)
-    template = trained_part(config.lora, global_adapter)
+    template = trained_part(config.lora, state.global_adapter)
     frac_bits = config.secure_aggregation.frac_bits
-    adapter = finish_secure_round(masked, unmasked, global_adapter, template, weight_rule(config), frac_bits, strategy, round_number)
+    adapter = finish_secure_round(masked, unmasked, state.global_adapter, template, weight_rule(config), frac_bits, strategy, round_number)
     get_run_logger().info("round %d: secure sum of %s unmasked (%d dropped after setup)", round_number, survivors, len(dropped))
-    return round_global(config, round_number, global_adapter, adapter, strategy.state_dict(), residual)
+    return round_global(config, round_number, state.global_adapter, adapter, strategy.state_dict(), state.residual)

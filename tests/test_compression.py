@@ -100,8 +100,9 @@ def test_low_bit_codes_masked_in_a_small_ring_sum_exactly():
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
     from fedlib.secagg.fixedpoint import MODULUS
-    from fedlib.secagg.masking import apply_masks, masked_sum, remove_dropped_masks
+    from fedlib.secagg.masking import apply_masks, remove_dropped_masks
     from fedlib.secagg.quantised import Codes, code_scale
+    from tests.test_secagg import masked_sum
 
     clients, context = ["aws", "azure", "gcp"], b"fed/round-2"
     gen = torch.Generator().manual_seed(3)

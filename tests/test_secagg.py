@@ -13,13 +13,22 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from scipy.stats import chi2
 
 from fedlib.secagg.fixedpoint import MODULUS, decode, encode
-from fedlib.secagg.masking import apply_masks, masked_sum, remove_dropped_masks
+from fedlib.secagg.masking import add_masked, apply_masks, remove_dropped_masks
 from fedlib.secagg.shamir import combine_shares, split_secret
 from fedlib.strategies import ClientUpdate, make_strategy
 
 FRAC = 16
 CONTEXT = b"fed/round-3"
 CLIENTS = ["aws", "azure", "gcp", "onprem"]
+
+
+def masked_sum(updates) -> dict[str, torch.Tensor]:
+    """The ring sum of masked updates, as the aggregator streams it (`add_masked`)."""
+    updates = list(updates)
+    total = {name: torch.zeros(value.shape, dtype=torch.int64) for name, value in updates[0].items()}
+    for update in updates:
+        add_masked(total, update)
+    return total
 
 
 def test_fixed_point_round_trip_and_overflow():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,18 @@ def test_three_providers_match_a_local_run(tmp_path, corpus_dir, tiny_model_dir,
         torch.testing.assert_close(emulated_adapter[name], local_adapter[name], rtol=1e-4, atol=1e-6)
 
 
+def _failed_attempts(task_name: str, since: datetime) -> bool:
+    """Whether a task run of that name started after `since` has failed an attempt: it is
+    awaiting or running its retry. Read with Prefect's sync client, from any thread."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName, TaskRunFilterStartTime
+
+    runs_filter = TaskRunFilter(name=TaskRunFilterName(any_=[task_name]), start_time=TaskRunFilterStartTime(after_=since))
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=runs_filter, limit=5)
+    return any(run.run_count > 1 or (run.state is not None and run.state.name in ("AwaitingRetry", "Retrying")) for run in runs)
+
+
 def _upload_attempts(task_name: str) -> int:
     """Attempts of the newest task run of that name (earlier tests reuse the names)."""
     from prefect.client.orchestration import get_client
@@ -107,15 +120,19 @@ def test_s3_restart_during_a_round_is_retried(tmp_path, corpus_dir, tiny_model_d
     gcp_object = update_url(config, "gcp", 2)
     gcp_options = storage_options(config, ["gcp"])["gcp"]
 
-    def restart_when_others_uploaded():
-        deadline = time.monotonic() + 120
-        while not storage.exists(gcp_object, gcp_options) and time.monotonic() < deadline:
+    def restart_once_aws_failed():
+        """S3 comes back once gcp's upload has landed and aws's first upload attempt has failed
+        (Prefect has it awaiting its retry): both read from the API, not waited for."""
+        begun = datetime.now(UTC)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if storage.exists(gcp_object, gcp_options) and _failed_attempts("upload-aws-round-2", begun):
+                break
             time.sleep(0.2)
-        time.sleep(6.0)  # longer than s3fs's own retries (~2 s a call): aws's task attempt fails
         emulators["s3"].start()
 
     emulators["s3"].stop()
-    restarter = threading.Thread(target=restart_when_others_uploaded)
+    restarter = threading.Thread(target=restart_once_aws_failed)
     restarter.start()
     try:
         manifests = federated_training(str(path))

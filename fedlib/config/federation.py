@@ -8,26 +8,28 @@ from typing import Any
 
 from pydantic import Field, model_serializer, model_validator
 
-from fedlib.config.sections import (
-    AggregationConfig,
+from fedlib.config.parties import (
     BudgetConfig,
     CloudConfig,
     CloudProfile,
+    FederationSettings,
+    KeyringConfig,
+    OrchestrationConfig,
+    TrackingConfig,
+    _key_source,
+)
+from fedlib.config.sections import (
+    AggregationConfig,
     CompressionConfig,
     DataConfig,
     EvaluationConfig,
-    FederationSettings,
-    KeyringConfig,
     LoraSettings,
     ModelConfig,
-    OrchestrationConfig,
     PartitionConfig,
     PrivacyConfig,
     SecureAggregationConfig,
     SplitConfig,
-    TrackingConfig,
     TrainingConfig,
-    _key_source,
     _Strict,
 )
 from fedlib.redaction import loggable, secrets_in
@@ -57,7 +59,9 @@ class FederationConfig(_Strict):
     budget: BudgetConfig = BudgetConfig()
     split: SplitConfig = SplitConfig()
     keyring: KeyringConfig | None = None
+    """Every party's public keys; unset, one machine plays every party with keys in `data_dir/keys`."""
     clouds: tuple[CloudConfig, ...] = Field(min_length=1)
+    """The clients, one per cloud (or region)."""
 
     @model_validator(mode="before")
     @classmethod

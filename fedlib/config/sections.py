@@ -1,4 +1,8 @@
-"""The sections of a federation's config: each a strict pydantic model, checked when it is built."""
+"""The sections of a federation's config that say what is learned and how: model, data, partition,
+evaluation, LoRA, training, aggregation, privacy, compression, secure aggregation, split. Each is
+a strict pydantic model, checked when it is built; each field's docstring is its entry in the
+configuration reference (`docs/hooks/config_reference.py` generates the page from them).
+Who takes part and where is `fedlib.config.parties`."""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ NOISE_SEED_ENV = "FEDLIB_ALLOW_NOISE_SEED"
 
 BUILTIN_MODELS = ("smollm2-135m-instruct",)
 BUILTIN_CORPORA = ("shakespeare",)
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
 class ConfigError(ValueError):
@@ -30,7 +34,7 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class ModelConfig(_Strict):
@@ -40,6 +44,9 @@ class ModelConfig(_Strict):
     weights: the manifests record the base revision, and a client whose base differs refuses."""
 
     source: str = "smollm2-135m-instruct"
+    """A shipped model's name, a local Hugging Face causal-LM folder, `hf:<repo id>` from the local Hugging Face cache
+    (offline), or the fsspec URL of a model folder in the party's own bucket (fetched once into the cache). The manifests
+    record its revision; a client whose base differs refuses to train."""
 
     @field_validator("source")
     @classmethod
@@ -59,8 +66,12 @@ class DataConfig(_Strict):
     """Text to train on: the shipped plays, or the user's own .txt/.jsonl files by fsspec URL."""
 
     corpus: str | None = "shakespeare"
+    """The shipped plays (the group is the genre); `null` when `urls` names your own files."""
     urls: tuple[str, ...] = ()
+    """Your own `.txt`/`.md` (one document per file; the group is the parent folder) or `.jsonl` (`text`, optional `id`,
+    `group`/`source`) files, as fsspec URLs or globs."""
     seq_len: int = Field(128, ge=8, le=4096)
+    """Tokens per training and evaluation block; an instruction record is padded to it (attention-masked), a longer one cut."""
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -77,8 +88,11 @@ class PartitionConfig(_Strict):
     """How training blocks are split over clients; `by` picks the label Dirichlet skews over."""
 
     kind: Literal["iid", "dirichlet"] = "iid"
+    """`iid`, or `dirichlet` with concentration `alpha` over the label `by` names."""
     alpha: float = Field(0.5, gt=0)
+    """Dirichlet concentration: smaller is more skewed."""
     by: Literal["group", "document"] = "group"
+    """The label Dirichlet skews over: each block's `group` or its `document`."""
 
 
 class EvaluationConfig(_Strict):
@@ -89,10 +103,17 @@ class EvaluationConfig(_Strict):
     reports loss and token count in its sealed update."""
 
     documents: tuple[str, ...] = ("macbeth",)
+    """Documents held out from every client and scored each round."""
     data: tuple[str, ...] = ()
+    """The aggregator's own held-out files (fsspec URLs; text, or instruction records scored on the answers only); empty: the
+    corpus's `documents`."""
     max_blocks: int = Field(16, ge=1)
+    """Blocks in the held-out set."""
     client_blocks: int = Field(8, ge=0)
+    """Simulated mode: each client's validation split, dealt from held-out blocks the aggregator does not score; each client
+    scores the adapter it receives on it (MLflow `eval/federated_perplexity`)."""
     batch_size: int = Field(8, ge=1)
+    """Examples per evaluation batch."""
 
 
 class LoraSettings(_Strict):
@@ -101,10 +122,15 @@ class LoraSettings(_Strict):
     of the clients' products B·A (A being shared). Half the bytes, or less, each way."""
 
     r: int = Field(8, ge=1, le=1024)
+    """LoRA rank (PEFT `LoraConfig.r`): the federation's global rank."""
     alpha: int = Field(16, ge=1)
+    """LoRA scaling (PEFT `lora_alpha`)."""
     dropout: float = Field(0.0, ge=0, lt=1)
+    """LoRA dropout (PEFT `lora_dropout`)."""
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    """The modules LoRA adapts (PEFT `target_modules`)."""
     freeze_a: bool = False
+    """FFA-LoRA: every A stays at its seeded start; only the B matrices are trained, sent and averaged (exactly)."""
 
 
 class TrainingConfig(_Strict):
@@ -118,21 +144,40 @@ class TrainingConfig(_Strict):
     after each step (benchmarks only)."""
 
     rounds: int = Field(3, ge=1)
+    """Rounds per run."""
     local_steps: int = Field(10, ge=1)
+    """Each client's optimizer steps per round (transformers' `Trainer`, AdamW)."""
     batch_size: int = Field(4, ge=1)
+    """Examples per optimizer step, over all of a client's processes and accumulated micro-batches."""
     learning_rate: float = Field(1e-3, gt=0)
+    """The clients' learning rate."""
     torch_threads: int | None = Field(None, ge=1)
+    """`torch.set_num_threads` for the run; unset: torch's default."""
     step_budget: Literal["equal", "deadline"] = "equal"
+    """`deadline`: each cloud runs the steps its speed fits into 75% of `orchestration.round_deadline_s`; a cloud slower than
+    its profile last round is held to its own timing, and one that straggled gets half its steps."""
     seconds_per_step: float | None = Field(None, gt=0)
+    """Seconds per local step at speed 1, for step budgets and emulated speeds; unset: the last round's median."""
     emulate_speed: bool = False
+    """One machine plays clouds of different `profile.speed` by pausing after each step (benchmarks and tests)."""
     device: Device = "auto"
+    """`auto`, `cuda`, `mps` or `cpu`, resolved on each party's own machine."""
     dtype: DType = "auto"
+    """`auto` (bf16 where the GPU has it, else fp32), `bf16`, `fp16` (GPU only) or `fp32`: the base model's dtype, trained
+    under autocast; LoRA weights and updates stay fp32."""
     quantization: Quantization = "none"
+    """`4bit` / `8bit`: QLoRA through bitsandbytes and peft's `prepare_model_for_kbit_training`; CUDA only, refused when the
+    config is read on a machine without it."""
     gradient_checkpointing: bool = False
+    """As in `TrainingArguments`."""
     gradient_accumulation_steps: int = Field(1, ge=1)
+    """As in `TrainingArguments`; `batch_size` must divide by processes × accumulation steps."""
     max_grad_norm: float | None = Field(None, gt=0)
+    """Gradient clipping, as in `TrainingArguments`; unset clips nothing."""
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    """`constant`, `constant_with_warmup`, `linear` or `cosine`, over each round's local steps."""
     warmup_steps: int = Field(0, ge=0)
+    """Warm-up steps of the scheduler."""
 
     @model_validator(mode="after")
     def _placeable(self) -> TrainingConfig:
@@ -155,12 +200,23 @@ class AggregationConfig(_Strict):
     share of the round's weight any one client holds, whatever it claims (`fedlib.strategies.shares`)."""
 
     strategy: str = "fedavg"
+    """A registered strategy: `fedavg`, `fedprox`, `fedavgm`, `fedadam`, `fedyogi`, `fedadagrad`, `median`, `trimmed_mean`,
+    `krum`, `lora_exact`."""
     options: dict[str, Any] = Field(default_factory=dict)
+    """The strategy's arguments: `mu` (fedprox); `server_lr`, `momentum` (fedavgm); `server_lr`, `beta1`, `beta2`, `tau`
+    (fedadam/yogi/adagrad); `trim` (trimmed_mean); `byzantine`, `select` (krum)."""
     normalize_steps: bool = False
+    """Divide each delta by its local steps before averaging (FedNova), for unequal step budgets."""
     min_clients: int = Field(1, ge=1)
-    max_update_bytes: int | None = Field(None, ge=1024)  # default: from the adapter's size (fedlib.round.aggregator.update_limit)
+    """Quorum: fewer accepted updates fail the round, with the reasons."""
+    max_update_bytes: int | None = Field(None, ge=1024)
+    """Larger objects are rejected, read with a ranged read of this + 1 bytes; unset: 2 × the adapter's fp32 size + 1 MiB."""
     max_examples: int = Field(10**9, ge=1, le=2**53)
+    """The most examples a client may claim (FedAvg's weight); a client's shard size caps it further where the aggregator
+    knows it."""
     max_weight_share: float = Field(0.5, gt=0, le=1)
+    """The largest share of the round's weight one client's claimed example count may give it; a larger claim is lowered to
+    the bound (counts of shards the aggregator dealt itself stand)."""
 
     @model_validator(mode="after")
     def _known(self) -> AggregationConfig:
@@ -179,100 +235,23 @@ class AggregationConfig(_Strict):
         return make_strategy(self.strategy, self.options).from_mean_only
 
 
-class CloudProfile(_Strict):
-    """How fast and how dear a cloud's GPUs are: `speed` relative to the other clouds, the
-    price of an hour of its compute, the price of a GB leaving it, and `capacity_steps`, the most
-    local steps its quota allows in one round."""
-
-    speed: float = Field(1.0, gt=0)
-    price_per_hour: float = Field(0.0, ge=0)
-    egress_per_gb: float = Field(0.0, ge=0)
-    capacity_steps: int | None = Field(None, ge=1)
-
-
-class CloudConfig(_Strict):
-    """One client: its data and GPUs live in one cloud, and it writes only to that cloud's bucket.
-    `key_source` overrides `keyring.key_source` for this client's machine."""
-
-    name: str
-    provider: Literal["aws", "gcp", "azure", "local"] = "local"
-    storage: str | None = None
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    secret_block: str | None = None
-    work_pool: str | None = None
-    profile: CloudProfile = CloudProfile()
-    lora_rank: int | None = Field(None, ge=1)  # a smaller LoRA rank for this cloud's clients (see fedlib.model.ranks)
-    key_source: str | None = None
-    processes: int = Field(1, ge=1, le=64)  # training processes on this client's machine (one per GPU; DDP)
-    data: tuple[str, ...] = ()  # this client's own training files (fsspec URLs or globs); only it opens them
-    validation: tuple[str, ...] = ()  # and its own validation files, scored on each global adapter it receives
-
-    @field_validator("name")
-    @classmethod
-    def _slug(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError("must be lowercase letters, digits, '-' or '_' (it names storage keys)")
-        return value
-
-
-class AggregatorKeys(_Strict):
-    exchange: str
-    signing: str
-
-
-class KeyringConfig(_Strict):
-    """Each party's public keys (base64, as `fedlib keys init --party NAME` prints them). Each
-    machine holds only its own private key, found through `key_source`: `file:PATH` (`~` is that
-    machine's user), `env:VAR`, or `secret:BLOCK` (a Prefect Secret block); `{party}` in it is the
-    party's name. Without a `keyring` section one machine plays every party and keeps every key in
-    `data_dir/keys` (the embedded default)."""
-
-    aggregator: AggregatorKeys
-    clients: dict[str, str]
-    key_source: str = "file:~/.fedlib/keys/{party}.pem"
-
-    @model_validator(mode="after")
-    def _decodable(self) -> KeyringConfig:
-        self.publics  # noqa: B018 - raises ValueError naming the key
-        return self
-
-    @field_validator("key_source")
-    @classmethod
-    def _source(cls, value: str) -> str:
-        return _key_source(value)
-
-    @property
-    def publics(self):
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-
-        from fedlib.wire.keys import PublicKeys, parse_public
-
-        return PublicKeys(
-            parse_public(self.aggregator.exchange, X25519PublicKey, "keyring.aggregator.exchange"),
-            parse_public(self.aggregator.signing, Ed25519PublicKey, "keyring.aggregator.signing"),
-            {c: parse_public(v, X25519PublicKey, f"keyring.clients.{c}") for c, v in self.clients.items()},
-        )
-
-
-def _key_source(value: str) -> str:
-    scheme, _, name = value.partition(":")
-    if scheme not in ("file", "env", "secret") or not name:
-        raise ValueError(f"{value!r}: expected file:PATH, env:VAR or secret:BLOCK")
-    return value
-
-
 class PrivacyConfig(_Strict):
     """Client-level DP-FedAvg. `noise_seed` fixes the noise for tests only: noise that anyone can
     regenerate can be subtracted again, so it is refused unless the environment says this is a
     test (`FEDLIB_ALLOW_NOISE_SEED=1`), and it is never logged (see `fedlib.redaction`)."""
 
     enabled: bool = False
+    """Client-level DP-FedAvg: clip each update, add Gaussian noise to the mean, account ε."""
     clip_norm: float = Field(1.0, gt=0)
+    """Each client's update is clipped to this L2 norm."""
     noise_multiplier: float = Field(1.0, ge=0)
+    """Noise standard deviation, in units of `clip_norm`."""
     delta: float = Field(1e-5, gt=0, lt=1)
+    """The δ of the (ε, δ) guarantee the accountant reports."""
     epsilon_budget: float | None = Field(None, gt=0)
+    """Stop before a round would spend past this ε; unset: no stop."""
     noise_seed: int | None = None
+    """Tests only (`FEDLIB_ALLOW_NOISE_SEED=1`): fixes the noise, which makes it removable. Never logged."""
 
     @field_validator("noise_seed")
     @classmethod
@@ -288,10 +267,17 @@ class CompressionConfig(_Strict):
     dropped into the client's next update."""
 
     codecs: tuple[str, ...] = ()
+    """Update codecs in order, by name (`fedlib/codecs/`): `fp16`, `bf16`, `int8`, `int4`, `int2`, `sign`, `sign-proj`,
+    `topk`, then optionally `zstd`."""
     topk_fraction: float = Field(0.01, gt=0, le=1)
+    """Density kept by `topk`."""
     zstd_level: int = Field(3, ge=1, le=22)
+    """zstd's compression level."""
     error_feedback: bool = True
-    broadcast: tuple[str, ...] = ()  # codecs for the global adapter's change, sent down (`fedlib.round.broadcast`)
+    """Clients carry what a lossy chain dropped into their next update."""
+    broadcast: tuple[str, ...] = ()
+    """Codecs for the global adapter's change sent down: a client keeps the last global sealed in its own bucket and
+    downloads only the change, which the aggregator commits exactly as clients decode it."""
 
     @model_validator(mode="after")
     def _valid_chain(self) -> CompressionConfig:
@@ -321,19 +307,33 @@ class SplitConfig(_Strict):
     refuses a request body over `max_body_bytes`."""
 
     cut: int = Field(2, ge=0)
+    """The client keeps the embeddings, the first `cut` blocks and the LM head; the server holds the rest."""
     rounds: int = Field(1, ge=1)
+    """Split rounds per run."""
     steps: int = Field(20, ge=1)
+    """Steps per client per round."""
     batch_size: int = Field(4, ge=1)
+    """Examples per step."""
     learning_rate: float = Field(1e-3, gt=0)
+    """Learning rate on both sides."""
     spf_modules: tuple[str, ...] = ("down_proj",)
+    """Modules whose weights SPF may train sparsely."""
     spf_fraction: float = Field(0.001, gt=0, le=1)
+    """Fraction of those weights SPF trains, chosen by calibrated gradient magnitude."""
     calibration_batches: int = Field(2, ge=1)
+    """Batches that calibrate the SPF mask."""
     require_tee: bool = False
+    """Refuse a server unless `attestation_verifier` accepts its evidence for this session."""
     attestation_verifier: str | None = None
+    """A registered attestation verifier (`fedlib.split.attestation`)."""
     server_timeout_s: float = Field(300, gt=0)
+    """How long a client waits on the split server."""
     max_sessions: int = Field(16, ge=1)
+    """Sessions the server holds at once; each client holds at most its share."""
     session_ttl_s: float = Field(900, gt=0)
+    """An idle session is dropped after this long."""
     max_body_bytes: int = Field(64 * 2**20, ge=1024)
+    """A request body over this is refused."""
 
 
 class SecureAggregationConfig(_Strict):
@@ -346,59 +346,12 @@ class SecureAggregationConfig(_Strict):
     clients, against 32)."""
 
     enabled: bool = False
+    """Pairwise masking: the aggregator learns only the sum of the updates."""
     threshold: int | None = Field(None, ge=2)
+    """Reveals needed to remove the masks; more than half the clouds. Unset: a majority, at least 2."""
     frac_bits: int = Field(24, ge=4, le=28)
-    bits: int | None = Field(None, ge=2, le=8)  # low-bit codes in a small ring (`fedlib.secagg.quantised`) instead of fixed point
-
-
-class OrchestrationConfig(_Strict):
-    """Where client training runs. `local`: tasks in the federation's own process. `deployments`:
-    each cloud's `client-training/<cloud>` deployment on that cloud's work pool."""
-
-    dispatch: Literal["local", "deployments"] = "local"
-    client_deployment: str = "client-training/{cloud}"
-    client_timeout_s: float = Field(3600, gt=0)
-    cancel_grace_s: float = Field(30, gt=0)  # how long a cancelled client run's worker has to confirm
-    upload_retries: int = Field(5, ge=0)
-    round_deadline_s: float | None = Field(None, gt=0)  # clients not done by then are left out as stragglers
-
-
-class TrackingConfig(_Strict):
-    """MLflow backend; the embedded default is SQLite and a local artifact folder in data_dir."""
-
-    uri: str | None = None
-    experiment: str | None = None
-    artifact_location: str | None = None
-    registered_model: str | None = None  # one version per round; default fedlib-<federation id>
-    champion_alias: str = Field("champion", pattern=r"^[a-z][a-z0-9_-]*$")  # on the lowest-perplexity version
-    ui_url: str = "http://127.0.0.1:5000"  # where links in Prefect artifacts point to the MLflow UI
-
-
-class BudgetConfig(_Strict):
-    """Stop the federation before a round would spend past these (estimated from the last round)."""
-
-    bytes: int | None = Field(None, ge=1)  # bytes across cloud boundaries, all rounds
-    money: float | None = Field(None, gt=0)  # compute + egress, in the profiles' currency
-
-
-class FederationSettings(_Strict):
-    """`clients_per_round` samples that many clients each round (reproducibly from the seed);
-    unset, every client takes part every round. `checkpoints` is where the signed global adapters
-    and manifests live, an fsspec URL the aggregator writes and every client reads (default: a
-    folder in `data_dir`, which only works while every party shares that disk);
-    `checkpoint_options` are its fsspec options, without credentials, which each party takes
-    from its own environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*)."""
-
-    id: str = "demo"
-    data_dir: str = ".fedlib/demo"
-    seed: int = 0
-    clients_per_round: int | None = Field(None, ge=1)
-    checkpoints: str | None = None
-    checkpoint_options: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("id")
-    @classmethod
-    def _slug(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError("must be lowercase letters, digits, '-' or '_'")
-        return value
+    """Fixed-point precision (2^-frac_bits), traded against the largest entry an update may hold: 2^(31 - frac_bits) /
+    clients."""
+    bits: int | None = Field(None, ge=2, le=8)
+    """Send stochastically rounded codes of this many bits instead of fixed point, masked in a ring just large enough for
+    their sum."""

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlib.secagg.fixedpoint import MODULUS, Tensors, decode, from_wire
+from fedlib.secagg.fixedpoint import Tensors, decode, from_wire
+from fedlib.secagg.masking import add_masked
 from fedlib.secagg.quantised import Codes
 from fedlib.secagg.weights import WeightRule
 from fedlib.strategies import ClientUpdate, Strategy
@@ -74,8 +75,7 @@ def sum_masked_updates(
     weight = weighted_steps = 0
     for residues, client_weight, steps in read_updates(intake, report, opener):
         started = time.perf_counter()
-        for name, value in residues.items():
-            total[name].add_(value).remainder_(MODULUS)
+        add_masked(total, residues)
         weight += client_weight
         weighted_steps += client_weight * steps
         report.aggregate_s += time.perf_counter() - started

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -70,9 +70,8 @@ def remove_dropped_masks(
     return out
 
 
-def masked_sum(updates: Iterable[Tensors]) -> Tensors:
-    total: Tensors = {}
-    for update in updates:
-        for name, value in update.items():
-            total[name] = torch.remainder(total[name] + value, MODULUS) if name in total else value.clone()
-    return total
+def add_masked(total: Tensors, update: Tensors) -> None:
+    """Add one masked update into the running sum, in place, in the ring: the aggregator holds
+    the sum and one update at a time, and the masks cancel only in the sum of all of them."""
+    for name, value in update.items():
+        total[name].add_(value).remainder_(MODULUS)
