@@ -21,6 +21,7 @@ class Reason(str, Enum):
     DTYPE_MISMATCH = "dtype_mismatch"
     NON_FINITE = "non_finite"
     CLIENT_FAILED = "client_failed"
+    MISCONFIGURED = "misconfigured"  # its own preflight failed: the detail names the config field and the fix
     STRAGGLER = "straggler"  # not done by the round deadline
     REPLAYED = "replayed"  # a split-channel message whose sequence number was already used
     WRONG_SESSION = "wrong_session"  # sealed for another secure-aggregation or split session

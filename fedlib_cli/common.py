@@ -2,39 +2,63 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
 
 
-def embedded_defaults(verbose: bool) -> None:
-    """Prefect's ephemeral API needs no server; these keep it quiet and patient on small machines.
-    Set before Prefect is imported, and never over a user's own settings."""
+def embedded_defaults(verbose: bool, data_path: Path | None = None) -> None:
+    """Prefect's ephemeral API needs no server; these keep it quiet and patient on small machines,
+    and keep its state (the runs' database) in this federation's `data_dir`, so that deleting it
+    deletes them. Set before Prefect is imported, and never over a user's own settings."""
+    if data_path is not None:
+        os.environ.setdefault("PREFECT_HOME", str(data_path / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")  # what reaches the runs' logs in the Prefect UI
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "INFO" if verbose else "WARNING")  # what the terminal shows
+    # what the terminal shows: the live view, and Prefect's own lines (tracebacks included) only with -v
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "INFO" if verbose else "CRITICAL")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not verbose:
-        import warnings
-
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # per-load weight bars, three clients at a time
-        hf_logging.set_verbosity_error()
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, module="torch.utils.checkpoint")
+        quiet(data_path / "logs" / "libraries.log" if data_path is not None else None)
 
 
-def config_or_report(path: Path, console: Console):
-    """The validated config, or None after printing why not (callers exit with 2): a bad config
-    fails before Prefect or a model is started."""
+def quiet(log_file: Path | None) -> None:
+    """The console shows the live view and fedlib's own lines: the libraries' progress bars are
+    off, their info lines stay at warning level, and Python warnings go to `log_file` (none:
+    nowhere). `-v` leaves all of them as the libraries set them."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow's database set-up lines
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm's own switch: GGUF conversion, dataset maps
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-load weight bars, three clients at a time
+    hf_logging.set_verbosity_error()
+    logging.captureWarnings(True)
+    warned = logging.getLogger("py.warnings")
+    warned.propagate = False
+    warned.handlers.clear()
+    if log_file is None:
+        warned.addHandler(logging.NullHandler())
+        return
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    warned.addHandler(handler)
+
+
+def config_or_report(path: Path, overrides: Sequence[str] = ()):
+    """The validated config, or None after printing why not on stderr (callers exit with 2): a
+    bad config fails before Prefect or a model is started."""
     from fedlib.config import ConfigError, load_config
 
     try:
-        return load_config(path)
+        return load_config(str(path), overrides)
     except ConfigError as err:
-        console.print(f"[red]{err}[/red]")
+        Console(stderr=True, soft_wrap=True).print(str(err), style="red", markup=False, highlight=False)
         return None

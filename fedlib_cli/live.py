@@ -40,7 +40,7 @@ class LiveProgress(logging.Handler):
             self._client_step(event)
             return
         if not isinstance(event, ClientTrained):
-            self.bars.console.log(str(event), style="yellow" if level >= logging.WARNING else None)
+            self.bars.console.log(str(event), style="yellow" if level >= logging.WARNING else None, markup=False)
         if isinstance(event, PlanMade):
             self.rounds = self.bars.add_task("rounds", total=event.last - event.first + 1, detail="")
         elif isinstance(event, RoundStarted):

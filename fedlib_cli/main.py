@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedlib_cli.common import config_or_report, embedded_defaults
+from fedlib_cli.keys import add_parser as add_keys_parser
 from fedlib_cli.live import LiveProgress
 from fedlib_cli.ui import add_parser as add_ui_parser
 
@@ -21,11 +22,22 @@ if TYPE_CHECKING:
 
 
 def _prepared(args: argparse.Namespace) -> tuple[Console, FederationConfig | None]:
-    """What every command that reads a config starts with: the embedded defaults, a console, and
-    the config (None once its errors are reported; the command then exits 2)."""
-    embedded_defaults(args.verbose)
-    console = Console()
-    return console, config_or_report(args.config, console)
+    """What every command that reads a config starts with: a console, the config with its
+    `--set` overrides (None once its errors are reported; the command then exits 2), and the
+    embedded defaults for it."""
+    console = Console(log_path=False)  # the live view's lines say what happened, not where in fedlib
+    config = config_or_report(args.config, args.set)
+    if config is not None:
+        embedded_defaults(args.verbose, config.data_path)
+    return console, config
+
+
+def _flow_config(args: argparse.Namespace) -> str | dict:
+    """What the flow's `config` parameter gets: the file's path, or with `--set` the file's
+    mapping with the overrides applied (the flow validates it again)."""
+    from fedlib.config.loading import raw_config
+
+    return raw_config(str(args.config), args.set) if args.set else str(args.config)
 
 
 def _summary_table(manifests: list[Manifest]) -> Table:
@@ -58,6 +70,9 @@ def run_command(args: argparse.Namespace) -> int:
     console, config = _prepared(args)
     if config is None:
         return 2
+    from tasks.preflight import check_references
+
+    check_references(config)  # a typo in a path or a name fails here, before Prefect starts
     from flows.federated_training import federated_training
 
     live = LiveProgress(console)
@@ -67,7 +82,7 @@ def run_command(args: argparse.Namespace) -> int:
     progress_log.addHandler(live)
     try:
         with live:
-            manifests = federated_training(str(args.config))
+            manifests = federated_training(_flow_config(args))
     finally:
         progress_log.removeHandler(live)
     console.print(_summary_table(manifests))
@@ -75,6 +90,11 @@ def run_command(args: argparse.Namespace) -> int:
     console.print(f"held-out perplexity: base model {base:.2f} → round {manifests[-1].round} {final:.2f}")
     console.print(f"MLflow run: {manifests[-1].mlflow_run_id} (experiment {config.experiment_name})")
     console.print(_ui_hint(args.config), highlight=False)
+    misconfigured = {c: r.detail for c, r in manifests[-1].rejected.items() if r.reason == "misconfigured"}
+    if misconfigured:  # the federation ran without them; the run is not a success until they are fixed
+        from fedlib.round.preflight import PartiesMisconfigured
+
+        raise PartiesMisconfigured(misconfigured)
     return 0
 
 
@@ -116,120 +136,78 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def keys_init_command(args: argparse.Namespace) -> int:
-    if args.party:
-        return _party_key(args.party, args.out)
-    from fedlib.wire.keys import init_keys
-    from tasks.from_config import key_folder
-
-    if args.config is None:
-        print("give a CONFIG (every party's keys on this machine) or --party NAME (one party's key)", file=sys.stderr)
-        return 2
-    config = config_or_report(args.config, Console())
-    if config is None:
-        return 2
-    folder = key_folder(config)
-    created = init_keys(folder, [c.name for c in config.clouds])
-    for path in created:
-        print(f"created {path} (0600)")
-    print(f"{len(created)} key(s) created, the others kept, in {folder}")
-    return 0
-
-
-def keys_trust_command(args: argparse.Namespace) -> int:
-    """The explicit local action that makes a party trust a federation's public keys: it prints
-    their fingerprints and records their digest under the party's own key, in its own home."""
-    from fedlib.wire.keys import AGGREGATOR, fingerprint, party_keyring, read_key_source
-    from fedlib.wire.trust import keyring_digest, trust_record
-    from tasks.from_config import party_key_source
-
-    def read_secret(name: str):  # Prefect is imported only for a secret:BLOCK key source
-        from tasks.credentials import read_secret as read
-
-        return read(name)
-
-    config = config_or_report(args.config, Console())
-    if config is None:
-        return 2
-    if config.keyring is None:
-        print(f"{args.config}: keyring: missing; trust is for a federation whose parties hold their own keys", file=sys.stderr)
-        return 2
-    publics = config.keyring.publics
-    if args.party != AGGREGATOR and args.party not in publics.clients:
-        print(f"--party: {args.party!r} is neither aggregator nor one of keyring.clients {sorted(publics.clients)}", file=sys.stderr)
-        return 2
-    try:
-        party_keyring(publics, args.party, read_key_source(party_key_source(config, args.party), args.party, read_secret))
-    except (OSError, KeyError, ValueError) as err:
-        print(f"keyring.key_source: {err}", file=sys.stderr)
-        return 2
-    record = trust_record(publics, args.party)
-    trusted = record.trusted_digest()
-    if trusted is not None and trusted != keyring_digest(publics) and not args.replace:
-        print(f"{record.path}: {args.party} trusts other keys for this key; add --replace to trust these instead", file=sys.stderr)
-        return 1
-    print(f"aggregator exchange {fingerprint(publics.aggregator_exchange)}, signing {fingerprint(publics.aggregator_signing)}")
-    for name, key in sorted(publics.clients.items()):
-        print(f"client {name} {fingerprint(key)}")
-    print(f"trusted by {args.party}: {record.write(publics, args.party)}")
-    return 0
-
-
-def _party_key(party: str, out: Path | None) -> int:
-    """One party's key on its own machine: the private half stays in `out` (0600), the public
-    half is printed as the config's `keyring` section takes it, with its fingerprint."""
-    from fedlib.wire.keys import AGGREGATOR, fingerprint, public_text, write_party_key
-
-    path = (out or Path(f"~/.fedlib/keys/{party}.pem")).expanduser()
-    try:
-        keys = write_party_key(path, party)
-    except FileExistsError as err:
-        print(err, file=sys.stderr)
-        return 1
-    publics = [k.public_key() for k in keys]
-    print(f"# private key: {path} (0600); it never leaves this machine")
-    if party == AGGREGATOR:
-        print(f"aggregator:\n  exchange: {public_text(publics[0])}  # fingerprint {fingerprint(publics[0])}")
-        print(f"  signing: {public_text(publics[1])}  # fingerprint {fingerprint(publics[1])}")
+def _with_config(
+    parser: argparse.ArgumentParser, verbose: str = "show Prefect's own logs and the libraries' warnings", sets: bool = True
+) -> None:
+    parser.add_argument("config", type=Path, help="the federation's YAML config (a path or an fsspec URL)")
+    if sets:
+        parser.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="FIELD=VALUE",
+            help="override one config field for this run, e.g. --set training.rounds=1 --set clouds[0].storage=s3://bucket/fl",
+        )
     else:
-        print(f"clients:\n  {party}: {public_text(publics[0])}  # fingerprint {fingerprint(publics[0])}")
-    return 0
+        parser.set_defaults(set=[])
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlib", description="Cross-cloud federated LoRA fine-tuning")
+    parser.add_argument("--version", action="version", version=f"fedlib {_version()}")
+    parser.add_argument("--debug", action="store_true", help="on an error, show its traceback too")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run (or continue) the federation a YAML config describes")
-    run.add_argument("config", type=Path)
-    run.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own logs too")
+    _with_config(run)
     run.set_defaults(handler=run_command)
     split = sub.add_parser("split", help="split fine-tuning: the model cut between the clients and a server process")
-    split.add_argument("config", type=Path)
-    split.add_argument("-v", "--verbose", action="store_true", help="show Prefect's own logs too")
+    _with_config(split, sets=False)  # its server process reads the same file
     split.set_defaults(handler=split_command)
     export = sub.add_parser("export", help="write a registered adapter version (default: the champion) to a folder")
-    export.add_argument("config", type=Path)
+    _with_config(export, "show the libraries' warnings")
     export.add_argument("--out", type=Path, required=True, help="folder to write")
     export.add_argument("--version", help="a version number or alias (default: the champion alias)")
     export.add_argument("--merge", action="store_true", help="merge into the base model: a folder AutoModelForCausalLM loads")
-    export.add_argument("-v", "--verbose", action="store_true")
     export.set_defaults(handler=export_command)
     add_ui_parser(sub)
-    keys = sub.add_parser("keys", help="key management").add_subparsers(dest="keys_command", required=True)
-    init = keys.add_parser("init", help="one party's key (--party NAME; prints its public half), or every party's missing keys (CONFIG)")
-    init.add_argument("config", type=Path, nargs="?", help="embedded default: every party's keys in data_dir/keys")
-    init.add_argument("--party", help="aggregator, or a cloud's name: make that party's key on this machine")
-    init.add_argument("--out", type=Path, help="where the private key goes (default ~/.fedlib/keys/<party>.pem)")
-    init.set_defaults(handler=keys_init_command)
-    trust = keys.add_parser(
-        "trust", help="trust a federation's public keys as this party, on this machine (check the fingerprints it prints)"
-    )
-    trust.add_argument("config", type=Path, help="the federation's config, with its keyring section")
-    trust.add_argument("--party", required=True, help="this machine's party: aggregator or a client's name")
-    trust.add_argument("--replace", action="store_true", help="the federation rotated its keys: trust these instead")
-    trust.set_defaults(handler=keys_trust_command)
-    args = parser.parse_args(argv)
-    return args.handler(args)
+    add_keys_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Every command's errors end here: a mistake in the config or a flag is its own message
+    (exit 2), anything else one line (exit 1); `--debug` shows the traceback instead."""
+    args = build_parser().parse_args(argv)
+    from fedlib.config import ConfigError
+
+    errors = Console(stderr=True, highlight=False, soft_wrap=True)  # one line a mistake, however narrow the terminal
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        errors.print("interrupted", style="red")
+        return 130
+    except ConfigError as err:
+        if args.debug:
+            raise
+        errors.print(str(err), style="red", markup=False)
+        return 2
+    except Exception as err:
+        if args.debug:
+            raise
+        said = " ".join(str(err).split()) or "no message"
+        errors.print(f"error: {type(err).__name__}: {said}", style="red", markup=False)
+        errors.print("(fedlib --debug shows the traceback)", markup=False)
+        return 1
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedlib")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -41,6 +42,16 @@ def _environment(prefect_port: int) -> dict[str, str]:
     env["PREFECT_API_URL"] = f"http://127.0.0.1:{prefect_port}/api"
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     return env
+
+
+def _in_use(port: int) -> bool:
+    """Whether a server already listens on loopback `port` (one would fail to bind it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
 
 
 def wait_until_up(urls: dict[str, str], processes: dict[str, subprocess.Popen], timeout_s: float) -> None:
@@ -77,9 +88,20 @@ def stop(processes: dict[str, subprocess.Popen]) -> None:
 
 def ui_command(args: argparse.Namespace) -> int:
     console = Console()
-    config = config_or_report(args.config, console)
+    config = config_or_report(args.config)
     if config is None:
         return 2
+    busy = [(flag, port) for flag, port in (("--prefect-port", args.prefect_port), ("--mlflow-port", args.mlflow_port)) if _in_use(port)]
+    if busy:
+        for flag, port in busy:
+            console.print(
+                f"{flag}: 127.0.0.1:{port} is in use (another server?); choose a free one with {flag} N",
+                style="red",
+                markup=False,
+                soft_wrap=True,
+            )
+        return 2
+    os.environ.setdefault("PREFECT_HOME", str(config.data_path / "prefect"))  # where `fedlib run` kept this federation's runs
     env = _environment(args.prefect_port)
     processes = {
         name: subprocess.Popen(
@@ -117,9 +139,9 @@ def ui_command(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     ui = sub.add_parser("ui", help="start the Prefect and MLflow UIs on loopback on this federation's data")
-    ui.add_argument("config", type=Path)
-    ui.add_argument("--prefect-port", type=int, default=4200)
-    ui.add_argument("--mlflow-port", type=int, default=5000)
+    ui.add_argument("config", type=Path, help="the federation's YAML config: its MLflow store, and its data_dir's Prefect runs")
+    ui.add_argument("--prefect-port", type=int, default=4200, help="loopback port of the Prefect UI")
+    ui.add_argument("--mlflow-port", type=int, default=5000, help="loopback port of the MLflow UI")
     ui.add_argument("--timeout", type=float, default=120, help="seconds to wait for both servers")
     ui.add_argument("-v", "--verbose", action="store_true", help="show the servers' own output")
     ui.set_defaults(handler=ui_command)

@@ -16,13 +16,15 @@ from typing import Any
 
 from prefect import get_run_logger
 
-from fedlib.config import FederationConfig
+from fedlib.config import ConfigError, FederationConfig
+from fedlib.round.preflight import PreflightRequest
 from fedlib.secagg.messages import RevealRequest, SetupRequest, TrainRequest
 from tasks.client import submit_client_round
 from tasks.dispatch import ClientRunLate, dispatch_client
+from tasks.preflight import preflight_client
 from tasks.secagg import secagg_reveal, secagg_setup
 
-Request = SetupRequest | TrainRequest | RevealRequest
+Request = SetupRequest | TrainRequest | RevealRequest | PreflightRequest
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class ClientSteps:
         if c.orchestration.dispatch == "deployments":
             request = secure.to_json() if secure is not None else None
             return dispatch_client.submit(c, client, r, step, request, steps, deadline)
+        if step == "preflight":
+            assert isinstance(secure, PreflightRequest)
+            return preflight_client.submit(c, client, secure.probe_stores)
         if step == "train":
             return submit_client_round(c, client, r, secure, steps)
         if step == "setup":
@@ -85,6 +90,6 @@ class ClientSteps:
                     err or "left running",
                 )
             except Exception as err:  # noqa: BLE001 - recorded, and the round decides on quorum
-                out.failed[client] = f"{type(err).__name__}: {err}"
+                out.failed[client] = str(err) if isinstance(err, ConfigError) else f"{type(err).__name__}: {err}"
                 get_run_logger().warning("round %d: %s %s failed: %s", self.round_number, client, step, out.failed[client])
         return out

@@ -152,15 +152,19 @@ def federated_round(
     round_number: int,
     run_id: str,
     target_round: int,
+    misconfigured: dict[str, str] | None = None,
 ) -> Manifest:
     """Returns the committed manifest. A client that fails after its retries is left out (and
-    recorded); the round fails only if fewer than `aggregation.min_clients` updates survive."""
+    recorded); the round fails only if fewer than `aggregation.min_clients` updates survive.
+    A `misconfigured` client (its preflight failed: why) is not dispatched, and is recorded."""
     started = time.perf_counter()
     assignment = partition_data(config) if config.simulated else {}  # cached: once per lineage
     partitioned = time.perf_counter()
     store = checkpoint_store(config, party_keys(config, AGGREGATOR))  # verified with the key the aggregator trusts
     previous = store.manifest(round_number - 1)
-    clients = sample_clients([c.name for c in config.clouds], config.federation.clients_per_round, config.federation.seed, round_number)
+    sampled = sample_clients([c.name for c in config.clouds], config.federation.clients_per_round, config.federation.seed, round_number)
+    left_out = {c: why for c, why in (misconfigured or {}).items() if c in sampled}
+    clients = [c for c in sampled if c not in left_out]
     budgets = step_budgets(config.training, config.profiles, config.orchestration.round_deadline_s, clients, previous)
     steps = ClientSteps(config, round_number, budgets)
     emit(RoundStarted(round_number, tuple(clients), budgets))
@@ -168,6 +172,8 @@ def federated_round(
     round_of = secure_round if config.secure_aggregation.enabled else plain_round
     result = round_of(steps, clients, expected)
     report = result.outcome.report
+    for client, why in left_out.items():
+        report.reject(client, Reason.MISCONFIGURED, why)
     reports = report.reports
     eval_started = time.perf_counter()
     eval_loss = evaluate_global(config, round_number, result.next_global.adapter)
@@ -185,12 +191,12 @@ def federated_round(
     participation = participation_after(previous.privacy.participation if previous.privacy else {}, clients)
     a = config.aggregation
     recipe = (a.strategy, a.model_dump(mode="json"), list(config.compression.codecs))
-    plan = RoundPlan(config.federation.id, round_number, target_round, list(clients), dict(budgets), *recipe)
+    plan = RoundPlan(config.federation.id, round_number, target_round, list(sampled), dict(budgets), *recipe)
     privacy = privacy_spent(config.privacy, participation)
     held = measured_reports(result.outcome, previous)
     cost = round_cost(config.profiles, config.orchestration.round_deadline_s, held, report.stragglers)
     manifest = round_manifest(previous, plan, result.outcome, cost, eval_loss, timings, (run_id, str(flow_run.id)), privacy)
     committed = commit_round(config, result.next_global, manifest)
-    publish_round_table(config, round_number, clients, reports, dict(report.rejected))
+    publish_round_table(config, round_number, sampled, reports, dict(report.rejected))
     emit(RoundDone(round_number, committed.perplexity))
     return committed

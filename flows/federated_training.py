@@ -22,7 +22,9 @@ from fedlib.round.broadcast import NextGlobal
 from fedlib.round.checkpoint import plan_rounds
 from fedlib.round.manifest import Manifest, base_manifest
 from fedlib.round.planning import budget_stop
+from fedlib.round.preflight import PartiesMisconfigured, PreflightRequest
 from fedlib.wire.keys import AGGREGATOR
+from flows.client_steps import ClientSteps
 from flows.federated_round import federated_round
 from flows.progress_logs import progress_in_run_logs
 from tasks.aggregate import commit_round, evaluate_global, make_initial_adapter
@@ -30,6 +32,7 @@ from tasks.artifacts import publish_summary
 from tasks.credentials import party_keys
 from tasks.data import distribute_data, partition_data
 from tasks.from_config import checkpoint_store, keyring
+from tasks.preflight import preflight_aggregator
 from tasks.registry import register_round, registered_rounds
 from tasks.tracking import finish_tracking, open_tracking, track_final_adapter, track_round, tracked_rounds
 
@@ -55,6 +58,23 @@ def federated_training(config: dict[str, Any] | str, dispatch: Literal["local", 
         return run_federation(settings, config if isinstance(config, str) else None)
 
 
+def preflight(config: FederationConfig, first_round: int, new_lineage: bool) -> dict[str, str]:
+    """Before any training, every party opens what it will open (`tasks.preflight`): the
+    aggregator here, each client where it runs; a new lineage also writes a probe to each
+    bucket (later runs leave a store that is down to the round, which retries and goes on).
+    The aggregator's failure stops the run; a client's leaves it out of every round (recorded
+    as `misconfigured`, and `fedlib run` exits non-zero naming it), unless too few are left."""
+    preflight_aggregator(config, new_lineage)
+    request = PreflightRequest(probe_stores=new_lineage)
+    checked = ClientSteps(config, first_round, {}).run("preflight", [c.name for c in config.clouds], lambda _: request)
+    problems = {**checked.failed, **{c: "its preflight did not finish in time" for c in checked.late}}
+    if len(config.clouds) - len(problems) < config.aggregation.min_clients:
+        raise PartiesMisconfigured(problems)
+    for client, why in problems.items():
+        get_run_logger().warning("%s is left out of this run: %s", client, why)
+    return problems
+
+
 def run_federation(config: FederationConfig, config_path: str | None = None) -> list[Manifest]:
     logger = get_run_logger()
     if config.training.torch_threads:
@@ -66,6 +86,7 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
     plan = plan_rounds(manifests, config.training.rounds)
     logger.info("%s: rounds %d..%d%s", config_path or "<config>", plan.first, plan.last, " (resuming)" if plan.resumed else "")
     emit(PlanMade(plan.first, plan.last))
+    misconfigured = preflight(config, plan.first, new_lineage=not manifests)
 
     started = time.perf_counter()
     if config.simulated:  # one corpus: split it, and send each client its shard
@@ -102,7 +123,7 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
                 logger.warning("%s; stopping before round %d", stop, round_number)
                 emit(Stopped(stop, round_number))
                 break
-            manifests.append(federated_round(config, round_number, run_id, plan.last))
+            manifests.append(federated_round(config, round_number, run_id, plan.last, misconfigured))
             track_round(config, run_id, round_number, manifests)
             register_round(config, run_id, manifests[-1], store.adapter_of(manifests[-1])[0])
         final = manifests[-1]

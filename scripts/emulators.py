@@ -123,6 +123,15 @@ def _keep_multipart_bytes() -> None:
     server._decode_raw_data, server._read_data, server._fedlib_exact_multipart = decode_and_keep, read_exact, True
 
 
+def _die_with_parent() -> None:
+    """In the child, before Azurite starts: the kernel sends it SIGTERM when this process dies,
+    however it dies (a killed test run, a closed pipe), so no emulator outlives its owner."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @dataclass
 class AzuriteEmulator:
     port: int = field(default_factory=free_port)
@@ -158,6 +167,7 @@ class AzuriteEmulator:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         wait_for_port(self.port)
         return self
@@ -186,30 +196,51 @@ def environment(s3: S3Emulator, gcs: GCSEmulator, azure: AzuriteEmulator) -> dic
 
 def main(argv: list[str]) -> int:
     """The ports match configs/three-clouds-emulated.yaml (override with FEDLIB_EMULATOR_PORTS)."""
+    import argparse
     import logging
 
+    parser = argparse.ArgumentParser(
+        prog="scripts/emulators.py",
+        description="Start S3 (moto), GCS and Azure Blob (Azurite) emulators on 127.0.0.1 and print the environment that "
+        "points the providers' SDKs at them; stop them on Ctrl-C. With `-- COMMAND`, run the command in that environment "
+        "and stop them when it ends. Ports: FEDLIB_EMULATOR_PORTS (default 9100,9200,10000, as configs/three-clouds-emulated.yaml).",
+    )
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="after --: a command to run with the emulators up")
+    command = parser.parse_args(argv).command
+    command = command[1:] if command[:1] == ["--"] else command
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    command = argv[argv.index("--") + 1 :] if "--" in argv else []
     ports = [int(p) for p in os.environ.get("FEDLIB_EMULATOR_PORTS", "9100,9200,10000").split(",")]
     location = ROOT / ".fedlib" / "azurite"
     location.mkdir(parents=True, exist_ok=True)
-    s3, gcs = S3Emulator(ports[0]).start(), GCSEmulator(ports[1]).start()
-    azure = AzuriteEmulator(ports[2], location).start()
-    env = environment(s3, gcs, azure)
-    print("Emulators up: S3", s3.url, "| GCS", gcs.url, "| Azure", azure.url, flush=True)
+    started: list = []
     try:
+        started.append(S3Emulator(ports[0]).start())
+        started.append(GCSEmulator(ports[1]).start())
+        started.append(AzuriteEmulator(ports[2], location).start())
+        s3, gcs, azure = started
+        env = environment(s3, gcs, azure)
+        print("Emulators up: S3", s3.url, "| GCS", gcs.url, "| Azure", azure.url, flush=True)
         if command:
             return subprocess.run(command, env={**os.environ, **env}).returncode
         print("Export these, then run: .venv/bin/fedlib run configs/three-clouds-emulated.yaml")
         for key, value in env.items():
-            print(f"export {key}='{value}'")
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            print(f"export {key}='{value}'", flush=True)
+        for stop_on in (signal.SIGTERM, signal.SIGHUP):  # like Ctrl-C: a closed terminal, a kill
+            signal.signal(stop_on, _interrupt)
+        while True:
+            signal.pause()
+    except (KeyboardInterrupt, BrokenPipeError):  # BrokenPipe: whoever read our output went away
+        pass
     finally:
-        for emulator in (azure, gcs, s3):
+        for emulator in reversed(started):
             emulator.stop()
         if os.environ.get("FEDLIB_EMULATOR_KEEP") != "1":
             shutil.rmtree(location, ignore_errors=True)
     return 0
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

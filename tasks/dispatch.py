@@ -29,7 +29,9 @@ class ClientRunLate(RuntimeError):
 
 def client_run_name(client: str, round_number: int, step: str) -> str:
     """Training keeps the plain name; the secure-aggregation steps say which step they are."""
-    return f"{client}-round-{round_number}" + ("" if step == "train" else f"-secagg-{step}")
+    if step == "train":
+        return f"{client}-round-{round_number}"
+    return f"{client}-round-{round_number}-" + (step if step == "preflight" else f"secagg-{step}")
 
 
 def cancel_run(run_id, why: str, grace_s: float) -> str:
@@ -78,4 +80,5 @@ def dispatch_client(
         final = cancel_run(run.id, why, orchestration.cancel_grace_s)
         get_run_logger().warning("%s: flow run %s cancelled (%s)", deployment, run.name, final)
         raise ClientRunLate(f"flow run {run.name} cancelled after {timeout:.0f} s")
-    raise ClientRunFailed(f"{deployment}: flow run {run.name} is {state.name}")
+    said = f": {state.message}" if state.message else ""
+    raise ClientRunFailed(f"{deployment}: flow run {run.name} is {state.name}{said}")

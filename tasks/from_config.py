@@ -53,6 +53,7 @@ class FederationData:
     train: BlockSet
     held_out: torch.Tensor  # [n, seq_len]: every block of the held-out documents
     max_blocks: int  # the first this many are the aggregator's evaluation set
+    held_out_names: tuple[str, ...] = ()  # the documents they come from
 
     @property
     def evaluation(self) -> torch.Tensor:
@@ -168,11 +169,12 @@ def load_data(config: FederationConfig) -> FederationData:
         return tokenize_blocks(docs, load_tokenizer(config.model.source), cfg.seq_len)
 
     blocks = cached_blocks(config.data_path / "cache", key, build)
-    held_out = set(config.evaluation.documents)
-    unknown = held_out - set(blocks.document_ids)
+    names = held_out_documents(config, blocks)
+    held_out_set = set(names)
+    unknown = held_out_set - set(blocks.document_ids)
     if unknown:
         raise ValueError(f"evaluation.documents: {sorted(unknown)} are not documents of the corpus")
-    is_eval = torch.tensor([blocks.document_ids[d] in held_out for d in blocks.block_document.tolist()])
+    is_eval = torch.tensor([blocks.document_ids[d] in held_out_set for d in blocks.block_document.tolist()])
     train_index = torch.nonzero(~is_eval).flatten()
     train = BlockSet(
         tokens=blocks.tokens[train_index],
@@ -183,7 +185,18 @@ def load_data(config: FederationConfig) -> FederationData:
     held_out = blocks.tokens[is_eval]
     if len(held_out) == 0:
         raise ValueError("evaluation.documents: the held-out documents yield no block")
-    return FederationData(train=train, held_out=held_out, max_blocks=config.evaluation.max_blocks)
+    return FederationData(train=train, held_out=held_out, max_blocks=config.evaluation.max_blocks, held_out_names=names)
+
+
+def held_out_documents(config: FederationConfig, blocks: BlockSet) -> tuple[str, ...]:
+    """The documents no client trains on: `evaluation.documents` as named, `macbeth` for the
+    shipped corpus, or a seeded `evaluation.held_out_share` of the user's own documents."""
+    named = config.evaluation.documents
+    if named is not None:
+        return named
+    if config.data.corpus == "shakespeare":
+        return ("macbeth",)
+    return blocks.held_out_share(config.evaluation.held_out_share, config.federation.seed)
 
 
 def evaluation_examples(config: FederationConfig) -> Examples:

@@ -6,6 +6,7 @@ transformers, merged) loads."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,12 +21,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
-from fedlib.model.base import base_revision, load_base_model, load_tokenizer, save_adapter_folder
-from fedlib.reports.tables import RegistryEntry, adapter_artifact_path, champion_of, lineage_tags, signed_versions
+from fedlib.model.base import base_revision, load_base_model, load_tokenizer, model_folder
+from fedlib.model.pool import POOL
+from fedlib.reports.tables import RegistryEntry, adapter_artifact_path, champion_of, model_card, signed_versions, version_tags
 from fedlib.round.manifest import Manifest
 from fedlib.wire.keys import AGGREGATOR
 from tasks.credentials import party_keys
-from tasks.from_config import Tensors, checkpoint_store
+from tasks.from_config import Tensors, checkpoint_store, model_key
 
 
 def _client(config: FederationConfig) -> MlflowClient:
@@ -78,15 +80,15 @@ def register_round(config: FederationConfig, run_id: str, manifest: Manifest, ad
     if round_number not in versions:
         path = adapter_artifact_path(round_number)
         with tempfile.TemporaryDirectory() as tmp:
-            save_pyfunc_model(config, adapter, Path(tmp) / "model")
+            card = model_card(manifest, config.model.source, base_revision(config.model.source), config.registered_model_name)
+            save_transformers_model(config, adapter, Path(tmp) / "model", card)
             client.log_artifacts(run_id, str(Path(tmp) / "model"), path)
-        tags = lineage_tags(manifest, config.model.source, base_revision(config.model.source))
         created = client.create_model_version(
             name,
             f"runs:/{run_id}/{path}",
             run_id=run_id,
-            tags=tags,
-            description=f"Round {round_number}: held-out perplexity {manifest.perplexity:.2f}, from {tags['clients'] or 'no clients'}.",
+            tags=version_tags(manifest, base_revision(config.model.source)),
+            description=card,
         )
         versions = versions_by_round(client, name, signed)
         if round_number not in versions:  # its tags or source do not match the signed manifest: a bug, not an attack
@@ -100,32 +102,54 @@ def register_round(config: FederationConfig, run_id: str, manifest: Manifest, ad
 
 PROMPTS = Schema([ColSpec("string")])  # one string per prompt: predict(["..."]) or a one-column frame
 ANSWERS = Schema([ColSpec("string")])
+EXAMPLE_PROMPT = "Who is the king of Denmark?"
 
 
-def save_pyfunc_model(config: FederationConfig, adapter: Tensors, folder: Path) -> None:
-    """The round's adapter as an MLflow pyfunc model (`tasks/pyfunc_adapter.py`) with a
-    signature: `mlflow.pyfunc.load_model("models:/<name>@champion").predict(["a prompt"])`
-    answers. The PEFT adapter folder sits inside it, under `artifacts/adapter`. Requirements are
-    stated, not inferred (inference would import and time every dependency, each round)."""
-    import mlflow.pyfunc
+def save_transformers_model(config: FederationConfig, adapter: Tensors, folder: Path, card: str) -> None:
+    """The round's adapter as an MLflow transformers-flavour model: PEFT's adapter folder (under
+    `peft/`), the tokenizer, and a reference to the base model, which is not copied into every
+    version. Loading it runs MLflow's and transformers' own code only: nothing stored in the
+    artifact store is executed, and fedlib need not be installed where it loads.
+
+    The base is referenced by the folder it loads from on this machine (`base_model_path`); on
+    another machine pass `base_model_path=` to `mlflow.transformers.load_model`, a folder holding
+    the same weights (`docs/results.md` says how to make it for the shipped model). Prompts are
+    rendered with the tokenizer's chat template (a `{prompt}` template) and answered greedily.
+    Requirements are stated, not inferred (inference would import and time every dependency)."""
+    import mlflow.transformers
     import peft
     import torch
     import transformers
 
-    with tempfile.TemporaryDirectory() as tmp:
-        save_adapter_folder(config.lora, config.model.source, adapter, Path(tmp) / "adapter")
-        mlflow.pyfunc.save_model(
+    tokenizer = load_tokenizer(config.model.source)
+    with POOL.lora_model(model_key(config), adapter) as model:
+        mlflow.transformers.save_model(
+            transformers_model={"model": model, "tokenizer": tokenizer},
             path=str(folder),
-            python_model=str(Path(__file__).with_name("pyfunc_adapter.py")),
-            artifacts={"adapter": str(Path(tmp) / "adapter")},
-            model_config={"source": config.model.source},
+            task="text-generation",
+            base_model_path=str(model_folder(config.model.source)),
+            prompt_template=chat_prompt_template(tokenizer),
+            model_config={"max_new_tokens": 48, "do_sample": False, "return_full_text": False},
             signature=ModelSignature(PROMPTS, ANSWERS, ParamSchema([ParamSpec("max_new_tokens", "long", 48)])),
+            input_example=[EXAMPLE_PROMPT],
             pip_requirements=[
+                f"mlflow=={mlflow.__version__}",
                 f"torch=={torch.__version__.split('+')[0]}",
                 f"transformers=={transformers.__version__}",
                 f"peft=={peft.__version__}",
             ],
         )
+    (folder / "model_card.md").write_text(card)
+
+
+def chat_prompt_template(tokenizer) -> str | None:
+    """The tokenizer's chat template around one user message, as MLflow's `{prompt}` template;
+    None for a tokenizer without one (prompts then go in as written)."""
+    if not tokenizer.chat_template:
+        return None
+    marker = "PROMPT-7f3c"  # rendered through the template, then swapped for MLflow's placeholder
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True)
+    return text.replace("{", "{{").replace("}", "}}").replace(marker, "{prompt}")
 
 
 def resolve_version(config: FederationConfig, version: str | None) -> ModelVersion:
@@ -142,19 +166,27 @@ def resolve_version(config: FederationConfig, version: str | None) -> ModelVersi
 
 
 def export_version(config: FederationConfig, version: str | None, out: Path, merge: bool) -> ModelVersion:
-    """Writes the version's PEFT adapter folder to `out`, or with `merge` the base model with
-    the adapter folded in, plus its tokenizer, as a plain transformers folder."""
+    """Writes the version's PEFT adapter folder to `out`, with the tokenizer and the model card
+    (`README.md`), so that `AutoPeftModelForCausalLM.from_pretrained(out)` and
+    `AutoTokenizer.from_pretrained(out)` load it; its `base_model_name_or_path` is the base's hub
+    id and revision for an `hf:` base, else the folder the base loads from here. With `merge`,
+    the base model with the adapter folded in, plus its tokenizer and card: a plain transformers
+    folder that needs nothing else."""
     chosen = resolve_version(config, version)
     out.mkdir(parents=True, exist_ok=True)
     from peft import PeftModel
 
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = _adapter_folder(
-            Path(mlflow.artifacts.download_artifacts(artifact_uri=chosen.source, dst_path=tmp, tracking_uri=config.tracking_uri))
-        )
+        downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=chosen.source, dst_path=tmp, tracking_uri=config.tracking_uri))
+        adapter = _adapter_folder(downloaded)
+        card = downloaded / "model_card.md"
+        if card.exists():
+            shutil.copy(card, out / "README.md")
         if not merge:
             for item in adapter.iterdir():
                 shutil.move(str(item), out / item.name)
+            _portable_base(out / "adapter_config.json", config.model.source)
+            load_tokenizer(config.model.source).save_pretrained(str(out))
             return chosen
         merged = PeftModel.from_pretrained(load_base_model(config.model.source), str(adapter)).merge_and_unload()
     merged.config.use_cache = True  # the merged model is for generation as much as scoring
@@ -163,10 +195,25 @@ def export_version(config: FederationConfig, version: str | None, out: Path, mer
     return chosen
 
 
+def _portable_base(adapter_config: Path, source: str) -> None:
+    """Point an exported adapter at its base as another machine can find it: an `hf:` base by its
+    hub id and the revision this machine holds; a folder or the shipped model by the folder it
+    loads from (documented in `docs/results.md`)."""
+    settings = json.loads(adapter_config.read_text())
+    if source.startswith("hf:"):
+        folder = model_folder(source)
+        settings["base_model_name_or_path"] = source.removeprefix("hf:")
+        settings["revision"] = folder.name  # the snapshot folder is named by its commit
+    else:
+        settings["base_model_name_or_path"] = str(model_folder(source))
+    adapter_config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+
 def _adapter_folder(downloaded: Path) -> Path:
-    """The PEFT folder inside a version: under the pyfunc model's `artifacts/adapter`, or the
-    version itself (versions registered before the pyfunc model was)."""
-    for found in [*sorted(downloaded.glob("artifacts/*/adapter_config.json")), downloaded / "adapter_config.json"]:
+    """The PEFT folder inside a version: the transformers flavour's `peft/`, or for versions
+    registered before it, a pyfunc model's `artifacts/adapter` or the version itself."""
+    candidates = [downloaded / "peft" / "adapter_config.json", *sorted(downloaded.glob("artifacts/*/adapter_config.json"))]
+    for found in [*candidates, downloaded / "adapter_config.json"]:
         if found.exists():
             return found.parent
     raise LookupError(f"no PEFT adapter in {downloaded}")

@@ -18,7 +18,7 @@ from fedlib.config import FederationConfig
 from fedlib.model.base import save_adapter_folder
 from fedlib.reports.plots import loss_figure, progress_figure
 from fedlib.round.manifest import Manifest, to_json
-from tasks.from_config import Tensors, evaluation_examples
+from tasks.from_config import Tensors, evaluation_examples, load_data
 
 
 def _client(config: FederationConfig) -> MlflowClient:
@@ -27,6 +27,8 @@ def _client(config: FederationConfig) -> MlflowClient:
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if value is None:  # unset: the default the docs name, not the string "None"
+        return
     if isinstance(value, dict):
         for key, inner in value.items():
             _flatten(f"{prefix}.{key}" if prefix else key, inner, out)
@@ -35,6 +37,19 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
             _flatten(f"{prefix}.{i}", inner, out)
     else:
         out[prefix] = str(value)[:6000]
+
+
+# MLflow 3's UI opens an experiment by its kind; without one it guesses GenAI and shows traces.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "finetuning"}
+
+
+def _sections_in_use(params: dict[str, Any], config: FederationConfig, split: bool) -> dict[str, Any]:
+    """The config as the run's params, less the sections this run does not use: split's outside
+    a split run, privacy's and secure aggregation's when off, the keyring's public keys."""
+    unused = {"keyring"} | ({"privacy"} if not config.privacy.enabled else set())
+    unused |= {"secure_aggregation"} if not config.secure_aggregation.enabled else set()
+    unused |= {"split"} if not split else set()
+    return {section: value for section, value in params.items() if section not in unused}
 
 
 @task(name="open-tracking", task_run_name="open-tracking", cache_policy=NO_CACHE)
@@ -49,12 +64,12 @@ def open_tracking(config: FederationConfig, run_id: str | None, run_name: str | 
     experiment_id = (
         experiment.experiment_id
         if experiment is not None
-        else client.create_experiment(config.experiment_name, artifact_location=config.artifact_location)
+        else client.create_experiment(config.experiment_name, artifact_location=config.artifact_location, tags=EXPERIMENT_TAGS)
     )
-    tags = {"tasks.from_config": config.federation.id, "fedlib.client_stated": CLIENT_STATED}
+    tags = {"fedlib.federation": config.federation.id, "fedlib.client_stated": CLIENT_STATED}
     run = client.create_run(experiment_id, run_name=run_name or config.federation.id, tags=tags)
     params: dict[str, str] = {}
-    _flatten("", config.model_dump(mode="json"), params)
+    _flatten("", _sections_in_use(config.model_dump(mode="json"), config, split=run_name is not None), params)
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in sorted(params.items())])
     return run.info.run_id
 
@@ -130,9 +145,11 @@ def round_datasets(manifest: Manifest) -> list[DatasetInput]:
 
 
 def evaluation_dataset(config: FederationConfig, examples_digest: str, size: int) -> DatasetInput:
-    source = json.dumps(
-        {"urls": list(config.evaluation.data) or [f"{config.data.corpus or 'urls'}:{','.join(config.evaluation.documents)}"]}
-    )
+    if config.evaluation.data:
+        urls = list(config.evaluation.data)
+    else:
+        urls = [f"{config.data.corpus or 'urls'}:{','.join(load_data(config).held_out_names)}"]
+    source = json.dumps({"urls": urls})
     dataset = Dataset(
         name="evaluation",
         digest=examples_digest,

@@ -80,7 +80,7 @@ def test_every_command_refuses_a_bad_config_by_its_path(tmp_path, capsys, argv):
     bad.write_text("clouds: [aws\n")
     command = argv[:2] if argv[0] == "keys" else argv[:1]
     assert main([*command, str(bad), *argv[len(command) :]]) == 2
-    assert f"{bad}: not valid YAML" in " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert f"{bad}: not valid YAML" in " ".join(capsys.readouterr().err.split())  # rich wraps long lines
 
 
 def test_model_sources_and_config_as_data(tmp_path, tiny_model_dir):

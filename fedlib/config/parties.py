@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from fedlib.config.sections import NAME, _Strict
+from fedlib.config.sections import NAME, _Strict, known_protocol, known_protocols
 
 
 class CloudProfile(_Strict):
@@ -65,6 +65,9 @@ class CloudConfig(_Strict):
         if not NAME.match(value):
             raise ValueError("must be lowercase letters, digits, '-' or '_' (it names storage keys)")
         return value
+
+    _storage = field_validator("storage")(lambda value: value if value is None else known_protocol(value))
+    _files = field_validator("data", "validation")(known_protocols)
 
 
 class AggregatorKeys(_Strict):
@@ -188,6 +191,8 @@ class FederationSettings(_Strict):
     `<url>/<id>/round-NNNN/`: the aggregator writes, every client reads. Unset: a folder in `data_dir`."""
     checkpoint_options: dict[str, Any] = Field(default_factory=dict)
     """Its fsspec options, without credentials (each party takes those from its own environment)."""
+
+    _checkpoints = field_validator("checkpoints")(lambda value: value if value is None else known_protocol(value))
 
     @field_validator("id")
     @classmethod

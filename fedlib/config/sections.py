@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+import fsspec
+from fsspec.core import split_protocol
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedlib.codecs import CodecChain
@@ -37,6 +39,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
+def known_protocol(value: str) -> str:
+    """A URL fsspec can open, or a local path: an unknown protocol (`s4://`) is refused when the
+    config is read, not when a party first opens it mid-round."""
+    for part in value.split("::"):
+        protocol = split_protocol(part)[0]
+        if protocol is not None and protocol not in fsspec.available_protocols():
+            raise ValueError(f"{value!r}: unknown storage protocol {protocol!r}; use s3://, gs://, az://, file:// or a local path")
+    return value
+
+
+def known_protocols(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(known_protocol(v) for v in values)
+
+
 class ModelConfig(_Strict):
     """`source` is a shipped model's name, a local Hugging Face model folder, `hf:<repo id>`
     (resolved from the local Hugging Face cache, offline), or the fsspec URL of a model folder in
@@ -51,8 +67,10 @@ class ModelConfig(_Strict):
     @field_validator("source")
     @classmethod
     def _known_or_folder(cls, value: str) -> str:
-        if value in BUILTIN_MODELS or (value.startswith("hf:") and "/" in value) or "://" in value:
+        if value in BUILTIN_MODELS or (value.startswith("hf:") and "/" in value):
             return value
+        if "://" in value:
+            return known_protocol(value)
         folder = Path(value).expanduser()
         if not (folder / "config.json").is_file():
             raise ValueError(
@@ -72,6 +90,8 @@ class DataConfig(_Strict):
     `group`/`source`) files, as fsspec URLs or globs."""
     seq_len: int = Field(128, ge=8, le=4096)
     """Tokens per training and evaluation block; an instruction record is padded to it (attention-masked), a longer one cut."""
+
+    _urls = field_validator("urls")(known_protocols)
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -102,8 +122,13 @@ class EvaluationConfig(_Strict):
     simulated mode up to `client_blocks` held-out blocks the aggregator does not use), and
     reports loss and token count in its sealed update."""
 
-    documents: tuple[str, ...] = ("macbeth",)
-    """Documents held out from every client and scored each round."""
+    documents: tuple[str, ...] | None = None
+    """Documents held out from every client and scored each round, by name: a `.txt`/`.md` file's name without its
+    extension, a `.jsonl` record's `id` (else `<file name>-<line>`). Unset: `macbeth` for the shipped corpus; for your own
+    `data.urls`, a seeded `held_out_share` of the documents."""
+    held_out_share: float = Field(0.1, gt=0, lt=1)
+    """With your own `data.urls` and no `documents` named: the share of documents held out (at least one), drawn from
+    `federation.seed`; the names are logged."""
     data: tuple[str, ...] = ()
     """The aggregator's own held-out files (fsspec URLs; text, or instruction records scored on the answers only); empty: the
     corpus's `documents`."""
@@ -114,6 +139,8 @@ class EvaluationConfig(_Strict):
     scores the adapter it receives on it (MLflow `eval/federated_perplexity`)."""
     batch_size: int = Field(8, ge=1)
     """Examples per evaluation batch."""
+
+    _data = field_validator("data")(known_protocols)
 
 
 class LoraSettings(_Strict):

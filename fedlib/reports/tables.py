@@ -1,5 +1,5 @@
 """What people read about a federation, computed from its manifests: the round table, the
-summary, and the lineage a registered adapter version carries.
+summary, and a registered adapter version's tags and model card.
 
 Pure functions over committed manifests, so the Prefect artifact, the MLflow registry and a
 test all read the same facts from the same place.
@@ -7,7 +7,6 @@ test all read the same facts from the same place.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -77,33 +76,51 @@ def left_out_of(manifest: Manifest) -> dict[str, str]:
     return {client: rejection.reason for client, rejection in manifest.rejected.items()}
 
 
-def lineage_tags(manifest: Manifest, base_model: str, base_revision: str) -> dict[str, str]:
-    """Tags of the registry version made from a round's adapter: where it came from, who made it,
-    what it cost to move, and what it may have leaked (ε)."""
-    clients = manifest.clients
+def version_tags(manifest: Manifest, base_revision: str) -> dict[str, str]:
+    """The few tags of a round's registry version, what people filter and sort versions by: its
+    round, its perplexity, its adapter's digest (which ties it to the signed manifest), its
+    base's revision, and with DP the ε spent. The rest of its lineage is its model card."""
     tags = {
         "round": str(manifest.round),
-        "federation": manifest.federation,
-        "base_model": base_model,
-        "base_model_revision": base_revision,
-        "clients": ",".join(manifest.accepted),
-        "examples": json.dumps({c: clients[c].num_examples for c in manifest.accepted if c in clients}),
-        "left_out": json.dumps(left_out_of(manifest)),
-        "bytes_uploaded": str(manifest.bytes_uploaded),
-        "bytes_downloaded": str(sum(r.bytes_downloaded for r in clients.values())),
-        "strategy": manifest.strategy,
-        "codecs": ",".join(manifest.codecs) or "none",
-        "eval_loss": repr(float(manifest.eval_loss)),
         "perplexity": repr(float(manifest.perplexity)),
         "adapter_sha256": manifest.adapter_sha256,
-        "mlflow_run_id": manifest.mlflow_run_id,
+        "base_model_revision": base_revision,
     }
     if manifest.privacy is not None:
         tags["epsilon"] = repr(float(manifest.privacy.epsilon))
-        tags["delta"] = repr(float(manifest.privacy.delta))
-    if manifest.prefect_flow_run_id:
-        tags["prefect_flow_run_id"] = manifest.prefect_flow_run_id
     return tags
+
+
+def model_card(manifest: Manifest, base_model: str, base_revision: str, registered_model: str) -> str:
+    """A round's adapter as people read it in MLflow and beside an exported folder: what it is
+    trained from and on, by whom, how well it does, what it cost to move and may have leaked."""
+    clients = manifest.clients
+    accepted = [c for c in manifest.accepted if c in clients]
+    privacy = manifest.privacy
+    lines = [
+        f"# {registered_model}, round {manifest.round}",
+        "",
+        f"A LoRA adapter of federation `{manifest.federation}`: round {manifest.round} of its signed lineage.",
+        "",
+        f"- base model: `{base_model}` (revision `{base_revision}`); the adapter is applied to it, never shipped with it",
+        f"- held-out perplexity {manifest.perplexity:.2f} (eval loss {manifest.eval_loss:.4f}), "
+        f"aggregated by `{manifest.strategy}`, codecs: {', '.join(manifest.codecs) or 'none'}",
+        f"- trained from round {manifest.round - 1}'s adapter `{manifest.parent_adapter_sha256[:16]}`; "
+        f"this adapter `{manifest.adapter_sha256[:16]}`",
+        f"- clients: {', '.join(accepted) or 'none'}; left out: "
+        + (", ".join(f"{c} ({why})" for c, why in left_out_of(manifest).items()) or "none"),
+        f"- bytes uploaded {manifest.bytes_uploaded:,}, across cloud boundaries {manifest.bytes_crossing_clouds:,}",
+        f"- privacy: ε = {privacy.epsilon:.4g} at δ = {privacy.delta:g}" if privacy is not None else "- privacy: no differential privacy",
+        f"- MLflow run `{manifest.mlflow_run_id}`"
+        + (f", Prefect flow run `{manifest.prefect_flow_run_id}`" if manifest.prefect_flow_run_id else ""),
+        "",
+        "| client | examples | local steps | data digest |",
+        "|---|---:|---:|---|",
+    ]
+    for client in accepted:
+        report = clients[client]
+        lines.append(f"| {client} | {report.num_examples} | {report.local_steps} | `{report.data_digest or '-'}` |")
+    return "\n".join(lines) + "\n"
 
 
 def adapter_artifact_path(round_number: int) -> str:

@@ -9,6 +9,7 @@ Two trees, each under a root URL (any fsspec URL: `file://`, `s3://`, `gs://`, `
     <checkpoints>/<federation>/round-NNNN/manifest.json, head.json    signed by the aggregator
                                round-NNNN/adapter-<sha256[:16]>.safetensors (and strategy state, broadcast)
 
+Before a new lineage's first round each party writes and removes `<store>/.fedlib-preflight-<party>`.
 A client's reveal ledger is not in a bucket at all (`fedlib.wire.trust.reveal_folder`).
 """
 
@@ -52,6 +53,12 @@ class Layout:
 def message_url(round_folder: str, client: str, kind: str, session: str) -> str:
     """A secure-aggregation message (`setup`, `reveal`, ...) of one session, in the round's folder."""
     return join(round_folder, f"{client}.{kind}-{session}")
+
+
+def probe_url(store: str, party: str) -> str:
+    """A party's preflight probe, written and removed at the root of a store it writes (its
+    bucket, or the checkpoint store) before a new lineage's first round."""
+    return join(store, f".fedlib-preflight-{party}")
 
 
 def reveal_url(ledger_folder: str, session: str) -> str:

@@ -74,6 +74,12 @@ def write_exclusive(url: str, data: bytes | bytearray, options: Options | None =
     return True
 
 
+def remove(url: str, options: Options | None = None) -> None:
+    fs, path = filesystem(url, options)
+    fs.rm_file(path)
+    fs.invalidate_cache(posixpath.dirname(path))
+
+
 def _ensure_bucket(fs, path: str) -> None:
     bucket = path.split("/", 1)[0]
     fs.invalidate_cache(bucket)
