@@ -165,10 +165,13 @@ def _client_runs(server: PrefectServer, parent_run_id: str):
 def test_each_client_runs_on_its_own_pool_and_schedules_continue(prefect_server, deployed_config):
     first = _run_federation(prefect_server, deployed_config)
     runs = _client_runs(prefect_server, first)
-    assert sorted((r.name, r.work_pool_name) for r in runs) == [
+    assert sorted((r.name, r.work_pool_name) for r in runs) == [  # each client's preflight too runs on its own pool
         ("aws-round-1", "aws-pool"),
+        ("aws-round-1-preflight", "aws-pool"),
         ("azure-round-1", "azure-pool"),
+        ("azure-round-1-preflight", "azure-pool"),
         ("gcp-round-1", "gcp-pool"),
+        ("gcp-round-1-preflight", "gcp-pool"),
     ]
     assert all(r.state.is_completed() for r in runs)
 
@@ -188,7 +191,9 @@ def test_each_client_runs_on_its_own_pool_and_schedules_continue(prefect_server,
     assert {store.manifest(r).mlflow_run_id for r in range(3)} == {first_final.mlflow_run_id}
     second_runs = [r for r in _client_runs(prefect_server, first) if "round-2" in r.name]
     assert sorted((r.name, r.work_pool_name) for r in second_runs) == sorted(
-        (f"{cloud}-round-2{step}", f"{cloud}-pool") for cloud in ("aws", "gcp", "azure") for step in ("", "-secagg-setup", "-secagg-reveal")
+        (f"{cloud}-round-2{step}", f"{cloud}-pool")
+        for cloud in ("aws", "gcp", "azure")
+        for step in ("", "-preflight", "-secagg-setup", "-secagg-reveal")
     )
     assert all(r.state.is_completed() for r in second_runs)
 
