@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from fedlib.config.sections import NAME, _Strict, known_protocol, known_protocols
+from fedlib.config.sections import NAME, _Strict, known_protocol_or_unset, known_protocols
 
 
 class CloudProfile(_Strict):
@@ -66,7 +66,7 @@ class CloudConfig(_Strict):
             raise ValueError("must be lowercase letters, digits, '-' or '_' (it names storage keys)")
         return value
 
-    _storage = field_validator("storage")(lambda value: value if value is None else known_protocol(value))
+    _storage = field_validator("storage")(known_protocol_or_unset)
     _files = field_validator("data", "validation")(known_protocols)
 
 
@@ -192,7 +192,7 @@ class FederationSettings(_Strict):
     checkpoint_options: dict[str, Any] = Field(default_factory=dict)
     """Its fsspec options, without credentials (each party takes those from its own environment)."""
 
-    _checkpoints = field_validator("checkpoints")(lambda value: value if value is None else known_protocol(value))
+    _checkpoints = field_validator("checkpoints")(known_protocol_or_unset)
 
     @field_validator("id")
     @classmethod

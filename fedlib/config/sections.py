@@ -49,6 +49,10 @@ def known_protocol(value: str) -> str:
     return value
 
 
+def known_protocol_or_unset(value: str | None) -> str | None:
+    return value if value is None else known_protocol(value)
+
+
 def known_protocols(values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(known_protocol(v) for v in values)
 
