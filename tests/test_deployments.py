@@ -1,5 +1,5 @@
 """The federation as a Prefect user runs it: a real local Prefect server, a process work pool and
-worker per cloud (plus the aggregator's), deployments from deployments/prefect.yaml, runs
+worker per cloud (plus the aggregator's), deployments from deployments/prefect.process.yaml, runs
 triggered with `prefect deployment run`."""
 
 from __future__ import annotations
@@ -107,15 +107,58 @@ class PrefectServer:
             return asyncio.run(call())
 
 
+def _scheduled_federation_runs(server: PrefectServer, deployment_id) -> list:
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    async def read(client):
+        return await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
+        )
+
+    return server.client_call(read)
+
+
+def _read_federation_deployment(server: PrefectServer):
+    async def read(client):
+        return await client.read_deployment_by_name("federated-training/federation")
+
+    return server.client_call(read)
+
+
 @pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory, emulators):
+def prefect_server(tmp_path_factory, emulators, deployed_config):
     server = PrefectServer(tmp_path_factory.mktemp("prefect-server"), emulators)
     try:
         server.spawn("server", "server", "start", "--host", "127.0.0.1", "--port", str(server.port))
         server.wait_healthy()
         for pool in POOLS:
             server.cli("work-pool", "create", pool, "--type", "process")
-        server.cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+        # Deployed as the file's header says: the schedule's config is $FEDLIB_CONFIG at deploy time.
+        server.env["FEDLIB_CONFIG"] = str(deployed_config)
+        server.cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.process.yaml")
+        # The scheduler service fills in the schedule's next runs; keep them for the schedule's
+        # test, then pause it, so that no 03:00 UTC run joins the runs these tests start.
+        deployment = _read_federation_deployment(server)
+        deadline = time.monotonic() + 60
+        while not (scheduled := _scheduled_federation_runs(server, deployment.id)) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        server.scheduled_runs = scheduled
+        [schedule] = deployment.schedules
+
+        async def pause(client):  # as `prefect deployment schedule pause` would, but keeping the parameters,
+            await client.update_deployment_schedule(  # which Prefect 3.8.8's pause clears
+                deployment.id, schedule.id, active=False, parameters=schedule.parameters
+            )
+
+        server.client_call(pause)
         for pool in POOLS:
             server.spawn(pool, "worker", "start", "--pool", pool, "--type", "process", env=server.pool_env[pool])
         yield server
@@ -124,9 +167,49 @@ def prefect_server(tmp_path_factory, emulators):
 
 
 @pytest.fixture(scope="module")
-def deployed_config(tmp_path_factory, corpus_dir, tiny_model_dir, emulators) -> Path:
+def mlflow_server(tmp_path_factory, emulators):
+    """The aggregator's tracking as docs/deploying.md asks for it on the clouds: an MLflow tracking
+    server whose artifacts (the registered versions among them) go to a bucket, moto's S3 here."""
+    import s3fs
+
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    bucket = s3fs.S3FileSystem(key="test", secret="test", client_kwargs={"endpoint_url": emulators["s3"].url})
+    bucket.mkdir("mlflow-artifacts")
+    port = free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_S3_ENDPOINT_URL": emulators["s3"].url,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
+    command = [
+        str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", "s3://mlflow-artifacts/fedlib",
+    ]  # fmt: skip
+    with open(folder / "server.log", "w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                assert process.poll() is None and time.monotonic() < deadline, f"mlflow server did not start; see {folder}/server.log"
+                time.sleep(0.2)
+        yield url, bucket
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def deployed_config(tmp_path_factory, corpus_dir, tiny_model_dir, emulators, mlflow_server) -> Path:
     folder = tmp_path_factory.mktemp("deployed")
     raw = tiny_config_dict(folder, corpus_dir, tiny_model_dir)
+    raw["tracking"] = {"uri": mlflow_server[0]}
     clouds = cloud_clouds(emulators, "deployed")
     clouds[2].pop("secret_block")  # the azure pool's environment carries its connection string here
     raw["clouds"] = clouds
@@ -162,7 +245,7 @@ def _client_runs(server: PrefectServer, parent_run_id: str):
     return server.client_call(read)
 
 
-def test_each_client_runs_on_its_own_pool_and_schedules_continue(prefect_server, deployed_config):
+def test_each_client_runs_on_its_own_pool_and_schedules_continue(prefect_server, deployed_config, mlflow_server):
     first = _run_federation(prefect_server, deployed_config)
     runs = _client_runs(prefect_server, first)
     assert sorted((r.name, r.work_pool_name) for r in runs) == [  # each client's preflight too runs on its own pool
@@ -189,6 +272,17 @@ def test_each_client_runs_on_its_own_pool_and_schedules_continue(prefect_server,
     assert second.accepted == ["aws", "gcp", "azure"]
     assert second.secure_aggregation["revealed_by"] == ["aws", "azure", "gcp"]
     assert {store.manifest(r).mlflow_run_id for r in range(3)} == {first_final.mlflow_run_id}
+    # Nothing the aggregator must keep stayed on its disk: the registered versions (the round's
+    # transformers-flavour model) are in the tracking server's bucket.
+    url, bucket = mlflow_server
+    import mlflow
+
+    versions = mlflow.MlflowClient(tracking_uri=url).search_model_versions(f"name='{config.registered_model_name}'")
+    assert sorted(int(v.tags["round"]) for v in versions) == [1, 2]
+    stored = bucket.find("mlflow-artifacts/fedlib")
+    for round_number in (1, 2):
+        assert any(path.endswith(f"adapters/round-{round_number:04d}/MLmodel") for path in stored), round_number
+    assert not (config.data_path / "mlartifacts").exists()
     second_runs = [r for r in _client_runs(prefect_server, first) if "round-2" in r.name]
     assert sorted((r.name, r.work_pool_name) for r in second_runs) == sorted(
         (f"{cloud}-round-2{step}", f"{cloud}-pool")
@@ -198,13 +292,24 @@ def test_each_client_runs_on_its_own_pool_and_schedules_continue(prefect_server,
     assert all(r.state.is_completed() for r in second_runs)
 
 
-def test_federation_deployment_carries_a_schedule_and_runs_one_at_a_time(prefect_server):
-    async def read(client):
-        return await client.read_deployment_by_name("federated-training/federation")
+def test_the_shipped_schedule_runs_with_the_config(prefect_server, deployed_config):
+    """deployments/prefect.process.yaml's schedule as written: active, and each run it schedules
+    carries the `config` parameter the federation needs."""
+    scheduled = prefect_server.scheduled_runs
+    assert scheduled, "the shipped schedule made no scheduled run"
+    assert all(run.parameters == {"dispatch": "deployments", "config": str(deployed_config)} for run in scheduled)
+    assert all(run.expected_start_time.hour == 3 and run.expected_start_time.minute == 0 for run in scheduled)
+    # Paused by the fixture (so no run fires during these tests): pausing removed the runs it had made.
+    deployment = _read_federation_deployment(prefect_server)
+    assert [(s.active, s.parameters) for s in deployment.schedules] == [(False, {"config": str(deployed_config)})]
+    assert _scheduled_federation_runs(prefect_server, deployment.id) == []
 
-    deployment = prefect_server.client_call(read)
+
+def test_federation_deployment_carries_a_schedule_and_runs_one_at_a_time(prefect_server):
+    deployment = _read_federation_deployment(prefect_server)
     assert deployment.work_pool_name == "federation-pool"
     assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+    assert deployment.schedules[0].parameters == {"config": str(prefect_server.env["FEDLIB_CONFIG"])}
     assert deployment.parameters["dispatch"] == "deployments"
     assert deployment.global_concurrency_limit.limit == 1
     assert deployment.concurrency_options.collision_strategy == "ENQUEUE"

@@ -228,7 +228,7 @@ def drill(tmp_path_factory, corpus_dir, tiny_model_dir, emulators):
             server.cli("work-pool", "create", pool, "--type", "process")
         # Deployed without FEDLIB_ROOT, the pull step's `{{ $FEDLIB_ROOT }}` is left for each
         # worker to fill in from its own environment: each party runs its own working copy.
-        server.cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml", unset=("FEDLIB_ROOT",))
+        server.cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.process.yaml", unset=("FEDLIB_ROOT",))
         for party in parties.values():
             party.start_worker(server.logs)
         yield {"server": server, "parties": parties, "publics": publics, "model": shared / "model", "emulators": emulators, "audit": audit}

@@ -200,8 +200,13 @@ class FederationConfig(_Strict):
         return self.tracking.registered_model or f"fedlib-{self.federation.id}"
 
     @property
-    def artifact_location(self) -> str:
-        return self.tracking.artifact_location or (self.data_path / "mlartifacts").as_uri()
+    def artifact_location(self) -> str | None:
+        """Where a new experiment keeps its artifacts. With a tracking server (`tracking.uri`),
+        unset means the server's own artifact store (its `--artifacts-destination`, a bucket), not
+        a folder on the aggregator's disk, which a container loses after each run."""
+        if self.tracking.artifact_location:
+            return self.tracking.artifact_location
+        return None if self.tracking.uri else (self.data_path / "mlartifacts").as_uri()
 
     @property
     def checkpoint_url(self) -> str:

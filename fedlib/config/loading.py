@@ -132,6 +132,13 @@ def config_from(value: FederationConfig | dict | str | Path, source: str = "<par
         if isinstance(privacy, dict) and privacy.get("noise_seed") == REDACTED:
             value = {**value, "privacy": {k: v for k, v in privacy.items() if k != "noise_seed"}}
         return parse_config(value, source)
+    if isinstance(value, str) and value.startswith("{{"):
+        # prefect.yaml's `{{ $VAR }}` is filled in when `prefect deploy` runs, and left as written
+        # when VAR was unset there: say so rather than look for a file of that name.
+        raise ConfigError(
+            f"{source}: config is {value!r}, a placeholder `prefect deploy` could not fill in; set the variable it names "
+            "to the config's fsspec URL and deploy again"
+        )
     return load_config(value)
 
 

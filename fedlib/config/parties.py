@@ -150,7 +150,8 @@ class TrackingConfig(_Strict):
     experiment: str | None = None
     """MLflow experiment; unset: `fedlib-<federation.id>`."""
     artifact_location: str | None = None
-    """Where MLflow stores artifacts; unset: `data_dir/mlartifacts`."""
+    """Where MLflow stores artifacts; unset: the tracking server's artifact store when `uri` is set,
+    else `data_dir/mlartifacts`."""
     registered_model: str | None = None
     """The registered model, one version per round; unset: `fedlib-<federation.id>`."""
     champion_alias: str = Field("champion", pattern=r"^[a-z][a-z0-9_-]*$")
