@@ -27,14 +27,20 @@ def embedded_defaults(verbose: bool, data_path: Path | None = None) -> None:
         quiet(data_path / "logs" / "libraries.log" if data_path is not None else None)
 
 
-def quiet(log_file: Path | None) -> None:
-    """The console shows the live view and fedlib's own lines: the libraries' progress bars are
-    off, their info lines stay at warning level, and Python warnings go to `log_file` (none:
-    nowhere). `-v` leaves all of them as the libraries set them."""
+def quiet_imports() -> None:
+    """The switches libraries read once, when they are imported: set before the first of them is
+    (reading a config imports torch, which imports tqdm), unless `-v` asked for their output."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow's database set-up lines
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm's own switch: GGUF conversion, dataset maps
+
+
+def quiet(log_file: Path | None) -> None:
+    """The console shows the live view and fedlib's own lines: the libraries' progress bars are
+    off, their info lines stay at warning level, and Python warnings go to `log_file` (none:
+    nowhere). `-v` leaves all of them as the libraries set them."""
+    quiet_imports()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-load weight bars, three clients at a time

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from fedlib_cli.common import config_or_report, embedded_defaults
+from fedlib_cli.common import config_or_report, embedded_defaults, quiet_imports
 from fedlib_cli.keys import add_parser as add_keys_parser
 from fedlib_cli.live import LiveProgress
 from fedlib_cli.ui import add_parser as add_ui_parser
@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     """Every command's errors end here: a mistake in the config or a flag is its own message
     (exit 2), anything else one line (exit 1); `--debug` shows the traceback instead."""
     args = build_parser().parse_args(argv)
+    if not getattr(args, "verbose", False):
+        quiet_imports()  # before the first import of torch (and with it tqdm)
     from fedlib.config import ConfigError
 
     errors = Console(stderr=True, highlight=False, soft_wrap=True)  # one line a mistake, however narrow the terminal

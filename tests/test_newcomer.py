@@ -78,18 +78,29 @@ def test_own_data_config_trains_on_the_users_files_and_evaluates(tmp_path, my_fi
 @pytest.mark.parametrize(
     ("setting", "names"),
     [
-        ("data.urls=[nowhere/*.txt]", ("aggregator", "data.urls", "nowhere/*.txt", "matches no file")),
         ("evaluation.documents=[hamlett-0]", ("aggregator", "evaluation.documents", "hamlett-0", "hamlet-0")),
         ("model.source=hf:nobody/no-such-model", ("aggregator", "model.source", "Hugging Face cache", "hf download")),
         ("clouds[0].storage=s4://bucket/fl", ("clouds[0].storage", "unknown storage protocol 's4'")),
         ("training.rounds=zero", ("training.rounds",)),
     ],
-    ids=["missing-data", "unknown-document", "uncached-hf-model", "s4-scheme", "bad-value"],
+    ids=["unknown-document", "uncached-hf-model", "s4-scheme", "bad-value"],
 )
 def test_a_bad_reference_is_one_line_before_any_training(tmp_path, my_files, tiny_model_dir, setting, names):
     result = fedlib("run", str(OWN_DATA), *small(tmp_path, tiny_model_dir, setting), cwd=tmp_path)
     one_line_error(result, *names)
     assert not list(tmp_path.rglob("manifest.json"))  # not even round 0 was committed
+
+
+def test_a_first_run_converts_the_shipped_model_with_no_progress_bar(tmp_path, my_files):
+    """A fresh machine's first command converts the shipped GGUF model (tqdm's bar, which torch
+    imports before any config is read): the console shows only the run's own line, here that the
+    data it names are missing."""
+    fresh = {**os.environ, "FEDLIB_CACHE": str(tmp_path / "cache")}
+    settings = [f"federation.data_dir={tmp_path / 'state'}", "model.source=smollm2-135m-instruct", "data.urls=[nowhere/*.txt]"]
+    result = fedlib("run", str(OWN_DATA), *[a for s in settings for a in ("--set", s)], cwd=tmp_path, env=fresh)
+    one_line_error(result, "aggregator", "data.urls", "nowhere/*.txt", "matches no file")
+    assert not list(tmp_path.rglob("manifest.json"))
+    assert (tmp_path / "cache" / "models" / "smollm2-135m-instruct" / "config.json").exists()  # it did convert
 
 
 def test_a_client_whose_own_files_are_missing_stops_the_run_and_is_named(tmp_path, my_files, tiny_model_dir):
