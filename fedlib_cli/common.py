@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +16,7 @@ def embedded_defaults(verbose: bool, data_path: Path | None = None) -> None:
     and keep its state (the runs' database) in this federation's `data_dir`, so that deleting it
     deletes them. Set before Prefect is imported, and never over a user's own settings."""
     if data_path is not None:
+        (data_path / "prefect").mkdir(parents=True, exist_ok=True)  # Prefect makes its home without parents
         os.environ.setdefault("PREFECT_HOME", str(data_path / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -25,6 +27,44 @@ def embedded_defaults(verbose: bool, data_path: Path | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not verbose:
         quiet(data_path / "logs" / "libraries.log" if data_path is not None else None)
+
+
+class PrefectApiStart:
+    """Prefect's temporary server, started in the background when no `PREFECT_API_URL` is set.
+    Its start (a process that imports Prefect's server and, on a new `data_dir`, creates its
+    database: 10-17 s on 2 cores) then overlaps this process's imports of transformers, peft and
+    MLflow instead of following them. The server is Prefect's own `SubprocessASGIServer`, the
+    one `get_client` would start: the flow finds it running and uses it, and Prefect stops it at
+    exit. `ready()` before anything talks to Prefect's API (a failed start is retried there, and
+    says why); `cancel()` when the command stops before that."""
+
+    def __init__(self) -> None:
+        from prefect.settings import PREFECT_API_URL
+
+        self._server = None
+        self._starting: threading.Thread | None = None
+        if PREFECT_API_URL.value():
+            return
+        from prefect.server.api.server import SubprocessASGIServer
+
+        self._server = SubprocessASGIServer()
+        self._starting = threading.Thread(target=self._start, name="prefect-api-start", daemon=True)
+        self._starting.start()
+
+    def _start(self) -> None:
+        try:
+            self._server.start()  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - left not running: the flow's own start tries again and reports it
+            pass
+
+    def ready(self) -> None:
+        if self._starting is not None:
+            self._starting.join()
+
+    def cancel(self) -> None:
+        if self._server is not None:
+            self._server.stop()  # its start, waiting on it, then fails and gives up
+        self.ready()
 
 
 def quiet_imports() -> None:

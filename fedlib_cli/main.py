@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from fedlib_cli.common import config_or_report, embedded_defaults, quiet_imports
+from fedlib_cli.common import PrefectApiStart, config_or_report, embedded_defaults, quiet_imports
 from fedlib_cli.keys import add_parser as add_keys_parser
 from fedlib_cli.live import LiveProgress
 from fedlib_cli.ui import add_parser as add_ui_parser
@@ -70,10 +70,16 @@ def run_command(args: argparse.Namespace) -> int:
     console, config = _prepared(args)
     if config is None:
         return 2
-    from tasks.preflight import check_references
+    prefect_api = PrefectApiStart()  # boots while the libraries below import
+    try:
+        from tasks.preflight import check_references
 
-    check_references(config)  # a typo in a path or a name fails here, before Prefect starts
-    from flows.federated_training import federated_training
+        check_references(config)  # a typo in a path or a name fails here, before the first round
+        from flows.federated_training import federated_training
+    except BaseException:
+        prefect_api.cancel()
+        raise
+    prefect_api.ready()
 
     live = LiveProgress(console)
     progress_log = logging.getLogger("fedlib.progress")

@@ -17,6 +17,7 @@ from typing import Any
 from prefect import get_run_logger
 
 from fedlib.config import ConfigError, FederationConfig
+from fedlib.model.threads import thread_share
 from fedlib.round.preflight import PreflightRequest
 from fedlib.secagg.messages import RevealRequest, SetupRequest, TrainRequest
 from tasks.client import submit_client_round
@@ -43,7 +44,7 @@ class ClientSteps:
     round_number: int
     local_steps: dict[str, int]
 
-    def _submit(self, client: str, step: str, secure: Request | None, deadline: float | None) -> Any:
+    def _submit(self, client: str, step: str, secure: Request | None, deadline: float | None, threads: int) -> Any:
         c, r = self.config, self.round_number
         steps = self.local_steps.get(client, c.training.local_steps)
         if c.orchestration.dispatch == "deployments":
@@ -53,7 +54,7 @@ class ClientSteps:
             assert isinstance(secure, PreflightRequest)
             return preflight_client.submit(c, client, secure.probe_stores)
         if step == "train":
-            return submit_client_round(c, client, r, secure, steps)
+            return submit_client_round(c, client, r, secure, steps, threads)
         if step == "setup":
             return secagg_setup.submit(c, client, r, secure)
         return secagg_reveal.submit(c, client, r, secure)
@@ -67,10 +68,13 @@ class ClientSteps:
     ) -> StepResults:
         """`secure(client)` gives that client's secagg inputs; `deadline_s` counts from now. A
         deployment run past the deadline is cancelled by its dispatch task, which then reports
-        it late; local tasks past it are left to finish unread."""
+        it late; local tasks past it are left to finish unread. Local clients training at once
+        share this process's cores (`fedlib.model.threads`)."""
         started = time.time()
         deadline = None if deadline_s is None else started + deadline_s
-        futures = {client: self._submit(client, step, secure(client), deadline) for client in clients}
+        clients = list(clients)
+        threads = thread_share(len(clients), self.config.training.torch_threads)
+        futures = {client: self._submit(client, step, secure(client), deadline, threads) for client in clients}
         out = StepResults()
         local = self.config.orchestration.dispatch == "local"
         for client, future in futures.items():

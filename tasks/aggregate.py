@@ -6,6 +6,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
+from fedlib.model.threads import intra_op_threads, thread_share
 from fedlib.round.aggregator import build_strategy
 from fedlib.round.broadcast import NextGlobal
 from fedlib.round.manifest import Manifest
@@ -48,7 +49,8 @@ def aggregate_round(
 
 @task(name="evaluate", task_run_name="evaluate-round-{round_number}", cache_policy=NO_CACHE)
 def evaluate_global(config: FederationConfig, round_number: int, adapter: Tensors | None) -> float:
-    loss = evaluate_adapter(config, adapter, evaluation_examples(config))
+    with intra_op_threads(thread_share(1, config.training.torch_threads)):  # alone: every core, whatever this thread ran before
+        loss = evaluate_adapter(config, adapter, evaluation_examples(config))
     get_run_logger().info("round %d: held-out loss %.4f", round_number, loss)
     return loss
 

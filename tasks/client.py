@@ -16,6 +16,7 @@ from prefect.tasks import exponential_backoff
 
 from fedlib.config import FederationConfig
 from fedlib.model.base import check_base_model
+from fedlib.model.threads import intra_op_threads
 from fedlib.round.client import SealedUpdate, train_and_seal, upload_sealed
 from fedlib.secagg.client import SecureRound
 from fedlib.secagg.messages import TrainRequest
@@ -43,10 +44,12 @@ def train_client(
     round_number: int,
     secure: TrainRequest | None = None,
     local_steps: int | None = None,
+    threads: int | None = None,
 ) -> SealedUpdate:
     """Trains on this client's data only (its own files, or the shard distributed to its
     bucket). With `secure` (the secure-aggregation session, the peers' relayed setup messages,
-    and the weight scale), the update is masked."""
+    and the weight scale), the update is masked. `threads`: torch's team for this client, when
+    it shares its process with others training at once."""
     ring = party_keys(config, client)
     if secure:  # before training: a peer's setup that does not open is reported, and nothing is masked
         _open_or_complain(config, ring, client, round_number, secure)
@@ -76,7 +79,8 @@ def train_client(
         residuals = CarriedResidual(_residuals(config, client), carried_from)
     salt = ring.client_derived_secret(client, f"data-digest/{config.federation.id}")
     job = local_round(config, client, round_number, local_steps, parent, downloaded, salt)
-    return train_and_seal(job, global_adapter, data, key, masking, residuals)
+    with intra_op_threads(threads):
+        return train_and_seal(job, global_adapter, data, key, masking, residuals)
 
 
 def _open_or_complain(config: FederationConfig, ring: KeyRing, client: str, round_number: int, secure: TrainRequest) -> None:
@@ -131,8 +135,9 @@ def submit_client_round(
     round_number: int,
     secure: TrainRequest | None = None,
     local_steps: int | None = None,
+    threads: int | None = None,
 ) -> ClientRound:
     """train → upload, as two tasks that run concurrently with other clients'."""
-    trained = train_client.submit(config, client, round_number, secure, local_steps)
+    trained = train_client.submit(config, client, round_number, secure, local_steps, threads)
     upload = upload_update.with_options(retries=config.orchestration.upload_retries)
     return ClientRound(trained, upload.submit(config, trained))

@@ -5,6 +5,7 @@ what it computes."""
 from __future__ import annotations
 
 import json
+import threading
 import math
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from fedlib.examples import IGNORE, Examples
 from fedlib.model.base import adapter_state, attach_lora, load_base_model, load_tokenizer
 from fedlib.model.distributed import train_in_processes
 from fedlib.model.pool import POOL, ModelKey
+from fedlib.model.threads import intra_op_threads, thread_share
 from fedlib.model.training import TrainingPlan, evaluate_loss, train_lora
 from fedlib.placement import CPU_FP32, Placement
 from tests.conftest import CHATML, ROOT, tiny_config_dict, write_config
@@ -227,3 +229,26 @@ def test_the_shipped_instruction_records_train_a_federation(tmp_path, corpus_dir
     assert set(datasets) == {"aws-train", "gcp-train", "evaluation"}
     assert datasets["aws-train"].digest == report.data_digest and "Hamlet" not in datasets["aws-train"].profile
     assert run.data.metrics["system/aws/peak_memory_mib"] > 100 and run.data.metrics["client/aws/tokens_per_s"] > 0
+
+
+def test_clients_training_at_once_each_get_their_own_share_of_the_cores():
+    """Two client threads inside their blocks at the same time: each sees its own team width
+    (torch's setting is per calling thread), and each gets back what it had after."""
+    seen: dict[str, int] = {}
+    both_inside = threading.Barrier(2)
+
+    def client(name: str, threads: int) -> None:
+        before = torch.get_num_threads()
+        with intra_op_threads(threads):
+            both_inside.wait()
+            seen[name] = torch.get_num_threads()
+            both_inside.wait()
+        seen[f"{name} after"] = torch.get_num_threads() - before
+
+    workers = [threading.Thread(target=client, args=(name, n)) for name, n in (("aws", 1), ("gcp", 3))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert seen == {"aws": 1, "gcp": 3, "aws after": 0, "gcp after": 0}
+    assert [thread_share(3, 2), thread_share(2, 8), thread_share(1, 4), thread_share(0, 4)] == [1, 4, 4, 4]

@@ -183,3 +183,15 @@ def test_emulator_script_helps_without_starting_and_leaves_no_orphan(tmp_path):
 def _listening(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_verbose_run_on_a_new_data_dir_gives_prefect_its_home(tmp_path):
+    """`-v` leaves the libraries' switches alone, so nothing else makes `data_dir` before Prefect
+    is imported; Prefect makes its home without parents, warned and then failed at its database."""
+    data_dir = tmp_path / "new" / "state"
+    code = "import sys; from pathlib import Path; from fedlib_cli.common import embedded_defaults as d; d(True, Path(sys.argv[1])); import prefect.context"
+    result = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", "-c", code, str(data_dir)], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert (data_dir / "prefect").is_dir()
