@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import torch
 from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture, wait
 from prefect.runtime import flow_run
 
 from fedlib.config import ConfigError, FederationConfig, config_from
@@ -112,6 +113,10 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
         register_round(config, run_id, missed, store.adapter_of(missed)[0])  # a crash came between commit and registry
 
     status = "FAILED"
+    # Each round's tracking and registry run beside the next round's training, in order: what the
+    # next round needs is the committed checkpoint, not MLflow. A crash before they finish is
+    # caught up above on resume; a failure fails the run once the round in flight is committed.
+    recorded: list[PrefectFuture] = []
     try:
         for round_number in range(plan.first, plan.last + 1):
             last = manifests[-1].privacy
@@ -124,12 +129,18 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
                 emit(Stopped(stop, round_number))
                 break
             manifests.append(federated_round(config, round_number, run_id, plan.last, misconfigured))
-            track_round(config, run_id, round_number, manifests)
-            register_round(config, run_id, manifests[-1], store.adapter_of(manifests[-1])[0])
+            tracked = track_round.submit(config, run_id, round_number, list(manifests), wait_for=recorded[-1:])
+            recorded += [
+                tracked,
+                register_round.submit(config, run_id, manifests[-1], store.adapter_of(manifests[-1])[0], wait_for=[tracked]),
+            ]
+        for record in recorded:
+            record.result()  # the first failure, as itself
         final = manifests[-1]
         track_final_adapter(config, run_id, store.adapter_of(final)[0], final.round)
         publish_summary(config, run_id, manifests)
         status = "FINISHED"
     finally:
+        wait(recorded)  # the run's last words come after every round's
         finish_tracking(config, run_id, status)
     return manifests
