@@ -5,8 +5,8 @@ what it computes."""
 from __future__ import annotations
 
 import json
-import threading
 import math
+import threading
 from pathlib import Path
 
 import pytest

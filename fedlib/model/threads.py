@@ -4,8 +4,8 @@ torch's intra-op team is sized per calling thread (OpenMP's `nthreads` is a per-
 setting; `torch.set_num_threads` sets the caller's). Clients that train at once as threads of
 one process (`orchestration.dispatch: local`) would otherwise each run a team as wide as the
 machine: k trainers, k × cores threads on the cores, spinning at every barrier. Measured on the
-demo (3 clients, 2 cores, 2026-12-03): 68–70 s per round with a full team each, 60 s with one
-thread each, the same as three single-threaded processes (61–63 s). So each client gets its
+demo (3 clients, 2 cores, 2026-12-03): 67–70 s per round with a full team each, 60–65 s with one
+thread each, as fast as three single-threaded processes (60–63 s). So each client gets its
 share of the cores, and the aggregator's scoring, which runs alone, gets them all back.
 """
 
