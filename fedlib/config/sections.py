@@ -183,7 +183,7 @@ class TrainingConfig(_Strict):
     learning_rate: float = Field(1e-3, gt=0)
     """The clients' learning rate."""
     torch_threads: int | None = Field(None, ge=1)
-    """`torch.set_num_threads` for the run; unset: torch's default."""
+    """CPU threads torch uses in this process (unset: torch's default); clients training at once in it share them."""
     step_budget: Literal["equal", "deadline"] = "equal"
     """`deadline`: each cloud runs the steps its speed fits into 75% of `orchestration.round_deadline_s`; a cloud slower than
     its profile last round is held to its own timing, and one that straggled gets half its steps."""
