@@ -1,5 +1,6 @@
 """One round's DAG: partition (cached) → train on every cloud at once (as tasks here, or as each
-cloud's `client-training` deployment on its own work pool) → aggregate → evaluate → checkpoint.
+cloud's `client-training` deployment on its own work pool) → aggregate → checkpoint. The
+federation scores the committed adapter beside the next round (`tasks.aggregate.score_round`).
 With secure aggregation the clients exchange mask-key shares before training and reveal shares
 after it, so that the aggregator only ever sees the sum."""
 
@@ -15,7 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from fedlib.config import FederationConfig
 from fedlib.privacy.accountant import participation_after, privacy_spent
-from fedlib.progress import RoundDone, RoundStarted, emit
+from fedlib.progress import RoundStarted, emit
 from fedlib.rejection import QuorumNotMet, Reason
 from fedlib.round.broadcast import NextGlobal
 from fedlib.round.cost import round_cost
@@ -28,7 +29,7 @@ from fedlib.strategies.shares import capped_weights
 from fedlib.update.chain import Expected
 from fedlib.wire.keys import AGGREGATOR
 from flows.client_steps import ClientSteps
-from tasks.aggregate import aggregate_round, commit_round, evaluate_global
+from tasks.aggregate import aggregate_round, commit_round
 from tasks.artifacts import publish_round_table
 from tasks.credentials import party_keys
 from tasks.data import partition_data
@@ -154,14 +155,14 @@ def federated_round(
     target_round: int,
     misconfigured: dict[str, str] | None = None,
 ) -> Manifest:
-    """Returns the committed manifest. A client that fails after its retries is left out (and
+    """Returns the committed manifest, not yet scored. A client that fails after its retries is left out (and
     recorded); the round fails only if fewer than `aggregation.min_clients` updates survive.
     A `misconfigured` client (its preflight failed: why) is not dispatched, and is recorded."""
     started = time.perf_counter()
     assignment = partition_data(config) if config.simulated else {}  # cached: once per lineage
     partitioned = time.perf_counter()
     store = checkpoint_store(config, party_keys(config, AGGREGATOR))  # verified with the key the aggregator trusts
-    previous = store.manifest(round_number - 1)
+    previous = store.manifest_read(round_number - 1)[0]
     sampled = sample_clients([c.name for c in config.clouds], config.federation.clients_per_round, config.federation.seed, round_number)
     left_out = {c: why for c, why in (misconfigured or {}).items() if c in sampled}
     clients = [c for c in sampled if c not in left_out]
@@ -175,9 +176,7 @@ def federated_round(
     for client, why in left_out.items():
         report.reject(client, Reason.MISCONFIGURED, why)
     reports = report.reports
-    eval_started = time.perf_counter()
-    eval_loss = evaluate_global(config, round_number, result.next_global.adapter)
-    evaluated = time.perf_counter()
+    aggregated = time.perf_counter()
     timings = {
         "partition_s": partitioned - started,
         "train_s": max((r.train_s for r in reports.values()), default=0.0),
@@ -185,8 +184,7 @@ def federated_round(
         **result.outcome.phases.as_dict(),
         "download_decrypt_s": report.download_decrypt_s,
         "aggregate_s": report.aggregate_s,
-        "evaluate_s": evaluated - eval_started,
-        "round_s": evaluated - started,
+        "round_s": aggregated - started,
     }
     participation = participation_after(previous.privacy.participation if previous.privacy else {}, clients)
     a = config.aggregation
@@ -195,8 +193,7 @@ def federated_round(
     privacy = privacy_spent(config.privacy, participation)
     held = measured_reports(result.outcome, previous)
     cost = round_cost(config.profiles, config.orchestration.round_deadline_s, held, report.stragglers)
-    manifest = round_manifest(previous, plan, result.outcome, cost, eval_loss, timings, (run_id, str(flow_run.id)), privacy)
+    manifest = round_manifest(previous, plan, result.outcome, cost, timings, (run_id, str(flow_run.id)), privacy)
     committed = commit_round(config, result.next_global, manifest)
     publish_round_table(config, round_number, sampled, reports, dict(report.rejected))
-    emit(RoundDone(round_number, committed.perplexity))
     return committed

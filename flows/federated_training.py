@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 from fedlib.config import ConfigError, FederationConfig, config_from
 from fedlib.model.base import base_revision
 from fedlib.privacy.accountant import over_budget
-from fedlib.progress import BaseScored, PlanMade, Stopped, emit
+from fedlib.progress import PlanMade, Stopped, emit
 from fedlib.round.broadcast import NextGlobal
 from fedlib.round.checkpoint import plan_rounds
 from fedlib.round.manifest import Manifest, base_manifest
@@ -28,7 +28,7 @@ from fedlib.wire.keys import AGGREGATOR
 from flows.client_steps import ClientSteps
 from flows.federated_round import federated_round
 from flows.progress_logs import progress_in_run_logs
-from tasks.aggregate import commit_round, evaluate_global, make_initial_adapter
+from tasks.aggregate import commit_round, make_initial_adapter, score_round
 from tasks.artifacts import publish_summary
 from tasks.credentials import party_keys
 from tasks.data import distribute_data, partition_data
@@ -76,6 +76,52 @@ def preflight(config: FederationConfig, first_round: int, new_lineage: bool) -> 
     return problems
 
 
+def catch_up(config: FederationConfig, run_id: str, manifests: list[Manifest]) -> None:
+    """What a crash left undone for committed rounds, in order: scores, then MLflow, then the
+    registry (a resumed run's own rounds are recorded as they commit)."""
+    store = checkpoint_store(config, party_keys(config, AGGREGATOR))
+    for i, missed in enumerate(manifests):
+        if missed.eval_loss is None:
+            manifests[i] = score_round(config, missed)
+    tracked = tracked_rounds(config, run_id)
+    for i, missed in enumerate(manifests):
+        if missed.round not in tracked:
+            track_round(config, run_id, missed.round, manifests[: i + 1])
+    registered = registered_rounds(config)
+    for missed in [m for m in manifests[1:] if m.round not in registered]:
+        register_round(config, run_id, missed, store.adapter_of(missed)[0])
+
+
+class RoundRecords:
+    """Each committed round's score, tracking and registry, as task futures that run beside the
+    next round's training, one round after another. The scorer takes its share of the cores with
+    the `beside` clients training in this process meanwhile (none beside the last round)."""
+
+    def __init__(self, config: FederationConfig, run_id: str, scored: list[Manifest], beside: int):
+        self.config, self.run_id, self.beside = config, run_id, beside
+        self.lineage: list[Manifest | PrefectFuture] = list(scored)  # each round's scored manifest, or the future of it
+        self.futures: list[PrefectFuture] = []
+
+    def submit(self, manifest: Manifest, last: bool) -> None:
+        config, run_id = self.config, self.run_id
+        score = score_round.submit(config, manifest, 0 if last else self.beside)
+        self.lineage.append(score)
+        tracked = track_round.submit(config, run_id, manifest.round, list(self.lineage), wait_for=self.futures[-1:])
+        self.futures += [score, tracked]
+        if manifest.round > 0:
+            adapter = checkpoint_store(config, party_keys(config, AGGREGATOR)).adapter_of(manifest)[0]
+            self.futures.append(register_round.submit(config, run_id, score, adapter, wait_for=[tracked]))
+
+    def scored(self) -> list[Manifest]:
+        """The lineage with every score, once every record is done; the first failure, as itself."""
+        for future in self.futures:
+            future.result()
+        return [m.result() if isinstance(m, PrefectFuture) else m for m in self.lineage]
+
+    def wait(self) -> None:
+        wait(self.futures)
+
+
 def run_federation(config: FederationConfig, config_path: str | None = None) -> list[Manifest]:
     logger = get_run_logger()
     if config.training.torch_threads:
@@ -95,29 +141,22 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
     partition_s = time.perf_counter() - started
 
     run_id = open_tracking(config, manifests[-1].mlflow_run_id if manifests else None)
-    if not manifests:
-        eval_started = time.perf_counter()
-        base_loss = evaluate_global(config, 0, None)
-        timings = {"partition_s": partition_s, "evaluate_s": time.perf_counter() - eval_started}
-        manifest = base_manifest(config.federation.id, plan.last, run_id, base_loss, timings, base_revision(config.model.source))
-        manifests = [commit_round(config, NextGlobal(make_initial_adapter(config), {}), manifest)]
-        track_round(config, run_id, 0, manifests)
-        emit(BaseScored(manifests[0].perplexity))
-
-    tracked = tracked_rounds(config, run_id)
-    for i, missed in enumerate(manifests):
-        if missed.round not in tracked:  # a crash came between commit and tracking
-            track_round(config, run_id, missed.round, manifests[: i + 1])
-    registered = registered_rounds(config)
-    for missed in [m for m in manifests[1:] if m.round not in registered]:
-        register_round(config, run_id, missed, store.adapter_of(missed)[0])  # a crash came between commit and registry
+    if manifests:  # a crash came between a commit and its score, tracking or registry
+        catch_up(config, run_id, manifests)
 
     status = "FAILED"
-    # Each round's tracking and registry run beside the next round's training, in order: what the
-    # next round needs is the committed checkpoint, not MLflow. A crash before they finish is
-    # caught up above on resume; a failure fails the run once the round in flight is committed.
-    recorded: list[PrefectFuture] = []
+    # Each committed round is scored, tracked and registered beside the next round's training, in
+    # order: what the next round needs is the committed checkpoint, not its score or MLflow. A
+    # crash before they finish is caught up on resume; a failure fails the run once the round in
+    # flight is committed.
+    records = RoundRecords(config, run_id, manifests, beside=len(config.clouds) if config.orchestration.dispatch == "local" else 0)
     try:
+        if not manifests:
+            manifest = base_manifest(
+                config.federation.id, plan.last, run_id, {"partition_s": partition_s}, base_revision(config.model.source)
+            )
+            manifests = [commit_round(config, NextGlobal(make_initial_adapter(config), {}), manifest)]
+            records.submit(manifests[0], last=False)
         for round_number in range(plan.first, plan.last + 1):
             last = manifests[-1].privacy
             epsilon = over_budget(config.privacy, last.participation if last else {})
@@ -129,18 +168,13 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
                 emit(Stopped(stop, round_number))
                 break
             manifests.append(federated_round(config, round_number, run_id, plan.last, misconfigured))
-            tracked = track_round.submit(config, run_id, round_number, list(manifests), wait_for=recorded[-1:])
-            recorded += [
-                tracked,
-                register_round.submit(config, run_id, manifests[-1], store.adapter_of(manifests[-1])[0], wait_for=[tracked]),
-            ]
-        for record in recorded:
-            record.result()  # the first failure, as itself
+            records.submit(manifests[-1], last=round_number == plan.last)
+        manifests = records.scored()
         final = manifests[-1]
         track_final_adapter(config, run_id, store.adapter_of(final)[0], final.round)
         publish_summary(config, run_id, manifests)
         status = "FINISHED"
     finally:
-        wait(recorded)  # the run's last words come after every round's
+        records.wait()  # the run's last words come after every round's
         finish_tracking(config, run_id, status)
     return manifests

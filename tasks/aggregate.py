@@ -1,15 +1,19 @@
-"""The aggregator's stages: combine updates, score the result, commit it."""
+"""The aggregator's stages: combine updates, commit the result, score it."""
 
 from __future__ import annotations
+
+import math
+import time
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
 from fedlib.model.threads import intra_op_threads, thread_share
+from fedlib.progress import BaseScored, RoundDone, emit
 from fedlib.round.aggregator import build_strategy
 from fedlib.round.broadcast import NextGlobal
-from fedlib.round.manifest import Manifest
+from fedlib.round.manifest import Manifest, RoundScore
 from fedlib.update.chain import Expected
 from fedlib.update.intake import AggregationReport
 from fedlib.wire.keys import AGGREGATOR
@@ -47,12 +51,24 @@ def aggregate_round(
     return round_global(config, round_number, state.global_adapter, adapter, strategy.state_dict(), state.residual), report
 
 
-@task(name="evaluate", task_run_name="evaluate-round-{round_number}", cache_policy=NO_CACHE)
-def evaluate_global(config: FederationConfig, round_number: int, adapter: Tensors | None) -> float:
-    with intra_op_threads(thread_share(1, config.training.torch_threads)):  # alone: every core, whatever this thread ran before
+@task(name="score", task_run_name="score-round-{manifest.round}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def score_round(config: FederationConfig, manifest: Manifest, beside: int = 0) -> Manifest:
+    """The committed round's held-out score, signed as its own record beside the manifest
+    (`RoundScore`); returns the manifest with it. Round 0's is the base model's. It runs beside
+    the next round's training, so it takes its share of the cores with the `beside` clients
+    training in this process meanwhile (all of them when nothing runs beside it)."""
+    round_number = manifest.round
+    store = checkpoint_store(config, party_keys(config, AGGREGATOR))
+    adapter = store.adapter_of(manifest)[0] if round_number > 0 else None  # the committed adapter, checked against its digest
+    started = time.perf_counter()
+    with intra_op_threads(thread_share(1 + beside, config.training.torch_threads)):
         loss = evaluate_adapter(config, adapter, evaluation_examples(config))
+    score = RoundScore(config.federation.id, round_number, manifest.adapter_sha256, loss, time.perf_counter() - started)
+    store.commit_score(score)
+    scored = manifest.with_score(score)
     get_run_logger().info("round %d: held-out loss %.4f", round_number, loss)
-    return loss
+    emit(BaseScored(math.exp(loss)) if round_number == 0 else RoundDone(round_number, math.exp(loss)))
+    return scored
 
 
 @task(name="initial-adapter", task_run_name="initial-adapter-round-0", cache_policy=NO_CACHE)

@@ -60,7 +60,7 @@ class AggregatorState:
 def aggregator_state(config: FederationConfig, round_number: int) -> AggregatorState:
     ring = party_keys(config, AGGREGATOR)
     store = checkpoint_store(config, ring)
-    previous = store.manifest(round_number - 1)
+    previous = store.manifest_read(round_number - 1)[0]
     global_adapter, _ = store.adapter_of(previous)
     own_state, residual = split_state(store.strategy_state_of(previous))
     return AggregatorState(round_number, ring, previous, global_adapter, own_state, residual)

@@ -97,7 +97,9 @@ _SYSTEM_METRICS = ("peak_memory_mib", "gpu_memory_mib", "cpu_util")
 
 def round_metrics(manifest: Manifest) -> dict[str, float]:
     """The numbers of one committed round, named for MLflow's metric groups."""
-    metrics: dict[str, float] = {"eval/loss": manifest.eval_loss, "eval/perplexity": manifest.perplexity}
+    metrics: dict[str, float] = {}
+    if manifest.eval_loss is not None:  # joined from the round's score record
+        metrics |= {"eval/loss": manifest.eval_loss, "eval/perplexity": math.exp(manifest.eval_loss)}
     for client, report in manifest.clients.items():
         for name in _CLIENT_METRICS:
             if getattr(report, name) is not None:  # a client's loss and norm are not sent under secure aggregation

@@ -114,7 +114,7 @@ def _federation(tmp_path, corpus_dir, tiny_model_dir, **overrides) -> Federation
     data = load_data(config)
     shards = {c: data.train.select(p) for c, p in partition_clients(config, data).items()}
     adapter = initial_adapter(config)
-    manifest = checkpoint_store(config).commit(adapter, Manifest(config.federation.id, 0, 1, "run", 1.0, math.e))
+    manifest = checkpoint_store(config).commit(adapter, Manifest(config.federation.id, 0, 1, "run"))
     return Federation(config, shards, adapter, manifest.adapter_sha256)
 
 
@@ -216,7 +216,7 @@ def test_2_the_split_channel_and_the_residual_loader_share_the_parser(fed, caplo
 
 # 3. Signed manifests are bound to their round, federation and parent.
 def _commit_round_1(fed: Federation) -> None:
-    fed.store.commit(fed.adapter, Manifest("test", 1, 1, "run", 0.9, 2.4, parent_adapter_sha256=fed.parent))
+    fed.store.commit(fed.adapter, Manifest("test", 1, 1, "run", parent_adapter_sha256=fed.parent))
 
 
 def _copy_round(store: CheckpointStore, source: int, target: int) -> None:
@@ -246,7 +246,7 @@ def test_3_a_round_that_does_not_follow_its_parent_ends_the_lineage(fed):
     _commit_round_1(fed)
     store = fed.store
     with pytest.raises(ManifestRejected, match="not aggregated from round 1"):  # the aggregator refuses to commit it
-        store.commit(fed.adapter, Manifest("test", 2, 2, "run", 0.8, 2.2, parent_adapter_sha256="0" * 64))
+        store.commit(fed.adapter, Manifest("test", 2, 2, "run", parent_adapter_sha256="0" * 64))
     # Round 0's manifest re-signed in round 2's slot by a confused aggregator is refused by the chain walk.
     body = json.dumps({**to_json(store.manifest(0)), "round": 2, "parent_adapter_sha256": "f" * 64}, indent=2)
     signature = fed.ring.signing_private.sign(body.encode()).hex()
@@ -984,7 +984,7 @@ def test_r9_what_one_client_says_of_itself_does_not_steer_the_federation(tmp_pat
     raw["training"].update(step_budget="deadline")
     raw["orchestration"] = {"round_deadline_s": 60}
     config = parse_config(raw)
-    previous = Manifest(config.federation.id, 0, 3, "run", 1.0, math.e, adapter_bytes=1 << 20)
+    previous = Manifest(config.federation.id, 0, 3, "run", adapter_bytes=1 << 20)
 
     def report(client: str, **said) -> ClientReport:
         honest = dict(
@@ -1007,7 +1007,7 @@ def test_r9_what_one_client_says_of_itself_does_not_steer_the_federation(tmp_pat
         outcome = RoundOutcome(AggregationReport(accepted=list(CLOUDS), reports=reports), {c: 3.0 for c in CLOUDS}, PhaseTimings(3.0))
         plan = RoundPlan(config.federation.id, 1, 5, list(CLOUDS), {c: 10 for c in CLOUDS})
         cost = round_cost(config.profiles, config.orchestration.round_deadline_s, measured_reports(outcome, previous), [])
-        return round_manifest(previous, plan, outcome, cost, 1.0, {}, ("run", None))
+        return round_manifest(previous, plan, outcome, cost, {}, ("run", None))
 
     honest, lying = (
         manifest(report("gcp")),

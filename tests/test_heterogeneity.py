@@ -23,7 +23,7 @@ def _report(client: str, train_s: float = 0.0, local_steps: int = 0, up: int = 0
 
 
 def _manifest(round_number: int = 1, clients=(), **fields) -> Manifest:
-    return Manifest("test", round_number, round_number, "", 0.0, 1.0, clients={r.client: r for r in clients}, **fields)
+    return Manifest("test", round_number, round_number, "", clients={r.client: r for r in clients}, **fields)
 
 
 def _config(tmp_path, corpus_dir, model_dir, **sections):

@@ -10,7 +10,7 @@ import torch
 
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.round.checkpoint import CheckpointStore, ManifestRejected, ManifestSignatureError
-from fedlib.round.manifest import Manifest
+from fedlib.round.manifest import Manifest, RoundScore, score_to_json
 from fedlib.wire.envelope import EnvelopeContext, open_sealed, seal
 from fedlib.wire.keys import init_keys, load_keyring
 from tasks.from_config import aggregator_update_key, client_update_key
@@ -81,22 +81,63 @@ def test_manifests_are_signed_and_checked(tmp_path):
     ring = load_keyring(tmp_path / "keys", CLIENTS)
     root = (tmp_path / "ckpt").as_uri()
     store = CheckpointStore(root, "fed", signer=ring.signing_private, verifier=ring.signing_public)
-    base = store.commit({"w": torch.zeros(2)}, Manifest("fed", 0, 1, "run", 2.0, 7.4))
-    store.commit({"w": torch.ones(2)}, Manifest("fed", 1, 1, "run", 1.5, 4.5, parent_adapter_sha256=base.adapter_sha256))
+    base = store.commit({"w": torch.zeros(2)}, Manifest("fed", 0, 1, "run"))
+    store.commit({"w": torch.ones(2)}, Manifest("fed", 1, 1, "run", parent_adapter_sha256=base.adapter_sha256, accepted=["aws"]))
     reader = CheckpointStore(root, "fed", verifier=ring.signing_public)  # a client: public key only
-    assert reader.manifest(1).eval_loss == 1.5
+    assert reader.manifest(1).accepted == ["aws"]
     assert torch.equal(reader.adapter(1)["w"], torch.ones(2))
 
     path = tmp_path / "ckpt" / "round-0001" / "manifest.json"
     record = json.loads(path.read_text())
     forged = json.loads(record["manifest"])
-    forged["eval_loss"] = 0.1
+    forged["accepted"] = ["aws", "gcp"]
     path.write_text(json.dumps({**record, "manifest": json.dumps(forged, indent=2)}))
     with pytest.raises(ManifestSignatureError, match="round-0001/manifest.json: signature"):
         reader.manifest(1)
     path.write_text(json.dumps({**record, "signature": ""}))
     with pytest.raises(ManifestSignatureError):
         reader.manifest(1)
+
+
+def test_a_round_score_is_signed_placed_and_bound_to_the_adapter_it_scored(tmp_path, caplog):
+    """The held-out score is its own signed record beside the manifest (the next round does not
+    wait for it), and the champion is chosen from it. A forged score, another round's, a score
+    of another adapter (a rolled-back lineage's round 1, signed with the same key) or another
+    signed record in its place is refused, and the round reads as unscored, to be scored again."""
+    init_keys(tmp_path / "keys", CLIENTS)
+    ring = load_keyring(tmp_path / "keys", CLIENTS)
+    root = (tmp_path / "ckpt").as_uri()
+    store = CheckpointStore(root, "fed", signer=ring.signing_private, verifier=ring.signing_public)
+    base = store.commit({"w": torch.zeros(2)}, Manifest("fed", 0, 2, "run"))
+    one = store.commit({"w": torch.ones(2)}, Manifest("fed", 1, 2, "run", parent_adapter_sha256=base.adapter_sha256))
+    two = store.commit({"w": torch.ones(2) * 2}, Manifest("fed", 2, 2, "run", parent_adapter_sha256=one.adapter_sha256))
+    reader = CheckpointStore(root, "fed", verifier=ring.signing_public)
+    assert reader.manifest(1).eval_loss is None and reader.manifest(1).perplexity is None  # committed, not yet scored
+    store.commit_score(RoundScore("fed", 1, one.adapter_sha256, 1.5, 3.0))
+    store.commit_score(RoundScore("fed", 2, two.adapter_sha256, 1.25))
+    assert reader.manifest(1).eval_loss == 1.5 and reader.manifest(1).timings["evaluate_s"] == 3.0
+    assert [m.eval_loss for m in reader.manifests()] == [None, 1.5, 1.25]
+    with pytest.raises(ManifestRejected, match="names an adapter its manifest does not"):
+        store.commit_score(RoundScore("fed", 1, two.adapter_sha256, 0.1))
+
+    path = tmp_path / "ckpt" / "round-0001" / "score.json"
+    honest = path.read_text()
+    record = json.loads(honest)
+    forged = json.loads(record["manifest"])
+    forged["eval_loss"] = 0.1
+    replays = {
+        "forged": json.dumps({**record, "manifest": json.dumps(forged)}),
+        "round 2's": (tmp_path / "ckpt" / "round-0002" / "score.json").read_text(),
+        "another adapter's": store._signed(score_to_json(RoundScore("fed", 1, "0" * 64, 0.1))).decode(),
+        "a manifest": (tmp_path / "ckpt" / "round-0001" / "manifest.json").read_text(),
+    }
+    for what, text in replays.items():
+        path.write_text(text)
+        caplog.clear()
+        assert reader.manifest(1).eval_loss is None, what
+        assert "score of round 1 ignored" in caplog.text, what
+    path.write_text(honest)
+    assert reader.manifest(1).eval_loss == 1.5
 
 
 def test_the_head_a_client_reads_is_signed_placed_and_falls_back_to_the_manifest(tmp_path):
@@ -107,11 +148,11 @@ def test_the_head_a_client_reads_is_signed_placed_and_falls_back_to_the_manifest
     ring = load_keyring(tmp_path / "keys", CLIENTS)
     root = (tmp_path / "ckpt").as_uri()
     store = CheckpointStore(root, "fed", signer=ring.signing_private, verifier=ring.signing_public)
-    base = store.commit({"w": torch.zeros(2)}, Manifest("fed", 0, 2, "run", 2.0, 7.4))
+    base = store.commit({"w": torch.zeros(2)}, Manifest("fed", 0, 2, "run"))
     one = store.commit(
-        {"w": torch.ones(2)}, Manifest("fed", 1, 2, "run", 1.5, 4.5, parent_adapter_sha256=base.adapter_sha256, accepted=["aws"])
+        {"w": torch.ones(2)}, Manifest("fed", 1, 2, "run", parent_adapter_sha256=base.adapter_sha256, accepted=["aws"])
     )
-    store.commit({"w": torch.ones(2) * 2}, Manifest("fed", 2, 2, "run", 1.4, 4.1, parent_adapter_sha256=one.adapter_sha256))
+    store.commit({"w": torch.ones(2) * 2}, Manifest("fed", 2, 2, "run", parent_adapter_sha256=one.adapter_sha256))
     reader = CheckpointStore(root, "fed", verifier=ring.signing_public)
     head, size = reader.head_read(1)
     assert head == one.head() and head.accepted == ("aws",) and size < reader.manifest_read(1)[1]

@@ -79,12 +79,12 @@ def test_two_runs_racing_to_commit_a_round_cannot_both_win(tmp_path, corpus_dir,
 
     config = load_config(write_config(tmp_path, tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir)))
     store = checkpoint_store(config, keyring(config, create=True))
-    base = store.commit({"w": torch.zeros(4)}, Manifest("test", 0, 1, "run", 2.0, 7.4))
+    base = store.commit({"w": torch.zeros(4)}, Manifest("test", 0, 1, "run"))
 
     def commit(i: int):
         adapter = {"w": torch.full((4,), float(i + 1))}
         try:
-            return store.commit(adapter, Manifest("test", 1, 1, f"run-{i}", 1.0, 2.7, parent_adapter_sha256=base.adapter_sha256))
+            return store.commit(adapter, Manifest("test", 1, 1, f"run-{i}", parent_adapter_sha256=base.adapter_sha256))
         except RoundAlreadyCommitted:
             return None
 
@@ -96,4 +96,4 @@ def test_two_runs_racing_to_commit_a_round_cannot_both_win(tmp_path, corpus_dir,
     assert torch.equal(store.adapter(1)["w"], torch.full((4,), float(int(winners[0].mlflow_run_id[4:]) + 1)))
     assert store.latest_round() == 1
     with pytest.raises(RoundAlreadyCommitted, match="round 1 is already committed"):
-        store.commit({"w": torch.ones(4)}, Manifest("test", 1, 1, "late", 1.0, 2.7, parent_adapter_sha256=base.adapter_sha256))
+        store.commit({"w": torch.ones(4)}, Manifest("test", 1, 1, "late", parent_adapter_sha256=base.adapter_sha256))

@@ -50,11 +50,11 @@ def sparkline(values: list[float]) -> str:
 
 def summary_markdown(federation: str, manifests: list[Manifest], mlflow_run_url: str, registered_model: str, champion: str | None) -> str:
     """The federation's summary: the perplexity curve as a line and a table, and where to look next."""
-    curve = [m.perplexity for m in manifests]
+    curve = [m.perplexity for m in manifests if m.perplexity is not None]
     lines = [
         f"# Federation `{federation}`",
         "",
-        f"Held-out perplexity, base model → round {manifests[-1].round}: **{curve[0]:.2f} → {curve[-1]:.2f}**  `{sparkline(curve)}`",
+        f"Held-out perplexity, base model → round {manifests[-1].round}: **{_shown(curve[0] if curve else None)} → {_shown(curve[-1] if curve else None)}**  `{sparkline(curve)}`",
         "",
         "| round | perplexity | eval loss | clients accepted | left out | bytes uploaded |",
         "|---:|---:|---:|---|---|---:|",
@@ -63,12 +63,17 @@ def summary_markdown(federation: str, manifests: list[Manifest], mlflow_run_url:
         left_out = ", ".join(f"{c} ({r})" for c, r in left_out_of(m).items()) or "-"
         label = "0 (base)" if m.round == 0 else str(m.round)
         lines.append(
-            f"| {label} | {m.perplexity:.2f} | {m.eval_loss:.4f} | {', '.join(m.accepted) or '-'} | {left_out} | {m.bytes_uploaded:,} |"
+            f"| {label} | {_shown(m.perplexity)} | {_shown(m.eval_loss, '.4f')} | {', '.join(m.accepted) or '-'} | {left_out} | {m.bytes_uploaded:,} |"
         )
     lines += ["", f"MLflow run, with the perplexity chart and every round's manifest: [{mlflow_run_url}]({mlflow_run_url})"]
     if champion is not None:
         lines.append(f"Registered model `{registered_model}`: version {champion} is the `champion` (lowest held-out perplexity).")
     return "\n".join(lines) + "\n"
+
+
+def _shown(score: float | None, spec: str = ".2f") -> str:
+    """A score as the tables show it; "-" for a round not scored (yet)."""
+    return "-" if score is None else format(score, spec)
 
 
 def left_out_of(manifest: Manifest) -> dict[str, str]:
@@ -79,7 +84,10 @@ def left_out_of(manifest: Manifest) -> dict[str, str]:
 def version_tags(manifest: Manifest, base_revision: str) -> dict[str, str]:
     """The few tags of a round's registry version, what people filter and sort versions by: its
     round, its perplexity, its adapter's digest (which ties it to the signed manifest), its
-    base's revision, and with DP the ε spent. The rest of its lineage is its model card."""
+    base's revision, and with DP the ε spent. The rest of its lineage is its model card.
+    Only a scored round is registered."""
+    if manifest.perplexity is None:
+        raise ValueError(f"round {manifest.round} is not scored yet: it has no version to register")
     tags = {
         "round": str(manifest.round),
         "perplexity": repr(float(manifest.perplexity)),
@@ -103,7 +111,7 @@ def model_card(manifest: Manifest, base_model: str, base_revision: str, register
         f"A LoRA adapter of federation `{manifest.federation}`: round {manifest.round} of its signed lineage.",
         "",
         f"- base model: `{base_model}` (revision `{base_revision}`); the adapter is applied to it, never shipped with it",
-        f"- held-out perplexity {manifest.perplexity:.2f} (eval loss {manifest.eval_loss:.4f}), "
+        f"- held-out perplexity {_shown(manifest.perplexity)} (eval loss {_shown(manifest.eval_loss, '.4f')}), "
         f"aggregated by `{manifest.strategy}`, codecs: {', '.join(manifest.codecs) or 'none'}",
         f"- trained from round {manifest.round - 1}'s adapter `{manifest.parent_adapter_sha256[:16]}`; "
         f"this adapter `{manifest.adapter_sha256[:16]}`",
@@ -141,8 +149,9 @@ class RegistryEntry:
 def signed_versions(entries: Iterable[RegistryEntry], signed: Mapping[int, Manifest]) -> dict[int, tuple[str, float]]:
     """round → (version, held-out perplexity), only for versions that are a signed round's adapter:
     the round's digest, logged by the round's MLflow run at the path the registry task writes.
-    The perplexity is the signed manifest's, never the version's tag; the earliest such version
-    of a round stands for it. Anything else in the registry (a version planted with a low
+    The perplexity is the round's signed score record's (joined onto its manifest), never the
+    version's tag, and a round without one is not a candidate; the earliest such version of a
+    round stands for it. Anything else in the registry (a version planted with a low
     `perplexity` tag, or one claiming a round's tags over another artifact) is not a candidate."""
     found: dict[int, tuple[str, float]] = {}
     for entry in sorted(entries, key=lambda e: int(e.version)):
@@ -151,11 +160,13 @@ def signed_versions(entries: Iterable[RegistryEntry], signed: Mapping[int, Manif
         except ValueError:
             continue
         manifest = signed.get(round_number)
-        if manifest is None or round_number in found or entry.tags.get("adapter_sha256") != manifest.adapter_sha256:
+        if manifest is None or manifest.perplexity is None or round_number in found:
+            continue
+        if entry.tags.get("adapter_sha256") != manifest.adapter_sha256:
             continue
         if entry.run_id != manifest.mlflow_run_id or entry.source != f"runs:/{entry.run_id}/{adapter_artifact_path(round_number)}":
             continue
-        found[round_number] = (entry.version, float(manifest.perplexity))
+        found[round_number] = (entry.version, manifest.perplexity)
     return found
 
 

@@ -6,7 +6,10 @@ The manifest and the aggregator's signature of it are one object, `round-NNNN/ma
 ({"manifest": the JSON text, "signature": hex}), created only where there is none: two runs
 racing to commit the same round cannot both succeed. Beside it the winner writes `head.json`, the
 part a client reads (`ManifestHead`), signed the same way. `round-0000` is the initial adapter
-drawn from the seed, with the base model's evaluation.
+drawn from the seed. The held-out score of each round's adapter (round 0's is the base model's)
+is written after the commit, as its own signed record (`score.json`, a `RoundScore`) naming the
+adapter it scored: the next round need not wait for it. A round without one is simply unscored;
+the aggregator scores it again on resume.
 
 Whoever holds the bucket can copy, delete or restore objects, so a signature alone proves only
 that the aggregator wrote a manifest *once*, not that it belongs here. Every read therefore checks
@@ -31,7 +34,17 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedlib.rejection import Reason, UpdateRejected
-from fedlib.round.manifest import Manifest, ManifestHead, head_from_json, head_to_json, manifest_from_json, to_json
+from fedlib.round.manifest import (
+    Manifest,
+    ManifestHead,
+    RoundScore,
+    head_from_json,
+    head_to_json,
+    manifest_from_json,
+    score_from_json,
+    score_to_json,
+    to_json,
+)
 from fedlib.wire import storage
 from fedlib.wire.decode import expect, parse_json
 from fedlib.wire.layout import CheckpointLayout
@@ -41,7 +54,7 @@ Tensors = dict[str, torch.Tensor]
 _ROUND_DIR = re.compile(r"round-(\d{4,})$")
 _MAX_MANIFEST = 16 << 20
 log = logging.getLogger("fedlib.round.checkpoint")
-_Signed = TypeVar("_Signed", Manifest, ManifestHead)
+_Signed = TypeVar("_Signed", Manifest, ManifestHead, RoundScore)
 
 
 class ManifestRejected(ValueError):
@@ -80,6 +93,9 @@ class CheckpointStore:
     def head_url(self, round_number: int) -> str:
         return self.layout.head_url(round_number)
 
+    def score_url(self, round_number: int) -> str:
+        return self.layout.score_url(round_number)
+
     def _signed(self, body: dict) -> bytes:
         text = json.dumps(body, separators=(",", ":"))
         signature = self.signer.sign(text.encode()).hex() if self.signer is not None else ""
@@ -106,7 +122,7 @@ class CheckpointStore:
         if manifest.federation != self.federation:
             raise ManifestRejected(f"a manifest of federation {manifest.federation!r} committed to {self.federation!r}")
         parent = manifest.parent_adapter_sha256 if round_number > 0 else ""
-        if round_number > 0 and parent != self.manifest(round_number - 1).adapter_sha256:
+        if round_number > 0 and parent != self.manifest_read(round_number - 1)[0].adapter_sha256:
             raise ManifestRejected(f"round {round_number} was not aggregated from round {round_number - 1}'s committed adapter")
         data = tensors_to_bytes(adapter, metadata={"round": str(round_number)})
         digest = hashlib.sha256(data).hexdigest()
@@ -127,6 +143,34 @@ class CheckpointStore:
         storage.write_atomic(self.head_url(round_number), self._signed(head_to_json(manifest.head())), self.options)
         return manifest
 
+    def commit_score(self, score: RoundScore) -> None:
+        """A committed round's score record, signed. Scoring the same adapter again gives the
+        same score, so a rerun (after a crash, or over a record someone damaged) overwrites it."""
+        manifest = self.manifest_read(score.round)[0]
+        if score.federation != self.federation or score.adapter_sha256 != manifest.adapter_sha256:
+            raise ManifestRejected(f"a score of {score.federation!r} round {score.round} names an adapter its manifest does not")
+        storage.write_atomic(self.score_url(score.round), self._signed(score_to_json(score)), self.options)
+
+    def score_of(self, manifest: Manifest) -> RoundScore | None:
+        """The round's verified score record; None if it has none yet, or one that is not the
+        aggregator's score of this federation, round and adapter (logged, and left unscored)."""
+        try:
+            score = self._read_signed(self.score_url(manifest.round), score_from_json, manifest.round)[0]
+        except FileNotFoundError:
+            return None
+        except ManifestRejected as err:
+            log.warning("score of round %d ignored: %s", manifest.round, err)
+            return None
+        if score.adapter_sha256 != manifest.adapter_sha256:
+            log.warning("score of round %d ignored: it scored adapter %s…, not the round's", manifest.round, score.adapter_sha256[:16])
+            return None
+        return score
+
+    def scored(self, manifest: Manifest) -> Manifest:
+        """`manifest` with its verified score joined (`Manifest.with_score`), or as it is if it has none."""
+        score = self.score_of(manifest)
+        return manifest if score is None else manifest.with_score(score)
+
     def _listed_rounds(self) -> list[int]:
         fs, path = storage.filesystem(self.root, self.options)
         fs.invalidate_cache()
@@ -141,22 +185,23 @@ class CheckpointStore:
 
     def manifests(self) -> list[Manifest]:
         """The committed lineage, round 0 first: each manifest verified, and each naming its
-        predecessor's adapter. It ends at the first round that is missing or does not link;
-        anything listed past that is not this lineage's, and is reported, never used."""
+        predecessor's adapter, with its verified score joined (`scored`). It ends at the first
+        round that is missing or does not link; anything listed past that is not this lineage's,
+        and is reported, never used."""
         chain: list[Manifest] = []
         listed = self._listed_rounds()
         for round_number in listed:
             if round_number != len(chain):
                 break
             try:
-                manifest = self.manifest(round_number)
+                manifest = self.manifest_read(round_number)[0]
             except ManifestRejected as err:
                 log.warning("checkpoint round %d ignored: %s", round_number, err)
                 break
             if chain and manifest.parent_adapter_sha256 != chain[-1].adapter_sha256:
                 log.warning("checkpoint round %d ignored: it does not follow round %d's adapter", round_number, round_number - 1)
                 break
-            chain.append(manifest)
+            chain.append(self.scored(manifest))
         if len(chain) < len(listed):
             log.warning("checkpoints past round %d are not part of the lineage: %s", len(chain) - 1, listed[len(chain) :][:5])
         return chain
@@ -168,11 +213,12 @@ class CheckpointStore:
 
     def manifest(self, round_number: int) -> Manifest:
         """The signed manifest of `round_number`, refused unless it names this federation and
-        this round (a signature says who wrote it, not where it belongs)."""
-        return self.manifest_read(round_number)[0]
+        this round (a signature says who wrote it, not where it belongs), with its score joined."""
+        return self.scored(self.manifest_read(round_number)[0])
 
     def manifest_read(self, round_number: int) -> tuple[Manifest, int]:
-        """`manifest`, and how many bytes were read for it (a client counts what it downloads)."""
+        """The signed manifest alone (no score), and how many bytes were read for it (a client
+        counts what it downloads)."""
         return self._read_signed(self.manifest_url(round_number), manifest_from_json, round_number)
 
     def head_read(self, round_number: int) -> tuple[ManifestHead, int]:
@@ -186,7 +232,7 @@ class CheckpointStore:
             return manifest.head(), size
 
     def _read_signed(self, url: str, parse: Callable[[object], _Signed], round_number: int) -> tuple[_Signed, int]:
-        """A signed record (manifest or head) of `round_number`, and its size. A signature says
+        """A signed record (manifest, head or score) of `round_number`, and its size. A signature says
         who wrote a record, not where it belongs, so it must also name this federation and round."""
         body, size = self._verified_body(url)
         try:
@@ -228,7 +274,7 @@ class CheckpointStore:
 
     def adapter(self, round_number: int) -> Tensors:
         """A committed global adapter, checked against its manifest's digest."""
-        return self.adapter_of(self.manifest(round_number))[0]
+        return self.adapter_of(self.manifest_read(round_number)[0])[0]
 
     def _verified(self, url: str, digest: str, size: int) -> bytes:
         """An object the manifest names by digest and size: never more than that size is read."""

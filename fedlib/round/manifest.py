@@ -5,6 +5,11 @@ their parent adapter, MLflow, the registry and the Prefect artifacts to report),
 dataclass here, built by one function per kind of round (`base_manifest`, `round_manifest`),
 written and read as JSON through pydantic's validation (`to_json`, `manifest_from_json`), and
 signed by the checkpoint store, which alone fills in the digests and the lineage fields.
+
+The held-out score is not in the manifest: the round commits as soon as it is aggregated, and
+the next round's clients start from it while the aggregator scores it. The score is its own
+signed record (`RoundScore`, bound to the adapter it scored), joined onto the manifest when the
+store reads it (`Manifest.with_score`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from fedlib.privacy.accountant import PrivacySpent
 from fedlib.rejection import Rejection
@@ -48,8 +53,6 @@ class Manifest:
     round: int
     target_round: int  # the last round of the run that committed this one (resume finishes it)
     mlflow_run_id: str
-    eval_loss: float
-    perplexity: float
     # Filled in by the checkpoint store at commit: the lineage and what the manifest vouches for.
     parent_adapter_sha256: str = ""
     adapter_sha256: str = ""
@@ -75,6 +78,18 @@ class Manifest:
     protocol_bytes: dict[str, MessageBytes] = field(default_factory=dict)  # secure aggregation's messages, per client
     timings: dict[str, float] = field(default_factory=dict)
     base_model: str = ""  # the base weights' revision (`fedlib.model.base.base_revision`), the same for the whole lineage
+    # Not signed with the manifest: the held-out loss from the round's score record, joined on read
+    # (`with_score`); None until the aggregator has scored the round.
+    eval_loss: float | None = None
+
+    @property
+    def perplexity(self) -> float | None:
+        return None if self.eval_loss is None else math.exp(self.eval_loss)
+
+    def with_score(self, score: RoundScore) -> Manifest:
+        """This manifest with its score record's loss (and the scoring's time with its timings);
+        the caller has checked that the score is this round's and names this adapter."""
+        return replace(self, eval_loss=score.eval_loss, timings={**self.timings, "evaluate_s": score.evaluate_s})
 
     def head(self) -> ManifestHead:
         return ManifestHead(
@@ -110,12 +125,31 @@ class Manifest:
         return statistics.median(scored) if scored else None
 
 
+@dataclass(frozen=True)
+class RoundScore:
+    """The aggregator's held-out score of one committed round, signed and written beside its
+    manifest (`round-NNNN/score.json`). It names the federation, the round and the digest of the
+    adapter it scored, so a score copied to another round, another federation or another lineage's
+    adapter is refused on read; the champion is chosen from these. `evaluate_s` is how long the
+    scoring took."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # no other signed record (a manifest, a head) parses as one
+
+    federation: str
+    round: int
+    adapter_sha256: str
+    eval_loss: float
+    evaluate_s: float = 0.0
+
+
 _SCHEMA = TypeAdapter(Manifest)
 _HEAD_SCHEMA = TypeAdapter(ManifestHead)
+_SCORE_SCHEMA = TypeAdapter(RoundScore)
 
 
 def to_json(manifest: Manifest) -> dict[str, Any]:
-    return _SCHEMA.dump_python(manifest, mode="json")
+    """The manifest as signed: without the score, which is its own record."""
+    return _SCHEMA.dump_python(manifest, mode="json", exclude={"eval_loss"})
 
 
 def manifest_from_json(data: Any) -> Manifest:
@@ -132,6 +166,14 @@ def head_from_json(data: Any) -> ManifestHead:
     return _validated(_HEAD_SCHEMA, data, "manifest head")
 
 
+def score_to_json(score: RoundScore) -> dict[str, Any]:
+    return _SCORE_SCHEMA.dump_python(score, mode="json")
+
+
+def score_from_json(data: Any) -> RoundScore:
+    return _validated(_SCORE_SCHEMA, data, "round score")
+
+
 def _validated(schema: TypeAdapter, data: Any, what: str) -> Any:
     try:
         return schema.validate_python(data)
@@ -141,13 +183,10 @@ def _validated(schema: TypeAdapter, data: Any, what: str) -> Any:
         raise ValueError(f"not a {what}: {where}: {first['msg']}") from None
 
 
-def base_manifest(
-    federation: str, target_round: int, mlflow_run_id: str, eval_loss: float, timings: Mapping[str, float], base_model: str = ""
-) -> Manifest:
-    """Round 0: the base model's score, before any client trained; `base_model` is its revision."""
-    return Manifest(
-        federation, 0, target_round, mlflow_run_id, eval_loss, math.exp(eval_loss), timings=dict(timings), base_model=base_model
-    )
+def base_manifest(federation: str, target_round: int, mlflow_run_id: str, timings: Mapping[str, float], base_model: str = "") -> Manifest:
+    """Round 0: the seeded initial adapter, before any client trained; `base_model` is the base
+    weights' revision. Its score record is the base model's own score."""
+    return Manifest(federation, 0, target_round, mlflow_run_id, timings=dict(timings), base_model=base_model)
 
 
 def download_bound(previous: Manifest) -> int:
@@ -193,7 +232,6 @@ def round_manifest(
     plan: RoundPlan,
     outcome: RoundOutcome,
     cost: Mapping[str, float],
-    eval_loss: float,
     timings: Mapping[str, float],
     run_ids: tuple[str, str | None],
     privacy: PrivacySpent | None = None,
@@ -209,8 +247,6 @@ def round_manifest(
         round=plan.round,
         target_round=plan.target_round,
         mlflow_run_id=mlflow_run_id,
-        eval_loss=eval_loss,
-        perplexity=math.exp(eval_loss),
         parent_adapter_sha256=previous.adapter_sha256,
         base_model=previous.base_model,
         prefect_flow_run_id=flow_run_id,
