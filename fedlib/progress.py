@@ -24,6 +24,8 @@ class PlanMade:
 
 @dataclass(frozen=True)
 class BaseScored:
+    """Round 0's score, the base model's: beside round 1's training."""
+
     perplexity: float
 
     def __str__(self) -> str:
@@ -79,6 +81,8 @@ class ClientRejected:
 
 @dataclass(frozen=True)
 class RoundDone:
+    """A round's score has landed: beside the next round's training, after its commit."""
+
     round: int
     perplexity: float
 

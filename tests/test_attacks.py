@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ from fedlib.model.base import trained_part
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.round.checkpoint import CheckpointStore, ManifestRejected, plan_rounds
 from fedlib.round.client import train_and_seal, upload_sealed
-from fedlib.round.manifest import Manifest, to_json
+from fedlib.round.manifest import Manifest, RoundScore, score_to_json, to_json
 from fedlib.round.secure_aggregator import finish_secure_round, sum_masked_updates
 from fedlib.secagg.client import SecureRound, masked_update
 from fedlib.secagg.protocol import make_reveal, make_setup, open_inbox, relay_setups, unmask_sum
@@ -927,6 +928,23 @@ def test_r7_a_version_planted_in_the_registry_never_becomes_champion(tmp_path, c
     assert champion not in {v.version for v in planted}
     best = min(manifests[1:], key=lambda m: (m.perplexity, m.round))
     assert champion == real[best.round].version
+
+    # The perplexity comes from each round's score record, beside the manifest in the checkpoint
+    # bucket. Whoever holds the bucket edits the other round's score to 0 (its signature no longer
+    # verifies), then puts there a score the aggregator did sign, of loss 0, but of another adapter
+    # (a rolled-back lineage's round, same keys). Neither makes that round the champion.
+    store = checkpoint_store(config)
+    worse = next(m for m in manifests[1:] if m.round != best.round)
+    score_path = Path(urlparse(store.score_url(worse.round)).path)
+    record = json.loads(score_path.read_text())
+    replays = [
+        json.dumps({**record, "manifest": json.dumps({**json.loads(record["manifest"]), "eval_loss": 0.0})}).encode(),
+        store._signed(score_to_json(RoundScore(config.federation.id, worse.round, "0" * 64, 0.0))),
+    ]
+    for replay in replays:
+        score_path.write_bytes(replay)
+        champion = register_round.fn(config, run_id, manifests[-1], store.adapter_of(manifests[-1])[0])
+        assert champion == real[best.round].version
 
 
 @pytest.mark.parametrize(

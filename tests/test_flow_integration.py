@@ -109,7 +109,7 @@ def test_prefect_recorded_the_round_dag(finished_run):
 
     flows, tasks = asyncio.run(names())
     assert {"round-1", "round-2"} <= flows
-    assert {"train-aws-round-1", "train-gcp-round-2", "aggregate-round-2", "evaluate-round-2", "checkpoint-round-2"} <= tasks
+    assert {"train-aws-round-1", "train-gcp-round-2", "aggregate-round-2", "score-round-2", "checkpoint-round-2"} <= tasks
 
 
 def test_failed_client_is_left_out_and_round_goes_on(tmp_path, corpus_dir, tiny_model_dir):

@@ -149,9 +149,7 @@ def test_the_head_a_client_reads_is_signed_placed_and_falls_back_to_the_manifest
     root = (tmp_path / "ckpt").as_uri()
     store = CheckpointStore(root, "fed", signer=ring.signing_private, verifier=ring.signing_public)
     base = store.commit({"w": torch.zeros(2)}, Manifest("fed", 0, 2, "run"))
-    one = store.commit(
-        {"w": torch.ones(2)}, Manifest("fed", 1, 2, "run", parent_adapter_sha256=base.adapter_sha256, accepted=["aws"])
-    )
+    one = store.commit({"w": torch.ones(2)}, Manifest("fed", 1, 2, "run", parent_adapter_sha256=base.adapter_sha256, accepted=["aws"]))
     store.commit({"w": torch.ones(2) * 2}, Manifest("fed", 2, 2, "run", parent_adapter_sha256=one.adapter_sha256))
     reader = CheckpointStore(root, "fed", verifier=ring.signing_public)
     head, size = reader.head_read(1)
