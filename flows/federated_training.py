@@ -112,6 +112,12 @@ class RoundRecords:
             adapter = checkpoint_store(config, party_keys(config, AGGREGATOR)).adapter_of(manifest)[0]
             self.futures.append(register_round.submit(config, run_id, score, adapter, wait_for=[tracked]))
 
+    def raise_failed(self) -> None:
+        """The first record that has failed, as itself: the run stops before its next round."""
+        for future in self.futures:
+            if future.state.is_final() and not future.state.is_completed():
+                future.result()
+
     def scored(self) -> list[Manifest]:
         """The lineage with every score, once every record is done; the first failure, as itself."""
         for future in self.futures:
@@ -158,6 +164,7 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
             manifests = [commit_round(config, NextGlobal(make_initial_adapter(config), {}), manifest)]
             records.submit(manifests[0], last=False)
         for round_number in range(plan.first, plan.last + 1):
+            records.raise_failed()
             last = manifests[-1].privacy
             epsilon = over_budget(config.privacy, last.participation if last else {})
             stop = budget_stop(config.budget, manifests)

@@ -8,6 +8,7 @@ import asyncio
 import json
 import math
 
+import fsspec
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -20,7 +21,7 @@ from fedlib.model.training import evaluate_loss
 from fedlib_cli.main import main as fedlib_cli
 from flows.federated_training import federated_training
 from tasks.artifacts import round_table_key, summary_key
-from tasks.from_config import load_data
+from tasks.from_config import checkpoint_store, load_data
 from tests.conftest import ROOT, tiny_config_dict, write_config
 
 
@@ -133,18 +134,23 @@ def test_prefect_artifacts_round_tables_and_summary(federation):
     assert f"{manifests[-1].perplexity:.2f}" in summary.data and "champion" in summary.data
 
 
-def test_a_rerun_registers_only_what_is_missing(federation):
-    """A crash between a round's commit and its registration: the next run registers it."""
+def test_a_rerun_scores_and_registers_only_what_is_missing(federation):
+    """A crash between a round's commit and its score and registration: the next run scores it
+    again, to the same loss, and registers it."""
     path, config, manifests = federation
     client = MlflowClient(config.tracking_uri, registry_uri=config.tracking_uri)
     client.delete_model_version(config.registered_model_name, _versions(config)[3].version)
+    store = checkpoint_store(config)
+    fsspec.open(store.score_url(3)).fs.rm(store.score_url(3))
+    assert store.manifest(3).eval_loss is None
     raw = yaml.safe_load(path.read_text())
     raw["training"]["rounds"] = 1
     path.write_text(yaml.safe_dump(raw))
     more = federated_training(str(path))
     versions = _versions(config)
     assert sorted(versions) == [1, 2, 3, 4]
-    assert float(versions[3].tags["perplexity"]) == manifests[3].perplexity
+    assert more[3].eval_loss == pytest.approx(manifests[3].eval_loss, abs=1e-6) and store.manifest(3).eval_loss == more[3].eval_loss
+    assert float(versions[3].tags["perplexity"]) == more[3].perplexity
     best = min(more[1:], key=lambda m: m.perplexity)
     alias = client.get_model_version_by_alias(config.registered_model_name, "champion")
     assert int(alias.tags["round"]) == best.round and math.isfinite(float(alias.tags["perplexity"]))
