@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,6 +49,10 @@ def flower_python() -> Path:
     links = ["--find-links", os.environ.get("PIP_FIND_LINKS", "/opt/wheels")] if Path("/opt/wheels").exists() else []
     install = [uv, "pip", "install", "-q", "--python", str(python), *links]
     print(f"making Flower's environment in {FLOWER_ENV} …", flush=True)
+    if FLOWER_ENV.is_symlink():  # a link to an environment that is gone
+        FLOWER_ENV.unlink()
+    elif FLOWER_ENV.exists():  # half made by an interrupted first use
+        shutil.rmtree(FLOWER_ENV)
     subprocess.run([uv, "venv", "-q", str(FLOWER_ENV), "--python", sys.executable], check=True)
     subprocess.run([*install, "torch==2.13.0"], check=True)  # the CPU build, as scripts/install-packages takes it
     subprocess.run([*install, "-c", str(ROOT / "constraints.txt"), FLOWER, *CORE], check=True)
