@@ -9,7 +9,9 @@ same config, data, partition, seeds, training and scoring through fedlib's funct
 Flower's FedAvg and a Ray actor per client. Flower's pins (protobuf, fastapi, rich, …) collide
 with Prefect's, so it gets its own environment, `.bench/flower-env`, made on first use (about a
 minute, from the package registries) and reused after. Both take the converted base model from
-the same cache, converted before the first pair.
+the same cache, converted before the first pair. Before the first pair each environment imports
+what its run will import, untimed, so that neither runner pays alone for a cold disk cache (the
+first run on a fresh machine otherwise took 25–50 s longer, whichever runner it was).
 
 Prints each run's wall time (process start to exit) and curve, then per pair the ratio; its last
 line is `fedlib/flower wall: <median ratio> (<n> pairs)`.
@@ -99,6 +101,18 @@ def run_flower(python: Path, base: Path) -> tuple[float, list[float]]:
     return wall, [s["perplexity"] for s in sorted(scored, key=lambda s: s["round"])]
 
 
+# What each runner imports, warmed once before any timing: reading a cold environment from disk is
+# the machine's cost, not the runner's.
+WARM = {
+    "fedlib": "import torch, transformers, peft, mlflow, flows.federated_training, prefect.server.api.server",
+    "flower": "import torch, transformers, peft, flwr, ray, flwr.simulation",
+}
+
+
+def warm(python: Path, imports: str) -> None:
+    subprocess.run([str(python), "-c", imports], env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, capture_output=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=2)
@@ -112,6 +126,8 @@ def main() -> int:
 
     python = flower_python()
     model_folder(load_config(str(args.config)).model.source)  # converted once, before any timing
+    warm(Path(sys.executable), WARM["fedlib"])
+    warm(python, WARM["flower"])
     console = Console()
     table = Table(title=f"fedlib vs Flower 1.41, {args.config.name}, {os.cpu_count()} cores")
     for column in ("pair", "runner", "wall s", "curve"):
