@@ -62,9 +62,12 @@ class PostgresCluster:
             self.sql(f"CREATE DATABASE {database} OWNER {database}")
         return self
 
-    def restart(self) -> None:
-        """The database goes away and comes back: every open connection is cut."""
-        self._ctl("restart", "-m", "fast")
+    def down(self) -> None:
+        """The database goes away, every open connection with it."""
+        self._ctl("stop", "-m", "fast")
+
+    def up(self) -> None:
+        self._ctl("start")
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
