@@ -86,10 +86,14 @@ def catch_up(config: FederationConfig, run_id: str, manifests: list[Manifest]) -
     tracked = tracked_rounds(config, run_id)
     for i, missed in enumerate(manifests):
         if missed.round not in tracked:
-            track_round(config, run_id, missed.round, manifests[: i + 1])
+            track_round(config, run_id, missed.round, manifests[: i + 1], now_ms())
     registered = registered_rounds(config)
     for missed in [m for m in manifests[1:] if m.round not in registered]:
         register_round(config, run_id, missed, store.adapter_of(missed)[0])
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 class RoundRecords:
@@ -106,7 +110,7 @@ class RoundRecords:
         config, run_id = self.config, self.run_id
         score = score_round.submit(config, manifest, 0 if last else self.beside)
         self.lineage.append(score)
-        tracked = track_round.submit(config, run_id, manifest.round, list(self.lineage), wait_for=self.futures[-1:])
+        tracked = track_round.submit(config, run_id, manifest.round, list(self.lineage), now_ms(), wait_for=self.futures[-1:])
         self.futures += [score, tracked]
         if manifest.round > 0:
             adapter = checkpoint_store(config, party_keys(config, AGGREGATOR)).adapter_of(manifest)[0]

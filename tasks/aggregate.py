@@ -7,6 +7,7 @@ import time
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
 
 from fedlib.config import FederationConfig
 from fedlib.model.threads import intra_op_threads, thread_share
@@ -76,7 +77,15 @@ def make_initial_adapter(config: FederationConfig) -> Tensors:
     return initial_adapter(config)
 
 
-@task(name="checkpoint", task_run_name="checkpoint-round-{manifest.round}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@task(
+    name="checkpoint",
+    task_run_name="checkpoint-round-{manifest.round}",
+    cache_policy=NO_CACHE,
+    retries=4,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),  # 2, 4, 8, 16 s: a store's outage of half a minute
+)
 def commit_round(config: FederationConfig, round_global: NextGlobal, manifest: Manifest) -> Manifest:
+    """The round's commit, retried: the round's work is done and only the store stands between it
+    and the lineage. A retry after a manifest that did land is recognised as the same commit."""
     store = checkpoint_store(config, party_keys(config, AGGREGATOR))
     return store.commit(round_global.adapter, manifest, round_global.state, round_global.broadcast)

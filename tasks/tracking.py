@@ -170,11 +170,15 @@ def tracked_rounds(config: FederationConfig, run_id: str) -> set[int]:
 
 
 @task(name="track-round", task_run_name="track-round-{round_number}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
-def track_round(config: FederationConfig, run_id: str, round_number: int, manifests: list[Manifest]) -> None:
-    """Metrics and manifest of `round_number`, and the progress plot redrawn over all rounds."""
+def track_round(config: FederationConfig, run_id: str, round_number: int, manifests: list[Manifest], logged_at_ms: int) -> None:
+    """Metrics and manifest of `round_number`, and the progress plot redrawn over all rounds.
+
+    `logged_at_ms` is fixed by the caller, not read here: a retry (of this task, or of MLflow's
+    client after a server error whose write did land) sends the very same metrics, which MLflow
+    stores once, so a round's metrics are never doubled."""
     client = _client(config)
     manifest = manifests[-1]
-    now = int(time.time() * 1000)
+    now = logged_at_ms
     metrics = [Metric(k, v, now, round_number) for k, v in round_metrics(manifest).items() if math.isfinite(v)]
     federated = manifest.federated_eval_loss
     if federated is not None:  # the clients scored the adapter they received: round − 1's; their word, so labelled

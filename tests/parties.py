@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from scripts.hosts import Host, wait_for_port
 from tests.conftest import ROOT
-from tests.hosts import Host
 from tests.postgres import PostgresCluster
 
 VENV_BIN = Path(sys.executable).parent
@@ -47,18 +47,6 @@ def require_root_and_users(parties: tuple[str, ...]) -> None:
         pytest.fail("the drill's users are missing: run `bash scripts/setup --tests` as root (it runs scripts/drill-users)")
     if shutil.which("nft") is None:
         pytest.fail("nft is missing: run `bash scripts/setup --tests` as root (it installs Debian's nftables)")
-
-
-def wait_for_port(address: str, port: int, timeout: float = 120, what: str = "") -> None:
-    """Until something accepts on address:port (a server's readiness is its socket)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection((address, port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"{what or 'a server'} not listening on {address}:{port} after {timeout:.0f} s")
 
 
 class Party:
@@ -185,6 +173,7 @@ class HostedPrefect:
         self.host, self.database, self.home, self.logs = host, database, home, logs
         self.url = f"{host.url(PREFECT_PORT)}/api"
         self.process: subprocess.Popen | None = None
+        (home / "operator").mkdir(parents=True, exist_ok=True)  # Prefect makes its home without parents
 
     def start(self) -> HostedPrefect:
         env = {
@@ -193,6 +182,9 @@ class HostedPrefect:
             "PGPASSWORD": self.database.password,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_LOGGING_LEVEL": "INFO",
+            # The deployment's concurrency slot is a lease; in memory (the default) a restart
+            # forgets it, and the running federation is told its slot is gone and stops.
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
         }
         command = (str(VENV_BIN / "prefect"), "server", "start", "--host", self.host.address, "--port", str(PREFECT_PORT))
         self.process = self.host.spawn(*command, env=env, log=self.logs / "prefect-server.log")
@@ -301,7 +293,7 @@ class GateControl:
     def arm(self, pattern: str, fraction: float = 0.0) -> None:
         self.socket = socket.socket(socket.AF_UNIX)
         self.socket.connect(str(self.path))
-        self.socket.sendall(f"arm {pattern} {fraction}\n".encode())
+        self.socket.sendall(f"arm {fraction} {pattern}\n".encode())
         self.reader = self.socket.makefile()
         assert self.reader.readline().strip() == "armed"
 
@@ -324,4 +316,3 @@ class GateControl:
         self.socket.sendall(f"{word}\n".encode())
         self.socket.close()
         self.socket = None
-

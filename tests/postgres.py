@@ -13,7 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.hosts import Host
+from scripts.hosts import Host
 
 PORT = 5432
 

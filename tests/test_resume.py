@@ -97,3 +97,26 @@ def test_two_runs_racing_to_commit_a_round_cannot_both_win(tmp_path, corpus_dir,
     assert store.latest_round() == 1
     with pytest.raises(RoundAlreadyCommitted, match="round 1 is already committed"):
         store.commit({"w": torch.ones(4)}, Manifest("test", 1, 1, "late", parent_adapter_sha256=base.adapter_sha256))
+
+
+def test_a_retried_commit_whose_manifest_landed_goes_on_and_another_runs_does_not(tmp_path, corpus_dir, tiny_model_dir):
+    """A commit whose manifest reached the store but whose answer was lost is retried: the retry
+    finds its own signed bytes there and completes (the head is written); a different manifest
+    for the round, even one differing only in its run, is still refused."""
+    import pytest
+    import torch
+
+    from fedlib.round.checkpoint import RoundAlreadyCommitted
+    from fedlib.round.manifest import Manifest
+    from fedlib.wire import storage
+
+    config = load_config(write_config(tmp_path, tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir)))
+    store = checkpoint_store(config, keyring(config, create=True))
+    base = store.commit({"w": torch.zeros(4)}, Manifest("test", 0, 1, "run"))
+    adapter, manifest = {"w": torch.ones(4)}, Manifest("test", 1, 1, "run", parent_adapter_sha256=base.adapter_sha256)
+    first = store.commit(adapter, manifest)
+    storage.remove(store.head_url(1))  # as if the first try died after its manifest landed, before the head
+    assert store.commit(adapter, manifest) == first
+    assert storage.exists(store.head_url(1))
+    with pytest.raises(RoundAlreadyCommitted):
+        store.commit(adapter, Manifest("test", 1, 1, "another-run", parent_adapter_sha256=base.adapter_sha256))

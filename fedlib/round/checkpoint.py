@@ -117,7 +117,8 @@ class CheckpointStore:
 
         The signed manifest is one object, created only if the round has none (a conditional
         create on every store): of two runs committing the same round, one wins and the other
-        gets `RoundAlreadyCommitted`, so no round is ever committed twice."""
+        gets `RoundAlreadyCommitted`, so no round is ever committed twice. A retry of the same
+        commit (same manifest, same key) finds its own bytes there and goes on to the head."""
         round_number = manifest.round
         if manifest.federation != self.federation:
             raise ManifestRejected(f"a manifest of federation {manifest.federation!r} committed to {self.federation!r}")
@@ -137,11 +138,21 @@ class CheckpointStore:
             broadcast_digest = hashlib.sha256(broadcast).hexdigest()
             storage.write_atomic(self.broadcast_url(round_number, broadcast_digest), broadcast, self.options)
             manifest = replace(manifest, broadcast_sha256=broadcast_digest, broadcast_bytes=len(broadcast))
-        if not storage.write_exclusive(self.manifest_url(round_number), self._signed(to_json(manifest)), self.options):
+        signed = self._signed(to_json(manifest))
+        if not storage.write_exclusive(self.manifest_url(round_number), signed, self.options) and not self._landed(round_number, signed):
             raise RoundAlreadyCommitted(f"{self.manifest_url(round_number)}: round {round_number} is already committed")
         # Only the run whose manifest won writes the head; a crash before it leaves none, and readers fall back.
         storage.write_atomic(self.head_url(round_number), self._signed(head_to_json(manifest.head())), self.options)
         return manifest
+
+    def _landed(self, round_number: int, signed: bytes) -> bool:
+        """Whether the round's manifest is these very bytes: an earlier try of this commit whose
+        write landed though its answer was lost (signatures are deterministic, so the same
+        manifest signs to the same bytes; another run's manifest differs at least in its run)."""
+        try:
+            return storage.read_limited(self.manifest_url(round_number), len(signed), self.options) == signed
+        except UpdateRejected:  # none there (a store that lost it), or longer than ours
+            return False
 
     def commit_score(self, score: RoundScore) -> None:
         """A committed round's score record, signed. Scoring the same adapter again gives the

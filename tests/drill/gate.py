@@ -7,7 +7,7 @@ fault lands at an exact point of the protocol rather than at a moment guessed wi
 The drill talks to it over the Unix socket CONTROL_SOCKET (a file, so it crosses network
 namespaces), one line each way:
 
-    arm <regex> <fraction>   the next request whose first line matches is held after its head and
+    arm <fraction> <regex>   the next request whose first line matches is held after its head and
                              <fraction> of its body have gone through; the gate answers `armed`
     (the gate, once held)    hit <request line>
     release | drop           go on forwarding, or close both sides of the held connection
@@ -129,9 +129,9 @@ def _serve_control(path: str) -> None:
     server.listen()
     while True:
         control, _ = server.accept()
-        line = control.makefile().readline().split()
+        line = control.makefile().readline().rstrip("\n").split(" ", 2)
         if len(line) == 3 and line[0] == "arm":
-            GATE.arm(line[1], float(line[2]), control)
+            GATE.arm(line[2], float(line[1]), control)
             control.sendall(b"armed\n")
 
 

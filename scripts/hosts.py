@@ -1,4 +1,4 @@
-"""Hosts for the drills: each party, store and server a Linux network namespace of its own, with
+"""Hosts for the drills and the benches: each party, store and server a Linux network namespace of its own, with
 its own address, linked to one router namespace that stands for the network between clouds.
 
 Why a router and not a bridge: the fence (which host may open a connection to which) is an
@@ -16,8 +16,11 @@ Needs root (CI runs as root). Every name made here starts with the network's pre
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +103,7 @@ class Network:
         namespace = f"{self.prefix}-{name}"
         inner, outer = f"{self.prefix}{number}h", f"{self.prefix}{number}r"
         if root:
+            subprocess.run(["ip", "link", "del", inner], capture_output=True)  # a killed run's, if its deletion lags
             _ip("link", "add", inner, "type", "veth", "peer", "name", outer, "netns", self.router)
             _ip("addr", "add", f"{address}/32", "dev", inner)
             _ip("link", "set", inner, "up")
@@ -212,19 +216,33 @@ class Network:
         subprocess.run(["ip", "netns", "exec", self.router, *command], check=True, capture_output=True)
 
 
-def reachable(host: Host, target: str, port: int, timeout: float = 3.0) -> str:
-    """What `host` sees when it opens `target:port`: "open", "refused", "unreachable" or "timeout"."""
+def wait_for_port(address: str, port: int, timeout: float = 120, what: str = "") -> None:
+    """Until something accepts on address:port (a server's readiness is its socket)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((address, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"{what or 'a server'} not listening on {address}:{port} after {timeout:.0f} s")
+
+
+def reachable(host: Host, targets: Sequence[tuple[str, int]], timeout: float = 3.0) -> list[str]:
+    """What `host` sees when it opens each `(address, port)`: "open", "refused", "unreachable" or
+    "timeout", in order (one process on the host probes them all)."""
     probe = (
-        "import socket,sys\n"
-        "s=socket.socket(); s.settimeout(float(sys.argv[3]))\n"
-        "try:\n s.connect((sys.argv[1], int(sys.argv[2]))); print('open')\n"
-        "except ConnectionRefusedError: print('refused')\n"
-        "except TimeoutError: print('timeout')\n"
-        "except OSError as e: print('unreachable' if e.errno in (101, 113) else f'error {e.errno}')\n"
+        "import json,socket,sys\n"
+        "def see(a, p):\n"
+        " s=socket.socket(); s.settimeout(float(sys.argv[1]))\n"
+        " try:\n  s.connect((a, p)); return 'open'\n"
+        " except ConnectionRefusedError: return 'refused'\n"
+        " except TimeoutError: return 'timeout'\n"
+        " except OSError as e: return 'unreachable' if e.errno in (101, 113) else f'error {e.errno}'\n"
+        " finally: s.close()\n"
+        "print(json.dumps([see(a, p) for a, p in json.loads(sys.argv[2])]))\n"
     )
-    done = host.run("python3", "-c", probe, target, str(port), str(timeout))
-    return done.stdout.strip()
-
-
-def addresses(hosts: Sequence[Host]) -> dict[str, str]:
-    return {host.name: host.address for host in hosts}
+    done = host.run("python3", "-c", probe, str(timeout), json.dumps([list(t) for t in targets]))
+    if done.returncode != 0:
+        raise RuntimeError(f"probing from {host.name} failed: {done.stderr}")
+    return json.loads(done.stdout)
