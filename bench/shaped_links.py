@@ -88,6 +88,7 @@ class ShapedStores:
         )
         blob = hosts["azure"]
         azurite = ROOT / ".tools" / "node_modules" / ".bin" / "azurite-blob"
+        (self.logs / "azurite").mkdir()
         flags = ["--location", str(self.logs / "azurite"), "--silent", "--disableTelemetry", "--skipApiVersionCheck", "--loose"]
         self.processes.append(
             blob.spawn(str(azurite), "--blobHost", blob.address, "--blobPort", str(PORT), *flags, log=self.logs / "azure.log")

@@ -120,3 +120,19 @@ def test_a_retried_commit_whose_manifest_landed_goes_on_and_another_runs_does_no
     assert storage.exists(store.head_url(1))
     with pytest.raises(RoundAlreadyCommitted):
         store.commit(adapter, Manifest("test", 1, 1, "another-run", parent_adapter_sha256=base.adapter_sha256))
+
+
+def test_a_retried_round_tracking_logs_its_metrics_once(tmp_path, corpus_dir, tiny_model_dir):
+    """A tracking task retried after a failure that came after its metrics landed (the MLflow
+    server's database going away under the next call, say) sends them again: at the time the
+    flow fixed, so MLflow keeps one of each."""
+    from fedlib.round.manifest import Manifest
+    from tasks.tracking import open_tracking, track_round
+
+    config = load_config(write_config(tmp_path, tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir)))
+    run_id = open_tracking.fn(config, None)
+    lineage = [Manifest("test", 0, 1, run_id, eval_loss=4.0), Manifest("test", 1, 1, run_id, eval_loss=3.5)]
+    for _ in range(2):  # the task and its retry
+        track_round.fn(config, run_id, 1, lineage, 1_700_000_000_000)
+    history = MlflowClient(config.tracking_uri).get_metric_history(run_id, "eval/perplexity")
+    assert [(m.step, m.timestamp) for m in history] == [(1, 1_700_000_000_000)]
