@@ -19,7 +19,7 @@ from fedlib.strategies import ClientUpdate, make_strategy
 from fedlib.wire.serialization import tensors_to_bytes
 from tasks.data import partition_data
 from tasks.from_config import keyring
-from tasks.split import fetch_server_part, split_evaluate, split_train_client, start_server
+from tasks.split import fetch_server_part, open_server, split_evaluate, split_train_client
 from tasks.tracking import finish_tracking, open_tracking, track_metrics, track_split_artifacts
 
 
@@ -41,7 +41,7 @@ def split_finetune(config_path: str) -> dict[str, Any]:
     keyring(config, create=True)
     assignment = partition_data(config)  # tokenises once, before the clients start
     run_id = open_tracking(config, None, run_name=f"{config.federation.id}-split-cut{config.split.cut}")
-    server = start_server(config_path, config.split.server_timeout_s)
+    server = open_server(config, config_path)
     status = "FAILED"
     try:
         before = split_evaluate(config, 0, server.url, None, None)

@@ -39,6 +39,24 @@ class ServerProcess:
             self.process.kill()
 
 
+@dataclass
+class RunningServer:
+    """A split server already running elsewhere (`split.server_url`, e.g. in a TEE): the flow
+    neither starts nor stops it."""
+
+    url: str
+
+    def stop(self) -> None:
+        pass
+
+
+def open_server(config: FederationConfig, config_path: str) -> ServerProcess | RunningServer:
+    """The server the flow trains against: the configured one, or a new process beside it."""
+    if config.split.server_url is not None:
+        return RunningServer(config.split.server_url.rstrip("/"))
+    return start_server(config_path, config.split.server_timeout_s)
+
+
 def start_server(config_path: str, timeout_s: float) -> ServerProcess:
     ready = Path(tempfile.mkdtemp(prefix="fedlib-split-")) / "port"
     process = subprocess.Popen(

@@ -332,40 +332,29 @@ class _Claim:
     def __init__(self, evidence):
         self.claimed = evidence
 
-    def evidence(self, binding: str) -> dict:
+    def evidence(self, binding: bytes) -> dict:
         return dict(self.claimed)
 
 
-class _BoundQuote:
-    """A stand-in platform: its 'quote' is an HMAC under a root key the test verifier pins."""
-
-    ROOT = b"test-platform-root-key-000000000"
-
-    def evidence(self, binding: str) -> dict:
-        import hmac
-
-        return {"tee": "test-tee", "report_data": binding, "quote": hmac.new(self.ROOT, binding.encode(), "sha256").hexdigest()}
+_VENDOR = None
 
 
-class _TestVerifier:
-    def verify(self, evidence: dict, binding: str) -> None:
-        import hmac
+def _vendor():
+    """A stand-in TEE vendor (tests/tee_evidence.py): Nitro-format documents under a test root."""
+    global _VENDOR
+    from tests.tee_evidence import StandInVendor
 
-        from fedlib.split.attestation import AttestationFailed
-
-        quote = hmac.new(_BoundQuote.ROOT, str(evidence.get("report_data")).encode(), "sha256").hexdigest()
-        if not hmac.compare_digest(quote, str(evidence.get("quote"))):
-            raise AttestationFailed("quote does not verify")
-        if evidence["report_data"] != binding:
-            raise AttestationFailed("evidence is bound to another session")
+    _VENDOR = _VENDOR or StandInVendor("attacks")
+    return _VENDOR
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _test_verifier():
     from fedlib.split.attestation import VERIFIERS
+    from fedlib.tee.nitro import NitroVerifier
 
     if "test-tee" not in VERIFIERS.items:
-        VERIFIERS.register("test-tee")(_TestVerifier)
+        VERIFIERS.register("test-tee")(lambda expected: NitroVerifier(pcrs={}, root=_vendor().root))
 
 
 @pytest.fixture
@@ -391,26 +380,29 @@ def _connect(config, url, client="aws", keep_wire=False):
 
 
 def _requiring(config: FederationConfig, verifier: str | None) -> FederationConfig:
-    return config.model_copy(update={"split": config.split.model_copy(update={"require_tee": True, "attestation_verifier": verifier})})
+    attestation = config.split.attestation.model_copy(update={"verifier": verifier})
+    return config.model_copy(update={"split": config.split.model_copy(update={"require_tee": True, "attestation": attestation})})
 
 
 def test_6_a_claimed_tee_is_not_evidence(fed, split_server):
-    from fedlib.split.attestation import AttestationFailed
+    from fedlib.tee.evidence import AttestationFailed, Refusal
+    from tests.tee_evidence import NitroAttestor
 
     state, url = split_server
     for claim in ({"tee": "sev-snp"}, {}):
         state.attestor = _Claim(claim)
-        with pytest.raises(AttestationFailed, match="no split.attestation_verifier"):
+        with pytest.raises(AttestationFailed, match="split.attestation.verifier is not"):
             _connect(_requiring(fed.config, None), url)
         with pytest.raises(AttestationFailed):
             _connect(_requiring(fed.config, "test-tee"), url)
     # Evidence recorded from one session and replayed in another is bound to the wrong session.
-    state.attestor = _BoundQuote()
+    state.attestor = NitroAttestor(_vendor())
     _connect(_requiring(fed.config, "test-tee"), url)  # a verifier that checks, and evidence that is bound
-    replayed = _BoundQuote().evidence("0" * 64)
+    replayed = NitroAttestor(_vendor()).evidence(bytes(32))
     state.attestor = _Claim(replayed)
-    with pytest.raises(AttestationFailed, match="bound to another session"):
+    with pytest.raises(AttestationFailed) as info:
         _connect(_requiring(fed.config, "test-tee"), url)
+    assert info.value.reason is Refusal.BINDING
 
 
 # 7. The split server: every endpoint needs a session; replays, overwrites, floods and big bodies are refused.

@@ -40,6 +40,13 @@ def test_demo_config_is_valid():
         (lambda c: c["data"].update(corpus="shakespeare"), "data", "not both"),
         (lambda c: c["aggregation"].update(min_clients=5), "aggregation", "exceeds"),
         (lambda c: c.update(clouds=[]), "clouds", "at least 1"),
+        (lambda c: c.update(split={"require_tee": True}), "split", "split.attestation.verifier"),
+        (lambda c: c.update(split={"attestation": {"verifier": "aws-nitro"}}), "split.attestation", "PCR0"),
+        (lambda c: c.update(split={"attestation": {"verifier": "amd-sev-snp"}}), "split.attestation", "launch measurement"),
+        (lambda c: c.update(split={"attestation": {"pcrs": {0: "XYZ"}}}), "split.attestation.pcrs", "lowercase hex"),
+        (lambda c: c.update(split={"attestation": {"measurement": "ab" * 32}}), "split.attestation.measurement", "96 digits"),
+        (lambda c: c.update(split={"attestation_verifier": "aws-nitro"}), "split.attestation_verifier", "Extra inputs"),
+        (lambda c: c.update(split={"server_url": "vsock://16:5005"}), "split.server_url", "http://"),
     ],
 )
 def test_bad_field_is_named(tmp_path, corpus_dir, tiny_model_dir, mutate, field, words):

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fedlib.config import load_config
+from fedlib.config import SplitConfig, load_config
 from fedlib.rejection import Reason, UpdateRejected
-from fedlib.split.attestation import AttestationFailed, NoTEE, check_attestation
+from fedlib.split.attestation import check_attestation
+from fedlib.tee.evidence import AttestationFailed, NoTEE, Refusal
 from flows.split_finetune import split_finetune
 from tasks.from_config import keyring, load_data
 from tasks.split import connect_client, start_server
@@ -80,10 +81,22 @@ def test_tampered_and_replayed_messages_are_refused_by_the_server(server):
 
 
 def test_no_tee_is_said_and_refused_when_one_is_required():
-    evidence = NoTEE().evidence("b1")
-    assert evidence == {"tee": "none", "binding": "b1"}
-    check_attestation(evidence, "b1", require_tee=False, verifier=None)  # nothing claimed, nothing checked
-    with pytest.raises(AttestationFailed, match="no split.attestation_verifier is configured"):
-        check_attestation(evidence, "b1", require_tee=True, verifier=None)
-    with pytest.raises(AttestationFailed, match="runs in no TEE"):
-        check_attestation(evidence, "b1", require_tee=True, verifier="any")
+    binding = bytes(range(32))
+    evidence = NoTEE().evidence(binding)
+    assert evidence == {"tee": "none", "binding": binding.hex()}
+    check_attestation(evidence, binding, SplitConfig())  # nothing claimed, nothing checked
+    unverified = SplitConfig().model_copy(update={"require_tee": True})  # what the config itself refuses to build
+    with pytest.raises(AttestationFailed, match="split.attestation.verifier is not") as info:
+        check_attestation(evidence, binding, unverified)
+    assert info.value.reason is Refusal.NOT_CONFIGURED
+    required = SplitConfig(require_tee=True, attestation={"verifier": "amd-sev-snp", "measurement": "ab" * 48})
+    with pytest.raises(AttestationFailed, match="runs in no TEE") as info:
+        check_attestation(evidence, binding, required)
+    assert info.value.reason is Refusal.NO_TEE
+    with pytest.raises(AttestationFailed) as info:
+        check_attestation(
+            {"tee": "amd-sev-snp"},
+            binding,
+            required.model_copy(update={"attestation": required.attestation.model_copy(update={"verifier": "sgx"})}),
+        )
+    assert info.value.reason is Refusal.NOT_CONFIGURED and "unknown attestation verifier 'sgx'" in str(info.value)

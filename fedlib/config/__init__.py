@@ -23,6 +23,7 @@ from fedlib.config.sections import (
     BUILTIN_MODELS,
     NOISE_SEED_ENV,
     AggregationConfig,
+    AttestationConfig,
     CompressionConfig,
     ConfigError,
     DataConfig,
@@ -39,6 +40,7 @@ from fedlib.config.sections import (
 __all__ = [
     "AggregationConfig",
     "AggregatorKeys",
+    "AttestationConfig",
     "BUILTIN_CORPORA",
     "BUILTIN_MODELS",
     "BudgetConfig",

@@ -328,14 +328,74 @@ class CompressionConfig(_Strict):
         return CodecChain(tuple(self.broadcast), self.topk_fraction, self.zstd_level)
 
 
+class TcbMinimum(_Strict):
+    """The oldest SEV-SNP firmware accepted: security patch levels (SPLs), each 0..255."""
+
+    bootloader: int = Field(0, ge=0, le=255)
+    """Boot loader SPL."""
+    tee: int = Field(0, ge=0, le=255)
+    """PSP OS (TEE) SPL."""
+    snp: int = Field(0, ge=0, le=255)
+    """SNP firmware SPL."""
+    microcode: int = Field(0, ge=0, le=255)
+    """Microcode SPL."""
+
+
+HEX = re.compile(r"^([0-9a-f]{2})+$")
+
+
+class AttestationConfig(_Strict):
+    """What the client requires of the split server's TEE. `verifier` is `aws-nitro` (expects
+    `pcrs`) or `amd-sev-snp` (expects `measurement`, and `min_tcb`), or a verifier a plugin
+    registered (`fedlib.split.attestation.VERIFIERS`). Digests are lowercase hex, as
+    `nitro-cli describe-enclaves` and `snpguest display report` print them."""
+
+    verifier: str | None = None
+    """`aws-nitro`, `amd-sev-snp` or a registered plugin's name."""
+    pcrs: dict[int, str] = {}
+    """Nitro: PCR index → expected SHA-384 (PCR0 image, PCR1 kernel, PCR2 application, PCR8 signing certificate)."""
+    measurement: str | None = None
+    """SEV-SNP: the expected launch MEASUREMENT (48 bytes, 96 hex digits) of the server's VM image."""
+    min_tcb: TcbMinimum = TcbMinimum()
+    """SEV-SNP: the oldest firmware accepted."""
+    allow_debug: bool = False
+    """Accept an enclave in debug mode, or a guest whose policy allows debugging (never in production)."""
+    max_age_s: float = Field(300, gt=0)
+    """Nitro: how old a document may be when it is checked."""
+
+    @field_validator("pcrs")
+    @classmethod
+    def _pcr_digests(cls, value: dict[int, str]) -> dict[int, str]:
+        for index, digest in value.items():
+            if not 0 <= index < 32 or not HEX.match(digest) or len(digest) not in (64, 96, 128):
+                raise ValueError(f"PCR{index}: give an index 0..31 and a SHA-384 digest in lowercase hex (96 digits)")
+        return value
+
+    @field_validator("measurement")
+    @classmethod
+    def _measurement(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) != 96 or not HEX.match(value)):
+            raise ValueError("give the 48-byte launch measurement in lowercase hex (96 digits)")
+        return value
+
+    @model_validator(mode="after")
+    def _expected_values(self) -> AttestationConfig:
+        if self.verifier == "aws-nitro" and 0 not in self.pcrs:
+            raise ValueError("pcrs: aws-nitro needs the expected PCR0 at least (nitro-cli build-enclave prints PCR0, PCR1, PCR2)")
+        if self.verifier == "amd-sev-snp" and self.measurement is None:
+            raise ValueError("measurement: amd-sev-snp needs the expected launch measurement of the server's image")
+        return self
+
+
 class SplitConfig(_Strict):
     """Split fine-tuning (`flows/split_finetune.py`): the client keeps the embeddings, the first
     `cut` blocks and the LM head; a server process holds the other blocks. LoRA (`lora:`) goes
     on both sides; SPF trains the top `spf_fraction` of `spf_modules`' weights by calibrated
-    gradient magnitude. `require_tee` refuses a server unless `attestation_verifier` (a
-    registered verifier, see `fedlib.split.attestation`) accepts its evidence for this session.
-    The server holds at most `max_sessions` sessions, drops one idle for `session_ttl_s`, and
-    refuses a request body over `max_body_bytes`."""
+    gradient magnitude. `require_tee` refuses a server unless the verifier `attestation` names
+    accepts its evidence for this session (`fedlib.tee`). The flow starts the server beside
+    itself unless `server_url` names one already running (in a Nitro Enclave or a confidential
+    VM). The server holds at most `max_sessions` sessions, drops one idle for `session_ttl_s`,
+    and refuses a request body over `max_body_bytes`."""
 
     cut: int = Field(2, ge=0)
     """The client keeps the embeddings, the first `cut` blocks and the LM head; the server holds the rest."""
@@ -354,9 +414,11 @@ class SplitConfig(_Strict):
     calibration_batches: int = Field(2, ge=1)
     """Batches that calibrate the SPF mask."""
     require_tee: bool = False
-    """Refuse a server unless `attestation_verifier` accepts its evidence for this session."""
-    attestation_verifier: str | None = None
-    """A registered attestation verifier (`fedlib.split.attestation`)."""
+    """Refuse a server unless `attestation.verifier` accepts its evidence for this session."""
+    attestation: AttestationConfig = AttestationConfig()
+    """What the client requires of the server's TEE."""
+    server_url: str | None = None
+    """A split server already running (e.g. `http://10.0.3.7:8443`, in a TEE); unset, the flow starts one beside itself."""
     server_timeout_s: float = Field(300, gt=0)
     """How long a client waits on the split server."""
     max_sessions: int = Field(16, ge=1)
@@ -365,6 +427,21 @@ class SplitConfig(_Strict):
     """An idle session is dropped after this long."""
     max_body_bytes: int = Field(64 * 2**20, ge=1024)
     """A request body over this is refused."""
+
+    @field_validator("server_url")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("give the split server's http:// or https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _verifiable(self) -> SplitConfig:
+        if self.require_tee and self.attestation.verifier is None:
+            raise ValueError(
+                "split.require_tee is set: name the verifier of the server's evidence in split.attestation.verifier (aws-nitro or amd-sev-snp)"
+            )
+        return self
 
 
 class SecureAggregationConfig(_Strict):

@@ -1,76 +1,64 @@
-"""Where each slice would run inside a trusted execution environment, and the check a client
-makes before it sends anything.
+"""The split client's check of the server's TEE, before it sends a single activation.
 
-The server's `Attestor` produces evidence; the client's `Verifier` decides. A claim is worth
-nothing by itself (`{"tee": "sev-snp"}` is twelve bytes anyone can send), so with
-`split.require_tee` the client refuses unless a verifier is configured
-(`split.attestation_verifier`, a name in `VERIFIERS`) and that verifier accepts evidence bound
-to *this* session: its `binding` (see `fedlib.split.channel.attestation_binding`) is a digest of
-the session id, the client's ephemeral key, the server's nonce and the server's channel key.
+A claim is worth nothing by itself (`{"tee": "sev-snp"}` is twelve bytes anyone can send), so
+with `split.require_tee` the client refuses unless the verifier `split.attestation.verifier`
+names accepts evidence bound to *this* session: its binding (`fedlib.split.channel.
+attestation_binding`) is a digest of the session id, the client's ephemeral key, the server's
+nonce and the server's channel key, so evidence from another session or server is refused.
 
-No TEE runs where this project is built and tested, so no verifier ships and the default
-refuses. A real one (a plugin registering itself in `VERIFIERS`) must check, for its platform:
-- SEV-SNP: the attestation report's signature chain (VCEK → ASK → ARK, AMD's root pinned), the
-  guest policy (debug off, SMT as required), the launch MEASUREMENT against the expected digest
-  of the server image, a TCB version not below the minimum, and REPORT_DATA == binding;
-- Intel TDX: the quote's signature through the PCK chain to Intel's root, TCB status from the
-  collateral, MRTD and RTMR values of the expected image, and REPORTDATA == binding;
-- AWS Nitro Enclaves: the COSE_Sign1 document's signature to the Nitro root, PCR0–2 (and PCR8
-  if signed images are used) of the expected image, and `user_data` or `nonce` == binding;
-and in every case freshness (the binding holds the server nonce of this session) before the
-client sends a single activation.
+Two verifiers ship (`fedlib.tee`): `aws-nitro` and `amd-sev-snp`; a plugin adds another with
+`VERIFIERS.register(name)` and a factory taking the `split.attestation` section.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
+from fedlib.config import AttestationConfig, SplitConfig
 from fedlib.registry import Registry
+from fedlib.tee.evidence import AttestationFailed, Refusal, Verifier
+from fedlib.tee.nitro import NitroVerifier
+from fedlib.tee.sev_snp import SnpVerifier, Tcb
+
+VERIFIERS: Registry[Callable[[AttestationConfig], Verifier]] = Registry("attestation verifier")
 
 
-class AttestationFailed(RuntimeError):
-    """The server could not show it runs where the client requires."""
+@VERIFIERS.register("aws-nitro")
+def nitro(expected: AttestationConfig) -> Verifier:
+    pcrs = {index: bytes.fromhex(digest) for index, digest in expected.pcrs.items()}
+    return NitroVerifier(pcrs=pcrs, max_age_s=expected.max_age_s, allow_debug=expected.allow_debug)
 
 
-class Attestor(Protocol):
-    """The server's side: evidence that it runs in its TEE, carrying `binding`."""
-
-    def evidence(self, binding: str) -> dict[str, Any]: ...
-
-
-class Verifier(Protocol):
-    """The client's side: raise `AttestationFailed` unless `evidence` proves a TEE of the
-    expected measurement and carries `binding`."""
-
-    def verify(self, evidence: dict[str, Any], binding: str) -> None: ...
+@VERIFIERS.register("amd-sev-snp")
+def sev_snp(expected: AttestationConfig) -> Verifier:
+    assert expected.measurement is not None  # the config refuses amd-sev-snp without one
+    minimum = Tcb(**expected.min_tcb.model_dump())
+    return SnpVerifier(measurement=bytes.fromhex(expected.measurement), min_tcb=minimum, allow_debug=expected.allow_debug)
 
 
-VERIFIERS: Registry[type[Verifier]] = Registry("attestation verifier")
-
-
-class NoTEE:
-    """The documented default server: no enclave, no pretending."""
-
-    def evidence(self, binding: str) -> dict[str, Any]:
-        return {"tee": "none", "binding": binding}
-
-
-def check_attestation(evidence: Any, binding: str, require_tee: bool, verifier: str | None) -> None:
-    """Before anything is sent: with `require_tee`, a configured verifier must accept evidence
-    bound to this session; without it, nothing is claimed and nothing is checked."""
-    if not require_tee:
+def check_attestation(evidence: Any, binding: bytes, split: SplitConfig) -> None:
+    """With `split.require_tee`, the configured verifier must accept evidence bound to this
+    session; without it, nothing is claimed and nothing is checked."""
+    if not split.require_tee:
         return
-    if verifier is None:
+    name = split.attestation.verifier
+    if name is None:
         raise AttestationFailed(
-            "split.require_tee is set but no split.attestation_verifier is configured: a server's claim of a TEE is not evidence of one"
+            Refusal.NOT_CONFIGURED,
+            "split.require_tee is set but split.attestation.verifier is not: a server's claim of a TEE is not evidence of one",
         )
     if not isinstance(evidence, dict):
-        raise AttestationFailed("the server sent no attestation evidence")
+        raise AttestationFailed(Refusal.MALFORMED, "the server sent no attestation evidence")
     if evidence.get("tee") in (None, "none"):
-        raise AttestationFailed("split.require_tee is set, and the server runs in no TEE")
+        raise AttestationFailed(Refusal.NO_TEE, "split.require_tee is set, and the server runs in no TEE")
     try:
-        VERIFIERS.get(verifier)().verify(evidence, binding)
+        verifier = VERIFIERS.get(name)(split.attestation)
+    except KeyError as err:
+        raise AttestationFailed(Refusal.NOT_CONFIGURED, f"split.attestation.verifier: {err.args[0]}") from None
+    try:
+        verifier.verify(evidence, binding)
     except AttestationFailed:
         raise
-    except Exception as err:  # noqa: BLE001 - a verifier that breaks on hostile evidence has not verified it
-        raise AttestationFailed(f"{verifier}: evidence did not verify ({type(err).__name__}: {err})") from None
+    except Exception as err:  # noqa: BLE001 - a plugin verifier that breaks on hostile evidence has not verified it
+        raise AttestationFailed(Refusal.MALFORMED, f"{name}: evidence did not verify ({type(err).__name__})") from None

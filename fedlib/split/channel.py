@@ -126,11 +126,12 @@ class HelloChallenges:
             raise UpdateRejected(Reason.STALE, f"hello challenge is {age:.0f} s old, over {self.ttl_s:.0f} s; ask /challenge again")
 
 
-def attestation_binding(session: str, ephemeral: str, server_nonce: str, server_public: X25519PublicKey) -> str:
-    """What a TEE's evidence must carry (e.g. in SEV-SNP's REPORT_DATA): this session's nonces
-    and the keys of this channel, so evidence from another session or server cannot be replayed."""
+def attestation_binding(session: str, ephemeral: str, server_nonce: str, server_public: X25519PublicKey) -> bytes:
+    """What a TEE's evidence must carry (SEV-SNP's REPORT_DATA, Nitro's user_data or nonce):
+    a 32-byte digest of this session's nonces and the keys of this channel, so evidence from
+    another session or server cannot be replayed."""
     transcript = json.dumps(["fedlib/split/attest/v1", session, ephemeral, server_nonce, _raw(server_public).hex()])
-    return hashlib.sha256(transcript.encode()).hexdigest()
+    return hashlib.sha256(transcript.encode()).digest()
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class PendingHello:
         key = _session_key(ephemeral_shared, self.static_shared, self.session, server_nonce, self.client_public)
         return ChannelSide(self.session, self.client, SERVER, key)
 
-    def binding(self, server_nonce: str) -> str:
+    def binding(self, server_nonce: str) -> bytes:
         return attestation_binding(self.session, _raw(self.ephemeral.public_key()).hex(), server_nonce, self.server_public)
 
 

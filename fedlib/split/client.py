@@ -75,7 +75,7 @@ class SplitClient:
             raise UpdateRejected(Reason.WRONG_SESSION, "the server answered for another session")
         nonce = answer["server_nonce"]
         # Before anything is sent: with split.require_tee, evidence bound to this very session.
-        check_attestation(answer.get("attestation"), pending.binding(nonce), split.require_tee, split.attestation_verifier)
+        check_attestation(answer.get("attestation"), pending.binding(nonce), split)
         self.channel = pending.finish(nonce)
 
     def _exchange(self, mode: str, ids: torch.Tensor) -> StepStats:

@@ -41,10 +41,10 @@ from transformers import PreTrainedModel
 
 from fedlib.config import SplitConfig
 from fedlib.rejection import Reason, UpdateRejected
-from fedlib.split.attestation import Attestor, NoTEE
 from fedlib.split.channel import ChannelSide, HelloChallenges, attestation_binding, server_accept
 from fedlib.split.slicing import BlockStack, slice_model
 from fedlib.split.trainer import SliceTrainer
+from fedlib.tee.evidence import Attestor, NoTEE
 from fedlib.wire.decode import expect, parse_json
 from fedlib.wire.keys import KeyRing
 
