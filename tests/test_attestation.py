@@ -428,3 +428,39 @@ def test_a_split_run_requiring_a_tee_completes_with_bound_evidence_and_is_refuse
     with pytest.raises(AttestationFailed) as info:
         split_finetune(config_path)
     assert info.value.reason is Refusal.BINDING
+
+
+def test_the_vcek_is_found_in_the_hosts_certificate_table():
+    import struct
+    import uuid
+
+    from fedlib.tee.attestors import VCEK_GUID, vcek_from_certificate_table
+
+    ask, vcek = b"A" * 30, b"V" * 50
+    ask_guid = uuid.UUID("4ab7b379-bbac-4fe4-a02f-05aef327c782")
+    header = 3 * 24  # two entries and the all-zero end
+    table = (
+        ask_guid.bytes_le
+        + struct.pack("<II", header, len(ask))
+        + VCEK_GUID.bytes_le
+        + struct.pack("<II", header + len(ask), len(vcek))
+        + bytes(24)
+    )
+    assert vcek_from_certificate_table(table + ask + vcek) == vcek
+    assert vcek_from_certificate_table(table[:24] + bytes(24) + ask) is None
+    assert vcek_from_certificate_table(b"") is None
+    with pytest.raises(AttestationFailed) as info:
+        vcek_from_certificate_table(table + ask)  # the VCEK's entry points past the end
+    assert info.value.reason is Refusal.MALFORMED
+
+
+def test_a_shipped_root_that_is_not_the_pinned_one_is_refused_at_load(monkeypatch):
+    from fedlib.tee import chain
+
+    chain.pinned.cache_clear()
+    monkeypatch.setitem(chain.PINNED_ROOTS, "aws-nitro-enclaves-root-g1", "00" * 32)  # as if the file had been replaced
+    try:
+        with pytest.raises(RuntimeError, match="is not the pinned certificate"):
+            chain.pinned("aws-nitro-enclaves-root-g1")
+    finally:
+        chain.pinned.cache_clear()

@@ -177,8 +177,8 @@ class SplitServer:
             return s.channel.seal("state", self.trainer.state())
 
 
-def http_server(server_state: SplitServer, port: int = 0) -> ThreadingHTTPServer:
-    """The HTTP front of `server_state` on 127.0.0.1, bound but not yet serving."""
+def http_server(server_state: SplitServer, port: int = 0, host: str = "127.0.0.1") -> ThreadingHTTPServer:
+    """The HTTP front of `server_state`, bound but not yet serving."""
     limit = server_state.limits.max_body_bytes
 
     class Handler(BaseHTTPRequestHandler):
@@ -231,11 +231,11 @@ def http_server(server_state: SplitServer, port: int = 0) -> ThreadingHTTPServer
         def log_message(self, format: str, *args) -> None:  # noqa: A002 - http.server's signature
             log.debug("%s " + format, self.address_string(), *args)  # requests at debug; refusals are warnings above
 
-    return ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    return ThreadingHTTPServer((host, port), Handler)
 
 
-def serve(server_state: SplitServer, port: int, ready: Path | None = None) -> None:
-    httpd = http_server(server_state, port)
+def serve(server_state: SplitServer, port: int, ready: Path | None = None, host: str = "127.0.0.1") -> None:
+    httpd = http_server(server_state, port, host)
     if ready is not None:
         ready.write_text(str(httpd.server_address[1]))
     httpd.serve_forever()
