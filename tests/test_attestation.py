@@ -270,6 +270,8 @@ def test_nitro_binding_under_a_test_root():
     verifier.verify(attestor.evidence(SESSION), SESSION)
     assert _refused(verifier, attestor.evidence(bytes(32)), SESSION) is Refusal.BINDING
     assert _refused(verifier, NitroAttestor(vendor, bind_to=b"").evidence(SESSION), SESSION) is Refusal.BINDING
+    unbound = base64.b64encode(attestor.document(None)).decode()  # neither user_data nor nonce
+    assert _refused(verifier, {"tee": "aws-nitro", "document": unbound}, SESSION) is Refusal.BINDING
     assert _refused(NitroVerifier(pcrs={0: NITRO_PCRS[1]}, root=vendor.root), attestor.evidence(SESSION), SESSION) is Refusal.MEASUREMENT
     assert _refused(_nitro_verifier(at=datetime.now(UTC).timestamp()), attestor.evidence(SESSION), SESSION) is Refusal.UNTRUSTED_ROOT
 
