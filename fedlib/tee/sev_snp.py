@@ -46,7 +46,7 @@ _AMD = "1.3.6.1.4.1.3704.1."
 _TCB_OIDS = {"bootloader": _AMD + "3.1", "tee": _AMD + "3.2", "snp": _AMD + "3.3", "microcode": _AMD + "3.8"}
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Tcb:
     """A TCB version as Milan and Genoa lay it out: SPLs of the boot loader, the PSP OS (tee),
     the SNP firmware and the microcode."""
