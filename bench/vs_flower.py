@@ -51,7 +51,7 @@ def flower_python() -> Path:
         return python
     uv = str(Path(sys.executable).with_name("uv"))
     links = ["--find-links", os.environ.get("PIP_FIND_LINKS", "/opt/wheels")] if Path("/opt/wheels").exists() else []
-    install = [uv, "pip", "install", "-q", "--python", str(python), *links]
+    install = [uv, "pip", "install", "-q", "--compile-bytecode", "--python", str(python), *links]  # as scripts/install-packages
     print(f"making Flower's environment in {FLOWER_ENV} …", flush=True)
     if FLOWER_ENV.is_symlink():  # a link to an environment that is gone
         FLOWER_ENV.unlink()
