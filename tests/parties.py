@@ -9,7 +9,6 @@ server run on hosts of their own, each on its own PostgreSQL.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import pwd
 import shutil
@@ -27,6 +26,7 @@ import yaml
 from scripts.hosts import Host, wait_for_port
 from tests.conftest import ROOT
 from tests.postgres import PostgresCluster
+from tests.prefect_api import client_call
 
 VENV_BIN = Path(sys.executable).parent
 PREFECT_PORT, MLFLOW_PORT, STORE_PORT, INNER_PORT = 4200, 5000, 9000, 9001
@@ -219,15 +219,7 @@ class HostedPrefect:
         return done.stdout
 
     def client_call(self, fn):
-        from prefect.client.orchestration import get_client
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        async def call():
-            async with get_client() as client:
-                return await fn(client)
-
-        with temporary_settings({PREFECT_API_URL: self.url}):
-            return asyncio.run(call())
+        return client_call(self.url, fn)
 
 
 class HostedMlflow:

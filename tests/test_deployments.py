@@ -4,7 +4,6 @@ triggered with `prefect deployment run`."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -20,6 +19,7 @@ from fedlib.config import load_config
 from fedlib.round.checkpoint import CheckpointStore
 from scripts.emulators import free_port
 from tests.conftest import ROOT, cloud_clouds, tiny_config_dict, write_config
+from tests.prefect_api import client_call
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 POOLS = ("federation-pool", "aws-pool", "gcp-pool", "azure-pool")
@@ -96,15 +96,7 @@ class PrefectServer:
                     continue
 
     def client_call(self, fn):
-        from prefect.client.orchestration import get_client
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        async def call():
-            async with get_client() as client:
-                return await fn(client)
-
-        with temporary_settings({PREFECT_API_URL: self.url}):
-            return asyncio.run(call())
+        return client_call(self.url, fn)
 
 
 def _scheduled_federation_runs(server: PrefectServer, deployment_id) -> list:
