@@ -33,6 +33,7 @@ from tasks.artifacts import publish_summary
 from tasks.credentials import party_keys
 from tasks.data import distribute_data, partition_data
 from tasks.from_config import checkpoint_store, keyring
+from tasks.orphans import close_orphaned_rounds
 from tasks.preflight import preflight_aggregator
 from tasks.registry import register_round, registered_rounds
 from tasks.tracking import finish_tracking, open_tracking, track_final_adapter, track_round, tracked_rounds
@@ -153,6 +154,7 @@ def run_federation(config: FederationConfig, config_path: str | None = None) -> 
     run_id = open_tracking(config, manifests[-1].mlflow_run_id if manifests else None)
     if manifests:  # a crash came between a commit and its score, tracking or registry
         catch_up(config, run_id, manifests)
+        close_orphaned_rounds(federated_round.name)  # and may have left its round open in Prefect
 
     status = "FAILED"
     # Each committed round is scored, tracked and registered beside the next round's training, in
