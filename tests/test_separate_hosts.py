@@ -367,12 +367,15 @@ def test_a_federation_across_hosts_survives_the_faults_clouds_have(drill):
     assert round_2.perplexity < base.perplexity and round_3.perplexity < base.perplexity
 
     # No run orphaned: every run the federations made ended (the killed run's round too, closed by
-    # the run that resumed), aws's late one cancelled. The nightly schedule's future runs wait.
+    # the run that resumed). The nightly schedule's future runs wait.
     runs = [run for run in _flow_runs(prefect) if not run.auto_scheduled]
     assert all(run.state.is_final() for run in runs), [(run.name, run.state.name) for run in runs if not run.state.is_final()]
     assert sorted(run.state.name for run in runs if run.name == "round-3") == ["Completed", "Crashed"]
+    # aws's late run: the aggregator marked it Cancelled past the deadline (no worker could confirm
+    # across the cut); its own process, cut off too, reports Failed once the link is back. Either
+    # way it ended, and it was not accepted.
     (late,) = [run for run in runs if run.name == "aws-round-2"]
-    assert late.state.is_cancelled(), late.state.name
+    assert late.state.is_cancelled() or late.state.is_failed(), late.state.name
 
     # MLflow, on its PostgreSQL: each round's metrics logged once, none lost; each round registered once.
     from mlflow import MlflowClient
