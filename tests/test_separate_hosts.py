@@ -394,9 +394,10 @@ def test_a_federation_across_hosts_survives_the_faults_clouds_have(drill):
     rounds = [v.tags.get("round") for v in client.search_model_versions("name='fedlib-drill'")]
     assert sorted(rounds, key=int) == [str(r) for r in range(1, ROUNDS + 1)]
 
-    # Each client trained on its own data only, as its own run's logs say.
+    # Each client trained on its own data only, as its own run's logs say (round 3's: what a run
+    # logged while Prefect's server was down in round 1 never reached it, in Prefect's own way).
     for name in CLIENT_PLAYS:
-        run = next(r for r in _flow_runs(prefect) if r.name == f"{name}-round-1")
+        run = next(r for r in _flow_runs(prefect) if r.name == f"{name}-round-3")
         text = _logs(prefect, run.id)
         assert f"training on its own data only: file://{user(name).pw_dir}/drill/data/train.md" in text, text[-2000:]
         for other in CLIENT_PLAYS:
