@@ -160,3 +160,52 @@ def test_s3_outage_past_the_retries_is_a_clear_client_failure(tmp_path, corpus_d
     assert emulators["s3"].url in last.rejected["aws"].detail  # names the endpoint it could not reach
     assert last.round == 2
     assert _upload_attempts("upload-aws-round-2") == 2
+
+
+def test_a_store_that_stops_reading_mid_upload_is_a_timed_out_write_not_a_hang(tmp_path, emulators, monkeypatch):
+    """The store's host vanishes with half an upload through (a gate holds the PUT and never
+    reads on): the write gives up at its deadline with fsspec's FSTimeoutError, which the task's
+    retries see, instead of waiting for the kernel to drop the connection (~15 minutes)."""
+    import subprocess
+    import sys
+
+    from fsspec.exceptions import FSTimeoutError
+
+    from scripts.emulators import free_port
+    from tests.conftest import ROOT
+    from tests.parties import GateControl
+
+    port, control = free_port(), tmp_path / "gate.sock"
+    target = emulators["s3"].url.rsplit(":", 1)
+    gate = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "drill" / "gate.py"), "127.0.0.1", str(port), "127.0.0.1", target[1], str(control)]
+    )
+    try:
+        while not control.exists():
+            assert gate.poll() is None, "the gate did not start"
+            time.sleep(0.05)
+        options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
+        storage.write_atomic("s3://stalled/warm-up", b"x", options)  # the bucket exists; the connection is pooled
+        held = GateControl(control)
+        held.arm(r"^PUT /stalled/adapter", 0.5)
+        monkeypatch.setattr(storage, "WRITE_GRACE_S", 2.0)
+        body = bytes(64 * 1024 * 1024)  # more than the kernel buffers between writer and gate hold
+        monkeypatch.setattr(storage, "WRITE_FLOOR_BYTES_PER_S", len(body))  # a deadline of 3 s
+        outcome: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                storage.write_atomic("s3://stalled/adapter", body, options)
+            except BaseException as error:  # noqa: BLE001 - what the writer ended with is the result
+                outcome.append(error)
+
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        assert held.held(60).startswith("PUT /stalled/adapter")
+        writer.join(120)  # the kernel alone would hold it for ~15 minutes
+        assert not writer.is_alive(), "the write is still hanging on a store that stopped reading"
+        assert len(outcome) == 1 and isinstance(outcome[0], FSTimeoutError), outcome
+        held.drop()
+    finally:
+        gate.kill()
+        gate.wait()

@@ -17,11 +17,28 @@ from typing import Any
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import fsspec  # noqa: E402
+from fsspec.asyn import AsyncFileSystem  # noqa: E402
 from fsspec.implementations.local import LocalFileSystem  # noqa: E402
 
 from fedlib.rejection import Reason, UpdateRejected  # noqa: E402
 
 Options = Mapping[str, Any]
+
+# A write to an object store gives up after WRITE_GRACE_S plus its size at WRITE_FLOOR_BYTES_PER_S
+# (2 Mbit/s), and the caller's retries take over. The stores' async clients (aiohttp under s3fs,
+# gcsfs and adlfs) time out reading a response but never a write: a store's host that vanishes in
+# the middle of an upload would otherwise hold the writer until the kernel gives the connection up
+# (about 15 minutes on Linux), with the round's commit or a client's upload stuck in it.
+WRITE_GRACE_S = 60.0
+WRITE_FLOOR_BYTES_PER_S = 256 * 1024
+
+
+def _pipe(fs, path: str, data: bytes, **kwargs: Any) -> None:
+    """`fs.pipe_file` under the write deadline (fsspec's own: the coroutine is cancelled, and
+    `fsspec.exceptions.FSTimeoutError` raised). Local and in-memory files need none."""
+    if isinstance(fs, AsyncFileSystem):
+        kwargs["timeout"] = WRITE_GRACE_S + len(data) / WRITE_FLOOR_BYTES_PER_S
+    fs.pipe_file(path, data, **kwargs)
 
 
 def filesystem(url: str, options: Options | None = None):
@@ -43,7 +60,7 @@ def write_atomic(url: str, data: bytes | bytearray, options: Options | None = No
         os.replace(tmp, path)  # not fs.mv, which moves *into* a folder standing at `path`
     else:
         _ensure_bucket(fs, path)
-        fs.pipe_file(path, bytes(data))  # adlfs refuses a bytearray; one copy before a network upload
+        _pipe(fs, path, bytes(data))  # adlfs refuses a bytearray; one copy before a network upload
         fs.invalidate_cache(parent)
     return len(data)
 
@@ -66,7 +83,7 @@ def write_exclusive(url: str, data: bytes | bytearray, options: Options | None =
             os.unlink(tmp)
     _ensure_bucket(fs, path)
     try:
-        fs.pipe_file(path, bytes(data), mode="create")
+        _pipe(fs, path, bytes(data), mode="create")
     except FileExistsError:
         return False
     finally:
