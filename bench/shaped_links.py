@@ -114,7 +114,9 @@ def overrides(urls: dict[str, str], seed: int, steps: int, scheme: str) -> dict:
         },
         {"name": "azure", "provider": "azure", "storage": "az://bench-azure/updates"},
     ]
-    federation = {"seed": seed, "checkpoints": "s3://bench-checkpoints/fedlib", "checkpoint_options": {"endpoint_url": urls["checkpoints"]}}
+    # A lineage of its own per run: runs share the stores, and each starts at round 0 with its own keys.
+    checkpoints = f"s3://bench-checkpoints/{scheme.replace('+', '-')}-seed-{seed}-steps-{steps}"
+    federation = {"seed": seed, "checkpoints": checkpoints, "checkpoint_options": {"endpoint_url": urls["checkpoints"]}}
     out = {"federation": federation, "training": {"local_steps": steps}, "clouds": clouds}
     for section, value in SCHEMES[scheme].items():
         out[section] = {**out.get(section, {}), **value}
