@@ -104,18 +104,20 @@ class ShapedStores:
 
 
 def overrides(urls: dict[str, str], seed: int, steps: int, scheme: str) -> dict:
+    # Each run its own prefix in every store: runs share the stores, and each starts at round 0
+    # with keys of its own (a shard or lineage left by another run is sealed for other keys).
+    run = f"{scheme.replace('+', '-')}-seed-{seed}-steps-{steps}"
     clouds = [
-        {"name": "aws", "provider": "aws", "storage": "s3://bench-aws/updates", "storage_options": {"endpoint_url": urls["aws"]}},
+        {"name": "aws", "provider": "aws", "storage": f"s3://bench-aws/{run}", "storage_options": {"endpoint_url": urls["aws"]}},
         {
             "name": "gcp",
             "provider": "gcp",
-            "storage": "gs://bench-gcp/updates",
+            "storage": f"gs://bench-gcp/{run}",
             "storage_options": {"endpoint_url": urls["gcp"], "token": "anon"},
         },
-        {"name": "azure", "provider": "azure", "storage": "az://bench-azure/updates"},
+        {"name": "azure", "provider": "azure", "storage": f"az://bench-azure/{run}"},
     ]
-    # A lineage of its own per run: runs share the stores, and each starts at round 0 with its own keys.
-    checkpoints = f"s3://bench-checkpoints/{scheme.replace('+', '-')}-seed-{seed}-steps-{steps}"
+    checkpoints = f"s3://bench-checkpoints/{run}"
     federation = {"seed": seed, "checkpoints": checkpoints, "checkpoint_options": {"endpoint_url": urls["checkpoints"]}}
     out = {"federation": federation, "training": {"local_steps": steps}, "clouds": clouds}
     for section, value in SCHEMES[scheme].items():
