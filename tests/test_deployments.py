@@ -241,7 +241,7 @@ def _run_federation(server: PrefectServer, config_path: Path) -> str:
     raise TimeoutError(f"federation run {run_id} did not finish; logs in {server.logs}")
 
 
-def _client_runs(server: PrefectServer, parent_run_id: str):
+def _client_runs(server: PrefectServer):
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
     async def read(client):
@@ -250,51 +250,37 @@ def _client_runs(server: PrefectServer, parent_run_id: str):
     return server.client_call(read)
 
 
-def test_each_client_runs_on_its_own_pool_and_schedules_continue(prefect_server, deployed_config, mlflow_server):
-    first = _run_federation(prefect_server, deployed_config)
-    runs = _client_runs(prefect_server, first)
-    assert sorted((r.name, r.work_pool_name) for r in runs) == [  # each client's preflight too runs on its own pool
-        ("aws-round-1", "aws-pool"),
-        ("aws-round-1-preflight", "aws-pool"),
-        ("azure-round-1", "azure-pool"),
-        ("azure-round-1-preflight", "azure-pool"),
-        ("gcp-round-1", "gcp-pool"),
-        ("gcp-round-1-preflight", "gcp-pool"),
-    ]
-    assert all(r.state.is_completed() for r in runs)
-
-    # A second run of the (scheduled) deployment continues the lineage from the first's adapter,
-    # now with secure aggregation: each client's setup, training and reveal run on its own pool.
+def test_each_client_runs_each_step_on_its_own_pool(prefect_server, deployed_config, mlflow_server):
+    """`prefect deployment run` of the federation, with secure aggregation: each client's
+    preflight, setup, training and reveal run as deployment runs on its own cloud's pool. (That a
+    later deployment run continues the lineage is the separate-hosts drill's to show.)"""
     raw = yaml.safe_load(deployed_config.read_text())
     raw["secure_aggregation"] = {"enabled": True}
     deployed_config.write_text(yaml.safe_dump(raw))
     _run_federation(prefect_server, deployed_config)
     config = load_config(deployed_config)
     store = CheckpointStore(config.checkpoint_url, config.federation.id, options=config.federation.checkpoint_options)
-    assert store.latest_round() == 2
-    first_final, second = store.manifest(1), store.manifest(2)
-    assert second.parent_adapter_sha256 == first_final.adapter_sha256
-    assert second.accepted == ["aws", "gcp", "azure"]
-    assert second.secure_aggregation["revealed_by"] == ["aws", "azure", "gcp"]
-    assert {store.manifest(r).mlflow_run_id for r in range(3)} == {first_final.mlflow_run_id}
-    # Nothing the aggregator must keep stayed on its disk: the registered versions (the round's
-    # transformers-flavour model) are in the tracking server's bucket.
+    assert store.latest_round() == 1
+    first = store.manifest(1)
+    assert first.parent_adapter_sha256 == store.manifest(0).adapter_sha256
+    assert first.accepted == ["aws", "gcp", "azure"]
+    assert first.secure_aggregation["revealed_by"] == ["aws", "azure", "gcp"]
+    runs = _client_runs(prefect_server)
+    assert sorted((r.name, r.work_pool_name) for r in runs) == sorted(
+        (f"{cloud}-round-1{step}", f"{cloud}-pool")
+        for cloud in ("aws", "gcp", "azure")
+        for step in ("", "-preflight", "-secagg-setup", "-secagg-reveal")
+    )
+    assert all(r.state.is_completed() for r in runs)
+    # Nothing the aggregator must keep stayed on its disk: the registered version (the round's
+    # transformers-flavour model) is in the tracking server's bucket.
     url, bucket = mlflow_server
     import mlflow
 
     versions = mlflow.MlflowClient(tracking_uri=url).search_model_versions(f"name='{config.registered_model_name}'")
-    assert sorted(int(v.tags["round"]) for v in versions) == [1, 2]
-    stored = bucket.find("mlflow-artifacts/fedlib")
-    for round_number in (1, 2):
-        assert any(path.endswith(f"adapters/round-{round_number:04d}/MLmodel") for path in stored), round_number
+    assert [int(v.tags["round"]) for v in versions] == [1]
+    assert any(path.endswith("adapters/round-0001/MLmodel") for path in bucket.find("mlflow-artifacts/fedlib"))
     assert not (config.data_path / "mlartifacts").exists()
-    second_runs = [r for r in _client_runs(prefect_server, first) if "round-2" in r.name]
-    assert sorted((r.name, r.work_pool_name) for r in second_runs) == sorted(
-        (f"{cloud}-round-2{step}", f"{cloud}-pool")
-        for cloud in ("aws", "gcp", "azure")
-        for step in ("", "-preflight", "-secagg-setup", "-secagg-reveal")
-    )
-    assert all(r.state.is_completed() for r in second_runs)
 
 
 def test_the_shipped_schedule_runs_with_the_config(prefect_server, deployed_config):
