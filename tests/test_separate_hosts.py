@@ -425,9 +425,16 @@ def _operator(settings) -> dict:
 
 def _kill_flow_processes(party: Party) -> None:
     """The party's flow-run processes die at once; its worker (which reports the crash) lives."""
-    listed = subprocess.run(["ps", "-u", party.account.pw_name, "-o", "pid=,args="], capture_output=True, text=True).stdout
-    doomed = [int(line.split()[0]) for line in listed.splitlines() if line.strip() and "worker start" not in line]
-    assert doomed, listed
+    # The worker is told apart by its parent (the `runuser` that `Host.spawn` started), not by its
+    # command line: `ps` cuts that to $COLUMNS when it is set, and a long checkout path then hid
+    # "worker start" and killed the worker too (so no one was left to report the crash).
+    listed = subprocess.run(["ps", "-ww", "-u", party.account.pw_name, "-o", "pid=,ppid=,args="], capture_output=True, text=True)
+    rows = [line.split(None, 2) for line in listed.stdout.splitlines() if line.strip()]
+    assert party.worker is not None
+    workers = [row for row in rows if int(row[1]) == party.worker.pid]
+    assert len(workers) == 1 and "worker start" in workers[0][2], listed.stdout
+    doomed = [int(row[0]) for row in rows if int(row[1]) != party.worker.pid]
+    assert doomed, listed.stdout
     for pid in doomed:
         subprocess.run(["kill", "-KILL", str(pid)], check=False)
 
