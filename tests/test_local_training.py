@@ -129,7 +129,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, corpus_
         model = _model(tiny_model_dir)
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model(input_ids=batch, labels=batch).loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 

@@ -210,8 +210,8 @@ def train_lora(
             lr_scheduler_type=plan.lr_scheduler,
             warmup_steps=plan.warmup_steps,
             max_grad_norm=plan.max_grad_norm if plan.max_grad_norm else 0.0,
-            gradient_checkpointing=plan.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False} if plan.gradient_checkpointing else None,
+            activation_checkpointing=plan.gradient_checkpointing,  # transformers 5's name for it
+            activation_checkpointing_kwargs={"use_reentrant": False} if plan.gradient_checkpointing else None,
             bf16=plan.precision == "bf16",
             fp16=plan.precision == "fp16",
             use_cpu=cpu,
@@ -239,7 +239,7 @@ def train_lora(
         trainer.train()
         tokens = int(trainer.state.num_input_tokens_seen)
     if plan.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
     model.eval()
     return LocalTraining(losses=tuple(pacing.losses), examples_seen=plan.steps * min(plan.batch_size, len(examples)), tokens_seen=tokens)
 
