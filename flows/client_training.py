@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from prefect import flow
+from prefect import flow, get_run_logger
+from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
+from prefect.states import Cancelled, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from fedlib.config import config_from
@@ -33,6 +35,23 @@ def _run_name() -> str:
     return client_run_name(params["client"], params["round_number"], params.get("step", "train"))
 
 
+def _cancelled_meanwhile() -> State | None:
+    """The aggregator cancels a run past the deadline; a worker that hears it kills the process.
+    A client cut off from the API hears nothing, and the aggregator marks the run Cancelled
+    itself (`tasks.dispatch.cancel_run`). Prefect lets a run leave Cancelled, so this process,
+    once its step ends (an upload can get through when the link is back), would overwrite that
+    with Completed or Failed. Read first: a cancelled run stays Cancelled, saying why. An API
+    still out of reach says nothing, and then neither can this run's own final state."""
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run.get_id()).state
+    except Exception:  # noqa: BLE001 - unreachable after the client's own retries: nothing to keep
+        return None
+    if state is None or not (state.is_cancelled() or state.is_cancelling()):
+        return None
+    return Cancelled(message=f"{state.message or 'cancelled'}; this client's step ended after that (the round went on without it)")
+
+
 @flow(name="client-training", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=2))
 def client_training(
     config: dict[str, Any] | str,
@@ -41,11 +60,30 @@ def client_training(
     step: Literal["train", "setup", "reveal", "preflight"] = "train",
     secure: dict[str, Any] | None = None,
     local_steps: int | None = None,
-) -> None:
+) -> State | None:
     """`secure` is the step's secure-aggregation request as JSON (`fedlib.secagg.messages`):
     the session, this client's relayed inbox and the weight scale (`train`), or the survivors
     and the dropped clients (`reveal`); it is parsed and checked before use. `local_steps` is
     this cloud's step budget for the round when it differs from `training.local_steps`."""
+    try:
+        _run_step(config, client, round_number, step, secure, local_steps)
+    except Exception as err:
+        cancelled = _cancelled_meanwhile()
+        if cancelled is None:
+            raise
+        get_run_logger().warning("%s failed after the run was cancelled: %s: %s", step, type(err).__name__, err)
+        return cancelled
+    return _cancelled_meanwhile()
+
+
+def _run_step(
+    config: dict[str, Any] | str,
+    client: str,
+    round_number: int,
+    step: str,
+    secure: dict[str, Any] | None,
+    local_steps: int | None,
+) -> None:
     settings = config_from(config)
     if step == "preflight":
         with progress_in_run_logs():

@@ -178,3 +178,58 @@ def test_clients_of_different_lora_ranks_under_exact_aggregation(tmp_path, corpu
     raw["clouds"][0]["lora_rank"] = 8
     with pytest.raises(ConfigError, match=r"clouds\[aws\].lora_rank=8 exceeds lora.r=4"):
         parse_config(raw, "fed.yaml")
+
+
+def _task_running(name: str, timeout: float) -> str:
+    """The id of the flow run whose task run `name` is Running, looked for again at each Prefect
+    task-run event (and once after subscribing, so an earlier one is not missed)."""
+    import anyio
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+    from prefect.events.clients import get_events_subscriber
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    async def watch() -> str | None:
+        async with get_client() as client:
+            events = EventFilter(event=EventNameFilter(prefix=["prefect.task-run."]))
+            async with get_events_subscriber(filter=events) as stream:
+                with anyio.move_on_after(timeout):
+                    while True:
+                        runs = await client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[name])))
+                        running = [r for r in runs if r.state is not None and r.state.is_running()]
+                        if running:
+                            return str(running[0].flow_run_id)
+                        await anext(stream)
+        return None
+
+    found = anyio.run(watch)
+    assert found, f"{name} not running within {timeout:.0f} s"
+    return found
+
+
+def test_a_run_cancelled_while_its_client_could_not_hear_stays_cancelled(tmp_path, corpus_dir, tiny_model_dir):
+    """Past the deadline the aggregator cancels a client's run, and when no worker confirms (the
+    client's host is cut off: nothing can kill its process) marks it Cancelled itself. Prefect
+    lets a run leave Cancelled, so the client's process, its step ended once the link is back,
+    must not overwrite that with Completed. Here the process is this test's own thread (no
+    worker), training at a pace of 15 s a step, and is cancelled as it trains."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prefect.client.orchestration import get_client
+
+    from flows.client_training import client_training
+    from tasks.dispatch import cancel_run
+
+    raw = _config(tmp_path, corpus_dir, tiny_model_dir, training={"rounds": 1, "local_steps": 1})
+    federated_training(str(write_config(tmp_path, raw)))  # round 1 committed: round 2 is aws's to train
+    raw["training"] |= {"emulate_speed": True, "seconds_per_step": 15.0}
+    config = parse_config(raw).model_dump(mode="json")
+    with ThreadPoolExecutor(1) as pool:
+        ended = pool.submit(client_training, config, "aws", 2, return_state=True)
+        run_id = _task_running("train-aws-round-2", 120)
+        assert cancel_run(run_id, "aws train not done within 12 s (round 2)", grace_s=1) == "Cancelled"
+        state = ended.result()
+    with get_client(sync_client=True) as client:
+        stored = client.read_flow_run(run_id).state
+    assert state.is_cancelled() and stored.is_cancelled(), (state.name, stored.name)
+    assert "no worker confirmed" in stored.message and "the round went on without it" in stored.message

@@ -375,10 +375,10 @@ def test_a_federation_across_hosts_survives_the_faults_clouds_have(drill):
     assert all(run.state.is_final() for run in runs), [(run.name, run.state.name) for run in runs if not run.state.is_final()]
     assert sorted(run.state.name for run in runs if run.name == "round-3") == ["Completed", "Crashed"]
     # aws's late run: the aggregator marked it Cancelled past the deadline (no worker could confirm
-    # across the cut); its own process, cut off too, reports Failed once the link is back. Either
-    # way it ended, and it was not accepted.
+    # across the cut). Its own process, cut off too, goes on; once the link is back its upload may
+    # get through or run out of retries, and either way the run stays Cancelled.
     (late,) = [run for run in runs if run.name == "aws-round-2"]
-    assert late.state.is_cancelled() or late.state.is_failed(), late.state.name
+    assert late.state.is_cancelled(), f"{late.state.name}: {late.state.message}"
 
     # MLflow, on its PostgreSQL: each round's metrics logged once, none lost; each round registered once.
     from mlflow import MlflowClient
