@@ -33,6 +33,7 @@ class Reason(str, Enum):
     UNKNOWN_SESSION = "unknown_session"  # no live session by that id (never opened, or expired)
     BAD_SETUP = "bad_setup"  # secure-aggregation setup messages its peers cannot open
     ALREADY_REVEALED = "already_revealed"  # a second reveal that would expose a peer's update
+    TOO_FEW_SURVIVORS = "too_few_survivors"  # a reveal for fewer survivors than the noise shares were scaled to
 
 
 class UpdateRejected(Exception):

@@ -35,10 +35,13 @@ def keys_init_command(args: argparse.Namespace) -> int:
 
 def keys_trust_command(args: argparse.Namespace) -> int:
     """The explicit local action that makes a party trust a federation's public keys: it prints
-    their fingerprints and records their digest under the party's own key, in its own home."""
+    their fingerprints and records their digest under the party's own key, in its own home, with
+    the privacy policy of the config it was given (`fedlib.privacy.policy`), which every later run
+    of this party is held to. A policy weaker than the one pinned needs `--lower-policy`."""
+    from fedlib.privacy.policy import PartyPolicy, weaknesses
     from fedlib.wire.keys import AGGREGATOR, fingerprint, party_keyring, read_key_source
-    from fedlib.wire.trust import keyring_digest, trust_record
-    from tasks.from_config import party_key_source
+    from fedlib.wire.trust import KeyringNotTrusted, keyring_digest, trust_record
+    from tasks.from_config import offered, party_key_source
 
     def read_secret(name: str):  # Prefect is imported only for a secret:BLOCK key source
         from tasks.credentials import read_secret as read
@@ -61,14 +64,31 @@ def keys_trust_command(args: argparse.Namespace) -> int:
         print(f"keyring.key_source: {err}", file=sys.stderr)
         return 2
     record = trust_record(publics, args.party)
-    trusted = record.trusted_digest()
+    try:
+        trusted, earlier = record.trusted_digest(), record.pinned_policy()
+    except KeyringNotTrusted as err:  # a damaged record: trusting again rewrites it, with the policy asked for
+        print(f"{err}; writing it anew", file=sys.stderr)
+        trusted, earlier = None, None
     if trusted is not None and trusted != keyring_digest(publics) and not args.replace:
         print(f"{record.path}: {args.party} trusts other keys for this key; add --replace to trust these instead", file=sys.stderr)
+        return 1
+    policy = offered(config)
+    try:
+        weaker = weaknesses(PartyPolicy.from_json(earlier), policy) if earlier is not None else []
+    except ValueError:
+        weaker = []  # an unreadable pin is no floor: the one written now is
+    if weaker and not args.lower_policy:
+        print(
+            f"{args.config}: {'; '.join(weaker)}: weaker than the policy {args.party} pinned in {record.path}; "
+            "add --lower-policy to pin this weaker one",
+            file=sys.stderr,
+        )
         return 1
     print(f"aggregator exchange {fingerprint(publics.aggregator_exchange)}, signing {fingerprint(publics.aggregator_signing)}")
     for name, key in sorted(publics.clients.items()):
         print(f"client {name} {fingerprint(key)}")
-    print(f"trusted by {args.party}: {record.write(publics, args.party)}")
+    print(f"policy: {policy.describe()}")
+    print(f"trusted by {args.party}: {record.write(publics, args.party, policy.to_json())}")
     return 0
 
 
@@ -123,4 +143,7 @@ def add_parser(sub) -> None:
     trust.add_argument("config", type=Path, help="the federation's YAML config, with its keyring section")
     trust.add_argument("--party", required=True, help="this machine's party: aggregator or a client's name")
     trust.add_argument("--replace", action="store_true", help="the federation rotated its keys: trust these instead")
+    trust.add_argument(
+        "--lower-policy", action="store_true", help="pin this config's privacy policy even where it is weaker than the one pinned"
+    )
     trust.set_defaults(handler=keys_trust_command)

@@ -17,6 +17,7 @@ from prefect.tasks import exponential_backoff
 from fedlib.config import FederationConfig
 from fedlib.model.base import check_base_model
 from fedlib.model.threads import intra_op_threads
+from fedlib.privacy.policy import require_secure_request
 from fedlib.round.client import SealedUpdate, train_and_seal, upload_sealed
 from fedlib.secagg.client import SecureRound
 from fedlib.secagg.messages import TrainRequest
@@ -32,6 +33,7 @@ from tasks.from_config import (
     global_for_client,
     local_round,
     outbox,
+    party_policy,
     residual_store,
     secagg_session,
 )
@@ -50,7 +52,10 @@ def train_client(
     bucket). With `secure` (the secure-aggregation session, the peers' relayed setup messages,
     and the weight scale), the update is masked. `threads`: torch's team for this client, when
     it shares its process with others training at once."""
-    ring = party_keys(config, client)
+    ring = party_keys(config, client)  # refuses a config weaker than this client's pinned policy
+    policy = party_policy(config, client)
+    if policy is not None:  # and a train step that would upload its update unmasked
+        require_secure_request(policy, "train", secure is not None, client)
     if secure:  # before training: a peer's setup that does not open is reported, and nothing is masked
         _open_or_complain(config, ring, client, round_number, secure)
     store = checkpoint_store(config, ring)

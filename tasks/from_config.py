@@ -23,6 +23,7 @@ from fedlib.examples import Examples
 from fedlib.model.base import attach_lora, load_adapter_state, load_base_model, load_tokenizer, trained_part
 from fedlib.model.pool import POOL, ModelKey
 from fedlib.model.training import TrainingPlan, evaluate_loss
+from fedlib.privacy.policy import PartyPolicy, offered_policy, require_policy
 from fedlib.round.aggregator import aggregate_updates, build_strategy, update_limit
 from fedlib.round.broadcast import NextGlobal, Received, next_global, receive_global
 from fedlib.round.checkpoint import CheckpointStore
@@ -41,7 +42,7 @@ from fedlib.wire.envelope import EnvelopeContext, UpdateKey
 from fedlib.wire.keys import AGGREGATOR, KeyRing, fingerprint, init_keys, load_keyring, party_keyring, read_key_source
 from fedlib.wire.outbox import Outbox
 from fedlib.wire.sealed_stores import HeldGlobal, ResidualStore, RevealLedger
-from fedlib.wire.trust import reveal_folder, trust_record
+from fedlib.wire.trust import KeyringNotTrusted, reveal_folder, trust_record
 
 Tensors = dict[str, torch.Tensor]
 
@@ -86,7 +87,36 @@ def keyring(config: FederationConfig, party: str | None = None, create: bool = F
         return party_keyring(publics, None, None)  # holds no secret: nothing to redirect
     ring = party_keyring(publics, party, read_key_source(party_key_source(config, party), party, read_secret))
     trust_record(publics, party).require(publics, party)
+    require_policy(pinned_policy(config, party), offered(config), party, str(trust_record(publics, party).path))
     return ring
+
+
+def offered(config: FederationConfig) -> PartyPolicy:
+    """The privacy policy this config asks a party to run under (`fedlib.privacy.policy`)."""
+    return offered_policy(config.privacy, config.secure_aggregation, config.secagg_threshold, config.split, config.compression)
+
+
+def pinned_policy(config: FederationConfig, party: str) -> PartyPolicy:
+    """The policy `party` pinned with `fedlib keys trust` on this machine; a trust record made
+    before policies were pinned is refused, so that no party runs without one."""
+    assert config.keyring is not None
+    record = trust_record(config.keyring.publics, party)
+    raw = record.pinned_policy()
+    if raw is None:
+        raise KeyringNotTrusted(
+            f"keyring: {record.path} pins no privacy policy; check the config's privacy settings and run "
+            f"`fedlib keys trust CONFIG --party {party}` here"
+        )
+    try:
+        return PartyPolicy.from_json(raw)
+    except ValueError as err:
+        raise KeyringNotTrusted(f"keyring: {record.path}: {err}; run `fedlib keys trust CONFIG --party {party}` here") from None
+
+
+def party_policy(config: FederationConfig, party: str) -> PartyPolicy | None:
+    """The pinned policy of a party that holds its own key; None for the embedded default, where
+    one machine plays every party."""
+    return None if config.keyring is None else pinned_policy(config, party)
 
 
 def party_key_source(config: FederationConfig, party: str) -> str:
@@ -119,7 +149,7 @@ def checkpoint_store(config: FederationConfig, ring: KeyRing | None = None) -> C
 def secagg_session(config: FederationConfig, round_number: int, session_id: str) -> Session:
     """Everything but the id follows from the config, so only the id travels to the clients."""
     names = tuple(sorted(c.name for c in config.clouds))
-    return Session(config.federation.id, round_number, session_id, names, config.secagg_threshold)
+    return Session(config.federation.id, round_number, session_id, names, config.secagg_threshold, config.secagg_min_survivors)
 
 
 def residual_store(config: FederationConfig, ring: KeyRing, client: str, options: storage.Options | None) -> ResidualStore:

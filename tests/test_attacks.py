@@ -1228,3 +1228,211 @@ def test_r14_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path, corpus_dir
     fine = tmp_path / "fine.yaml"
     fine.write_text(plain)
     assert load_config(fine).federation.id == "test"  # an ordinary config still loads
+
+
+# ---- The third review (issue 44): whoever starts a client's runs, the orchestrator, as attacker. ----
+
+
+def _masked_session(fed: Federation, attempt: int, participants, deltas):
+    """One secure session of round 1 over `participants`, each masking its own fixed delta."""
+    config, ring = fed.config, fed.ring
+    session = secagg_session(config, 1, f"{attempt:016x}")
+    setups = {c: make_setup(ring, c, session) for c in participants}
+    inboxes = relay_setups(setups)
+    masked = {
+        c: masked_update(
+            mask_settings(config), c, deltas[c], 10, 1, SecureRound(ring, session, inboxes[c], float(len(participants)), parent=fed.parent)
+        )
+        for c in participants
+    }
+    peers = {c: open_inbox(ring, c, session, inboxes[c]) for c in participants}
+    return session, setups, masked, peers
+
+
+def test_o3_differencing_two_sessions_of_one_round_is_refused(tmp_path, corpus_dir, tiny_model_dir):
+    """The aggregator runs round 1's session with every client and unmasks it, then runs the round
+    again saying aws "failed its setup": `threshold` survivors suffice, and the difference of the two
+    unmasked sums was aws's update (error ~6e-8 at 6dfc021, where each session could reveal once).
+    Now each client pins the survivor set of its first reveal in a round, on its own machine, and
+    answers no later session of the round for another set; two majorities share a client, so the
+    second sum never unmasks. A re-run with the same survivors is still answered (a crash)."""
+    from fedlib.secagg.fixedpoint import MODULUS, from_wire
+
+    fed = _federation(tmp_path, corpus_dir, tiny_model_dir, secure_aggregation={"enabled": True, "threshold": 2})
+    config, ring = fed.config, fed.ring
+    template = trained_part(config.lora, fed.adapter)
+    generator = torch.Generator().manual_seed(3)
+    deltas = {c: {n: 0.01 * torch.randn(v.shape, generator=generator) for n, v in template.items()} for c in CLOUDS}
+    keys = {c: aggregator_update_key(ring, c) for c in CLOUDS}
+
+    def reveal(session, peers, client, survivors):
+        return make_reveal(
+            ring, client, session, peers[client], survivors, [], client_update_key(ring, client), reveal_ledger(config, ring, client)
+        )
+
+    session, setups, masked, peers = _masked_session(fed, 1, CLOUDS, deltas)
+    first = {c: reveal(session, peers, c, list(CLOUDS)) for c in CLOUDS}
+    total = {n: sum(from_wire(m.tensors)[n] for m in masked.values()) % MODULUS for n in template}
+    unmask_sum(total, session, {c: s.mask_public for c, s in setups.items()}, list(CLOUDS), [], first, keys)  # the honest release
+
+    rest = ("azure", "gcp")
+    again, _, _, peers2 = _masked_session(fed, 2, rest, deltas)
+    for client in rest:
+        with pytest.raises(UpdateRejected) as info:
+            reveal(again, peers2, client, list(rest))
+        assert info.value.reason is Reason.ALREADY_REVEALED and "round 1" in info.value.detail
+    # a re-run after a crash, with the same survivors, is answered
+    rerun, _, _, peers3 = _masked_session(fed, 3, CLOUDS, deltas)
+    assert all(reveal(rerun, peers3, c, list(CLOUDS)) for c in CLOUDS)
+    # and no client reveals for fewer survivors than its noise share was scaled to
+    few = _federation(tmp_path / "few", corpus_dir, tiny_model_dir, secure_aggregation={"enabled": True, "threshold": 2})
+    raw = few.config.model_dump()
+    raw["aggregation"]["min_clients"] = 3
+    strict = parse_config(raw)
+    small = secagg_session(strict, 1, "ab" * 8)
+    inboxes = relay_setups({c: make_setup(few.ring, c, small) for c in CLOUDS})
+    with pytest.raises(UpdateRejected) as info:
+        make_reveal(
+            few.ring,
+            "aws",
+            small,
+            open_inbox(few.ring, "aws", small, inboxes["aws"]),
+            ["aws", "gcp"],
+            ["azure"],
+            client_update_key(few.ring, "aws"),
+            reveal_ledger(strict, few.ring, "aws"),
+        )
+    assert info.value.reason is Reason.TOO_FEW_SURVIVORS
+
+
+def test_o7_step_budgets_follow_the_aggregators_clock_not_a_clients_word(tmp_path, corpus_dir, tiny_model_dir):
+    """Three honest clients whose timings differ (the aggregator timed 20, 30 and 40 s for 10 steps
+    each); gcp states it trained in a millisecond, and 1,000 steps. At 6dfc021 the median of the
+    clients' stated `train_s` set every budget, so gcp's word took aws's budget from 15 steps to 23
+    (the old test had every honest client state the same time). Now the budgets are the same
+    whatever any client states."""
+    from fedlib.round.manifest import RoundPlan, round_manifest
+    from fedlib.round.outcome import PhaseTimings, RoundOutcome
+    from fedlib.round.planning import step_budgets
+    from fedlib.update.intake import AggregationReport
+    from fedlib.update.report import ClientReport
+
+    raw = tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir, clouds=CLOUDS)
+    raw["training"].update(step_budget="deadline")
+    raw["orchestration"] = {"round_deadline_s": 60}
+    config = parse_config(raw)
+    previous = Manifest(config.federation.id, 0, 3, "run", adapter_bytes=1 << 20)
+    clock = {"aws": 20.0, "gcp": 30.0, "azure": 40.0}
+
+    def manifest(**gcp_says) -> Manifest:
+        def report(client: str) -> ClientReport:
+            said = dict(train_s=clock[client] - 1.0, local_steps=10) | (gcp_says if client == "gcp" else {})
+            return ClientReport(client, 1, 10, 2.0, 1 << 20, "x", encrypt_upload_s=0.1, update_norm=1.0, **said)
+
+        reports = {c: report(c) for c in CLOUDS}
+        outcome = RoundOutcome(AggregationReport(accepted=list(CLOUDS), reports=reports), dict(clock), PhaseTimings(40.0))
+        plan = RoundPlan(config.federation.id, 1, 5, list(CLOUDS), {c: 10 for c in CLOUDS})
+        return round_manifest(previous, plan, outcome, {}, {}, ("run", None))
+
+    def budgets(m: Manifest) -> dict[str, int]:
+        return step_budgets(config.training, config.profiles, config.orchestration.round_deadline_s, list(CLOUDS), m)
+
+    honest = budgets(manifest())
+    assert honest == {"aws": 15, "gcp": 15, "azure": 11}  # 45 s ÷ the median 3 s a step; azure held to its own 4 s
+    assert budgets(manifest(train_s=0.001, local_steps=1000)) == honest
+    assert budgets(manifest(train_s=3600.0, local_steps=1)) == honest
+
+
+def _sovereign_federation(tmp_path: Path, corpus_dir: Path, tiny_model_dir: Path, **sections) -> tuple[dict, Path]:
+    """A federation whose parties hold their own keys (a `keyring` section), each client training on
+    its own files, as across organisations: the raw config and where it is written."""
+    import yaml
+
+    from fedlib.wire.keys import AGGREGATOR, new_party_keys, party_pem
+
+    keys = {party: new_party_keys(party) for party in (AGGREGATOR, *CLOUDS)}
+    for party, pair in keys.items():
+        path = tmp_path / "keys" / f"{party}.pem"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(party_pem(pair))
+        path.chmod(0o600)
+    raw = tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir, clouds=CLOUDS, **sections)
+    raw.update(_keyring_config(tmp_path, keys[AGGREGATOR], {c: keys[c] for c in CLOUDS}, f"file:{tmp_path}/keys/{{party}}.pem"))
+    raw["federation"]["seed"] = 7
+    groups = {"aws": "tragedies", "gcp": "comedies", "azure": "histories"}
+    raw["clouds"] = [{"name": c, "data": [f"file://{corpus_dir}/{groups[c]}/*.md"]} for c in CLOUDS]
+    raw["evaluation"] = {"data": [f"file://{corpus_dir}/tragedies/macbeth.md"], "max_blocks": 4, "batch_size": 4}
+    path = tmp_path / "federation.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return raw, path
+
+
+STRICT = {
+    "secure_aggregation": {"enabled": True, "threshold": 2},
+    "privacy": {"enabled": True, "clip_norm": 0.5, "noise_multiplier": 1.0, "delta": 1e-5, "epsilon_budget": 50.0},
+    "split": {
+        "cut": 1,
+        "require_tee": True,
+        "attestation": {"verifier": "amd-sev-snp", "measurement": "ab" * 48, "min_tcb": {"snp": 20}},
+    },
+}
+
+
+def test_o1_a_client_holds_every_run_to_the_privacy_policy_it_pinned(tmp_path, corpus_dir, tiny_model_dir, capsys):
+    """The orchestrator starts aws's `train` step without its `secure` request, under the
+    federation's own config (secure aggregation and DP on). At 6dfc021 aws trained and sealed its
+    update unmasked, which the aggregator opened exactly; and a config with secure aggregation, DP
+    or the TEE requirement switched off, or weakened, passed aws's trust check, which pinned the
+    public keys only. Now aws pinned its policy with `fedlib keys trust`, and every step refuses a
+    weaker config or request in one line naming the field; only aws's own command lowers the pin."""
+    from fedlib.privacy.policy import PolicyRefused
+    from fedlib.wire.keys import AGGREGATOR
+    from fedlib_cli.main import main
+    from tasks.client import train_client
+
+    raw, path = _sovereign_federation(tmp_path, corpus_dir, tiny_model_dir, **STRICT)
+    for party in (AGGREGATOR, "aws"):
+        assert main(["keys", "trust", str(path), "--party", party]) == 0
+    config = parse_config(raw)
+    aggregator = keyring(config, AGGREGATOR)
+    store = checkpoint_store(config, aggregator)
+    store.commit(initial_adapter(config), Manifest(config.federation.id, 0, 1, "run"))
+
+    with pytest.raises(PolicyRefused, match="secure: the train request carries no secure-aggregation session"):
+        train_client(config, "aws", 1)  # the federation's own config, no `secure` request
+    assert not storage.exists(update_url(config, "aws", 1))
+    assert "policy: secure aggregation on, threshold ≥ 2; DP on" in capsys.readouterr().out  # what aws pinned, shown to it
+
+    weakened = {
+        "secure_aggregation.enabled": {"secure_aggregation": {"enabled": False}},
+        "secure_aggregation.threshold": {"secure_aggregation": {"enabled": True, "threshold": 2}},  # below the raised pin
+        "privacy.enabled": {"privacy": {"enabled": False}},
+        "privacy.noise_multiplier": {"privacy": {**STRICT["privacy"], "noise_multiplier": 0.1}},
+        "privacy.clip_norm": {"privacy": {**STRICT["privacy"], "clip_norm": 50.0}},
+        "privacy.delta": {"privacy": {**STRICT["privacy"], "delta": 0.1}},
+        "privacy.epsilon_budget": {"privacy": {k: v for k, v in STRICT["privacy"].items() if k != "epsilon_budget"}},
+        "privacy.noise_seed": {"privacy": {**STRICT["privacy"], "noise_seed": 1}},
+        "split.require_tee": {"split": {"cut": 1}},
+        "split.attestation.measurement": {
+            "split": {**STRICT["split"], "attestation": {"verifier": "amd-sev-snp", "measurement": "cd" * 48}}
+        },
+        "split.attestation.min_tcb": {"split": {**STRICT["split"], "attestation": {"verifier": "amd-sev-snp", "measurement": "ab" * 48}}},
+        "split.attestation.allow_debug": {
+            "split": {**STRICT["split"], "attestation": {**STRICT["split"]["attestation"], "allow_debug": True}}
+        },
+        "compression.codecs": {"compression": {"codecs": ["sign"]}, "secure_aggregation": {"enabled": False}},
+    }
+    raised = {**raw, "secure_aggregation": {"enabled": True, "threshold": 3}}  # a party may raise its own pin
+    (tmp_path / "raised.yaml").write_text(__import__("yaml").safe_dump(raised))
+    assert main(["keys", "trust", str(tmp_path / "raised.yaml"), "--party", "aws"]) == 0
+    for field, sections in weakened.items():
+        with pytest.raises(PolicyRefused) as info:
+            keyring(parse_config({**raised, **sections}), "aws")
+        assert f"{field}:" in str(info.value) and "\n" not in str(info.value) and "--lower-policy" in str(info.value), field
+    # lowering takes aws's own command, explicitly
+    (tmp_path / "weak.yaml").write_text(__import__("yaml").safe_dump({**raised, "privacy": {"enabled": False}}))
+    capsys.readouterr()
+    assert main(["keys", "trust", str(tmp_path / "weak.yaml"), "--party", "aws"]) == 1
+    assert "privacy.enabled: false, pinned true" in capsys.readouterr().err
+    assert main(["keys", "trust", str(tmp_path / "weak.yaml"), "--party", "aws", "--lower-policy"]) == 0
+    assert keyring(parse_config({**raised, "privacy": {"enabled": False}}), "aws").client_private

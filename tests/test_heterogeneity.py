@@ -92,7 +92,8 @@ def test_step_budgets_follow_speed_deadline_and_capacity(tmp_path, corpus_dir, t
         "gcp": 3,
         "azure": 3,
     }
-    measured = _manifest(clients=[_report("aws", 10.0, 10), _report("gcp", 10.0, 20)])
+    # the aggregator timed aws 10 s for its 10 steps and gcp (speed 2) 10 s for 20: 1 s a step at speed 1
+    measured = _manifest(round_trip_s={"aws": 10.0, "gcp": 10.0}, step_budgets={"aws": 10, "gcp": 20})
     unset = parse_config({**raw, "training": {**raw["training"], "seconds_per_step": None}})
     assert step_budgets(unset.training, unset.profiles, unset.orchestration.round_deadline_s, ["aws"], None) == {
         "aws": 3
@@ -101,7 +102,7 @@ def test_step_budgets_follow_speed_deadline_and_capacity(tmp_path, corpus_dir, t
         "aws": 15
     }  # 1 s per step at speed 1
     # A cloud slower than its profile is held to its own timing; one that straggled gets half its steps.
-    slow = _manifest(clients=[_report("gcp", 30.0, 10)], stragglers=["azure"], step_budgets={"azure": 50, "gcp": 60})
+    slow = _manifest(round_trip_s={"gcp": 180.0}, stragglers=["azure"], step_budgets={"azure": 50, "gcp": 60})
     assert step_budgets(config.training, config.profiles, config.orchestration.round_deadline_s, list(CLOUDS), slow) == {
         "aws": 30,
         "gcp": 5,

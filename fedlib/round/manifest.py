@@ -68,6 +68,9 @@ class Manifest:
     codecs: list[str] = field(default_factory=list)
     sampled: list[str] = field(default_factory=list)
     step_budgets: dict[str, int] = field(default_factory=dict)
+    # the aggregator's own clock from dispatch to each client's training step done: what the next
+    # round's step budgets are planned from (`fedlib.round.planning`), never a client's stated time
+    round_trip_s: dict[str, float] = field(default_factory=dict)
     stragglers: list[str] = field(default_factory=list)
     clients: dict[str, ClientReport] = field(default_factory=dict)  # accepted clients' reports
     cost: dict[str, float] = field(default_factory=dict)
@@ -255,6 +258,7 @@ def round_manifest(
         codecs=list(plan.codecs),
         sampled=list(plan.sampled),
         step_budgets=dict(plan.step_budgets),
+        round_trip_s={c: s for c, s in outcome.round_trip_s.items() if c in report.accepted},
         stragglers=report.stragglers,
         clients={c: r for c, r in reports.items() if c in report.accepted},
         cost=dict(cost),

@@ -31,16 +31,25 @@ def sample_clients(names: Sequence[str], per_round: int | None, seed: int, round
 
 
 def seconds_per_step(training: TrainingConfig, profiles: Mapping[str, CloudProfile], previous: Manifest | None) -> float | None:
-    """Seconds one local step takes at speed 1: the config's figure, else the median of what
-    the last round's clients measured (their training time × speed / steps)."""
+    """Seconds one local step takes at speed 1: the config's figure, else the median over the last
+    round's clients of the aggregator's own clock (`round_trip_s`: dispatch to done) × speed ÷
+    the steps it assigned. A client's stated `train_s` and `local_steps` never enter: one liar
+    would otherwise move the median, and with it every other client's budget."""
     if training.seconds_per_step is not None:
         return training.seconds_per_step
-    measured = [
-        report.train_s * profiles[client].speed / report.local_steps
-        for client, report in (previous.clients if previous else {}).items()
-        if report.local_steps
-    ]
+    measured = [rate * profiles[client].speed for client, rate in _timed_rates(previous).items()]
     return statistics.median(measured) if measured else None
+
+
+def _timed_rates(previous: Manifest | None) -> dict[str, float]:
+    """Seconds per assigned step of each client the aggregator timed last round."""
+    if previous is None:
+        return {}
+    return {
+        client: seconds / previous.step_budgets[client]
+        for client, seconds in previous.round_trip_s.items()
+        if previous.step_budgets.get(client)
+    }
 
 
 def step_budgets(
@@ -55,19 +64,17 @@ def step_budgets(
     for loading the model, uploading, and steps slower than the estimate; until a step has been
     timed, local_steps.
 
-    A cloud's speed is only what its profile claims: one that timed itself last round is held to
-    the slower of the two, and one that straggled last round gets half the steps it had then."""
+    A cloud's speed is only what its profile claims: one the aggregator timed last round is held
+    to the slower of the two, and one that straggled last round gets half the steps it had then."""
     t = training
     spent = seconds_per_step(training, profiles, previous) if t.step_budget == "deadline" else None
+    timed = _timed_rates(previous)
     budgets = {}
     for client in clients:
         profile = profiles[client]
         steps = t.local_steps
         if spent is not None and deadline is not None:
-            rate = spent / profile.speed
-            report = previous.clients.get(client) if previous else None
-            if report and report.local_steps:
-                rate = max(rate, report.train_s / report.local_steps)
+            rate = max(spent / profile.speed, timed.get(client, 0.0))
             steps = max(1, math.floor(DEADLINE_SHARE * deadline / rate))
             if previous and client in previous.stragglers and client in previous.step_budgets:
                 steps = min(steps, max(1, previous.step_budgets[client] // 2))

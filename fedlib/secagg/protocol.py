@@ -66,12 +66,19 @@ class Session:
     id: str  # fresh random hex per attempt, chosen by the aggregator
     clients: tuple[str, ...]  # every configured client, sorted: share x = position + 1
     threshold: int
+    # the fewest survivors a round completes with; with DP each client's noise share is scaled to
+    # it, so a client reveals for no smaller set (0: the threshold)
+    min_survivors: int = 0
 
     def __post_init__(self) -> None:
         if list(self.clients) != sorted(set(self.clients)):
             raise ValueError("session clients must be sorted and distinct")
         if not 2 <= self.threshold <= len(self.clients) or 2 * self.threshold <= len(self.clients):
             raise ValueError(f"threshold {self.threshold} must be a majority of the {len(self.clients)} clients, and at least 2")
+
+    @property
+    def fewest_survivors(self) -> int:
+        return max(self.threshold, self.min_survivors)
 
     @property
     def mask_context(self) -> bytes:
@@ -244,8 +251,10 @@ def make_reveal(
 ) -> str:
     """My shares of the survivors' self seeds and the dropped clients' mask keys, sealed for
     the aggregator. Revealing both of one client would unmask its input, so overlapping sets
-    are refused, as is a survivor list that leaves me out, and (through `ledger`, which
-    remembers this session's answer) any second request for other sets."""
+    are refused, as is a survivor list that leaves me out or is smaller than the session's
+    fewest survivors (with DP, fewer clients' noise shares than the configured noise), and
+    (through `ledger`, which remembers the round's first answer and this session's) any request
+    for other sets, in this session or any later one of the round."""
     survivors, dropped = sorted(set(survivors)), sorted(set(dropped))
     if set(survivors) & set(dropped):
         raise ValueError(f"clients both surviving and dropped: {sorted(set(survivors) & set(dropped))}")
@@ -254,6 +263,10 @@ def make_reveal(
     unknown = (set(survivors) | set(dropped)) - set(peers) - {me}
     if unknown:
         raise ValueError(f"not peers of {me} in this session: {sorted(unknown)}")
+    if len(survivors) < session.fewest_survivors:
+        raise UpdateRejected(
+            Reason.TOO_FEW_SURVIVORS, f"asked to reveal for {len(survivors)} survivors, fewer than the {session.fewest_survivors} required"
+        )
     ledger.record(session.id, session.round, survivors, dropped)  # refuses a request that differs from an earlier one
     own = round_secrets(ring, me, session).self_shares(session)[session.index(me)]
     self_shares = {s: _share_json(own if s == me else peers[s].self_share) for s in survivors}

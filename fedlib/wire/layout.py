@@ -15,6 +15,7 @@ A client's reveal ledger is not in a bucket at all (`fedlib.wire.trust.reveal_fo
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -63,6 +64,13 @@ def probe_url(store: str, party: str) -> str:
 
 def reveal_url(ledger_folder: str, session: str) -> str:
     return join(ledger_folder, f"reveal-{session}.sealed")
+
+
+def round_reveal_url(ledger_folder: str, federation: str, round_number: int) -> str:
+    """The survivor set a client first revealed for in a round, whatever the session; named by the
+    federation's digest because one key may serve in more than one federation."""
+    tag = hashlib.sha256(federation.encode()).hexdigest()[:16]
+    return join(ledger_folder, f"round-{tag}-{round_number:06d}.sealed")
 
 
 @dataclass(frozen=True)

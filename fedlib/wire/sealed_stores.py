@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.wire import storage
 from fedlib.wire.envelope import EnvelopeContext, UpdateKey, open_sealed, seal
-from fedlib.wire.layout import reveal_url
+from fedlib.wire.layout import reveal_url, round_reveal_url
 from fedlib.wire.serialization import Tensors, bytes_to_tensors, tensors_to_bytes
 from fedlib.wire.storage import Options
 
@@ -73,13 +73,22 @@ class CarriedResidual:
 
 @dataclass(frozen=True)
 class RevealLedger:
-    """What a client revealed in each secure-aggregation session, kept on its own machine
+    """What a client revealed in secure aggregation, kept on its own machine
     (`fedlib.wire.trust.reveal_folder`: a bucket's objects can be deleted, and a request can name
     another bucket) and sealed under its own key (a client's steps run as separate processes, so
-    its memory cannot hold this). One answer per session: the same request again is answered the same (a retry);
-    a request for other survivor/dropped sets is refused, because together the two answers
-    could hold both secrets of one peer. An entry that does not open counts as an answer given
-    (fail closed: the storage provider must not be able to reset it)."""
+    its memory cannot hold this). Two records, each created once:
+
+    - per round, the survivor and dropped sets of its first reveal in that round, whatever the
+      session. A later session of the round is answered only for the same sets: the difference
+      of two unmasked sums over different survivors is the update of whoever was left out, and
+      with DP only that client's own noise share would hide it. Since a reveal set needs a
+      majority, and two majorities share a client, no second set can be unmasked at all.
+    - per session, its answer: the same request again is answered the same (a retry); a request
+      for other sets is refused, because together the two answers could hold both secrets of
+      one peer.
+
+    An entry that does not open counts as an answer given (fail closed: the storage provider
+    must not be able to reset it)."""
 
     root: str  # the client's folder for this federation's secure-aggregation state
     key: UpdateKey
@@ -87,23 +96,25 @@ class RevealLedger:
     client: str
     options: Options | None = None
 
-    def _entry(self, session: str, round_number: int) -> tuple[str, EnvelopeContext]:
-        url = reveal_url(self.root, session)
-        return url, EnvelopeContext(f"{self.federation}/secagg-reveals/{session}", round_number, self.client, session)
-
     def record(self, session: str, round_number: int, survivors: list[str], dropped: list[str]) -> None:
-        url, ctx = self._entry(session, round_number)
         request = json.dumps({"survivors": sorted(survivors), "dropped": sorted(dropped)}, sort_keys=True).encode()
+        round_ctx = EnvelopeContext(f"{self.federation}/secagg-reveal-sets", round_number, self.client)
+        self._once(round_reveal_url(self.root, self.federation, round_number), round_ctx, request, f"round {round_number}")
+        session_ctx = EnvelopeContext(f"{self.federation}/secagg-reveals/{session}", round_number, self.client, session)
+        self._once(reveal_url(self.root, session), session_ctx, request, f"session {session}")
+
+    def _once(self, url: str, ctx: EnvelopeContext, request: bytes, where: str) -> None:
+        """Record `request` as the first answer at `url`, or refuse one that differs from it."""
         if storage.write_exclusive(url, seal(request, self.key, ctx), self.options):
-            return  # the first answer in this session
+            return
         try:
             earlier = open_sealed(storage.read_limited(url, 1 << 16, self.options), self.key, ctx)
         except UpdateRejected as err:
-            raise UpdateRejected(Reason.ALREADY_REVEALED, f"session {session}: a reveal was recorded ({err.reason.value})") from None
+            raise UpdateRejected(Reason.ALREADY_REVEALED, f"{where}: a reveal was recorded ({err.reason.value})") from None
         if earlier != request:
             raise UpdateRejected(
                 Reason.ALREADY_REVEALED,
-                f"session {session}: already revealed for {earlier.decode()[:200]}; refusing {request.decode()[:200]}",
+                f"{where}: already revealed for {earlier.decode()[:200]}; refusing {request.decode()[:200]}",
             )
 
 

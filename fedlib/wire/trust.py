@@ -8,7 +8,8 @@ are named after the party's own public key:
 
 - the keyring it trusts (`trust/<fingerprint>.json`): written only by `fedlib keys trust`, an
   explicit action on the party's machine; at run time a config whose public keys differ from
-  the trusted ones is refused, and so is a key with no trust record at all;
+  the trusted ones is refused, and so is a key with no trust record at all. The same record pins
+  the party's privacy policy (`fedlib.privacy.policy`), which this module stores as it is given;
 - its secure-aggregation reveals (`reveals/<fingerprint>/`): one answer per session, whatever
   bucket a request names and whatever happens to the objects in it.
 
@@ -56,18 +57,32 @@ class TrustRecord:
     def path(self) -> Path:
         return self.home / "trust" / f"{self.own_fingerprint}.json"
 
-    def trusted_digest(self) -> str | None:
+    def _read(self) -> dict | None:
         try:
-            return str(json.loads(self.path.read_text())["keyring_sha256"])
+            record = json.loads(self.path.read_text())
         except FileNotFoundError:
             return None
-        except (ValueError, KeyError, TypeError):
-            raise KeyringNotTrusted(f"{self.path}: not a trust record; run `fedlib keys trust` again") from None
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("keyring_sha256"), str):
+            raise KeyringNotTrusted(f"{self.path}: not a trust record; run `fedlib keys trust` again")
+        return record
 
-    def write(self, publics: PublicKeys, party: str) -> Path:
+    def trusted_digest(self) -> str | None:
+        record = self._read()
+        return None if record is None else str(record["keyring_sha256"])
+
+    def pinned_policy(self) -> object | None:
+        """The policy pinned with the keyring, as written (parsed by `fedlib.privacy.policy`);
+        None where the record predates policies or there is no record."""
+        record = self._read()
+        return None if record is None else record.get("policy")
+
+    def write(self, publics: PublicKeys, party: str, policy: object) -> Path:
         record = {
             "party": party,
             "keyring_sha256": keyring_digest(publics),
+            "policy": policy,
             "aggregator_exchange": fingerprint(publics.aggregator_exchange),
             "aggregator_signing": fingerprint(publics.aggregator_signing),
             "clients": {name: fingerprint(key) for name, key in sorted(publics.clients.items())},
