@@ -152,6 +152,8 @@ class SnpAttestor:
     tcb: tuple[int, int, int, int] = (3, 0, 8, 115)  # boot loader, TEE, SNP, microcode
     chip_id: bytes = bytes(range(64))
     policy: int = 0x30000
+    vmpl: int = 0
+    abi: tuple[int, int] = (1, 55)  # the firmware's ABI version (major, minor)
     bind_to: bytes | None = None
     key: ec.EllipticCurvePrivateKey = field(default_factory=lambda: ec.generate_private_key(ec.SECP384R1()))
 
@@ -168,7 +170,7 @@ class SnpAttestor:
     def report(self, report_data: bytes, signing_key: int = 0, version: int = 2) -> bytes:
         raw = bytearray(0x4A0)
         struct.pack_into("<IIQ", raw, 0x00, version, 0, self.policy)
-        struct.pack_into("<II", raw, 0x30, 0, 1)
+        struct.pack_into("<II", raw, 0x30, self.vmpl, 1)
         struct.pack_into("<I", raw, 0x48, signing_key << 2)
         raw[0x50:0x90] = report_data.ljust(64, b"\0")
         raw[0x90:0xC0] = self.measurement
@@ -177,6 +179,7 @@ class SnpAttestor:
         for offset in (0x38, 0x180, 0x1E0, 0x1F0):  # current, reported, committed, launch
             raw[offset : offset + 8] = tcb
         raw[0x1A0:0x1E0] = self.chip_id
+        raw[0x1E9], raw[0x1EA] = self.abi[1], self.abi[0]  # CURRENT_MINOR, CURRENT_MAJOR
         signature = _raw_signature(self.key, bytes(raw[:0x2A0]), 72, "little")
         raw[0x2A0:0x330] = signature
         return bytes(raw)
@@ -185,3 +188,23 @@ class SnpAttestor:
         report = self.report(self.bind_to if self.bind_to is not None else binding)
         vcek = self.vcek().public_bytes(Encoding.DER)
         return {"tee": "amd-sev-snp", "report": base64.b64encode(report).decode(), "vcek": base64.b64encode(vcek).decode()}
+
+
+# Certificates that cryptography parses lazily and refuses with its own exceptions: a version
+# outside v1..v3 (`x509.InvalidVersion`, at load) and an extension listed twice
+# (`x509.DuplicateExtension`, when the extensions are read). Both are DER edits of a real VCEK.
+_VERSION_V3 = bytes.fromhex("a003020102")  # [0] EXPLICIT INTEGER 2: the first field of TBSCertificate
+_AMD_BOOTLOADER_OID = bytes.fromhex("060a2b060104019c7801030" + "1")  # 1.3.6.1.4.1.3704.1.3.1
+_AMD_TEE_OID = bytes.fromhex("060a2b060104019c7801030" + "2")  # 1.3.6.1.4.1.3704.1.3.2, the same length
+
+
+def with_version(der: bytes, version: int) -> bytes:
+    """The certificate with its version field set to `version` (0..255; v3 is 2)."""
+    at = der.index(_VERSION_V3)
+    return der[:at] + _VERSION_V3[:-1] + bytes([version]) + der[at + len(_VERSION_V3) :]
+
+
+def with_duplicate_extension(der: bytes) -> bytes:
+    """A VCEK whose TEE SPL extension is renamed to the boot loader's: one OID listed twice."""
+    assert _AMD_TEE_OID in der and _AMD_BOOTLOADER_OID in der
+    return der.replace(_AMD_TEE_OID, _AMD_BOOTLOADER_OID, 1)

@@ -1436,3 +1436,62 @@ def test_o1_a_client_holds_every_run_to_the_privacy_policy_it_pinned(tmp_path, c
     assert "privacy.enabled: false, pinned true" in capsys.readouterr().err
     assert main(["keys", "trust", str(tmp_path / "weak.yaml"), "--party", "aws", "--lower-policy"]) == 0
     assert keyring(parse_config({**raised, "privacy": {"enabled": False}}), "aws").client_private
+
+
+def test_o6_sev_snp_refuses_vmpl_3_a_migration_agent_old_abi_revoked_keys_and_unparsable_certificates():
+    """At 6dfc021 a report requested at VMPL 3 passed (the field was parsed, never compared), as did
+    a guest policy allowing a migration agent (MIGRATE_MA, which can export the guest's memory) and
+    any firmware ABI; revocation was not checked at all; and a VCEK with an invalid version or a
+    duplicated extension escaped `verify` as cryptography's own `InvalidVersion` or
+    `DuplicateExtension` instead of a named refusal. Each is now refused by name; revocation is
+    checked against AMD's CRL where the client's operator supplies it (here, one under the test root)."""
+    import base64
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from fedlib.tee.evidence import AttestationFailed, Refusal
+    from fedlib.tee.sev_snp import SnpVerifier
+    from tests.tee_evidence import SnpAttestor, StandInVendor, with_duplicate_extension, with_version
+
+    vendor = StandInVendor()
+    binding = bytes(range(32))
+    honest = SnpAttestor(vendor)
+
+    def verifier(**kwargs) -> SnpVerifier:
+        return SnpVerifier(measurement=honest.measurement, roots={"Milan": (vendor.root, vendor.intermediate)}, **kwargs)
+
+    def refused(evidence: dict, **kwargs) -> Refusal:
+        with pytest.raises(AttestationFailed) as info:
+            verifier(**kwargs).verify(evidence, binding)
+        return info.value.reason
+
+    verifier().verify(honest.evidence(binding), binding)
+    assert refused(SnpAttestor(vendor, vmpl=3, key=honest.key).evidence(binding)) is Refusal.POLICY
+    verifier(max_vmpl=3).verify(SnpAttestor(vendor, vmpl=3, key=honest.key).evidence(binding), binding)  # where configured
+    assert refused(SnpAttestor(vendor, policy=0x30000 | 1 << 18, key=honest.key).evidence(binding)) is Refusal.POLICY
+    assert refused(SnpAttestor(vendor, abi=(1, 49), key=honest.key).evidence(binding)) is Refusal.TCB
+
+    def crl(revoked: list[int], key=vendor.root_key, issuer=vendor.root, age_days: float = 0) -> bytes:
+        now = datetime.now(UTC) - timedelta(hours=1, days=age_days)
+        builder = x509.CertificateRevocationListBuilder().issuer_name(issuer.subject).last_update(now).next_update(now + timedelta(7))
+        for serial in revoked:
+            builder = builder.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build())
+        return builder.sign(key, hashes.SHA384()).public_bytes(Encoding.DER)
+
+    verifier(crl=crl([12345])).verify(honest.evidence(binding), binding)  # a current CRL naming neither key
+    assert refused(honest.evidence(binding), crl=crl([vendor.intermediate.serial_number])) is Refusal.REVOKED  # the ASK
+    evidence = honest.evidence(binding)
+    assert refused(evidence, crl=crl([x509.load_der_x509_certificate(base64.b64decode(evidence["vcek"])).serial_number])) is Refusal.REVOKED
+    assert refused(honest.evidence(binding), crl=crl([], age_days=10)) is Refusal.STALE  # past its next update
+    assert refused(honest.evidence(binding), crl=crl([], key=ec.generate_private_key(ec.SECP384R1()))) is Refusal.CHAIN
+
+    report = base64.b64decode(evidence["report"])
+    vcek = base64.b64decode(evidence["vcek"])
+    for der in (with_version(vcek, 7), with_duplicate_extension(vcek)):
+        mangled = {**evidence, "vcek": base64.b64encode(der).decode()}
+        assert refused(mangled) is Refusal.MALFORMED
+    assert report  # the report itself was sound: only the certificate was mangled

@@ -18,7 +18,7 @@ from fedlib.tee.chain import pinned
 from fedlib.tee.evidence import AttestationFailed, Refusal
 from fedlib.tee.nitro import NitroVerifier
 from fedlib.tee.sev_snp import SnpVerifier, Tcb
-from tests.tee_evidence import NITRO_PCRS, NitroAttestor, SnpAttestor, StandInVendor, fixture_text
+from tests.tee_evidence import NITRO_PCRS, NitroAttestor, SnpAttestor, StandInVendor, fixture_text, with_duplicate_extension, with_version
 
 SESSION = bytes(range(32))  # a binding of some session none of the real fixtures was made for
 
@@ -342,9 +342,9 @@ def test_fuzzed_evidence_is_refused_by_name():
     nitro, snp = _nitro_verifier(), _snp_verifier()
     reasons: dict[Refusal, int] = {}
     escapes: list[str] = []
-    cases = 6000
+    cases = 6400
     for case in range(cases):
-        kind = case % 6
+        kind = case % 8
         if kind == 0:
             verifier, evidence = nitro, _nitro(_mutated(rng, nitro_raw))
         elif kind == 1:  # a payload field of another type or size (re-encoded, so the CBOR itself is sound)
@@ -360,6 +360,11 @@ def test_fuzzed_evidence_is_refused_by_name():
             verifier, evidence = snp, _snp(_mutated(rng, report), vcek)
         elif kind == 4:
             verifier, evidence = snp, _snp(report, _mutated(rng, vcek))
+        elif kind == 6:  # a VCEK of any version number (cryptography: `x509.InvalidVersion` at load)
+            verifier, evidence = snp, _snp(report, with_version(vcek, rng.randrange(256)))
+        elif kind == 7:  # a VCEK listing an extension twice (`x509.DuplicateExtension`), then mutated further
+            duplicated = with_duplicate_extension(vcek)
+            verifier, evidence = snp, _snp(report, duplicated if rng.random() < 0.5 else _mutated(rng, duplicated))
         else:  # report fields of any value, at the offsets the verifier reads
             offset = rng.choice((0x00, 0x08, 0x30, 0x34, 0x48, 0x50, 0x90, 0x180, 0x1A0, 0x2A0, 0x2E8))
             verifier, evidence = snp, _snp(_with(report, offset, rng.randbytes(rng.choice((1, 4, 8)))), vcek)
@@ -372,7 +377,7 @@ def test_fuzzed_evidence_is_refused_by_name():
         else:
             escapes.append(f"case {case}: accepted")
     assert escapes == [], escapes[:5]
-    assert sum(reasons.values()) == cases >= 5000
+    assert sum(reasons.values()) == cases >= 6000
     assert {Refusal.MALFORMED, Refusal.TRUNCATED, Refusal.SIGNATURE, Refusal.UNSUPPORTED} <= set(reasons), reasons
 
 

@@ -362,6 +362,13 @@ class AttestationConfig(_Strict):
     """Accept an enclave in debug mode, or a guest whose policy allows debugging (never in production)."""
     max_age_s: float = Field(300, gt=0)
     """Nitro: how old a document may be when it is checked."""
+    max_vmpl: int = Field(0, ge=0, le=3)
+    """SEV-SNP: the least privileged VMPL a report may be requested at (0: the guest's own firmware level)."""
+    min_abi: tuple[int, int] = (1, 51)
+    """SEV-SNP: the oldest firmware ABI version accepted, as [major, minor]."""
+    crl: str | None = None
+    """SEV-SNP: a file holding AMD's CRL for the server's product (from AMD's KDS, `/vcek/v1/<product>/crl`); unset: revocation
+    is not checked."""
 
     @field_validator("pcrs")
     @classmethod

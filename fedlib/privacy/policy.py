@@ -39,6 +39,8 @@ class TeePolicy:
     min_tcb: dict[str, int] = field(default_factory=dict)
     allow_debug: bool = False
     max_age_s: float = 300.0
+    max_vmpl: int = 0
+    min_abi: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,8 @@ def _tee(attestation: AttestationConfig) -> TeePolicy:
         attestation.min_tcb.model_dump(),
         attestation.allow_debug,
         attestation.max_age_s,
+        attestation.max_vmpl,
+        attestation.min_abi,
     )
 
 
@@ -170,6 +174,10 @@ def _tee_weaknesses(pinned: TeePolicy, offered: TeePolicy) -> list[str]:
         out.append(f"split.attestation.min_tcb: {older} older than pinned")
     if offered.allow_debug and not pinned.allow_debug:
         out.append("split.attestation.allow_debug: true, pinned false")
+    if offered.max_vmpl > pinned.max_vmpl:
+        out.append(f"split.attestation.max_vmpl: {offered.max_vmpl}, pinned at most {pinned.max_vmpl}")
+    if offered.min_abi < pinned.min_abi:
+        out.append(f"split.attestation.min_abi: {list(offered.min_abi)}, pinned at least {list(pinned.min_abi)}")
     if offered.max_age_s > pinned.max_age_s:
         out.append(f"split.attestation.max_age_s: {offered.max_age_s:g}, pinned at most {pinned.max_age_s:g}")
     return out

@@ -13,10 +13,15 @@ Two verifiers ship (`fedlib.tee`): `aws-nitro` and `amd-sev-snp`; a plugin adds 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from fedlib.config import AttestationConfig, SplitConfig
 from fedlib.registry import Registry
+from fedlib.tee.chain import MAX_CRL_BYTES
 from fedlib.tee.evidence import AttestationFailed, Refusal, Verifier
 from fedlib.tee.nitro import NitroVerifier
 from fedlib.tee.sev_snp import SnpVerifier, Tcb
@@ -34,7 +39,26 @@ def nitro(expected: AttestationConfig) -> Verifier:
 def sev_snp(expected: AttestationConfig) -> Verifier:
     assert expected.measurement is not None  # the config refuses amd-sev-snp without one
     minimum = Tcb(**expected.min_tcb.model_dump())
-    return SnpVerifier(measurement=bytes.fromhex(expected.measurement), min_tcb=minimum, allow_debug=expected.allow_debug)
+    return SnpVerifier(
+        measurement=bytes.fromhex(expected.measurement),
+        min_tcb=minimum,
+        allow_debug=expected.allow_debug,
+        max_vmpl=expected.max_vmpl,
+        min_abi=expected.min_abi,
+        crl=_crl_file(expected.crl) if expected.crl else None,
+    )
+
+
+def _crl_file(path: str) -> bytes:
+    """The CRL the client's operator fetched, as DER (a PEM file is converted)."""
+    try:
+        with open(Path(path).expanduser(), "rb") as file:
+            raw = file.read(MAX_CRL_BYTES + 1)
+        if raw.lstrip().startswith(b"-----BEGIN"):
+            raw = x509.load_pem_x509_crl(raw).public_bytes(Encoding.DER)
+    except (OSError, ValueError) as err:
+        raise AttestationFailed(Refusal.NOT_CONFIGURED, f"split.attestation.crl: cannot read {path} ({type(err).__name__})") from None
+    return raw
 
 
 def check_attestation(evidence: Any, binding: bytes, split: SplitConfig) -> None:

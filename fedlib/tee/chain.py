@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from fedlib.tee.evidence import AttestationFailed, Refusal
 
 MAX_CERTIFICATE_BYTES = 8192
+MAX_CRL_BYTES = 1 << 20
 
 PINNED_ROOTS: dict[str, str] = {
     # AWS Nitro Enclaves root G1, https://aws-nitro-enclaves.amazonaws.com/AWS_NitroEnclaves_Root-G1.zip;
@@ -47,7 +48,11 @@ def pinned(name: str) -> x509.Certificate:
 
 
 def certificate(der: bytes, what: str) -> x509.Certificate:
-    """A DER certificate from the evidence, its size checked first."""
+    """A DER certificate from the evidence, its size checked first, and every part the verifiers
+    read parsed here, at the boundary. cryptography parses some parts only when they are first
+    read, and raises its own exceptions for them (`x509.InvalidVersion` at load,
+    `x509.DuplicateExtension` on reading the extensions, `UnsupportedAlgorithm` for a key), so
+    every exception of that parse is a named refusal here rather than an escape later."""
     if len(der) > MAX_CERTIFICATE_BYTES:
         raise AttestationFailed(Refusal.TOO_LARGE, f"{what} is over {MAX_CERTIFICATE_BYTES} bytes")
     try:
@@ -55,9 +60,39 @@ def certificate(der: bytes, what: str) -> x509.Certificate:
             # AMD issues every VCEK with serial number 0, which RFC 5280 disallows and
             # cryptography warns about; the serial plays no part in what is checked here.
             warnings.simplefilter("ignore")
-            return x509.load_der_x509_certificate(der)
-    except ValueError as err:
-        raise AttestationFailed(Refusal.MALFORMED, f"{what} is not a DER certificate ({err})") from None
+            cert = x509.load_der_x509_certificate(der)
+            for _ in cert.extensions:
+                pass
+            cert.public_key()
+            cert.not_valid_before_utc, cert.not_valid_after_utc, cert.subject, cert.issuer, cert.serial_number  # noqa: B018
+    except Exception as err:  # noqa: BLE001 - the boundary: whatever the parser raises, the certificate is not one
+        raise AttestationFailed(Refusal.MALFORMED, f"{what} is not a DER certificate ({type(err).__name__})") from None
+    return cert
+
+
+def revocation_list(der: bytes, issuer: x509.Certificate, at: datetime, what: str) -> x509.CertificateRevocationList:
+    """A vendor's CRL (DER), issued and signed by `issuer` and current at `at`. A CRL that is
+    out of date or not the issuer's is refused rather than read as "nothing revoked"."""
+    if len(der) > MAX_CRL_BYTES:
+        raise AttestationFailed(Refusal.TOO_LARGE, f"{what} is over {MAX_CRL_BYTES} bytes")
+    try:
+        crl = x509.load_der_x509_crl(der)
+        entries = list(crl)
+        valid = crl.issuer == issuer.subject and crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+        next_update = crl.next_update_utc
+    except Exception as err:  # noqa: BLE001 - the boundary, as for certificates
+        raise AttestationFailed(Refusal.MALFORMED, f"{what} is not a DER CRL ({type(err).__name__})") from None
+    if not valid:
+        raise AttestationFailed(Refusal.CHAIN, f"{what} was not issued by {issuer.subject.rfc4514_string()}")
+    if next_update is None or not crl.last_update_utc <= at <= next_update:
+        raise AttestationFailed(Refusal.STALE, f"{what} is not current at {at:%Y-%m-%d %H:%M} UTC; fetch it again")
+    del entries
+    return crl
+
+
+def check_not_revoked(cert: x509.Certificate, crl: x509.CertificateRevocationList, what: str) -> None:
+    if crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
+        raise AttestationFailed(Refusal.REVOKED, f"{what} (serial {cert.serial_number:x}) is on the vendor's revocation list")
 
 
 def check_validity(cert: x509.Certificate, at: datetime, what: str) -> None:

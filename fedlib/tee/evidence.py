@@ -29,12 +29,13 @@ class Refusal(str, Enum):
     UNSUPPORTED = "unsupported"  # well formed, but a variant this verifier does not check (e.g. a VLEK)
     UNTRUSTED_ROOT = "untrusted_root"  # the chain ends at a root other than the pinned vendor root
     CHAIN = "chain"  # a certificate not issued by the one above it, or not allowed to issue
+    REVOKED = "revoked"  # a certificate the vendor's revocation list (given to the verifier) names
     EXPIRED = "expired"  # a certificate outside its validity at the time of the check
     SIGNATURE = "signature"  # the evidence's own signature does not verify under the leaf key
     STALE = "stale"  # authentic, but made too long before the check
     MEASUREMENT = "measurement"  # another image: a PCR or the launch measurement differs
-    POLICY = "policy"  # debug allowed, or another guest policy than required
-    TCB = "tcb"  # firmware older than the configured minimum, or TCB values that disagree
+    POLICY = "policy"  # debug or migration allowed, a VMPL above the maximum, or another guest policy than required
+    TCB = "tcb"  # firmware (TCB or ABI) older than the configured minimum, or TCB values that disagree
     BINDING = "binding"  # not bound to this session (replayed, or made for another)
 
 

@@ -12,9 +12,16 @@ in this order:
    certificates for that product, each valid at the time of the check;
 3. the report's signature verifies under the VCEK, which is this chip's (its hwID is the
    report's CHIP_ID) at this TCB (its TCB extensions are the report's REPORTED_TCB);
-4. the guest policy does not allow debugging, and REPORTED_TCB is at least `min_tcb`;
+4. the guest policy allows neither debugging nor a migration agent (MIGRATE_MA: another VM
+   that can export the guest's memory), the report was requested at VMPL `max_vmpl` or more
+   privileged (0 by default: a report from a less privileged level, under an SVSM or
+   paravisor, says what that level chose to ask, not what the guest's firmware ran), the
+   firmware's ABI version is at least `min_abi`, and REPORTED_TCB is at least `min_tcb`;
 5. MEASUREMENT is the expected launch digest of the server's image;
-6. REPORT_DATA is this session's binding (32 bytes, then 32 zero bytes).
+6. REPORT_DATA is this session's binding (32 bytes, then 32 zero bytes);
+7. where the verifier is given AMD's CRL for the product (`crl`, fetched from AMD's KDS by
+   the client's operator), it is the ARK's, current, and names neither the ASK nor the VCEK.
+   Without one, revocation is not checked.
 
 AMD's certificates are signed with RSA-PSS, which cryptography's WebPKI path validation does
 not accept, so each link is checked here (`fedlib.tee.chain.check_issued`).
@@ -35,13 +42,23 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from fedlib.tee.chain import MAX_CERTIFICATE_BYTES, certificate, check_issued, check_validity, pinned
+from fedlib.tee.chain import (
+    MAX_CERTIFICATE_BYTES,
+    certificate,
+    check_issued,
+    check_not_revoked,
+    check_validity,
+    pinned,
+    revocation_list,
+)
 from fedlib.tee.evidence import AttestationFailed, Refusal, field_bytes
 
 REPORT_BYTES = 0x4A0
 SIGNED_BYTES = 0x2A0  # the signature covers everything before it
 PRODUCTS = ("Milan", "Genoa")
+POLICY_MIGRATE_MA = 1 << 18
 POLICY_DEBUG = 1 << 19
+FIRST_SNP_ABI = (1, 51)  # the first SNP firmware AMD released (Milan)
 _AMD = "1.3.6.1.4.1.3704.1."
 _TCB_OIDS = {"bootloader": _AMD + "3.1", "tee": _AMD + "3.2", "snp": _AMD + "3.3", "microcode": _AMD + "3.8"}
 
@@ -75,6 +92,7 @@ class SnpReport:
     host_data: bytes
     reported_tcb: Tcb
     chip_id: bytes
+    current_abi: tuple[int, int]  # the firmware's ABI version (major, minor) when the report was made
     signed: bytes
     r: int
     s: int
@@ -104,6 +122,7 @@ def parse_report(raw: bytes) -> SnpReport:
         host_data=raw[0xC0:0xE0],
         reported_tcb=Tcb.from_bytes(raw[0x180:0x188]),
         chip_id=raw[0x1A0:0x1E0],
+        current_abi=(raw[0x1EA], raw[0x1E9]),
         signed=raw[:SIGNED_BYTES],
         r=int.from_bytes(raw[0x2A0:0x2E8], "little"),
         s=int.from_bytes(raw[0x2E8:0x330], "little"),
@@ -142,14 +161,18 @@ def _product(vcek: x509.Certificate) -> str:
 @dataclass
 class SnpVerifier:
     """`measurement`: the expected launch digest (48 bytes) of the server's image;
-    `min_tcb`: the oldest firmware accepted. `roots` maps a product to its (ARK, ASK), AMD's
-    pinned ones unless a test passes its own."""
+    `min_tcb` and `min_abi`: the oldest firmware accepted; `max_vmpl`: the least privileged
+    level a report may be requested at; `crl`: AMD's CRL for the product (DER), if supplied.
+    `roots` maps a product to its (ARK, ASK), AMD's pinned ones unless a test passes its own."""
 
     measurement: bytes
     min_tcb: Tcb = Tcb()
     allow_debug: bool = False
     clock: Callable[[], float] = time.time
     roots: Mapping[str, tuple[x509.Certificate, x509.Certificate]] | None = None
+    max_vmpl: int = 0
+    min_abi: tuple[int, int] = FIRST_SNP_ABI
+    crl: bytes | None = None
 
     def verify(self, evidence: Mapping[str, Any], binding: bytes) -> None:
         if evidence.get("tee") != "amd-sev-snp":
@@ -167,6 +190,13 @@ class SnpVerifier:
             raise AttestationFailed(Refusal.TCB, f"the VCEK certifies TCB {certified}, the report claims {report.reported_tcb}")
         if report.policy & POLICY_DEBUG and not self.allow_debug:
             raise AttestationFailed(Refusal.POLICY, "the guest policy allows debugging")
+        if report.policy & POLICY_MIGRATE_MA:
+            raise AttestationFailed(Refusal.POLICY, "the guest policy allows a migration agent, which can export the guest's memory")
+        if report.vmpl > self.max_vmpl:
+            raise AttestationFailed(Refusal.POLICY, f"the report was requested at VMPL {report.vmpl}; at most {self.max_vmpl} is accepted")
+        if report.current_abi < self.min_abi:
+            abi, minimum = ".".join(map(str, report.current_abi)), ".".join(map(str, self.min_abi))
+            raise AttestationFailed(Refusal.TCB, f"firmware ABI {abi} is below the minimum {minimum}")
         if not report.reported_tcb.at_least(self.min_tcb):
             raise AttestationFailed(Refusal.TCB, f"TCB {report.reported_tcb} is below the minimum {self.min_tcb}")
         if report.measurement != self.measurement:
@@ -181,6 +211,10 @@ class SnpVerifier:
             check_validity(cert, at, what)
         check_issued(ask, ark, f"ASK-{product}")
         check_issued(vcek, ask, "the VCEK")
+        if self.crl is not None:
+            crl = revocation_list(self.crl, ark, at, f"AMD's CRL for {product}")
+            check_not_revoked(ask, crl, f"ASK-{product}")
+            check_not_revoked(vcek, crl, "the VCEK")
 
     @staticmethod
     def _check_signature(report: SnpReport, vcek: x509.Certificate) -> None:
