@@ -14,6 +14,7 @@ from rich.table import Table
 from fedlib_cli.common import PrefectApiStart, config_or_report, embedded_defaults, quiet_imports
 from fedlib_cli.keys import add_parser as add_keys_parser
 from fedlib_cli.live import LiveProgress
+from fedlib_cli.pool_templates import add_parser as add_pool_template_parser
 from fedlib_cli.ui import add_parser as add_ui_parser
 
 if TYPE_CHECKING:
@@ -123,18 +124,20 @@ def split_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    """A registered adapter version to a folder: PEFT's adapter folder, or merged into the base."""
+    """A registered adapter version to a folder, once its files match the aggregator's signed
+    record: PEFT's adapter folder, merged into the base, or the MLflow model as registered."""
     console, config = _prepared(args)
     if config is None:
         return 2
+    from fedlib.round.registered import FilesNotPinned
     from tasks.registry import export_version
 
     try:
-        chosen = export_version(config, args.version, args.out, merge=args.merge)
-    except LookupError as err:
+        chosen = export_version(config, args.version, args.out, merge=args.merge, mlflow_model=args.mlflow_model)
+    except (LookupError, FilesNotPinned) as err:
         console.print(f"[red]{err}[/red]")
         return 2
-    what = "base model with the adapter merged in" if args.merge else "PEFT adapter folder"
+    what = "base model with the adapter merged in" if args.merge else "MLflow model folder" if args.mlflow_model else "PEFT adapter folder"
     console.print(
         f"{config.registered_model_name} version {chosen.version} (round {chosen.tags.get('round')}, "
         f"held-out perplexity {float(chosen.tags.get('perplexity', 'nan')):.2f}): {what} written to {args.out}"
@@ -174,10 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     _with_config(export, "show the libraries' warnings")
     export.add_argument("--out", type=Path, required=True, help="folder to write")
     export.add_argument("--version", help="a version number or alias (default: the champion alias)")
-    export.add_argument("--merge", action="store_true", help="merge into the base model: a folder AutoModelForCausalLM loads")
+    shape = export.add_mutually_exclusive_group()
+    shape.add_argument("--merge", action="store_true", help="merge into the base model: a folder AutoModelForCausalLM loads")
+    shape.add_argument(
+        "--mlflow-model",
+        action="store_true",
+        help="the version's MLflow model folder, its files checked: for mlflow.transformers.load_model",
+    )
     export.set_defaults(handler=export_command)
     add_ui_parser(sub)
     add_keys_parser(sub)
+    add_pool_template_parser(sub)
     return parser
 
 

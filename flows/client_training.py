@@ -25,6 +25,7 @@ from fedlib.secagg.messages import REQUESTS
 from flows.progress_logs import progress_in_run_logs
 from tasks.client import submit_client_round
 from tasks.dispatch import client_run_name
+from tasks.job_lock import refuse_unlocked_job
 from tasks.preflight import preflight_client
 from tasks.secagg import secagg_reveal, secagg_setup
 
@@ -33,6 +34,20 @@ def _run_name() -> str:
     """The engine renames every run of this flow by it, so it must name the step too."""
     params = flow_run.parameters
     return client_run_name(params["client"], params["round_number"], params.get("step", "train"))
+
+
+def _started_as_the_clients_deployment() -> None:
+    """A run of the client's deployment must run this entrypoint with no locked job variable set
+    (`tasks.job_lock`); a run with no deployment (a subflow, a test) has no job to check."""
+    run_id = flow_run.get_id()
+    if run_id is None:
+        return
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+        if run.deployment_id is None:
+            return
+        deployment = client.read_deployment(run.deployment_id)
+    refuse_unlocked_job(deployment.entrypoint, run.job_variables, deployment.job_variables)
 
 
 def _cancelled_meanwhile() -> State | None:
@@ -84,6 +99,7 @@ def _run_step(
     secure: dict[str, Any] | None,
     local_steps: int | None,
 ) -> None:
+    _started_as_the_clients_deployment()
     settings = config_from(config)
     if step == "preflight":
         with progress_in_run_logs():

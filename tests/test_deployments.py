@@ -132,7 +132,7 @@ def prefect_server(tmp_path_factory, emulators, deployed_config):
         server.spawn("server", "server", "start", "--host", "127.0.0.1", "--port", str(server.port))
         server.wait_healthy()
         for pool in POOLS:
-            server.cli("work-pool", "create", pool, "--type", "process")
+            server.cli("work-pool", "create", pool, "--type", "process", "--base-job-template", "deployments/work-pools/process.json")
         # Deployed as the file's header says: the schedule's config is $FEDLIB_CONFIG at deploy time.
         server.env["FEDLIB_CONFIG"] = str(deployed_config)
         server.cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.process.yaml")

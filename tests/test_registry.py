@@ -180,15 +180,20 @@ def test_the_demo_registers_each_round_and_its_champion_exports(tmp_path):
     _assert_exports_reproduce(path, config, best.eval_loss, tmp_path)
 
 
-def test_the_champion_is_an_mlflow_model_that_answers_a_prompt(federation, monkeypatch):
-    """`mlflow.pyfunc.load_model("models:/<name>@champion")`, as an MLflow user would, with the
+def _verified_champion(path, out):
+    """The champion's MLflow model folder, its files checked against the aggregator's signed
+    record (`fedlib export --mlflow-model`): what an MLflow user loads (docs/results.md)."""
+    assert fedlib_cli(["export", str(path), "--mlflow-model", "--out", str(out)]) == 0
+    return out
+
+
+def test_the_champion_is_an_mlflow_model_that_answers_a_prompt(federation, tmp_path):
+    """`mlflow.pyfunc.load_model` of the verified champion, as an MLflow user would, with the
     signature it was logged with."""
     import mlflow.pyfunc
 
-    _, config, _ = federation
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", config.tracking_uri)  # not mlflow.set_*: those outlive the test
-    monkeypatch.setenv("MLFLOW_REGISTRY_URI", config.tracking_uri)
-    model = mlflow.pyfunc.load_model(f"models:/{config.registered_model_name}@{config.tracking.champion_alias}")
+    path, _, _ = federation
+    model = mlflow.pyfunc.load_model(str(_verified_champion(path, tmp_path / "champion")))
     assert [c.type.name for c in model.metadata.get_input_schema().inputs] == ["string"]
     answers = model.predict(["Who is the king of Denmark?", "Speak, ghost."], params={"max_new_tokens": 6})
     assert len(answers) == 2 and all(isinstance(a, str) and a.strip() for a in answers)
@@ -196,13 +201,15 @@ def test_the_champion_is_an_mlflow_model_that_answers_a_prompt(federation, monke
 
 def test_the_champion_loads_and_generates_without_fedlib(federation, tmp_path):
     """A fresh virtual environment that has mlflow, transformers and peft (this one's packages,
-    by path) but not fedlib: `mlflow.pyfunc.load_model` of the champion loads and answers."""
+    by path) but not fedlib: `mlflow.pyfunc.load_model` of the champion, once exported with its
+    files checked, loads and answers."""
     import os
     import subprocess
     import sys
     import sysconfig
 
-    _, config, _ = federation
+    path, config, _ = federation
+    champion = _verified_champion(path, tmp_path / "champion")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     site = next(venv.glob("lib/python*/site-packages"))
@@ -210,7 +217,7 @@ def test_the_champion_loads_and_generates_without_fedlib(federation, tmp_path):
     script = (
         "import importlib.util, mlflow.pyfunc\n"
         "assert importlib.util.find_spec('fedlib') is None, 'fedlib is importable here'\n"
-        f"model = mlflow.pyfunc.load_model('models:/{config.registered_model_name}@{config.tracking.champion_alias}')\n"
+        f"model = mlflow.pyfunc.load_model({str(champion)!r})\n"
         "answers = model.predict(['Speak, ghost.'], params={'max_new_tokens': 5})\n"
         "assert len(answers) == 1 and isinstance(answers[0], str) and answers[0].strip(), answers\n"
         "print('ANSWER', repr(answers[0]))\n"
@@ -220,14 +227,15 @@ def test_the_champion_loads_and_generates_without_fedlib(federation, tmp_path):
     assert done.returncode == 0 and "ANSWER" in done.stdout, done.stdout + done.stderr
 
 
-def test_loading_a_version_runs_no_code_from_the_artifact_store(federation, tmp_path, monkeypatch):
+def test_loading_a_version_runs_no_code_from_the_artifact_store(federation, tmp_path):
     """Whoever can write the artifact store edits every Python file in it to leave a mark, and
-    loading and querying the champion leaves none: what loads it is MLflow's and transformers'
-    installed code, and the stored model names no code of its own to run."""
+    loading and querying the verified champion leaves none: what loads it is MLflow's and
+    transformers' installed code, and the model as registered names no code of its own to run.
+    (An edit of the version's own files is refused at export: `tests/test_attacks.py::test_o5_*`.)"""
     import mlflow.pyfunc
     import yaml as yaml_
 
-    _, config, _ = federation
+    path, config, _ = federation
     store = config.data_path / "mlartifacts"
     marker = tmp_path / "ran-stored-code"
     for source in store.rglob("*.py"):
@@ -235,8 +243,6 @@ def test_loading_a_version_runs_no_code_from_the_artifact_store(federation, tmp_
     for described in store.rglob("MLmodel"):
         flavors = yaml_.safe_load(described.read_text())["flavors"]
         assert flavors["python_function"]["loader_module"] == "mlflow.transformers" and "code" not in flavors["python_function"]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", config.tracking_uri)
-    monkeypatch.setenv("MLFLOW_REGISTRY_URI", config.tracking_uri)
-    model = mlflow.pyfunc.load_model(f"models:/{config.registered_model_name}@{config.tracking.champion_alias}")
+    model = mlflow.pyfunc.load_model(str(_verified_champion(path, tmp_path / "champion")))
     assert model.predict(["Speak, ghost."], params={"max_new_tokens": 3})
     assert not marker.exists()

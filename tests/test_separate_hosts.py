@@ -57,6 +57,8 @@ from tests.postgres import PORT as PG_PORT
 from tests.postgres import PostgresCluster
 from tests.test_deployments import POOLS
 
+LOCKED_PROCESS_POOL = ROOT / "deployments" / "work-pools" / "process.json"  # what a client cannot override
+
 PARTIES = ("aggregator", "aws", "gcp", "azure")
 CLIENT_PLAYS = {"aws": "tragedies", "gcp": "comedies", "azure": "histories"}  # each cloud's own text
 STORES = {"aws": "s3-store", "gcp": "gcs-store", "azure": "blob-store"}
@@ -164,7 +166,14 @@ def drill(tmp_path_factory, corpus_dir, tiny_model_dir):
         for name, genre in CLIENT_PLAYS.items():
             parties[name].write_private("data/train.md", _corpus_text(corpus_dir, genre))
         parties[AGGREGATOR].write_private("data/held-out.md", (corpus_dir / "tragedies" / "macbeth.md").read_text())
-        _at_once([functools.partial(prefect.cli, "work-pool", "create", pool, "--type", "process") for pool in POOLS])
+        _at_once(
+            [
+                functools.partial(
+                    prefect.cli, "work-pool", "create", pool, "--type", "process", "--base-job-template", str(LOCKED_PROCESS_POOL)
+                )
+                for pool in POOLS
+            ]
+        )
         # Deployed without FEDLIB_ROOT, the pull step's `{{ $FEDLIB_ROOT }}` is left for each
         # worker to fill in from its own environment: each party runs its own working copy.
         prefect.cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.process.yaml", unset=("FEDLIB_ROOT",))

@@ -16,8 +16,8 @@ def ends(tmp_path):
     init_keys(tmp_path, ["aws"])
     ring = load_keyring(tmp_path, ["aws"])
     hello, pending = client_hello(ring, "aws", HelloChallenges().issue(0.0))
-    server, nonce = server_accept(ring, hello)
-    return pending.finish(nonce), server, ring
+    accepted = server_accept(ring, hello)
+    return pending.finish(accepted.server_nonce, accepted.server_ephemeral), accepted.channel, ring
 
 
 def test_activations_and_gradients_cross_in_order(ends):
@@ -65,7 +65,7 @@ def test_bad_messages_are_refused_by_name(ends, attack, reason):
 def test_another_session_cannot_open_this_one(ends):
     client, _, ring = ends
     other_hello, _ = client_hello(ring, "aws", HelloChallenges().issue(0.0))
-    stranger, _ = server_accept(ring, other_hello)
+    stranger = server_accept(ring, other_hello).channel
     with pytest.raises(UpdateRejected) as info:
         stranger.open("activations", client.seal("activations", {"h": torch.ones(2)}))
     assert info.value.reason is Reason.WRONG_FEDERATION  # the session id is bound into every header

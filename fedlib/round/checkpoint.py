@@ -45,6 +45,7 @@ from fedlib.round.manifest import (
     score_to_json,
     to_json,
 )
+from fedlib.round.registered import FilesNotPinned, RegisteredFiles, registered_from_json, registered_to_json
 from fedlib.wire import storage
 from fedlib.wire.decode import expect, parse_json
 from fedlib.wire.layout import CheckpointLayout
@@ -54,7 +55,7 @@ Tensors = dict[str, torch.Tensor]
 _ROUND_DIR = re.compile(r"round-(\d{4,})$")
 _MAX_MANIFEST = 16 << 20
 log = logging.getLogger("fedlib.round.checkpoint")
-_Signed = TypeVar("_Signed", Manifest, ManifestHead, RoundScore)
+_Signed = TypeVar("_Signed", Manifest, ManifestHead, RoundScore, RegisteredFiles)
 
 
 class ManifestRejected(ValueError):
@@ -161,6 +162,31 @@ class CheckpointStore:
         if score.federation != self.federation or score.adapter_sha256 != manifest.adapter_sha256:
             raise ManifestRejected(f"a score of {score.federation!r} round {score.round} names an adapter its manifest does not")
         storage.write_atomic(self.score_url(score.round), self._signed(score_to_json(score)), self.options)
+
+    def commit_registered(self, record: RegisteredFiles) -> None:
+        """The signed record of a round's registered version's files (`fedlib.round.registered`);
+        registering the round again writes it again."""
+        manifest = self.manifest_read(record.round)[0]
+        if record.federation != self.federation or record.adapter_sha256 != manifest.adapter_sha256:
+            raise ManifestRejected(
+                f"a registered version of {record.federation!r} round {record.round} names an adapter its manifest does not"
+            )
+        storage.write_atomic(self.layout.registered_url(record.round), self._signed(registered_to_json(record)), self.options)
+
+    def registered_of(self, manifest: Manifest) -> RegisteredFiles:
+        """The verified record of the files registered for `manifest`'s round, or `FilesNotPinned`."""
+        url = self.layout.registered_url(manifest.round)
+        try:
+            record = self._read_signed(url, registered_from_json, manifest.round)[0]
+        except FileNotFoundError:
+            raise FilesNotPinned(
+                f"round {manifest.round} has no signed record of its registered files ({url}); register it again"
+            ) from None
+        except ManifestRejected as err:
+            raise FilesNotPinned(f"round {manifest.round}: {err}") from None
+        if record.adapter_sha256 != manifest.adapter_sha256:
+            raise FilesNotPinned(f"round {manifest.round}: the record of its registered files names another adapter")
+        return record
 
     def score_of(self, manifest: Manifest) -> RoundScore | None:
         """The round's verified score record; None if it has none yet, or one that is not the

@@ -4,7 +4,8 @@ A claim is worth nothing by itself (`{"tee": "sev-snp"}` is twelve bytes anyone 
 with `split.require_tee` the client refuses unless the verifier `split.attestation.verifier`
 names accepts evidence bound to *this* session: its binding (`fedlib.split.channel.
 attestation_binding`) is a digest of the session id, the client's ephemeral key, the server's
-nonce and the server's channel key, so evidence from another session or server is refused.
+nonce and the ephemeral key the server drew for the session inside its TEE, so evidence from
+another session or server is refused, and the key the client exchanges with is the TEE's.
 
 Two verifiers ship (`fedlib.tee`): `aws-nitro` and `amd-sev-snp`; a plugin adds another with
 `VERIFIERS.register(name)` and a factory taking the `split.attestation` section.

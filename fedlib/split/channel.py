@@ -2,11 +2,16 @@
 gradients back, each message sealed with the update envelope (AES-256-GCM, header as
 associated data) under a key for this session, direction and sequence number.
 
-The session secret mixes an ephemeral X25519 exchange (fresh per session: a recorded session
-stays closed even if long-term keys leak later) with the static client–server exchange (only
-that client and that server can complete it) and a nonce the server draws for each hello, so
-a recorded hello replayed to the server opens a session under a new key, in which none of the
-recorded messages open. The hello carries a proof sealed under the static key (it binds the
+The session secret mixes an ephemeral–ephemeral X25519 exchange with the static client–server
+exchange and a nonce the server draws for each hello. The server's ephemeral key is drawn for the
+session inside the server's process (inside the TEE, where there is one) and never leaves it; its
+public half is in the server's answer and in the attestation binding, so evidence from the TEE
+vouches that the key the client exchanges with was made there. The aggregator's static key only
+authenticates: whoever holds its key file (the host outside an enclave, the parent instance that
+hands it to a diskless enclave, whoever built the image) still cannot compute the ephemeral
+exchange, so opens no recorded message and forges none. A recorded session stays closed even if
+every long-term key leaks later, and a recorded hello replayed to the server opens a session
+under a new key, in which none of the recorded messages open. The hello carries a proof sealed under the static key (it binds the
 session id, the ephemeral key and a challenge the server issued moments before), so nobody
 without the client's key can open a session at all, and a hello recorded from one server process
 opens nothing on another or on the same server restarted (its challenge was never issued
@@ -77,11 +82,11 @@ def _raw(key: X25519PublicKey) -> bytes:
 
 
 def _session_key(
-    ephemeral_shared: bytes, static_shared: bytes, session: str, server_nonce: str, client_public: X25519PublicKey
+    ephemeral_shared: bytes, static_shared: bytes, session: str, server_nonce: str, server_ephemeral: str, client_public: X25519PublicKey
 ) -> UpdateKey:
-    secret = HKDF(hashes.SHA256(), 32, salt=None, info=f"fedlib/split/v2/{session}/{server_nonce}".encode()).derive(
-        ephemeral_shared + static_shared
-    )
+    """`ephemeral_shared`: the client's ephemeral key with the server's (never a static key)."""
+    info = f"fedlib/split/v3/{session}/{server_nonce}/{server_ephemeral}".encode()
+    secret = HKDF(hashes.SHA256(), 32, salt=None, info=info).derive(ephemeral_shared + static_shared)
     return UpdateKey(secret, fingerprint(client_public))
 
 
@@ -126,11 +131,12 @@ class HelloChallenges:
             raise UpdateRejected(Reason.STALE, f"hello challenge is {age:.0f} s old, over {self.ttl_s:.0f} s; ask /challenge again")
 
 
-def attestation_binding(session: str, ephemeral: str, server_nonce: str, server_public: X25519PublicKey) -> bytes:
+def attestation_binding(session: str, ephemeral: str, server_nonce: str, server_ephemeral: str, server_public: X25519PublicKey) -> bytes:
     """What a TEE's evidence must carry (SEV-SNP's REPORT_DATA, Nitro's user_data or nonce):
-    a 32-byte digest of this session's nonces and the keys of this channel, so evidence from
-    another session or server cannot be replayed."""
-    transcript = json.dumps(["fedlib/split/attest/v1", session, ephemeral, server_nonce, _raw(server_public).hex()])
+    a 32-byte digest of this session's nonces and the keys of this channel, above all the
+    server's ephemeral key, so evidence vouches that the key was made inside the TEE, and
+    evidence from another session or server cannot be replayed."""
+    transcript = json.dumps(["fedlib/split/attest/v2", session, ephemeral, server_nonce, server_ephemeral, _raw(server_public).hex()])
     return hashlib.sha256(transcript.encode()).digest()
 
 
@@ -145,13 +151,21 @@ class PendingHello:
     client_public: X25519PublicKey
     server_public: X25519PublicKey
 
-    def finish(self, server_nonce: str) -> ChannelSide:
-        ephemeral_shared = self.ephemeral.exchange(self.server_public)
-        key = _session_key(ephemeral_shared, self.static_shared, self.session, server_nonce, self.client_public)
+    def finish(self, server_nonce: str, server_ephemeral: str) -> ChannelSide:
+        peer = X25519PublicKey.from_public_bytes(bytes.fromhex(server_ephemeral))
+        ephemeral_shared = self.ephemeral.exchange(peer)
+        key = _session_key(ephemeral_shared, self.static_shared, self.session, server_nonce, server_ephemeral, self.client_public)
         return ChannelSide(self.session, self.client, SERVER, key)
 
-    def binding(self, server_nonce: str) -> bytes:
-        return attestation_binding(self.session, _raw(self.ephemeral.public_key()).hex(), server_nonce, self.server_public)
+    def binding(self, server_nonce: str, server_ephemeral: str) -> bytes:
+        return attestation_binding(
+            self.session, _raw(self.ephemeral.public_key()).hex(), server_nonce, server_ephemeral, self.server_public
+        )
+
+
+def server_ephemeral_of(answer: dict[str, Any]) -> str:
+    """The server's ephemeral public key from its hello answer: 32 bytes of hex."""
+    return _hex_field(answer, "server_ephemeral", 32)
 
 
 def client_hello(ring: KeyRing, client: str, challenge: str) -> tuple[dict[str, str], PendingHello]:
@@ -179,11 +193,22 @@ def _hex_field(hello: dict[str, Any], name: str, length: int | None) -> str:
     return value
 
 
-def server_accept(ring: KeyRing, hello: Any) -> tuple[ChannelSide, str]:
-    """The server's end for a client's hello, and the server's nonce for this session. Refuses a
-    hello whose proof does not open under that client's static key for the challenge it names
-    (whether this server issued that challenge is `HelloChallenges.check`'s to say). Needs the
-    server's (aggregator's) private key."""
+@dataclass(frozen=True)
+class Accepted:
+    """The server's end of a new session, with what its answer carries."""
+
+    channel: ChannelSide
+    server_nonce: str
+    server_ephemeral: str  # the public half of the key drawn for this session, in this process
+    binding: bytes  # what the TEE's evidence must carry
+
+
+def server_accept(ring: KeyRing, hello: Any) -> Accepted:
+    """The server's end for a client's hello. Refuses a hello whose proof does not open under
+    that client's static key for the challenge it names (whether this server issued that
+    challenge is `HelloChallenges.check`'s to say). Needs the server's (aggregator's) private
+    key to authenticate; the session's secret comes from an ephemeral key drawn here, whose
+    private half is dropped with this call."""
     if ring.aggregator_private is None:
         raise KeyError("this key ring has no server private key")
     expect(hello, dict, "hello")
@@ -198,6 +223,9 @@ def server_accept(ring: KeyRing, hello: Any) -> tuple[ChannelSide, str]:
         proof, UpdateKey(static_shared, fingerprint(ring.public_key(client))), _hello_context(client, session, ephemeral, challenge)
     )
     server_nonce = secrets.token_hex(16)
-    ephemeral_shared = ring.aggregator_private.exchange(X25519PublicKey.from_public_bytes(bytes.fromhex(ephemeral)))
-    key = _session_key(ephemeral_shared, static_shared, session, server_nonce, ring.public_key(client))
-    return ChannelSide(session, SERVER, client, key), server_nonce
+    mine = X25519PrivateKey.generate()
+    server_ephemeral = _raw(mine.public_key()).hex()
+    ephemeral_shared = mine.exchange(X25519PublicKey.from_public_bytes(bytes.fromhex(ephemeral)))
+    key = _session_key(ephemeral_shared, static_shared, session, server_nonce, server_ephemeral, ring.public_key(client))
+    binding = attestation_binding(session, ephemeral, server_nonce, server_ephemeral, ring.aggregator_private.public_key())
+    return Accepted(ChannelSide(session, SERVER, client, key), server_nonce, server_ephemeral, binding)

@@ -15,7 +15,7 @@ from torch import nn
 from fedlib.config import SplitConfig
 from fedlib.rejection import Reason, UpdateRejected
 from fedlib.split.attestation import check_attestation
-from fedlib.split.channel import client_hello
+from fedlib.split.channel import client_hello, server_ephemeral_of
 from fedlib.split.slicing import causal_lm_loss, slice_model
 from fedlib.split.trainer import SliceTrainer, Tensors
 from fedlib.wire.decode import expect, parse_json
@@ -73,10 +73,11 @@ class SplitClient:
         )
         if answer.get("session") != hello["session"] or not isinstance(answer.get("server_nonce"), str):
             raise UpdateRejected(Reason.WRONG_SESSION, "the server answered for another session")
-        nonce = answer["server_nonce"]
-        # Before anything is sent: with split.require_tee, evidence bound to this very session.
-        check_attestation(answer.get("attestation"), pending.binding(nonce), split)
-        self.channel = pending.finish(nonce)
+        nonce, server_ephemeral = answer["server_nonce"], server_ephemeral_of(answer)
+        # Before anything is sent: with split.require_tee, evidence bound to this very session and
+        # to the key the server drew for it, inside its TEE.
+        check_attestation(answer.get("attestation"), pending.binding(nonce, server_ephemeral), split)
+        self.channel = pending.finish(nonce, server_ephemeral)
 
     def _exchange(self, mode: str, ids: torch.Tensor) -> StepStats:
         started, sent_before = time.perf_counter(), self.channel.bytes_sent

@@ -15,7 +15,7 @@ A hello answers a challenge the server issued moments before under a secret of t
 hellos recorded from an earlier run of the server open nothing on this one.
 
     POST /challenge                   (empty) → JSON {challenge}
-    POST /hello                       JSON hello → JSON {session, server_nonce, attestation}
+    POST /hello                       JSON hello → JSON {session, server_nonce, server_ephemeral, attestation}
     POST /<session>/<mode>/forward    sealed activations → sealed middle output
     POST /<session>/<mode>/backward   sealed gradient at the top cut → sealed gradient at the bottom
     POST /<session>/calibrated        sealed "calibrated" → fixes the server's SPF mask
@@ -41,7 +41,7 @@ from transformers import PreTrainedModel
 
 from fedlib.config import SplitConfig
 from fedlib.rejection import Reason, UpdateRejected
-from fedlib.split.channel import ChannelSide, HelloChallenges, attestation_binding, server_accept
+from fedlib.split.channel import ChannelSide, HelloChallenges, server_accept
 from fedlib.split.slicing import BlockStack, slice_model
 from fedlib.split.trainer import SliceTrainer
 from fedlib.tee.evidence import Attestor, NoTEE
@@ -104,7 +104,8 @@ class SplitServer:
     def hello(self, body: bytes) -> dict:
         hello = expect(parse_json(body, "hello", 4096, max_depth=1), dict, "hello")
         self.challenges.check(hello.get("challenge"), self.clock())  # a hello from an earlier server process stops here
-        channel, server_nonce = server_accept(self.ring, hello)  # refuses a hello without the client's proof
+        accepted = server_accept(self.ring, hello)  # refuses a hello without the client's proof
+        channel = accepted.channel
         with self.lock:
             now = self.clock()
             self._expire(now)
@@ -117,9 +118,12 @@ class SplitServer:
             if len(self.sessions) >= self.limits.max_sessions:
                 raise UpdateRejected(Reason.TOO_MANY_SESSIONS, f"{len(self.sessions)} sessions open (split.max_sessions)")
             self.sessions[channel.session] = _Session(channel, now)
-        assert self.ring.aggregator_private is not None  # server_accept opened the hello with it
-        binding = attestation_binding(channel.session, hello["ephemeral"], server_nonce, self.ring.aggregator_private.public_key())
-        return {"session": channel.session, "server_nonce": server_nonce, "attestation": self.attestor.evidence(binding)}
+        return {
+            "session": channel.session,
+            "server_nonce": accepted.server_nonce,
+            "server_ephemeral": accepted.server_ephemeral,
+            "attestation": self.attestor.evidence(accepted.binding),
+        }
 
     def _session(self, sid: str) -> _Session:
         """A live session, touched; the caller holds the lock."""

@@ -6,7 +6,7 @@ Two trees, each under a root URL (any fsspec URL: `file://`, `s3://`, `gs://`, `
                                  round-NNNN/<client>.<kind>-<session> secure-aggregation messages
                                  client-state/<client>.residual|.global what only the client reads
                                  data/<client>-<partition>.shard       its sealed shard (simulated mode)
-    <checkpoints>/<federation>/round-NNNN/manifest.json, head.json, score.json  signed by the aggregator
+    <checkpoints>/<federation>/round-NNNN/manifest.json, head.json, score.json, registered.json  signed by the aggregator
                                round-NNNN/adapter-<sha256[:16]>.safetensors (and strategy state, broadcast)
 
 Before a new lineage's first round each party writes and removes `<store>/.fedlib-preflight-<party>`.
@@ -92,6 +92,9 @@ class CheckpointLayout:
 
     def score_url(self, round_number: int) -> str:
         return join(self.round_url(round_number), "score.json")
+
+    def registered_url(self, round_number: int) -> str:
+        return join(self.round_url(round_number), "registered.json")
 
     def adapter_url(self, round_number: int, digest: str) -> str:
         return join(self.round_url(round_number), f"adapter-{digest[:16]}.safetensors")
