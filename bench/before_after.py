@@ -6,8 +6,9 @@ this machine: does a change make what users run today slower?
 Each commit runs from its own `git worktree` with this checkout's `.venv` (its packages; the
 code is the worktree's own, first on `sys.path`), in a fresh data folder, with the converted
 model shared (`FEDLIB_CACHE`). Runs alternate (before, after, before, after, ...) so that a
-machine that slows down or speeds up over time weighs on both alike. Prints one row per run and
-the medians; `--out` writes the rows as JSON.
+machine that slows down or speeds up over time weighs on both alike, and each pair swaps which
+goes first (before-after, then after-before, ...), so that neither always runs on the caches the
+other warmed. Prints one row per run and the medians; `--out` writes the rows as JSON.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def main() -> int:
     }
     rows = []
     for pair in range(args.pairs):
-        for label in ("before", "after"):
+        for label in ("before", "after") if pair % 2 == 0 else ("after", "before"):
             seconds = run_demo(trees[label], cache)
             rows.append({"pair": pair + 1, "run": label, "commit": revs[label], "seconds": round(seconds, 1)})
             print(f"pair {pair + 1}  {label:6}  {revs[label]}  {seconds:7.1f} s", flush=True)

@@ -124,7 +124,7 @@ def add_parser(sub) -> None:
     parser = sub.add_parser(
         "pool-template", help="a client's work-pool template, locked: no flow run can change its command, image, env or identity"
     )
-    parser.add_argument("kind", choices=sorted(LOCKED), help="the work pool's type")
+    parser.add_argument("kind", metavar="KIND", choices=sorted(LOCKED), help="the work pool's type: " + ", ".join(sorted(LOCKED)))
     parser.add_argument("--image", help="the image this party audited, by digest: REPOSITORY@sha256:DIGEST (container pools)")
     parser.add_argument("--identity", help="the role, service account or identities (JSON) the party's containers run as")
     parser.set_defaults(handler=pool_template_command)

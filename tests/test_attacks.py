@@ -5,7 +5,10 @@ the attacker's committed.
 
 Who the attacker is, per finding: the storage provider (1, 2, 3, 10), a client with its real key
 (4, 10), anyone reading MLflow or Prefect (5, 8), a network peer of the split server (6, 7), the
-aggregator (9).
+aggregator (9). The `r` tests are the second review's; the `o` tests the third's, whose attacker
+is whoever starts a client's runs (the orchestrator, o1, o3, o4), whoever holds a key file
+outside the TEE (o2), the artifact store's writers (o5), a server outside the expected TEE (o6)
+and a client stating its own timings (o7).
 """
 
 from __future__ import annotations

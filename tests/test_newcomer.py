@@ -145,7 +145,7 @@ def test_ui_on_a_busy_port_names_the_flag(tmp_path):
 def test_version_and_help_on_every_argument(tmp_path):
     version = fedlib("--version", cwd=tmp_path, timeout=60)
     assert version.returncode == 0 and version.stdout.startswith("fedlib ")
-    for command in (["run"], ["split"], ["export"], ["ui"], ["keys", "init"], ["keys", "trust"]):
+    for command in (["run"], ["split"], ["export"], ["ui"], ["keys", "init"], ["keys", "trust"], ["pool-template"]):
         shown = fedlib(*command, "--help", cwd=tmp_path, timeout=60).stdout
         positional = shown.split("positional arguments:")[1].split("options:")[0] if "positional arguments:" in shown else ""
         for line in positional.splitlines()[1:]:

@@ -1,22 +1,22 @@
-"""The encrypted channel between a client's slices and the server's: activations forward,
-gradients back, each message sealed with the update envelope (AES-256-GCM, header as
-associated data) under a key for this session, direction and sequence number.
+"""The encrypted channel between a client's slices and the server's: activations forward, gradients
+back, each message sealed with the update envelope (AES-256-GCM, header as associated data)
+under a key for this session, direction and sequence number.
 
 The session secret mixes an ephemeral–ephemeral X25519 exchange with the static client–server
-exchange and a nonce the server draws for each hello. The server's ephemeral key is drawn for the
-session inside the server's process (inside the TEE, where there is one) and never leaves it; its
-public half is in the server's answer and in the attestation binding, so evidence from the TEE
-vouches that the key the client exchanges with was made there. The aggregator's static key only
-authenticates: whoever holds its key file (the host outside an enclave, the parent instance that
-hands it to a diskless enclave, whoever built the image) still cannot compute the ephemeral
-exchange, so opens no recorded message and forges none. A recorded session stays closed even if
-every long-term key leaks later, and a recorded hello replayed to the server opens a session
-under a new key, in which none of the recorded messages open. The hello carries a proof sealed under the static key (it binds the
-session id, the ephemeral key and a challenge the server issued moments before), so nobody
-without the client's key can open a session at all, and a hello recorded from one server process
-opens nothing on another or on the same server restarted (its challenge was never issued
-there). A message is accepted only with the next sequence number in its direction, so a replayed
-or reordered one is refused by name.
+exchange and a nonce the server draws for each hello. The server's ephemeral key is drawn for
+the session inside the server's process (inside the TEE, where there is one) and never leaves
+it; its public half is in the server's answer and in the attestation binding, so evidence from
+the TEE vouches that the key the client exchanges with was made there. The aggregator's static
+key only authenticates: whoever holds its key file (the host outside an enclave, the parent
+instance that hands it to a diskless enclave, whoever built the image) still cannot compute the
+ephemeral exchange, so opens no recorded message and forges none. A recorded session stays
+closed even if every long-term key leaks later, and a recorded hello replayed to the server
+opens a session under a new key, in which none of the recorded messages open. The hello carries
+a proof sealed under the static key (it binds the session id, the ephemeral key and a challenge
+the server issued moments before), so nobody without the client's key can open a session at all,
+and a hello recorded from one server process opens nothing on another or on the same server
+restarted (its challenge was never issued there). A message is accepted only with the next
+sequence number in its direction, so a replayed or reordered one is refused by name.
 """
 
 from __future__ import annotations

@@ -77,7 +77,8 @@ def revocation_list(der: bytes, issuer: x509.Certificate, at: datetime, what: st
         raise AttestationFailed(Refusal.TOO_LARGE, f"{what} is over {MAX_CRL_BYTES} bytes")
     try:
         crl = x509.load_der_x509_crl(der)
-        entries = list(crl)
+        for _ in crl:  # every entry parsed here, at the boundary
+            pass
         valid = crl.issuer == issuer.subject and crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
         next_update = crl.next_update_utc
     except Exception as err:  # noqa: BLE001 - the boundary, as for certificates
@@ -86,7 +87,6 @@ def revocation_list(der: bytes, issuer: x509.Certificate, at: datetime, what: st
         raise AttestationFailed(Refusal.CHAIN, f"{what} was not issued by {issuer.subject.rfc4514_string()}")
     if next_update is None or not crl.last_update_utc <= at <= next_update:
         raise AttestationFailed(Refusal.STALE, f"{what} is not current at {at:%Y-%m-%d %H:%M} UTC; fetch it again")
-    del entries
     return crl
 
 
