@@ -41,7 +41,8 @@ def keys_trust_command(args: argparse.Namespace) -> int:
     from fedlib.privacy.policy import PartyPolicy, weaknesses
     from fedlib.wire.keys import AGGREGATOR, fingerprint, party_keyring, read_key_source
     from fedlib.wire.trust import KeyringNotTrusted, keyring_digest, trust_record
-    from tasks.from_config import offered, party_key_source
+    from tasks.from_config import party_key_source
+    from tasks.party_policy import offered
 
     def read_secret(name: str):  # Prefect is imported only for a secret:BLOCK key source
         from tasks.credentials import read_secret as read

@@ -33,10 +33,10 @@ from tasks.from_config import (
     global_for_client,
     local_round,
     outbox,
-    party_policy,
     residual_store,
     secagg_session,
 )
+from tasks.party_policy import party_policy
 
 
 @task(name="train-client", task_run_name="train-{client}-round-{round_number}", cache_policy=NO_CACHE)

@@ -23,7 +23,7 @@ from fedlib.examples import Examples
 from fedlib.model.base import attach_lora, load_adapter_state, load_base_model, load_tokenizer, trained_part
 from fedlib.model.pool import POOL, ModelKey
 from fedlib.model.training import TrainingPlan, evaluate_loss
-from fedlib.privacy.policy import PartyPolicy, offered_policy, require_policy
+from fedlib.privacy.policy import require_policy
 from fedlib.round.aggregator import aggregate_updates, build_strategy, update_limit
 from fedlib.round.broadcast import NextGlobal, Received, next_global, receive_global
 from fedlib.round.checkpoint import CheckpointStore
@@ -42,7 +42,8 @@ from fedlib.wire.envelope import EnvelopeContext, UpdateKey
 from fedlib.wire.keys import AGGREGATOR, KeyRing, fingerprint, init_keys, load_keyring, party_keyring, read_key_source
 from fedlib.wire.outbox import Outbox
 from fedlib.wire.sealed_stores import HeldGlobal, ResidualStore, RevealLedger
-from fedlib.wire.trust import KeyringNotTrusted, reveal_folder, trust_record
+from fedlib.wire.trust import reveal_folder, trust_record
+from tasks.party_policy import offered, pinned_policy
 
 Tensors = dict[str, torch.Tensor]
 
@@ -89,34 +90,6 @@ def keyring(config: FederationConfig, party: str | None = None, create: bool = F
     trust_record(publics, party).require(publics, party)
     require_policy(pinned_policy(config, party), offered(config), party, str(trust_record(publics, party).path))
     return ring
-
-
-def offered(config: FederationConfig) -> PartyPolicy:
-    """The privacy policy this config asks a party to run under (`fedlib.privacy.policy`)."""
-    return offered_policy(config.privacy, config.secure_aggregation, config.secagg_threshold, config.split, config.compression)
-
-
-def pinned_policy(config: FederationConfig, party: str) -> PartyPolicy:
-    """The policy `party` pinned with `fedlib keys trust` on this machine; a trust record made
-    before policies were pinned is refused, so that no party runs without one."""
-    assert config.keyring is not None
-    record = trust_record(config.keyring.publics, party)
-    raw = record.pinned_policy()
-    if raw is None:
-        raise KeyringNotTrusted(
-            f"keyring: {record.path} pins no privacy policy; check the config's privacy settings and run "
-            f"`fedlib keys trust CONFIG --party {party}` here"
-        )
-    try:
-        return PartyPolicy.from_json(raw)
-    except ValueError as err:
-        raise KeyringNotTrusted(f"keyring: {record.path}: {err}; run `fedlib keys trust CONFIG --party {party}` here") from None
-
-
-def party_policy(config: FederationConfig, party: str) -> PartyPolicy | None:
-    """The pinned policy of a party that holds its own key; None for the embedded default, where
-    one machine plays every party."""
-    return None if config.keyring is None else pinned_policy(config, party)
 
 
 def party_key_source(config: FederationConfig, party: str) -> str:

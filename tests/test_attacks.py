@@ -845,7 +845,6 @@ def test_r6_rerunning_a_secure_session_releases_nothing_new(tmp_path, corpus_dir
     counts one release. Each release must be the same, so averaging gains nothing and the
     reported ε is the true one."""
     from fedlib.privacy.accountant import epsilon_after, participation_after, privacy_spent
-    from fedlib.secagg.client import masked_update
     from fedlib.secagg.fixedpoint import MODULUS, decode, from_wire
     from fedlib.secagg.protocol import unmask_sum
 
@@ -863,17 +862,8 @@ def test_r6_rerunning_a_secure_session_releases_nothing_new(tmp_path, corpus_dir
     keys = {c: aggregator_update_key(ring, c) for c in CLOUDS}
     releases = []
     for attempt in range(16):
-        session = secagg_session(config, 1, f"{attempt + 1:016x}")
-        setups = {c: make_setup(ring, c, session) for c in CLOUDS}
-        inboxes = relay_setups(setups)
-        masked = {
-            c: masked_update(
-                mask_settings(config), c, clipped[c], 10, 1, SecureRound(ring, session, inboxes[c], float(len(CLOUDS)), parent=fed.parent)
-            )
-            for c in CLOUDS
-        }
+        session, setups, masked, peers = _masked_session(fed, attempt + 1, CLOUDS, clipped)
         total = {n: sum(from_wire(m.tensors)[n] for m in masked.values()) % MODULUS for n in template}
-        peers = {c: open_inbox(ring, c, session, inboxes[c]) for c in CLOUDS}
         reveals = {
             c: make_reveal(ring, c, session, peers[c], list(CLOUDS), [], client_update_key(ring, c), reveal_ledger(config, ring, c))
             for c in CLOUDS
