@@ -76,7 +76,7 @@ def test_build_and_push_steps_are_prefect_dockers_and_pinned_to_the_docker_extra
     assert push_name == "prefect_docker.deployments.steps.push_docker_image"
     assert build_args["requires"] == push_args["requires"] == extras["docker"][0]
     build_params = inspect.signature(steps.build_docker_image).parameters
-    named = {k for k in build_args if k not in ("id", "requires", "buildargs")}  # buildargs: docker-py's, via **build_kwargs
+    named = {k for k in build_args if k not in ("id", "requires", "buildargs", "platform")}  # docker-py's, via **build_kwargs
     assert named <= build_params.keys() and "build_kwargs" in build_params
     assert (ROOT / build_args["dockerfile"]).is_file()
     assert set(build_args["buildargs"]) <= set(re.findall(r"^ARG (\w+)", DOCKERFILE, re.M))
@@ -217,3 +217,56 @@ def test_a_schedule_deployed_without_its_config_says_so_in_one_line():
         config_from("{{ $FEDLIB_CONFIG }}")
     assert "placeholder" in str(refused.value) and "deploy again" in str(refused.value)
     assert "\n" not in str(refused.value)
+
+
+def _ignored_patterns(path) -> list[str]:
+    """A .dockerignore's patterns, read as docker-py reads them (`docker.api.build`)."""
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def test_no_build_backend_would_send_a_secret_or_a_checkouts_state(tmp_path):
+    """prefect-docker builds with docker-py by default, which reads only the context's own
+    `.dockerignore` (at the repository root); BuildKit (`build_backend: buildx`) reads
+    `deployments/Dockerfile.dockerignore` first. At 6dfc021 only the second existed, so a default
+    `prefect deploy` sent `.venv`, `.git` and `.fedlib` (with the aggregator's private keys and
+    the MLflow databases) into the image. Both files now hold the same patterns, and what docker-py's
+    own matcher (`exclude_paths`, the port of BuildKit's) would send, from a checkout planted with
+    every kind of secret and state, holds none of them."""
+    from docker.utils.build import exclude_paths
+
+    root_ignore, beside = ROOT / ".dockerignore", DEPLOYMENTS / "Dockerfile.dockerignore"
+    assert _ignored_patterns(root_ignore) == _ignored_patterns(beside)
+    planted = {
+        ".venv/bin/python": False,
+        ".git/config": False,
+        ".tools/azurite/node_modules/x.js": False,
+        ".fedlib/demo/keys/aggregator.pem": False,
+        ".fedlib/demo/mlflow.db": False,
+        ".fedlib/test-cache/models/x.safetensors": False,
+        "work/.fedlib/trust/abc.json": False,
+        "configs/keys/aws.pem": False,
+        "party/keys/gcp": False,
+        "mlruns/0/meta.yaml": False,
+        "data/mlartifacts/run/MLmodel": False,
+        "tests/fixtures/attestation/vcek.pem": False,
+        ".env": False,
+        "fedlib/cli.py": True,
+        "fedlib/tee/roots/amd-milan-ark.pem": True,  # the pinned public roots the verifiers need
+        "deployments/Dockerfile": True,
+        "pyproject.toml": True,
+    }
+    for name in planted:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    sent = {
+        p
+        for p in exclude_paths(str(tmp_path), _ignored_patterns(root_ignore), dockerfile="deployments/Dockerfile")
+        if (tmp_path / p).is_file()
+    }
+    assert sent == {name for name, kept in planted.items() if kept}
+    # and from this very checkout (its .venv, .git and .fedlib are real here)
+    sent = exclude_paths(str(ROOT), _ignored_patterns(root_ignore), dockerfile="deployments/Dockerfile")
+    assert not [
+        p for p in sent if p.split("/")[0] in (".venv", ".git", ".fedlib", ".tools") or (p.endswith(".pem") and "tee/roots/" not in p)
+    ]
+    assert "fedlib/__init__.py" in sent and "deployments/Dockerfile" in sent
