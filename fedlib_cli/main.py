@@ -133,8 +133,8 @@ def export_command(args: argparse.Namespace) -> int:
     from tasks.registry import export_version
 
     try:
-        chosen = export_version(config, args.version, args.out, merge=args.merge, mlflow_model=args.mlflow_model)
-    except (LookupError, FilesNotPinned) as err:
+        chosen = export_version(config, args.version, args.out, merge=args.merge, mlflow_model=args.mlflow_model, overwrite=args.overwrite)
+    except (LookupError, FilesNotPinned, FileExistsError) as err:
         console.print(f"[red]{err}[/red]")
         return 2
     what = "base model with the adapter merged in" if args.merge else "MLflow model folder" if args.mlflow_model else "PEFT adapter folder"
@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     _with_config(export, "show the libraries' warnings")
     export.add_argument("--out", type=Path, required=True, help="folder to write")
     export.add_argument("--version", help="a version number or alias (default: the champion alias)")
+    export.add_argument("--overwrite", action="store_true", help="write into an --out folder that already holds files, replacing them")
     shape = export.add_mutually_exclusive_group()
     shape.add_argument("--merge", action="store_true", help="merge into the base model: a folder AutoModelForCausalLM loads")
     shape.add_argument(

@@ -25,7 +25,15 @@ from prefect.cache_policies import NO_CACHE
 from fedlib.config import FederationConfig
 from fedlib.model.base import base_revision, load_base_model, load_tokenizer, model_folder
 from fedlib.model.pool import POOL
-from fedlib.reports.tables import RegistryEntry, adapter_artifact_path, champion_of, model_card, signed_versions, version_tags
+from fedlib.reports.tables import (
+    RegistryEntry,
+    adapter_artifact_path,
+    champion_of,
+    merged_card,
+    model_card,
+    signed_versions,
+    version_tags,
+)
 from fedlib.round.checkpoint import CheckpointStore
 from fedlib.round.manifest import Manifest
 from fedlib.round.registered import RegisteredFiles, check_files, file_digests
@@ -176,7 +184,9 @@ def resolve_version(config: FederationConfig, version: str | None) -> ModelVersi
         raise LookupError(f"registered model {name!r} has no version or alias {wanted!r} (in {config.tracking_uri})") from err
 
 
-def export_version(config: FederationConfig, version: str | None, out: Path, merge: bool, mlflow_model: bool = False) -> ModelVersion:
+def export_version(
+    config: FederationConfig, version: str | None, out: Path, merge: bool, mlflow_model: bool = False, overwrite: bool = False
+) -> ModelVersion:
     """Writes the version's PEFT adapter folder to `out`, with the tokenizer and the model card
     (`README.md`), so that `AutoPeftModelForCausalLM.from_pretrained(out)` and
     `AutoTokenizer.from_pretrained(out)` load it; its `base_model_name_or_path` is the base's hub
@@ -187,7 +197,10 @@ def export_version(config: FederationConfig, version: str | None, out: Path, mer
 
     Only a signed round's version is exported, and only once every file downloaded from the
     artifact store matches the aggregator's signed record of it (`fedlib.round.registered`):
-    nothing of a version is read, let alone loaded, before that."""
+    nothing of a version is read, let alone loaded, before that. A folder that already holds
+    files is refused unless `overwrite` (`FileExistsError`), so a user's files are never
+    replaced unasked; the card (`README.md`) is fedlib's, written last."""
+    _check_out(out, overwrite)
     chosen = resolve_version(config, version)
     signed = signed_manifests(config)
     rounds = {v: r for r, (v, _) in versions_by_round(_client(config), config.registered_model_name, signed).items()}
@@ -205,20 +218,30 @@ def export_version(config: FederationConfig, version: str | None, out: Path, mer
                 shutil.move(str(item), out / item.name)
             return chosen
         adapter = _adapter_folder(downloaded)
-        card = downloaded / "model_card.md"
-        if card.exists():
-            shutil.copy(card, out / "README.md")
+        card = (downloaded / "model_card.md").read_text() if (downloaded / "model_card.md").exists() else None
         if not merge:
             for item in adapter.iterdir():
-                shutil.move(str(item), out / item.name)
+                shutil.move(str(item), out / item.name)  # PEFT's folder holds its own template README.md: replaced below
             _portable_base(out / "adapter_config.json", config.model.source)
-            load_tokenizer(config.model.source).save_pretrained(str(out))
-            return chosen
-        merged = PeftModel.from_pretrained(load_base_model(config.model.source), str(adapter)).merge_and_unload()
-    merged.config.use_cache = True  # the merged model is for generation as much as scoring
-    merged.save_pretrained(str(out))
+        else:
+            merged = PeftModel.from_pretrained(load_base_model(config.model.source), str(adapter)).merge_and_unload()
+            merged.config.use_cache = True  # the merged model is for generation as much as scoring
+            merged.save_pretrained(str(out))
+            card = merged_card(card) if card is not None else None
     load_tokenizer(config.model.source).save_pretrained(str(out))
+    if card is not None:
+        (out / "README.md").write_text(card)
     return chosen
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """`--out` must be a folder that holds nothing yet (or `overwrite`)."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out: {out} is a file; name a folder")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        shown = ", ".join(held[:4]) + (", …" if len(held) > 4 else "")
+        raise FileExistsError(f"--out: {out} already holds {len(held)} file(s) ({shown}); name an empty or new folder, or add --overwrite")
 
 
 def _portable_base(adapter_config: Path, source: str) -> None:

@@ -94,10 +94,13 @@ def _assert_exports_reproduce(path, config, eval_loss: float, tmp_path) -> None:
     assert fedlib_cli(["export", str(path), "--out", str(tmp_path / "adapter")]) == 0
     exported = {p.name for p in (tmp_path / "adapter").iterdir()}
     assert exported >= {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md"}
+    card = (tmp_path / "adapter" / "README.md").read_text()  # fedlib's card, not PEFT's empty template (as at 6dfc021)
+    assert card.startswith(f"# {config.registered_model_name}, round ") and "never shipped with it" in card
     peft_model = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"))  # the base, found from the folder alone
     assert AutoTokenizer.from_pretrained(str(tmp_path / "adapter"))("Speak, ghost.")["input_ids"]
     assert evaluate_loss(peft_model, evaluation, config.evaluation.batch_size) == pytest.approx(eval_loss, abs=1e-5)
     assert fedlib_cli(["export", str(path), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    assert "folded into its weights" in (tmp_path / "merged" / "README.md").read_text()  # it does ship the base
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
     merged.config.use_cache = False
     assert evaluate_loss(merged, evaluation, config.evaluation.batch_size) == pytest.approx(eval_loss, abs=1e-4)
@@ -108,6 +111,26 @@ def test_export_of_the_champion_reproduces_its_eval_loss(federation, tmp_path):
     champion = min(manifests[1:], key=lambda m: m.perplexity)
     _assert_exports_reproduce(path, config, champion.eval_loss, tmp_path)
     assert fedlib_cli(["export", str(path), "--out", str(tmp_path / "nothing"), "--version", "99"]) == 2
+
+
+def test_export_keeps_the_users_files_unless_asked_to_overwrite(federation, tmp_path, capsys):
+    """At 6dfc021 `fedlib export --out DIR` replaced the user's README.md and adapter_config.json
+    in DIR without a word. Now a folder that holds files is refused in one line naming `--out`,
+    and nothing in it changes; `--overwrite` writes the export."""
+    path, _, _ = federation
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("my notes")
+    (mine / "adapter_config.json").write_text("{}")
+    capsys.readouterr()
+    assert fedlib_cli(["export", str(path), "--out", str(mine)]) == 2
+    said = capsys.readouterr()
+    assert "--out:" in said.out + said.err and "--overwrite" in said.out + said.err and "Traceback" not in said.out + said.err
+    assert (mine / "README.md").read_text() == "my notes" and sorted(p.name for p in mine.iterdir()) == ["README.md", "adapter_config.json"]
+    (tmp_path / "a-file").write_text("x")
+    assert fedlib_cli(["export", str(path), "--out", str(tmp_path / "a-file")]) == 2
+    assert fedlib_cli(["export", str(path), "--out", str(mine), "--overwrite"]) == 0
+    assert (mine / "README.md").read_text() != "my notes" and (mine / "adapter_model.safetensors").exists()
 
 
 def test_prefect_artifacts_round_tables_and_summary(federation):

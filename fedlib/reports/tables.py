@@ -99,6 +99,9 @@ def version_tags(manifest: Manifest, base_revision: str) -> dict[str, str]:
     return tags
 
 
+ADAPTER_ONLY = "the adapter is applied to it, never shipped with it"
+
+
 def model_card(manifest: Manifest, base_model: str, base_revision: str, registered_model: str) -> str:
     """A round's adapter as people read it in MLflow and beside an exported folder: what it is
     trained from and on, by whom, how well it does, what it cost to move and may have leaked."""
@@ -110,7 +113,7 @@ def model_card(manifest: Manifest, base_model: str, base_revision: str, register
         "",
         f"A LoRA adapter of federation `{manifest.federation}`: round {manifest.round} of its signed lineage.",
         "",
-        f"- base model: `{base_model}` (revision `{base_revision}`); the adapter is applied to it, never shipped with it",
+        f"- base model: `{base_model}` (revision `{base_revision}`); {ADAPTER_ONLY}",
         f"- held-out perplexity {_shown(manifest.perplexity)} (eval loss {_shown(manifest.eval_loss, '.4f')}), "
         f"aggregated by `{manifest.strategy}`, codecs: {', '.join(manifest.codecs) or 'none'}",
         f"- trained from round {manifest.round - 1}'s adapter `{manifest.parent_adapter_sha256[:16]}`; "
@@ -129,6 +132,12 @@ def model_card(manifest: Manifest, base_model: str, base_revision: str, register
         report = clients[client]
         lines.append(f"| {client} | {report.num_examples} | {report.local_steps} | `{report.data_digest or '-'}` |")
     return "\n".join(lines) + "\n"
+
+
+def merged_card(card: str) -> str:
+    """A version's card for the merged export, which does ship the base: the adapter folded into it."""
+    merged = "this folder is the base model with the adapter folded into its weights: it needs nothing else"
+    return card.replace(ADAPTER_ONLY, merged)
 
 
 def adapter_artifact_path(round_number: int) -> str:
