@@ -98,7 +98,7 @@ def quiet(log_file: Path | None) -> None:
     warned.addHandler(handler)
 
 
-def config_or_report(path: Path, overrides: Sequence[str] = ()):
+def config_or_report(path: str, overrides: Sequence[str] = ()):
     """The validated config, or None after printing why not on stderr (callers exit with 2): a
     bad config fails before Prefect or a model is started."""
     from fedlib.config import ConfigError, load_config

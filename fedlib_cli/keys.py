@@ -133,7 +133,9 @@ def add_parser(sub) -> None:
     keys = sub.add_parser("keys", help="key management").add_subparsers(dest="keys_command", required=True)
     init = keys.add_parser("init", help="one party's key (--party NAME; prints its public half), or every party's missing keys (CONFIG)")
     init.add_argument(
-        "config", type=Path, nargs="?", help="the federation's YAML config: make every party's missing keys in its data_dir/keys"
+        "config",
+        nargs="?",
+        help="the federation's YAML config (a path or an fsspec URL): make every party's missing keys in its data_dir/keys",
     )
     init.add_argument("--party", help="aggregator, or a cloud's name: make that party's key on this machine")
     init.add_argument("--out", type=Path, help="where the private key goes (default ~/.fedlib/keys/<party>.pem)")
@@ -141,7 +143,7 @@ def add_parser(sub) -> None:
     trust = keys.add_parser(
         "trust", help="trust a federation's public keys as this party, on this machine (check the fingerprints it prints)"
     )
-    trust.add_argument("config", type=Path, help="the federation's YAML config, with its keyring section")
+    trust.add_argument("config", help="the federation's YAML config (a path or an fsspec URL), with its keyring section")
     trust.add_argument("--party", required=True, help="this machine's party: aggregator or a client's name")
     trust.add_argument("--replace", action="store_true", help="the federation rotated its keys: trust these instead")
     trust.add_argument(

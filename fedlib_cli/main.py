@@ -59,7 +59,7 @@ def _summary_table(manifests: list[Manifest]) -> Table:
     return table
 
 
-def _ui_hint(config_path: Path) -> str:
+def _ui_hint(config_path: str) -> str:
     fedlib = Path(sys.executable).parent / "fedlib"
     return (
         f"Look at the runs: {fedlib} ui {config_path}\n"
@@ -148,7 +148,7 @@ def export_command(args: argparse.Namespace) -> int:
 def _with_config(
     parser: argparse.ArgumentParser, verbose: str = "show Prefect's own logs and the libraries' warnings", sets: bool = True
 ) -> None:
-    parser.add_argument("config", type=Path, help="the federation's YAML config (a path or an fsspec URL)")
+    parser.add_argument("config", help="the federation's YAML config (a path or an fsspec URL: file://, s3://, gs://, az://)")
     if sets:
         parser.add_argument(
             "--set",

@@ -139,7 +139,7 @@ def ui_command(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     ui = sub.add_parser("ui", help="start the Prefect and MLflow UIs on loopback on this federation's data")
-    ui.add_argument("config", type=Path, help="the federation's YAML config: its MLflow store, and its data_dir's Prefect runs")
+    ui.add_argument("config", help="the federation's YAML config: its MLflow store, and its data_dir's Prefect runs")
     ui.add_argument("--prefect-port", type=int, default=4200, help="loopback port of the Prefect UI")
     ui.add_argument("--mlflow-port", type=int, default=5000, help="loopback port of the MLflow UI")
     ui.add_argument("--timeout", type=float, default=120, help="seconds to wait for both servers")

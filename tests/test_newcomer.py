@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import ROOT
 
@@ -195,3 +196,18 @@ def test_a_verbose_run_on_a_new_data_dir_gives_prefect_its_home(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert (data_dir / "prefect").is_dir()
+
+
+def test_a_config_at_an_fsspec_url_is_read_as_written(tmp_path):
+    """`fedlib run s3://…/federation.yaml` or `file:///…`: at 6dfc021 the CLI parsed the argument as
+    a `Path`, which collapses `//`, so `file:///dir/fed.yaml` became `file:/dir/fed.yaml` and could
+    not be read. The URL now reaches fsspec as written, for every command that takes a config."""
+    config = tmp_path / "fed.yaml"
+    config.write_text(
+        yaml.safe_dump({"federation": {"id": "url", "data_dir": str(tmp_path / "data")}, "clouds": [{"name": "aws"}, {"name": "gcp"}]})
+    )
+    made = fedlib("keys", "init", config.as_uri(), cwd=tmp_path, timeout=120)
+    assert made.returncode == 0 and (tmp_path / "data" / "keys" / "aggregator.x25519.pem").exists(), made.stdout + made.stderr
+    missing = f"file://{tmp_path}/nowhere.yaml"
+    line = one_line_error(fedlib("run", missing, cwd=tmp_path, timeout=120), missing)
+    assert "cannot read" in line
