@@ -9,7 +9,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
-from fedlib.data.corpus import shakespeare_documents, url_documents
+from fedlib.data.corpus import UndecodableFile, shakespeare_documents, url_documents
 from fedlib.round.preflight import PreflightFailed, check_documents, check_files, check_model_source, check_writable
 from fedlib.wire.keys import AGGREGATOR
 from tasks.credentials import party_keys, storage_options
@@ -33,7 +33,10 @@ def check_references(config: FederationConfig) -> None:
         check_files(AGGREGATOR, "data.urls", config.data.urls)
     check_files(AGGREGATOR, "evaluation.data", config.evaluation.data)
     if not config.evaluation.data:
-        docs = shakespeare_documents() if config.data.corpus == "shakespeare" else url_documents(config.data.urls)
+        try:
+            docs = shakespeare_documents() if config.data.corpus == "shakespeare" else url_documents(config.data.urls)
+        except UndecodableFile as err:
+            raise PreflightFailed(AGGREGATOR, "data.urls", str(err), "convert it to UTF-8, or narrow the glob to your text files") from None
         if config.evaluation.documents is not None:
             check_documents(AGGREGATOR, config.evaluation.documents, [d.id for d in docs])
         elif config.data.corpus is None and len({d.id for d in docs}) < 2:

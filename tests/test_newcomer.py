@@ -92,6 +92,15 @@ def test_a_bad_reference_is_one_line_before_any_training(tmp_path, my_files, tin
     assert not list(tmp_path.rglob("manifest.json"))  # not even round 0 was committed
 
 
+def test_a_file_that_is_not_utf8_is_named_with_its_field_before_any_training(tmp_path, my_files, tiny_model_dir):
+    """A binary or Latin-1 `.txt` among the user's files: at 6dfc021 the run ended in
+    `error: UnicodeDecodeError: … position 2`, naming neither the file nor `data.urls`."""
+    (my_files / "tragedies" / "scan.txt").write_bytes(b"PK\x03\x04\xff\xfe binary")
+    result = fedlib("run", str(OWN_DATA), *small(tmp_path, tiny_model_dir), cwd=tmp_path)
+    one_line_error(result, "aggregator", "data.urls", "scan.txt", "not UTF-8", "convert it to UTF-8")
+    assert not list(tmp_path.rglob("manifest.json"))
+
+
 def test_a_first_run_converts_the_shipped_model_with_no_progress_bar(tmp_path, my_files):
     """A fresh machine's first command converts the shipped GGUF model (tqdm's bar, which torch
     imports before any config is read): the console shows only the run's own line, here that the

@@ -66,9 +66,18 @@ def shakespeare_documents() -> list[Document]:
     return [Document(id=p.stem, group=p.parent.name, text=p.read_text(encoding="utf-8")) for p in sorted(plays.glob("*/*.md"))]
 
 
+class UndecodableFile(ValueError):
+    """A data file that is not UTF-8 text (a binary file under a glob, another encoding)."""
+
+    def __init__(self, path: str, url: str, err: UnicodeDecodeError) -> None:
+        self.path, self.url = path, url
+        super().__init__(f"{path} (matched by {url!r}) is not UTF-8 text: byte {err.start} is {err.object[err.start : err.start + 1]!r}")
+
+
 def url_documents(urls: tuple[str, ...], options: dict | None = None) -> list[Document]:
     """A user's own text through fsspec (with `options`, e.g. a cloud's credentials): `.txt`/`.md`
-    is one document, `.jsonl` one per line."""
+    is one document, `.jsonl` one per line. A file that is not UTF-8 is refused naming it
+    (`UndecodableFile`), not skipped: a glob that takes in the wrong files is the user's to fix."""
     docs: list[Document] = []
     for url in urls:
         files = fsspec.open_files(url, mode="rt", encoding="utf-8", **(options or {}))
@@ -76,11 +85,14 @@ def url_documents(urls: tuple[str, ...], options: dict | None = None) -> list[Do
             raise FileNotFoundError(f"{url!r} matched no file")
         for of in files:
             path = PurePosixPath(of.path)
-            with of as handle:
-                if path.suffix == ".jsonl":
-                    docs.extend(_jsonl_documents(handle, path))
-                else:
-                    docs.append(Document(id=path.stem, group=path.parent.name or "default", text=handle.read()))
+            try:
+                with of as handle:
+                    if path.suffix == ".jsonl":
+                        docs.extend(_jsonl_documents(handle, path))
+                    else:
+                        docs.append(Document(id=path.stem, group=path.parent.name or "default", text=handle.read()))
+            except UnicodeDecodeError as err:
+                raise UndecodableFile(str(path), url, err) from None
     return docs
 
 
