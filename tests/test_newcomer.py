@@ -82,9 +82,12 @@ def test_own_data_config_trains_on_the_users_files_and_evaluates(tmp_path, my_fi
         ("evaluation.documents=[hamlett-0]", ("aggregator", "evaluation.documents", "hamlett-0", "hamlet-0")),
         ("model.source=hf:nobody/no-such-model", ("aggregator", "model.source", "Hugging Face cache", "hf download")),
         ("clouds[0].storage=s4://bucket/fl", ("clouds[0].storage", "unknown storage protocol 's4'")),
-        ("training.rounds=zero", ("training.rounds",)),
+        ("training.rounds=zero", ("--set training.rounds",)),
+        # a glob where a list goes: blamed on --set, with the list form to write (was: "Input should be a valid tuple")
+        ("data.urls=mydata/*.txt", ("--set data.urls", "expected a list", "--set 'data.urls=[mydata/*.txt]'")),
+        ("trainin.rounds=1", ("--set trainin.rounds", "no such field")),  # a typo: the flag's, not the file's
     ],
-    ids=["unknown-document", "uncached-hf-model", "s4-scheme", "bad-value"],
+    ids=["unknown-document", "uncached-hf-model", "s4-scheme", "bad-value", "glob-not-list", "typo"],
 )
 def test_a_bad_reference_is_one_line_before_any_training(tmp_path, my_files, tiny_model_dir, setting, names):
     result = fedlib("run", str(OWN_DATA), *small(tmp_path, tiny_model_dir, setting), cwd=tmp_path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +24,25 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     return "".join(parts)
 
 
-def _describe(source: str, loc: tuple[int | str, ...], msg: str) -> str:
+def _describe(source: str, loc: tuple[int | str, ...], msg: str, overridden: Mapping[str, str] | None = None) -> str:
     msg = msg.removeprefix("Value error, ")
+    where = _field_path(loc)
+    given = overridden or {}
+    # An error in a field `--set` gave (or under a name it made up) is the flag's, not the file's.
+    setting = next((f for f in given if loc and (f == where or f.startswith(where + ".") or where.startswith(f))), None)
+    if setting is not None:
+        if "valid tuple" in msg or "valid list" in msg:
+            msg = "expected a list" + ("" if given[setting].lstrip().startswith("[") else f": --set '{setting}=[{given[setting]}]'")
+        elif "Extra inputs are not permitted" in msg:
+            msg = "no such field (check its spelling in the configuration reference)"
+        return f"--set {setting}: {msg}" if where == setting else f"--set {setting}: {where}: {msg}"
     # Cross-field checks run on the whole model and start their message with the field they name.
-    return f"{source}: {msg}" if not loc else f"{source}: {_field_path(loc)}: {msg}"
+    return f"{source}: {msg}" if not loc else f"{source}: {where}: {msg}"
 
 
-def parse_config(raw: object, source: str = "<config>") -> FederationConfig:
-    """Validate an already-parsed mapping; `source` names it in errors."""
+def parse_config(raw: object, source: str = "<config>", overridden: Mapping[str, str] | None = None) -> FederationConfig:
+    """Validate an already-parsed mapping; `source` names it in errors, and `overridden` (field →
+    value, from `--set`) the flag instead where the error is in a field the flag set."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
@@ -40,7 +51,7 @@ def parse_config(raw: object, source: str = "<config>") -> FederationConfig:
         errors = err.errors()
         # an error inside a list also fails the list's own length check: name only the inside one
         inner = [e for e in errors if not any(o["loc"][: len(e["loc"])] == e["loc"] and o["loc"] != e["loc"] for o in errors)]
-        lines = [_describe(source, e["loc"], e["msg"]) for e in inner]
+        lines = [_describe(source, e["loc"], e["msg"], overridden) for e in inner]
         if len(lines) == 1:
             raise ConfigError(lines[0]) from None
         raise ConfigError(f"{len(lines)} mistakes in the configuration:\n  " + "\n  ".join(lines)) from None
@@ -50,7 +61,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> FederationCo
     """Read and validate a YAML config, from a file or an fsspec URL (read with this machine's
     own credentials), with `overrides` (`field.path=value`, as `fedlib run --set` takes them)
     applied first; every error message starts with where it came from."""
-    return parse_config(raw_config(path, overrides), str(path))
+    overridden = {field: value for field, _, value in (o.partition("=") for o in overrides)}
+    return parse_config(raw_config(path, overrides), str(path), overridden)
 
 
 def raw_config(path: str | Path, overrides: Sequence[str] = ()) -> dict:
