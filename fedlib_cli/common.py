@@ -2,13 +2,42 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+
+_HELD: list = []  # this process's open lock files: a lock lasts as long as the process holding it
+
+
+def hold_data_dir(data_path: Path) -> str | None:
+    """Take `data_dir`'s run lock for the rest of this process (the kernel drops it when the process
+    ends, however it ends); None once held, else why not in one line. Two runs on one `data_dir`
+    would race to migrate its MLflow and Prefect databases and then write each other's rounds."""
+    lock = data_path / ".fedlib-run.lock"
+    try:
+        data_path.mkdir(parents=True, exist_ok=True)
+        handle = lock.open("a+")
+    except OSError as err:
+        return f"federation.data_dir: cannot use {data_path} ({err.strerror or err}); choose a folder this user can write"
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read(200).strip() or "its process is unknown"
+        handle.close()
+        return f"federation.data_dir: {data_path} is in use by another fedlib run ({holder}); wait for it to end, or give this run another data_dir"
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    handle.flush()
+    _HELD.append(handle)
+    return None
 
 
 def embedded_defaults(verbose: bool, data_path: Path | None = None) -> None:

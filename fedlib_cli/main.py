@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from fedlib_cli.common import PrefectApiStart, config_or_report, embedded_defaults, quiet_imports
+from fedlib_cli.common import PrefectApiStart, config_or_report, embedded_defaults, hold_data_dir, quiet_imports
 from fedlib_cli.keys import add_parser as add_keys_parser
 from fedlib_cli.live import LiveProgress
 from fedlib_cli.pool_templates import add_parser as add_pool_template_parser
@@ -22,12 +22,18 @@ if TYPE_CHECKING:
     from fedlib.round.manifest import Manifest
 
 
-def _prepared(args: argparse.Namespace) -> tuple[Console, FederationConfig | None]:
+def _prepared(args: argparse.Namespace, exclusive: bool = False) -> tuple[Console, FederationConfig | None]:
     """What every command that reads a config starts with: a console, the config with its
     `--set` overrides (None once its errors are reported; the command then exits 2), and the
-    embedded defaults for it."""
+    embedded defaults for it. `exclusive`: a command that writes the federation's state holds
+    its `data_dir` for as long as it runs (`hold_data_dir`); a second one is refused."""
     console = Console(log_path=False)  # the live view's lines say what happened, not where in fedlib
     config = config_or_report(args.config, args.set)
+    if config is not None and exclusive:
+        refused = hold_data_dir(config.data_path)
+        if refused is not None:
+            Console(stderr=True, soft_wrap=True).print(refused, style="red", markup=False, highlight=False)
+            return console, None
     if config is not None:
         embedded_defaults(args.verbose, config.data_path)
     return console, config
@@ -68,7 +74,7 @@ def _ui_hint(config_path: str) -> str:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    console, config = _prepared(args)
+    console, config = _prepared(args, exclusive=True)
     if config is None:
         return 2
     prefect_api = PrefectApiStart()  # boots while the libraries below import
@@ -107,7 +113,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def split_command(args: argparse.Namespace) -> int:
     """Split fine-tuning: this process plays the clients, a child process the server."""
-    console, config = _prepared(args)
+    console, config = _prepared(args, exclusive=True)
     if config is None:
         return 2
     from flows.split_finetune import split_finetune

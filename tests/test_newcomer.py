@@ -223,3 +223,37 @@ def test_a_config_at_an_fsspec_url_is_read_as_written(tmp_path):
     missing = f"file://{tmp_path}/nowhere.yaml"
     line = one_line_error(fedlib("run", missing, cwd=tmp_path, timeout=120), missing)
     assert "cannot read" in line
+
+
+def test_a_second_run_on_the_same_data_dir_is_refused_naming_the_first(tmp_path, my_files, tiny_model_dir):
+    """Two `fedlib run`s on one new federation at once: at 6dfc021 both raced to migrate MLflow's
+    database and failed (`duplicate column name`, alembic's `Online migration expected`), naming no
+    other run. The first now holds its data_dir for as long as it runs; the second stops at once in
+    one line naming the field and the first run's process; once the first ends, a run starts."""
+    first = subprocess.Popen(
+        [sys.executable, "-m", "fedlib_cli", "run", str(OWN_DATA), *small(tmp_path, tiny_model_dir)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lock = tmp_path / "state" / ".fedlib-run.lock"
+    try:
+        for _ in first.stdout:  # its first line of output comes after it took the lock, and long before its training ends
+            if lock.exists() and f"process {first.pid}" in lock.read_text():
+                break
+        second = fedlib("run", str(OWN_DATA), *small(tmp_path, tiny_model_dir), cwd=tmp_path, timeout=120)
+        one_line_error(second, "federation.data_dir", "in use by another fedlib run", f"process {first.pid}")
+    finally:
+        rest = first.communicate(timeout=600)[0]
+    assert first.returncode == 0, rest
+    assert fedlib("run", str(OWN_DATA), *small(tmp_path, tiny_model_dir), cwd=tmp_path).returncode == 0  # free again
+
+
+def test_a_data_dir_that_cannot_be_a_folder_names_the_field(tmp_path, my_files, tiny_model_dir):
+    """A `data_dir` under a file: at 6dfc021 `error: NotADirectoryError …`, naming the path only."""
+    (tmp_path / "afile").write_text("x")
+    result = fedlib(
+        "run", str(OWN_DATA), *small(tmp_path, tiny_model_dir, f"federation.data_dir={tmp_path / 'afile' / 'state'}"), cwd=tmp_path
+    )
+    one_line_error(result, "federation.data_dir", "afile", "choose a folder this user can write")
