@@ -270,3 +270,23 @@ def test_no_build_backend_would_send_a_secret_or_a_checkouts_state(tmp_path):
         p for p in sent if p.split("/")[0] in (".venv", ".git", ".fedlib", ".tools") or (p.endswith(".pem") and "tee/roots/" not in p)
     ]
     assert "fedlib/__init__.py" in sent and "deployments/Dockerfile" in sent
+
+
+def test_no_install_instruction_names_the_public_indexs_fedlib():
+    """The public package index gives the name `fedlib` to an unrelated project (its one version
+    is 0.0.12345); at 6dfc021 the deployment docs said `pip install 'fedlib[aws]'`, which installs
+    that. Every instruction installs from the checkout (`scripts/install-packages --extras …`)."""
+    pages = [
+        ROOT / "README.md",
+        *sorted((ROOT / "docs").glob("*.md")),
+        *sorted(DEPLOYMENTS.rglob("*.md")),
+        *sorted(DEPLOYMENTS.glob("*.yaml")),
+    ]
+    found = []
+    for page in pages:
+        text = page.read_text()
+        for match in re.finditer(r"pip install\s+['\"]?fedlib\b", text):
+            if "never" not in text[max(0, match.start() - 12) : match.start()]:
+                found.append(f"{page.relative_to(ROOT)}: {text[match.start() : match.start() + 40]!r}")
+    assert found == []
+    assert "--extras" in (ROOT / "docs" / "deploying.md").read_text()
