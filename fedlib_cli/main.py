@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,10 +67,12 @@ def _summary_table(manifests: list[Manifest]) -> Table:
     return table
 
 
-def _ui_hint(config_path: str) -> str:
+def _ui_hint(config_path: str, sets: Sequence[str] = ()) -> str:
+    """The command that opens this run's stores: with the same `--set`s, which may have moved them."""
     fedlib = Path(sys.executable).parent / "fedlib"
+    flags = "".join(f" --set {shlex.quote(s)}" for s in sets)
     return (
-        f"Look at the runs: {fedlib} ui {config_path}\n"
+        f"Look at the runs: {fedlib} ui {shlex.quote(config_path)}{flags}\n"
         "  (the Prefect UI on http://127.0.0.1:4200 and the MLflow UI on http://127.0.0.1:5000, this run's own stores)"
     )
 
@@ -102,7 +106,7 @@ def run_command(args: argparse.Namespace) -> int:
     base, final = manifests[0].perplexity, manifests[-1].perplexity
     console.print(f"held-out perplexity: base model {base:.2f} → round {manifests[-1].round} {final:.2f}")
     console.print(f"MLflow run: {manifests[-1].mlflow_run_id} (experiment {config.experiment_name})")
-    console.print(_ui_hint(args.config), highlight=False)
+    console.print(_ui_hint(args.config, args.set), highlight=False, soft_wrap=True)  # a command to copy: never wrapped
     misconfigured = {c: r.detail for c, r in manifests[-1].rejected.items() if r.reason == "misconfigured"}
     if misconfigured:  # the federation ran without them; the run is not a success until they are fixed
         from fedlib.round.preflight import PartiesMisconfigured

@@ -88,7 +88,7 @@ def stop(processes: dict[str, subprocess.Popen]) -> None:
 
 def ui_command(args: argparse.Namespace) -> int:
     console = Console()
-    config = config_or_report(args.config)
+    config = config_or_report(args.config, args.set)
     if config is None:
         return 2
     busy = [(flag, port) for flag, port in (("--prefect-port", args.prefect_port), ("--mlflow-port", args.mlflow_port)) if _in_use(port)]
@@ -140,6 +140,13 @@ def ui_command(args: argparse.Namespace) -> int:
 def add_parser(sub) -> None:
     ui = sub.add_parser("ui", help="start the Prefect and MLflow UIs on loopback on this federation's data")
     ui.add_argument("config", help="the federation's YAML config: its MLflow store, and its data_dir's Prefect runs")
+    ui.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="the same overrides the run was given (its closing line shows them)",
+    )
     ui.add_argument("--prefect-port", type=int, default=4200, help="loopback port of the Prefect UI")
     ui.add_argument("--mlflow-port", type=int, default=5000, help="loopback port of the MLflow UI")
     ui.add_argument("--timeout", type=float, default=120, help="seconds to wait for both servers")

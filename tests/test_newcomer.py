@@ -71,6 +71,8 @@ def test_own_data_config_trains_on_the_users_files_and_evaluates(tmp_path, my_fi
     assert result.returncode == 0, output
     assert "Traceback" not in output
     assert "held-out perplexity: base model" in result.stdout
+    # the closing hint opens this run's own stores: with the --set that moved them (at 6dfc021 without, so empty stores)
+    assert f"ui {OWN_DATA} --set federation.data_dir={tmp_path / 'state'}" in result.stdout
     assert (tmp_path / "state" / "prefect").is_dir()  # the embedded Prefect state lives with the federation's
     for noise in ("Warning", "warn(", "it/s]", "%|", ".py:"):  # no library warnings, progress bars or source suffixes
         assert noise not in output, noise
@@ -248,6 +250,12 @@ def test_a_second_run_on_the_same_data_dir_is_refused_naming_the_first(tmp_path,
         rest = first.communicate(timeout=600)[0]
     assert first.returncode == 0, rest
     assert fedlib("run", str(OWN_DATA), *small(tmp_path, tiny_model_dir), cwd=tmp_path).returncode == 0  # free again
+
+
+def test_ui_takes_the_runs_set(tmp_path):
+    """`fedlib ui` reads the config with the run's `--set` (at 6dfc021 it took none): a bad one is the flag's line."""
+    line = one_line_error(fedlib("ui", str(OWN_DATA), "--set", "training.rounds=zero", cwd=tmp_path, timeout=120), "--set training.rounds")
+    assert "valid integer" in line
 
 
 def test_a_data_dir_that_cannot_be_a_folder_names_the_field(tmp_path, my_files, tiny_model_dir):
