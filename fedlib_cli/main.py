@@ -140,7 +140,7 @@ def export_command(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     from fedlib.round.registered import FilesNotPinned
-    from tasks.registry import export_version
+    from tasks.export import export_version
 
     try:
         chosen = export_version(config, args.version, args.out, merge=args.merge, mlflow_model=args.mlflow_model, overwrite=args.overwrite)

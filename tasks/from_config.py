@@ -87,8 +87,9 @@ def keyring(config: FederationConfig, party: str | None = None, create: bool = F
     if party is None:
         return party_keyring(publics, None, None)  # holds no secret: nothing to redirect
     ring = party_keyring(publics, party, read_key_source(party_key_source(config, party), party, read_secret))
-    trust_record(publics, party).require(publics, party)
-    require_policy(pinned_policy(config, party), offered(config), party, str(trust_record(publics, party).path))
+    record = trust_record(publics, party)
+    record.require(publics, party)
+    require_policy(pinned_policy(config, party), offered(config), party, str(record.path))
     return ring
 
 

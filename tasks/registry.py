@@ -3,18 +3,14 @@ registered model, tagged with its lineage; the best one by held-out perplexity c
 champion alias, chosen only among the versions that are signed rounds' adapters (the registry's
 tags are anyone's with registry write; the signed manifests are the aggregator's alone). The
 files of each version are signed too, before they reach the artifact store, and
-`export_version`, which turns a version back into a folder PEFT (or plain transformers, merged,
-or MLflow) loads, checks them all first: a version edited in the artifact store is refused."""
+`tasks.export`, which turns a version back into a folder PEFT (or plain transformers, merged, or
+MLflow) loads, checks them all first: a version edited in the artifact store is refused."""
 
 from __future__ import annotations
 
-import json
-import shutil
 import tempfile
 from pathlib import Path
 
-import mlflow
-from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
@@ -23,36 +19,35 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from fedlib.config import FederationConfig
-from fedlib.model.base import base_revision, load_base_model, load_tokenizer, model_folder
+from fedlib.model.base import base_revision, load_tokenizer, model_folder
 from fedlib.model.pool import POOL
 from fedlib.reports.tables import (
     RegistryEntry,
     adapter_artifact_path,
     champion_of,
-    merged_card,
     model_card,
     signed_versions,
     version_tags,
 )
 from fedlib.round.checkpoint import CheckpointStore
 from fedlib.round.manifest import Manifest
-from fedlib.round.registered import RegisteredFiles, check_files, file_digests
+from fedlib.round.registered import RegisteredFiles, file_digests
 from fedlib.wire.keys import AGGREGATOR
 from tasks.credentials import party_keys
 from tasks.from_config import Tensors, checkpoint_store, model_key
 
 
-def _client(config: FederationConfig) -> MlflowClient:
+def registry_client(config: FederationConfig) -> MlflowClient:
     return MlflowClient(tracking_uri=config.tracking_uri, registry_uri=config.tracking_uri)
 
 
-def _aggregator_store(config: FederationConfig) -> CheckpointStore:
+def aggregator_store(config: FederationConfig) -> CheckpointStore:
     return checkpoint_store(config, party_keys(config, AGGREGATOR))
 
 
 def signed_manifests(config: FederationConfig) -> dict[int, Manifest]:
     """The lineage as the aggregator signed it, each manifest verified with the key it trusts."""
-    return {m.round: m for m in _aggregator_store(config).manifests()}
+    return {m.round: m for m in aggregator_store(config).manifests()}
 
 
 def versions_by_round(client: MlflowClient, name: str, signed: dict[int, Manifest]) -> dict[int, tuple[str, float]]:
@@ -63,14 +58,14 @@ def versions_by_round(client: MlflowClient, name: str, signed: dict[int, Manifes
 
 def registered_rounds(config: FederationConfig) -> set[int]:
     try:
-        return set(versions_by_round(_client(config), config.registered_model_name, signed_manifests(config)))
+        return set(versions_by_round(registry_client(config), config.registered_model_name, signed_manifests(config)))
     except MlflowException:
         return set()
 
 
 def champion_version(config: FederationConfig) -> str | None:
     try:
-        return _client(config).get_model_version_by_alias(config.registered_model_name, config.tracking.champion_alias).version
+        return registry_client(config).get_model_version_by_alias(config.registered_model_name, config.tracking.champion_alias).version
     except MlflowException:
         return None
 
@@ -81,7 +76,7 @@ def register_round(config: FederationConfig, run_id: str, manifest: Manifest, ad
     adds none) and moves the champion alias; returns the champion's version."""
     round_number = manifest.round
     run_id = manifest.mlflow_run_id or run_id  # the run the signed manifest names: the version's source is checked against it
-    client = _client(config)
+    client = registry_client(config)
     name = config.registered_model_name
     try:
         client.get_registered_model(name)
@@ -100,7 +95,7 @@ def register_round(config: FederationConfig, run_id: str, manifest: Manifest, ad
             save_transformers_model(config, adapter, Path(tmp) / "model", card)
             # Every file of the version, signed before it reaches the artifact store (fedlib.round.registered).
             pinned = RegisteredFiles(config.federation.id, round_number, manifest.adapter_sha256, file_digests(Path(tmp) / "model"))
-            _aggregator_store(config).commit_registered(pinned)
+            aggregator_store(config).commit_registered(pinned)
             client.log_artifacts(run_id, str(Path(tmp) / "model"), path)
         created = client.create_model_version(
             name,
@@ -169,100 +164,3 @@ def chat_prompt_template(tokenizer) -> str | None:
     marker = "PROMPT-7f3c"  # rendered through the template, then swapped for MLflow's placeholder
     text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True)
     return text.replace("{", "{{").replace("}", "}}").replace(marker, "{prompt}")
-
-
-def resolve_version(config: FederationConfig, version: str | None) -> ModelVersion:
-    """A version number, an alias, or (None) the champion."""
-    client = _client(config)
-    name = config.registered_model_name
-    wanted = version or config.tracking.champion_alias
-    try:
-        if wanted.isdigit():
-            return client.get_model_version(name, wanted)
-        return client.get_model_version_by_alias(name, wanted)
-    except MlflowException as err:
-        raise LookupError(f"registered model {name!r} has no version or alias {wanted!r} (in {config.tracking_uri})") from err
-
-
-def export_version(
-    config: FederationConfig, version: str | None, out: Path, merge: bool, mlflow_model: bool = False, overwrite: bool = False
-) -> ModelVersion:
-    """Writes the version's PEFT adapter folder to `out`, with the tokenizer and the model card
-    (`README.md`), so that `AutoPeftModelForCausalLM.from_pretrained(out)` and
-    `AutoTokenizer.from_pretrained(out)` load it; its `base_model_name_or_path` is the base's hub
-    id and revision for an `hf:` base, else the folder the base loads from here. With `merge`,
-    the base model with the adapter folded in, plus its tokenizer and card: a plain transformers
-    folder that needs nothing else. With `mlflow_model`, the version's MLflow model folder as
-    registered, for `mlflow.transformers.load_model(out)`.
-
-    Only a signed round's version is exported, and only once every file downloaded from the
-    artifact store matches the aggregator's signed record of it (`fedlib.round.registered`):
-    nothing of a version is read, let alone loaded, before that. A folder that already holds
-    files is refused unless `overwrite` (`FileExistsError`), so a user's files are never
-    replaced unasked; the card (`README.md`) is fedlib's, written last."""
-    _check_out(out, overwrite)
-    chosen = resolve_version(config, version)
-    signed = signed_manifests(config)
-    rounds = {v: r for r, (v, _) in versions_by_round(_client(config), config.registered_model_name, signed).items()}
-    if chosen.version not in rounds:
-        raise LookupError(f"version {chosen.version} of {config.registered_model_name!r} is not a signed round's adapter; choose another")
-    pinned = _aggregator_store(config).registered_of(signed[rounds[chosen.version]])
-    out.mkdir(parents=True, exist_ok=True)
-    from peft import PeftModel
-
-    with tempfile.TemporaryDirectory() as tmp:
-        downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=chosen.source, dst_path=tmp, tracking_uri=config.tracking_uri))
-        check_files(downloaded, pinned.files, f"version {chosen.version}")
-        if mlflow_model:
-            for item in downloaded.iterdir():
-                shutil.move(str(item), out / item.name)
-            return chosen
-        adapter = _adapter_folder(downloaded)
-        card = (downloaded / "model_card.md").read_text() if (downloaded / "model_card.md").exists() else None
-        if not merge:
-            for item in adapter.iterdir():
-                shutil.move(str(item), out / item.name)  # PEFT's folder holds its own template README.md: replaced below
-            _portable_base(out / "adapter_config.json", config.model.source)
-        else:
-            merged = PeftModel.from_pretrained(load_base_model(config.model.source), str(adapter)).merge_and_unload()
-            merged.config.use_cache = True  # the merged model is for generation as much as scoring
-            merged.save_pretrained(str(out))
-            card = merged_card(card) if card is not None else None
-    load_tokenizer(config.model.source).save_pretrained(str(out))
-    if card is not None:
-        (out / "README.md").write_text(card)
-    return chosen
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    """`--out` must be a folder that holds nothing yet (or `overwrite`)."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out: {out} is a file; name a folder")
-    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if held and not overwrite:
-        shown = ", ".join(held[:4]) + (", …" if len(held) > 4 else "")
-        raise FileExistsError(f"--out: {out} already holds {len(held)} file(s) ({shown}); name an empty or new folder, or add --overwrite")
-
-
-def _portable_base(adapter_config: Path, source: str) -> None:
-    """Point an exported adapter at its base as another machine can find it: an `hf:` base by its
-    hub id and the revision this machine holds; a folder or the shipped model by the folder it
-    loads from (documented in `docs/results.md`)."""
-    settings = json.loads(adapter_config.read_text())
-    if source.startswith("hf:"):
-        folder = model_folder(source)
-        settings["base_model_name_or_path"] = source.removeprefix("hf:")
-        settings["revision"] = folder.name  # the snapshot folder is named by its commit
-    else:
-        settings["base_model_name_or_path"] = str(model_folder(source))
-    adapter_config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-
-
-def _adapter_folder(downloaded: Path) -> Path:
-    """The PEFT folder inside a version: the transformers flavour's `peft/`, or for versions
-    registered before it, a pyfunc model's `artifacts/adapter` or the version itself."""
-    candidates = [downloaded / "peft" / "adapter_config.json", *sorted(downloaded.glob("artifacts/*/adapter_config.json"))]
-    for found in [*candidates, downloaded / "adapter_config.json"]:
-        if found.exists():
-            return found.parent
-    raise LookupError(f"no PEFT adapter in {downloaded}")
